@@ -1,0 +1,1 @@
+"""Adapters for model families (installed as ``cvcore.adapters``)."""

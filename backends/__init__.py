@@ -1,0 +1,1 @@
+"""Built-in framework backends (installed as ``cvcore.backends``)."""

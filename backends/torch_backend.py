@@ -1,0 +1,405 @@
+"""The PyTorch backend: blocked ``torch.func`` Jacobians and one GEMM per block.
+
+Importing this module does not import torch; every torch import is inside a function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib.util
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from cvcore.blocking import Plan, plan_blocks
+from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
+from cvcore.protocols import KernelRequest, KernelResult, OutputSelector
+
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingFrameworkError("torch", "torch") from None
+    return torch
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` as given, or ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    torch = _torch()
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"expected a visible CUDA device for device={device!r}, got none")
+    return str(dev)
+
+
+def select_output(raw: Any, output: OutputSelector | None) -> Any:
+    """Pick one tensor out of a model's raw output (tensor, tuple, dict or dataclass)."""
+    torch = _torch()
+    if output is None:
+        if isinstance(raw, torch.Tensor):
+            return raw
+        raise ModelError(
+            f"expected the model to return one tensor, got {output_choices(raw)}; "
+            "pass output= (an index, a key, or a callable) to choose one"
+        )
+    if callable(output):
+        picked = output(raw)
+    elif isinstance(output, int):
+        if not isinstance(raw, (tuple, list)):
+            raise ModelError(f"expected a tuple output for output={output}, got {output_choices(raw)}")
+        if not -len(raw) <= output < len(raw):
+            raise ModelError(f"expected output index below {len(raw)}, got {output}")
+        picked = raw[output]
+    elif isinstance(raw, Mapping) and output in raw:
+        picked = raw[output]
+    elif not isinstance(raw, Mapping) and hasattr(raw, output):
+        picked = getattr(raw, output)
+    else:
+        raise ModelError(f"expected output= one of {output_choices(raw)}, got {output!r}")
+    if not isinstance(picked, torch.Tensor):
+        raise ModelError(f"expected the selected output to be a tensor, got {describe(picked)}")
+    return picked
+
+
+def output_choices(raw: Any) -> str:
+    """Describe what a raw output offers to ``output=``."""
+    if isinstance(raw, Mapping):
+        return f"a mapping with keys {list(raw.keys())}"
+    if dataclasses.is_dataclass(raw):
+        return f"a dataclass with fields {[f.name for f in dataclasses.fields(raw)]}"
+    if isinstance(raw, (tuple, list)):
+        return f"a {type(raw).__name__} of {len(raw)} items (indices 0..{len(raw) - 1})"
+    return describe(raw)
+
+
+@contextlib.contextmanager
+def training_mode(module: Any, train: bool) -> Iterator[None]:
+    """Put every submodule in train or eval mode, restoring each one's flag afterwards."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        for m, _ in saved:
+            m.training = train
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def to_tensors(inputs: Any, dtype: Any, device: str) -> Any:
+    """NumPy arrays / tensors (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
+    torch = _torch()
+    if isinstance(inputs, Mapping):
+        return {k: to_tensors(v, dtype, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(to_tensors(v, dtype, device) for v in inputs)
+    if isinstance(inputs, np.ndarray):
+        if inputs.dtype == object:
+            raise InputError(f"expected a numeric array as inputs, got {describe(inputs)}")
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+    if not isinstance(inputs, torch.Tensor):
+        raise InputError(
+            f"expected inputs as a tensor, a NumPy array, or a dict / tuple of them, got {describe(inputs)}"
+        )
+    if inputs.is_floating_point():
+        return inputs.to(device=device, dtype=dtype)
+    return inputs.to(device=device)
+
+
+def call(module: Any, inputs: Any) -> Any:
+    """Call the model the way its inputs are packed: ``m(x)``, ``m(*xs)`` or ``m(**xs)``."""
+    if isinstance(inputs, Mapping):
+        return module(**inputs)
+    if isinstance(inputs, tuple):
+        return module(*inputs)
+    return module(inputs)
+
+
+def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: slice_inputs(v, start, stop) for k, v in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(slice_inputs(v, start, stop) for v in inputs)
+    return inputs[start:stop]
+
+
+def batch_of(inputs: Any) -> int:
+    from cvcore.data_io import batch_size
+
+    return batch_size(inputs)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A model ready for ``torch.func``: the module, its trainable and constant tensors."""
+
+    module: Any
+    params: dict[str, Any]
+    constants: dict[str, Any]
+    scripted: bool
+    #: Batch size a ``torch.export`` program was exported with, if it is static.
+    export_batch: int | None = None
+
+
+def prepare(model: Any, dtype: Any, device: str) -> Prepared:
+    """Unwrap an exported program; split trainable parameters from everything else."""
+    torch = _torch()
+    export_batch = None
+    if isinstance(model, torch.export.ExportedProgram):
+        args, kwargs = model.example_inputs or ((), {})
+        leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.dim() > 0]
+        export_batch = int(leaves[0].shape[0]) if leaves else None
+        model = model.module()
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    if scripted:
+        # TorchScript cannot take parameters from outside: measure a cast copy.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # .to() on a script module warns about .grad
+            model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    params: dict[str, Any] = {}
+    constants: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        target = params if p.requires_grad else constants
+        target[name] = p.detach().to(device=device, dtype=dtype if p.is_floating_point() else None)
+    for name, b in model.named_buffers():
+        constants[name] = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else None)
+    if not params:
+        raise ModelError("expected a model with trainable parameters, got none (all frozen or no parameters)")
+    for name, p in params.items():
+        if not torch.isfinite(p).all():
+            raise ModelError(f"expected finite weights, got NaN or Inf in parameter {name!r}")
+    return Prepared(module=model, params=params, constants=constants, scripted=scripted,
+                    export_batch=export_batch)
+
+
+class TorchBackend:
+    """Backend for ``torch.nn.Module``, ``torch.export`` programs and TorchScript modules."""
+
+    name = "torch"
+    extra = "torch"
+    modules = ("torch",)
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("torch") is not None
+
+    def accepts(self, model: object) -> bool:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        return isinstance(model, (torch.nn.Module, torch.export.ExportedProgram))
+
+    def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
+        torch = _torch()
+        device = resolve_device(request.device)
+        dtype = torch.float64 if request.dtype == "float64" else torch.float32
+        prep = prepare(model, dtype, device)
+        x = to_tensors(inputs, dtype, device)
+        n = batch_of(x)
+        if n == 0:
+            raise InputError("expected at least one input sample, got an empty batch")
+        with training_mode(prep.module, request.train), torch.no_grad():
+            probe = self._probe(prep, x, request.output)
+        n_outputs = int(probe.numel())
+        jac: JacobianFn = _functional_jacobian
+        if prep.scripted:
+            jac = _scripted_jacobian
+        elif prep.export_batch is not None:
+            jac = _fixed_batch_jacobian
+        plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
+                           group_sizes=[int(p.numel()) for p in prep.params.values()],
+                           itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
+        with training_mode(prep.module, request.train):
+            kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
+        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                            n_params=sum(int(p.numel()) for p in prep.params.values()),
+                            device=device)
+
+    def _probe(self, prep: Prepared, x: Any, output: OutputSelector | None) -> Any:
+        """One sample's output; finds out whether an exported program's batch is static."""
+        first = slice_inputs(x, 0, 1)
+        if prep.export_batch is None:
+            return self._forward(prep, first, output)[0]
+        try:
+            out = self._forward(prep, first, output)[0]
+        except InputError:
+            # Exported with a static batch size: measure in padded blocks of that size.
+            return self._forward(prep, pad_batch(first, prep.export_batch), output)[0]
+        prep.export_batch = None  # the batch dimension is dynamic: the per-sample path works
+        return out
+
+    def _forward(self, prep: Prepared, x: Any, output: OutputSelector | None) -> Any:
+        try:
+            if prep.scripted:
+                raw = call(prep.module, x)
+            else:
+                from torch.func import functional_call
+
+                raw = functional_call(prep.module, {**prep.constants, **prep.params}, _as_args(x),
+                                      strict=False)
+        except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+            raise InputError(
+                f"expected inputs the model accepts, got {_shapes(x)}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
+        return select_output(raw, output)
+
+
+def _shapes(x: Any) -> str:
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, tuple):
+        return "(" + ", ".join(_shapes(v) for v in x) + ")"
+    return f"a batch of per-sample shape {tuple(x.shape[1:])} ({x.dtype})"
+
+
+def pad_batch(x: Any, size: int) -> Any:
+    """Repeat the last sample until the batch has ``size`` samples."""
+    torch = _torch()
+
+    def pad(t: Any) -> Any:
+        missing = size - t.shape[0]
+        return t if missing <= 0 else torch.cat([t, t[-1:].expand(missing, *t.shape[1:])])
+
+    return torch.utils._pytree.tree_map(pad, x)
+
+
+JacobianFn = Callable[[Prepared, list[str], Any, KernelRequest], Any]
+
+
+def _functional_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
+    """Per-sample Jacobians of the selected output w.r.t. ``names``: (b, O, P_group)."""
+    torch = _torch()
+    from torch.func import functional_call, jacrev, vmap
+
+    fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
+    output = request.output
+
+    def single(theta: dict[str, Any], xi: Any) -> Any:
+        batched = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), xi)
+        raw = functional_call(prep.module, {**fixed, **theta}, _as_args(batched), strict=False)
+        return select_output(raw, output).reshape(-1)
+
+    theta = {k: prep.params[k] for k in names}
+    if request.train:
+        # Batch statistics couple the samples of a batch: differentiate the batched call.
+        def batched(th: dict[str, Any]) -> Any:
+            raw = functional_call(prep.module, {**fixed, **th}, _as_args(x), strict=False)
+            return select_output(raw, output).reshape(batch_of(x), -1)
+
+        jac = jacrev(batched)(theta)
+        return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
+    jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
+    return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
+
+
+def _as_args(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return ((), dict(x))
+    if isinstance(x, tuple):
+        return x
+    return (x,)
+
+
+def _fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
+    """Jacobians for an exported program with a static batch size: pad the block to that
+    size and differentiate the batched call (samples do not interact in eval mode)."""
+    torch = _torch()
+    from torch.func import functional_call, jacrev
+
+    size = prep.export_batch or 1
+    fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
+    n = batch_of(x)
+    pieces = []
+    for start in range(0, n, size):
+        block = slice_inputs(x, start, min(start + size, n))
+        b = batch_of(block)
+        padded = pad_batch(block, size)
+
+        def batched(th: dict[str, Any], inp: Any = padded) -> Any:
+            raw = functional_call(prep.module, {**fixed, **th}, _as_args(inp), strict=False)
+            return select_output(raw, request.output).reshape(size, -1)
+
+        jac = jacrev(batched)({k: prep.params[k] for k in names})
+        pieces.append(torch.cat([jac[k].reshape(size, jac[k].shape[1], -1) for k in names], dim=2)[:b])
+    return torch.cat(pieces)
+
+
+def _scripted_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
+    """The slow path for TorchScript modules (``torch.func`` refuses them): one
+    ``autograd.grad`` per sample and output, on the module's own parameter leaves."""
+    torch = _torch()
+    module = prep.module
+    leaves = dict(module.named_parameters())
+    wanted = [leaves[k] for k in names]
+    rows = []
+    for i in range(batch_of(x)):
+        out = select_output(call(module, slice_inputs(x, i, i + 1)), request.output).reshape(-1)
+        per_out = []
+        for o in range(out.numel()):
+            grads = torch.autograd.grad(out[o], wanted, retain_graph=True, allow_unused=True)
+            per_out.append(torch.cat([(g if g is not None else torch.zeros_like(w)).reshape(-1)
+                                      for g, w in zip(grads, wanted)]))
+        rows.append(torch.stack(per_out))
+    return torch.stack(rows).detach()
+
+
+def _assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: JacobianFn,
+              n_outputs: int, device: str, dtype: Any) -> Any:
+    """Accumulate the kernel over parameter groups and sample blocks, on the device."""
+    torch = _torch()
+    names = list(prep.params)
+    n = batch_of(x)
+    traced = request.kernel == "traced"
+    dim = n if traced else n * n_outputs
+    kernel = torch.zeros((dim, dim), dtype=dtype, device=device)
+
+    def rows(j: Any) -> Any:  # (b, O, P) -> (b, O·P) traced, (b·O, P) full
+        return j.reshape(j.shape[0], -1) if traced else j.reshape(-1, j.shape[2])
+
+    scale = 1.0 / n_outputs if traced else 1.0
+    width = 1 if traced else n_outputs
+    for group in plan.groups:
+        group_names = [names[i] for i in group.members]
+        blocks = plan.sample_blocks(group)
+        if len(blocks) == 1:
+            j = torch.cat([jac(prep, group_names, slice_inputs(x, a, b), request)
+                           for a, b in plan.chunks(group, 0, n)])
+            r = rows(j)
+            kernel += scale * (r @ r.T)
+            continue
+        for bi, (a0, a1) in enumerate(blocks):
+            ja = rows(jac(prep, group_names, slice_inputs(x, a0, a1), request))
+            kernel[a0 * width:a1 * width, a0 * width:a1 * width] += scale * (ja @ ja.T)
+            for b0, b1 in blocks[bi + 1:]:
+                jb = rows(jac(prep, group_names, slice_inputs(x, b0, b1), request))
+                block = scale * (ja @ jb.T)
+                kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
+                kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
+    _check_finite(kernel, n, width)
+    return kernel.detach().cpu().numpy()
+
+
+def _check_finite(kernel: Any, n: int, width: int) -> None:
+    torch = _torch()
+    diag = torch.diagonal(kernel)
+    bad = ~torch.isfinite(diag)
+    if bad.any():
+        samples = sorted({int(i) // width for i in torch.nonzero(bad).flatten().tolist()})
+        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
+        raise ModelError(
+            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
+            f"samples (indices {shown})"
+        )
+

@@ -1,0 +1,291 @@
+"""PyTorch checkpoint and data loaders: pickled modules, state dicts, ``.pt2`` and safetensors.
+
+Pickles are read with ``weights_only=True``. A whole pickled module is allowed exactly the
+classes the file names, and only when each is an importable ``torch.nn.Module`` subclass;
+anything else (a function, a class that is not a module) is refused unless the user passes
+``--trust``. Nothing from the file runs before that check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cvcore.data_io import ZIP_MAGIC, read_magic
+from cvcore.errors import InputError, MissingFrameworkError, UntrustedFileError
+from cvcore.factory import resolve_factory
+from cvcore.protocols import LoadedModel, LoadOptions
+
+#: Keys under which training scripts nest a state dict.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
+#: Prefixes wrappers add to parameter names (DataParallel, Lightning, ...).
+PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingFrameworkError("torch", "torch") from None
+    return torch
+
+
+def _available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _zip_names(path: Path) -> list[str]:
+    if not path.is_file() or not read_magic(path).startswith(ZIP_MAGIC):
+        return []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except zipfile.BadZipFile:
+        return []
+
+
+def is_torch_save(path: Path) -> bool:
+    """A ``torch.save`` zip archive (``<name>/data.pkl``)."""
+    return any(n.endswith("/data.pkl") or n == "data.pkl" for n in _zip_names(path))
+
+
+def _resolve(name: str) -> Any:
+    module, _, qual = name.rpartition(".")
+    if not module or importlib.util.find_spec(module.split(".")[0]) is None:
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj
+
+
+def allowed_globals(path: Path) -> list[Any]:
+    """The classes a pickle names, resolved, if every one is an ``nn.Module`` subclass.
+
+    Raises:
+        UntrustedFileError: the file names something else (which would run code).
+    """
+    torch = _torch()
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:  # noqa: BLE001 - a malformed archive, reported in one line
+        raise InputError(f"{path}: expected a readable PyTorch checkpoint, got {exc}") from None
+    resolved, refused = [], []
+    for name in names:
+        obj = _resolve(name)
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+            resolved.append(obj)
+        else:
+            refused.append(name)
+    if refused:
+        raise UntrustedFileError(
+            f"{path}: expected a pickle naming only importable torch.nn.Module classes, got "
+            f"{', '.join(refused)}; nothing was run. If you made this file yourself, "
+            "pass --trust to load it"
+        )
+    return resolved
+
+
+def load_torch_file(path: Path, trust: bool) -> Any:
+    """``torch.load`` on the CPU, ``weights_only=True`` unless ``trust``."""
+    torch = _torch()
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(allowed_globals(path)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (UntrustedFileError, InputError):
+        raise
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "an unpickling error"
+        raise UntrustedFileError(
+            f"{path}: expected a checkpoint loadable with weights_only=True, got {first}; "
+            "nothing was run. If you made this file yourself, pass --trust to load it"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: expected a readable PyTorch checkpoint, got {first}") from None
+
+
+def find_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+    """The tensor mapping in a loaded object: itself, or nested under a common key."""
+    torch = _torch()
+
+    def is_sd(d: Any) -> bool:
+        return isinstance(d, dict) and bool(d) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+    if is_sd(obj):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if is_sd(obj.get(key)):
+                return dict(obj[key])
+        keys = list(obj)[:10]
+        raise InputError(
+            f"{path}: expected a state_dict, or one under a key among {list(STATE_DICT_KEYS)}, "
+            f"got a dict with keys {keys}"
+        )
+    raise InputError(f"{path}: expected a module or a state_dict, got {type(obj).__name__}")
+
+
+def load_state_into(module: Any, state: dict[str, Any], path: Path) -> Any:
+    """Load a state dict into a factory-built module; missing/unexpected keys are an error."""
+    torch = _torch()
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"expected --model to build a torch.nn.Module, got {type(module).__name__}")
+    expected = set(module.state_dict())
+    for prefix in ("",) + PREFIXES:
+        if prefix and not all(k.startswith(prefix) for k in state):
+            continue
+        candidate = {k[len(prefix):]: v for k, v in state.items()}
+        if set(candidate) == expected:
+            state = candidate
+            break
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise InputError(
+            f"{path}: expected the state_dict to match --model, got missing keys {missing[:8]} "
+            f"and unexpected keys {unexpected[:8]}"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: expected tensors shaped like --model's, got {str(exc).splitlines()[-1].strip()}") from None
+    return module
+
+
+@dataclass(frozen=True)
+class TorchSaveLoader:
+    """``torch.save`` files: a whole module, or a state dict with ``--model``."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = "torch-save"
+    extra: str = "torch"
+    extensions: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".bin")
+
+    def available(self) -> bool:
+        return _available()
+
+    def sniff(self, path: Path) -> bool:
+        return is_torch_save(path)
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        torch = _torch()
+        if not is_torch_save(path):
+            kind = "a directory" if path.is_dir() else "content that is not a torch.save archive"
+            raise InputError(f"{path}: expected a PyTorch checkpoint (torch.save zip), got {kind}")
+        obj = load_torch_file(path, options.trust)
+        if isinstance(obj, torch.nn.Module):
+            return LoadedModel(model=obj, backend="torch")
+        state = find_state_dict(obj, path)
+        if options.model_factory is None:
+            raise InputError(
+                f"{path}: expected --model package.module:factory to build the architecture, "
+                f"got a state_dict ({len(state)} tensors) and no --model"
+            )
+        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory), state, path),
+                           backend="torch")
+
+
+@dataclass(frozen=True)
+class ExportLoader:
+    """``torch.export`` programs (``.pt2``); their example inputs serve as data."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = "torch-export"
+    extra: str = "torch"
+    extensions: tuple[str, ...] = (".pt2",)
+
+    def available(self) -> bool:
+        return _available()
+
+    def sniff(self, path: Path) -> bool:
+        return any(n.endswith("archive_format") for n in _zip_names(path))
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        torch = _torch()
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - any malformed archive becomes one line
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"{path}: expected a torch.export .pt2 archive, got {first}") from None
+        args, kwargs = program.example_inputs or ((), {})
+        example: Any = kwargs if kwargs and not args else (args[0] if len(args) == 1 else tuple(args))
+        return LoadedModel(model=program, backend="torch", example_inputs=example or None)
+
+
+def _is_safetensors(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size < 10:
+        return False
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    (length,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < length <= path.stat().st_size - 8
+
+
+@dataclass(frozen=True)
+class SafetensorsLoader:
+    """safetensors weights with ``--model``."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = "safetensors"
+    extra: str = "torch,safetensors"
+    extensions: tuple[str, ...] = (".safetensors",)
+
+    def available(self) -> bool:
+        return _available() and importlib.util.find_spec("safetensors") is not None
+
+    def sniff(self, path: Path) -> bool:
+        return _is_safetensors(path)
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        if not _is_safetensors(path):
+            raise InputError(f"{path}: expected a safetensors file, got other content")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{path}: expected a readable safetensors file, got {exc}") from None
+        if options.model_factory is None:
+            raise InputError(
+                f"{path}: expected --model package.module:factory with safetensors weights, got none"
+            )
+        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory), state, path),
+                           backend="torch")
+
+
+@dataclass(frozen=True)
+class TensorDataLoader:
+    """Probe inputs saved with ``torch.save``: a tensor, or a dict / tuple of tensors."""
+
+    kind: Literal["data"] = "data"
+    name: str = "torch-tensor"
+
+    def claims(self, spec: str) -> bool:
+        path = Path(spec)
+        return _available() and path.is_file() and is_torch_save(path)
+
+    def load(self, spec: str, key: str | None) -> Any:
+        obj = load_torch_file(Path(spec), trust=False)
+        if key is not None:
+            if not isinstance(obj, dict) or key not in obj:
+                choices = list(obj) if isinstance(obj, dict) else []
+                raise InputError(f"{spec}: expected a key among {choices}, got {key!r}")
+            return obj[key]
+        return obj
+
+
+LOADERS = (ExportLoader(), TorchSaveLoader(), SafetensorsLoader(), TensorDataLoader())

@@ -1,0 +1,1 @@
+"""The ``cv`` command line (installed as ``cvcore.cli``)."""

@@ -1,0 +1,44 @@
+"""cvcore: collective variables of neural networks, for models from any framework.
+
+>>> import numpy as np, cvcore
+>>> round(cvcore.collective_variables(np.eye(3)).entropy, 6)
+1.098612
+"""
+
+from __future__ import annotations
+
+from cvcore.api import measure, ntk
+from cvcore.errors import (
+    BackendError,
+    CVCoreError,
+    InputError,
+    KernelError,
+    MissingFrameworkError,
+    ModelError,
+    ResourceError,
+    UntrustedFileError,
+)
+from cvcore.protocols import Backend, Implementation, KernelRequest, KernelResult
+from cvcore.spectrum import CollectiveVariables, collective_variables, eigenvalues
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CVCoreError",
+    "CollectiveVariables",
+    "Implementation",
+    "InputError",
+    "KernelError",
+    "KernelRequest",
+    "KernelResult",
+    "MissingFrameworkError",
+    "ModelError",
+    "ResourceError",
+    "UntrustedFileError",
+    "collective_variables",
+    "eigenvalues",
+    "measure",
+    "ntk",
+]

@@ -1,0 +1,5 @@
+"""``python -m cvcore`` runs the ``cv`` command line."""
+
+from cvcore.cli.app import main
+
+main()

@@ -1,0 +1,198 @@
+"""Probe inputs: reading arrays, bundled datasets, and fixed random subsets."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cvcore import plugins
+from cvcore.errors import InputError
+
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def read_magic(path: Path, n: int = 8) -> bytes:
+    """The first ``n`` bytes of a file, with a clear error for what cannot be read."""
+    if not path.exists():
+        raise InputError(f"{path}: expected an existing file, got no such file or directory")
+    if path.is_dir():
+        raise InputError(f"{path}: expected a file, got a directory")
+    with path.open("rb") as fh:
+        head = fh.read(n)
+    if not head:
+        raise InputError(f"{path}: expected a non-empty file, got an empty one")
+    return head
+
+
+def open_npz(path: Path, key: str | None) -> NDArray[Any]:
+    """One array of an ``.npz`` archive: ``key``, or the only array in it."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            if key is None:
+                if len(names) != 1:
+                    raise InputError(
+                        f"{path}: expected --key naming one of the arrays {names}, got none"
+                    )
+                key = names[0]
+            if key not in names:
+                raise InputError(f"{path}: expected a key among {names}, got {key!r}")
+            return np.asarray(archive[key])
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InputError(f"{path}: expected a readable .npz archive, got {exc}") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: expected arrays without pickled objects, got {exc}") from None
+
+
+def open_npy(path: Path) -> NDArray[Any]:
+    """A ``.npy`` array, refusing pickled object arrays."""
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: expected a readable .npy array, got {exc}") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: expected a numeric .npy array, got {exc}") from None
+
+
+@dataclass(frozen=True)
+class NumpyDataLoader:
+    """``.npy`` and ``.npz`` files, recognised by content first, extension second."""
+
+    kind: Literal["data"] = "data"
+    name: str = "numpy"
+
+    def claims(self, spec: str) -> bool:
+        path = Path(spec)
+        if path.is_file():
+            head = read_magic(path)
+            if head.startswith(NPY_MAGIC):
+                return True
+            if head.startswith(ZIP_MAGIC):
+                with zipfile.ZipFile(path) as zf:
+                    names = zf.namelist()
+                return bool(names) and all(n.endswith(".npy") for n in names)
+        return path.suffix.lower() in (".npy", ".npz")
+
+    def load(self, spec: str, key: str | None) -> Any:
+        path = Path(spec)
+        head = read_magic(path)
+        if head.startswith(NPY_MAGIC):
+            return open_npy(path)
+        return open_npz(path, key)
+
+
+def read_kernel(path: Path, key: str | None = None) -> NDArray[Any]:
+    """A kernel matrix from a ``.npy`` file or one array of an ``.npz`` file."""
+    head = read_magic(path)
+    if head.startswith(NPY_MAGIC):
+        return open_npy(path)
+    if head.startswith(ZIP_MAGIC):
+        return open_npz(path, key)
+    raise InputError(
+        f"{path}: expected a kernel in a .npy or .npz file, got content of another format"
+    )
+
+
+#: Datasets shipped inside the package: name -> (file, scale to put features in [0, 1]).
+BUNDLED = {
+    "digits": ("digits.npz", 1.0 / 16.0),  # 1797 8×8 handwritten digits (UCI), 64 features
+    "iris": ("iris.npz", 1.0),  # 150 iris flowers (Fisher), 4 features
+}
+
+
+@dataclass(frozen=True)
+class BundledDataLoader:
+    """Real datasets shipped with cvcore (no download): ``digits``, ``iris``."""
+
+    kind: Literal["data"] = "data"
+    name: str = "bundled"
+
+    def claims(self, spec: str) -> bool:
+        return spec in BUNDLED and not Path(spec).exists()
+
+    def load(self, spec: str, key: str | None) -> Any:
+        return load_bundled(spec)[0]
+
+
+def load_bundled(name: str) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """A bundled dataset's features (float32, scaled to [0, 1]) and integer labels."""
+    if name not in BUNDLED:
+        raise InputError(f"expected a bundled dataset among {sorted(BUNDLED)}, got {name!r}")
+    filename, scale = BUNDLED[name]
+    with resources.files("cvcore").joinpath("data", filename).open("rb") as fh:
+        with np.load(fh) as archive:
+            x = (archive["data"].astype(np.float32) * np.float32(scale))
+            y = archive["target"].astype(np.int64)
+    return x, y
+
+
+def load_data(spec: str, key: str | None = None) -> Any:
+    """Read probe inputs with the first data loader that claims ``spec``."""
+    loaders = plugins.registry().data_loaders
+    for loader in loaders.values():
+        if loader.claims(spec):
+            return loader.load(spec, key)
+    path = Path(spec)
+    if path.exists() or any(c in spec for c in "/\\."):
+        read_magic(path)  # missing / empty / directory errors first
+        raise InputError(
+            f"{spec}: expected a data file in a known format (loaders: {sorted(loaders)}), "
+            f"got one none of them recognises"
+        )
+    raise InputError(
+        f"expected --data to be a file or a bundled dataset among {sorted(BUNDLED)}, got {spec!r}"
+    )
+
+
+def batch_size(inputs: Any) -> int:
+    """The number of samples in inputs given as an array or a dict / tuple of arrays."""
+    if isinstance(inputs, dict):
+        sizes = {batch_size(v) for v in inputs.values()}
+    elif isinstance(inputs, (tuple, list)):
+        sizes = {batch_size(v) for v in inputs}
+    else:
+        shape = getattr(inputs, "shape", None)
+        if shape is None or len(shape) == 0:
+            raise InputError(
+                f"expected inputs with a batch dimension, got {type(inputs).__name__}"
+            )
+        return int(shape[0])
+    if len(sizes) != 1:
+        raise InputError(f"expected every input to have the same batch size, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+def take(inputs: Any, index: NDArray[np.int64]) -> Any:
+    """Select samples ``index`` (along the first axis) from every array in ``inputs``."""
+    if isinstance(inputs, dict):
+        return {k: take(v, index) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(take(v, index) for v in inputs)
+    if isinstance(inputs, np.ndarray):
+        return inputs[index]
+    import_index = index.tolist()  # framework tensors accept a list of ints
+    return inputs[import_index]
+
+
+def probe_subset(inputs: Any, samples: int | None, seed: int = 0) -> Any:
+    """A fixed random subset of ``samples`` inputs; the same seed gives the same subset.
+
+    The subset depends only on the number of inputs, ``samples`` and ``seed``, so every
+    checkpoint of a run is measured on one probe set.
+    """
+    n = batch_size(inputs)
+    if n == 0:
+        raise InputError("expected at least one input sample, got an empty batch")
+    if samples is None:
+        return inputs
+    if samples < 1 or samples > n:
+        raise InputError(f"expected --samples between 1 and {n}, got {samples}")
+    index = np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
+    return take(inputs, index)

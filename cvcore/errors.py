@@ -1,0 +1,64 @@
+"""One exception hierarchy for every mistake cvcore can report.
+
+Every message says what was expected and what was received, in one line, so the CLI can
+print it as is. A missing framework names the exact install command.
+"""
+
+from __future__ import annotations
+
+
+class CVCoreError(Exception):
+    """Base class of every error cvcore raises on purpose."""
+
+
+class InputError(CVCoreError, ValueError):
+    """The user's input (a file, an array, an option) is not what was expected."""
+
+
+class KernelError(InputError):
+    """A kernel handed to the spectrum core is not a valid NTK."""
+
+
+class ModelError(CVCoreError):
+    """The model cannot be measured as given (no parameters, bad output, ...)."""
+
+
+class BackendError(CVCoreError):
+    """No backend can handle the model, or the named backend does not exist."""
+
+
+class MissingFrameworkError(BackendError, ImportError):
+    """A backend's framework is not installed."""
+
+    def __init__(self, framework: str, extra: str) -> None:
+        super().__init__(
+            f"{framework} is required for this but is not installed; "
+            f"install it with: pip install 'cvcore[{extra}]'"
+        )
+        self.framework = framework
+        self.extra = extra
+
+
+class UntrustedFileError(InputError):
+    """A pickle-based file names code that cvcore will not run without ``--trust``."""
+
+
+class ResourceError(CVCoreError, MemoryError):
+    """A request cannot fit in the memory budget even when blocked."""
+
+
+def describe(value: object) -> str:
+    """A short description of a value for error messages.
+
+    >>> describe(3)
+    'int'
+    >>> import numpy as np
+    >>> describe(np.zeros((2, 3)))
+    'ndarray of shape (2, 3) and dtype float64'
+    """
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    name = type(value).__name__
+    if shape is not None and dtype is not None:
+        return f"{name} of shape {tuple(shape)} and dtype {dtype}"
+    return name

@@ -1,0 +1,152 @@
+"""The plugin registry: loads entry points in the ``cvcore`` group lazily, once.
+
+Built-in backends, loaders and adapters register through the same hooks and entry
+points a third-party plugin uses. ``CVCORE_PLUGINS`` (a comma list of entry-point names)
+restricts which entry points load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from cvcore import hookspecs
+from cvcore.errors import BackendError, CVCoreError, MissingFrameworkError, describe
+
+ENV_VAR = "CVCORE_PLUGINS"
+
+
+@dataclass
+class Registry:
+    """Everything the plugins registered, by name, in registration order."""
+
+    backends: dict[str, Any] = field(default_factory=dict)
+    checkpoint_loaders: dict[str, Any] = field(default_factory=dict)
+    data_loaders: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, Any] = field(default_factory=dict)
+
+
+_pm: pluggy.PluginManager | None = None
+_registry: Registry | None = None
+_blocked: set[str] = set()
+
+
+def manager() -> pluggy.PluginManager:
+    """The plugin manager, with entry points loaded on first use."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        wanted = os.environ.get(ENV_VAR)
+        allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+        for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break cvcore
+                warnings.warn(f"cvcore plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
+                              stacklevel=2)
+                continue
+            pm.register(plugin, name=ep.name)
+        _pm = pm
+    return _pm
+
+
+def register(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object (a module or instance with hook implementations)."""
+    global _registry
+    registered = manager().register(plugin, name=name)
+    _registry = None
+    return str(registered)
+
+
+def unregister(plugin: object) -> None:
+    """Remove a plugin registered with :func:`register`."""
+    global _registry
+    manager().unregister(plugin)
+    _registry = None
+
+
+def _add(table: dict[str, Any], what: str, obj: Any) -> None:
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        raise CVCoreError(f"expected a {what} with a non-empty string 'name', got {describe(obj)}")
+    table.setdefault(name, obj)
+
+
+def _call(hook: Any, register: Any) -> None:
+    """Call a registration hook's implementations in registration order (built-ins first;
+    on a name clash the first registration wins)."""
+    for impl in hook.get_hookimpls():
+        impl.function(register=register)
+
+
+def registry() -> Registry:
+    """The registry built from every loaded plugin's hooks (built once, cached)."""
+    global _registry
+    if _registry is None:
+        reg = Registry()
+        hook = manager().hook
+        _call(hook.cvcore_register_backends, lambda b: _add(reg.backends, "backend", b))
+
+        def add_loader(loader: Any) -> None:
+            kind = getattr(loader, "kind", None)
+            if kind == "checkpoint":
+                _add(reg.checkpoint_loaders, "checkpoint loader", loader)
+            elif kind == "data":
+                _add(reg.data_loaders, "data loader", loader)
+            else:
+                raise CVCoreError(
+                    f"expected a loader with kind 'checkpoint' or 'data', got {kind!r}"
+                )
+
+        _call(hook.cvcore_register_loaders, add_loader)
+        _call(hook.cvcore_register_adapters, lambda a: _add(reg.adapters, "adapter", a))
+        _registry = reg
+    return _registry
+
+
+def get_backend(name: str) -> Any:
+    """The backend registered as ``name``; raises if unknown or not installed."""
+    backends = registry().backends
+    if name not in backends:
+        raise BackendError(
+            f"expected a backend name among {sorted(backends)}, got {name!r}"
+        )
+    backend = backends[name]
+    if not backend.available():
+        raise MissingFrameworkError(name, backend.extra)
+    return backend
+
+
+def select_backend(model: object) -> Any:
+    """Choose the backend for one model object.
+
+    A backend is asked only when one of its framework's modules is already imported
+    (a model of that framework cannot exist otherwise), then by its ``isinstance`` test.
+    """
+    backends = registry().backends
+    for backend in backends.values():
+        if any(m in sys.modules for m in backend.modules) and backend.accepts(model):
+            return backend
+    raise BackendError(
+        f"expected a model one of the backends {sorted(backends)} accepts, got "
+        f"{type(model).__module__}.{type(model).__qualname__}; pass backend= to choose one"
+    )
+
+
+def select_adapter(model: object) -> Any | None:
+    """The first adapter that accepts ``model``, or ``None``."""
+    for adapter in registry().adapters.values():
+        if adapter.accepts(model):
+            return adapter
+    return None

@@ -1,0 +1,186 @@
+"""The contracts a plugin fulfils: backends, loaders and adapters.
+
+Every built-in backend is checked against :class:`Backend` by mypy; a third-party
+backend can run :func:`cvcore.testing.run_backend_conformance` to check its behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Protocol, Union, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+KernelKind = Literal["traced", "full"]
+#: How to pick one output from a model returning several: an index, a key or attribute
+#: name, or a callable applied to the raw output.
+OutputSelector = Union[int, str, Callable[[Any], Any]]
+
+#: Default memory budget for Jacobian blocks when nothing else is known: 1 GiB.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+class Implementation(str, Enum):
+    """How a backend builds the kernel.
+
+    JACOBIAN: blocked per-sample Jacobians ``J`` (samples × outputs × parameters) and
+        one matrix product ``J Jᵀ`` per pair of blocks. Works for every model; memory is
+        one block's Jacobian, bounded by the memory budget.
+    AUTO: the backend's best choice for the model; today every built-in backend uses
+        the Jacobian path.
+    """
+
+    AUTO = "auto"
+    JACOBIAN = "jacobian"
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    """Everything a backend needs to know to build a kernel (same names everywhere).
+
+    Attributes:
+        kernel: ``"traced"`` (N × N, averaged over outputs) or ``"full"`` (N·O × N·O,
+            row ``i·O + o``).
+        output: which output to use when the model returns several.
+        dtype: ``"float32"`` or ``"float64"``; the precision of the whole computation.
+        device: framework device string (``"cpu"``, ``"cuda:1"``); ``None`` picks the
+            accelerator when one is visible.
+        train: measure in training mode (dropout, batch statistics) instead of eval mode.
+        memory_budget: bytes one Jacobian block may use.
+        implementation: see :class:`Implementation`.
+    """
+
+    kernel: KernelKind = "traced"
+    output: OutputSelector | None = None
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str | None = None
+    train: bool = False
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    implementation: Implementation = Implementation.AUTO
+
+
+@dataclass(frozen=True)
+class KernelResult:
+    """What a backend hands back: the kernel as NumPy and what it was built from."""
+
+    kernel: NDArray[np.floating[Any]]
+    n_samples: int
+    n_outputs: int
+    n_params: int
+    device: str = "cpu"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A framework backend: turns (model, inputs) into an NTK as a NumPy array.
+
+    Attributes:
+        name: short unique name, used by ``backend=`` and ``--backend``.
+        extra: the ``cvcore[...]`` extra that installs its framework.
+        modules: top-level module names of its framework; a model is only offered to
+            the backend when one of them is already in ``sys.modules``.
+    """
+
+    name: str
+    extra: str
+    modules: tuple[str, ...]
+
+    def available(self) -> bool:
+        """Whether the framework is installed (without importing it)."""
+        ...
+
+    def accepts(self, model: object) -> bool:
+        """Whether this backend can measure ``model`` (an ``isinstance`` test)."""
+        ...
+
+    def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
+        """Build the kernel of ``model`` on ``inputs`` as ``request`` says."""
+        ...
+
+
+@dataclass
+class LoadedModel:
+    """A model read from a checkpoint, ready for a backend."""
+
+    model: Any
+    backend: str | None = None
+    example_inputs: Any = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Options the CLI passes to checkpoint loaders."""
+
+    model_factory: str | None = None
+    trust: bool = False
+    key: str | None = None
+
+
+@runtime_checkable
+class CheckpointLoader(Protocol):
+    """Reads a model from a checkpoint file or directory.
+
+    Attributes:
+        kind: always ``"checkpoint"``.
+        name: short unique name.
+        extra: the ``cvcore[...]`` extra its framework needs.
+        extensions: file extensions it claims when the content test is not decisive.
+    """
+
+    kind: Literal["checkpoint"]
+    name: str
+    extra: str
+    extensions: tuple[str, ...]
+
+    def available(self) -> bool:
+        """Whether its framework is installed (without importing it)."""
+        ...
+
+    def sniff(self, path: Path) -> bool:
+        """Whether the file's content is in this loader's format (reads a few bytes)."""
+        ...
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        """Read the checkpoint."""
+        ...
+
+
+@runtime_checkable
+class DataLoader(Protocol):
+    """Reads probe inputs: a file format or a named bundled dataset."""
+
+    kind: Literal["data"]
+    name: str
+
+    def claims(self, spec: str) -> bool:
+        """Whether ``spec`` (a path or a dataset name) is this loader's."""
+        ...
+
+    def load(self, spec: str, key: str | None) -> Any:
+        """Return the inputs (NumPy array, framework tensor, or a dict/tuple of them)."""
+        ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """Shapes a model family's call so a backend can measure it.
+
+    ``adapt`` returns the model, inputs and output selector to hand to the backend
+    (for example a Hugging Face model's ``logits`` field).
+    """
+
+    name: str
+
+    def accepts(self, model: object) -> bool:
+        """Whether the model belongs to this adapter's family."""
+        ...
+
+    def adapt(self, model: Any, inputs: Any, output: OutputSelector | None
+              ) -> tuple[Any, Any, OutputSelector | None]:
+        """Return ``(model, inputs, output)`` for the backend."""
+        ...

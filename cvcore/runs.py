@@ -1,0 +1,67 @@
+"""Measuring checkpoints: one probe set, many checkpoints, one row each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cvcore.api import build
+from cvcore.checkpoints import load_checkpoint, natural_key
+from cvcore.data_io import load_data, probe_subset
+from cvcore.errors import InputError
+from cvcore.protocols import KernelRequest, LoadOptions
+from cvcore.report import Row
+from cvcore.spectrum import collective_variables
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Where the probe inputs come from and which subset to draw."""
+
+    data: str | None = None
+    key: str | None = None
+    samples: int | None = None
+    seed: int = 0
+
+
+def expand(paths: Sequence[str | Path]) -> list[Path]:
+    """Checkpoint paths in natural order (``epoch_2`` before ``epoch_10``), duplicates dropped."""
+    unique = {str(p): Path(p) for p in paths}
+    return [unique[k] for k in sorted(unique, key=natural_key)]
+
+
+def measure_checkpoints(
+    paths: Sequence[str | Path],
+    *,
+    probe: ProbeSpec,
+    request: KernelRequest,
+    options: LoadOptions,
+    backend: str | None = None,
+    skip: set[str] | None = None,
+) -> Iterator[Row]:
+    """Yield one :class:`Row` per checkpoint, all measured on the same probe set."""
+    shared_inputs: Any = None
+    if probe.data is not None:
+        shared_inputs = probe_subset(load_data(probe.data, probe.key), probe.samples, probe.seed)
+    for path in expand(paths):
+        if skip and str(path) in skip:
+            continue
+        started = time.perf_counter()
+        loaded = load_checkpoint(path, options)
+        inputs = shared_inputs
+        if inputs is None:
+            if loaded.example_inputs is None:
+                raise InputError(
+                    f"{path}: expected --data (a file or a bundled dataset such as 'digits'), "
+                    "got none, and the checkpoint carries no example inputs"
+                )
+            inputs = probe_subset(loaded.example_inputs, probe.samples, probe.seed)
+        measured = build(loaded.model, inputs, backend=backend or loaded.backend, request=request)
+        res = measured.result
+        cv = collective_variables(res.kernel)
+        yield Row(source=str(path), backend=measured.backend, kernel=request.kernel,
+                  n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
+                  seconds=time.perf_counter() - started, variables=cv)
