@@ -18,7 +18,7 @@ import numpy as np
 
 from cvcore.blocking import Plan, plan_blocks
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
-from cvcore.protocols import KernelRequest, KernelResult, OutputSelector
+from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
 
 
 
@@ -198,6 +198,12 @@ class TorchBackend:
         torch = sys.modules.get("torch")
         if torch is None:
             return False
+        keras = sys.modules.get("keras")
+        if keras is not None and isinstance(model, keras.layers.Layer):
+            # A Keras 3 model on the torch backend is an nn.Module too, but
+            # functional_call gives it all-zero Jacobians: the tensorflow backend
+            # (Keras' stateless_call) measures it.
+            return False
         return isinstance(model, (torch.nn.Module, torch.export.ExportedProgram))
 
     def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
@@ -221,7 +227,13 @@ class TorchBackend:
                            group_sizes=[int(p.numel()) for p in prep.params.values()],
                            itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
         with training_mode(prep.module, request.train):
-            kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
+            kernel = None
+            if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
+                from cvcore.backends.torch_structured import structured_kernel
+
+                kernel = structured_kernel(prep, x, request, n_outputs)
+            if kernel is None:
+                kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
         return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
                             n_params=sum(int(p.numel()) for p in prep.params.values()),
                             device=device)

@@ -30,12 +30,15 @@ class Implementation(str, Enum):
     JACOBIAN: blocked per-sample Jacobians ``J`` (samples × outputs × parameters) and
         one matrix product ``J Jᵀ`` per pair of blocks. Works for every model; memory is
         one block's Jacobian, bounded by the memory budget.
-    AUTO: the backend's best choice for the model; today every built-in backend uses
-        the Jacobian path.
+    STRUCTURED: per-layer identities (a dense layer's kernel is ``(A Aᵀ) ⊙ (G Gᵀ)``,
+        inputs times output-gradients) that never form the Jacobian; layers without a
+        rule fall back to the Jacobian path.
+    AUTO (default): per layer, the cheaper of the two by a FLOP and memory estimate.
     """
 
     AUTO = "auto"
     JACOBIAN = "jacobian"
+    STRUCTURED = "structured"
 
 
 @dataclass(frozen=True)
