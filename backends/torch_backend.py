@@ -174,7 +174,9 @@ def prepare(model: Any, dtype: Any, device: str) -> Prepared:
         target = params if p.requires_grad else constants
         target[name] = p.detach().to(device=device, dtype=dtype if p.is_floating_point() else None)
     for name, b in model.named_buffers():
-        constants[name] = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else None)
+        # A copy: forwards that update buffers (batch-norm statistics) must not touch the model.
+        constants[name] = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else None,
+                                        copy=True)
     if not params:
         raise ModelError("expected a model with trainable parameters, got none (all frozen or no parameters)")
     for name, p in params.items():
@@ -216,7 +218,9 @@ class TorchBackend:
         if n == 0:
             raise InputError("expected at least one input sample, got an empty batch")
         with training_mode(prep.module, request.train), torch.no_grad():
-            probe = self._probe(prep, x, request.output)
+            # In train mode the samples of a batch interact: probe with all of them.
+            probe = (self._forward(prep, x, request.output)[0] if request.train
+                     else self._probe(prep, x, request.output))
         n_outputs = int(probe.numel())
         jac: JacobianFn = _functional_jacobian
         if prep.scripted:
@@ -256,10 +260,8 @@ class TorchBackend:
             if prep.scripted:
                 raw = call(prep.module, x)
             else:
-                from torch.func import functional_call
 
-                raw = functional_call(prep.module, {**prep.constants, **prep.params}, _as_args(x),
-                                      strict=False)
+                raw = fcall(prep.module, {**prep.constants, **prep.params}, x)
         except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
             raise InputError(
                 f"expected inputs the model accepts, got {_shapes(x)}: "
@@ -293,42 +295,55 @@ JacobianFn = Callable[[Prepared, list[str], Any, KernelRequest], Any]
 def _functional_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """Per-sample Jacobians of the selected output w.r.t. ``names``: (b, O, P_group)."""
     torch = _torch()
-    from torch.func import functional_call, jacrev, vmap
+    from torch.func import jacrev, vmap
 
     fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
     output = request.output
 
     def single(theta: dict[str, Any], xi: Any) -> Any:
         batched = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), xi)
-        raw = functional_call(prep.module, {**fixed, **theta}, _as_args(batched), strict=False)
+        raw = fcall(prep.module, {**fixed, **theta}, batched)
         return select_output(raw, output).reshape(-1)
 
     theta = {k: prep.params[k] for k in names}
     if request.train:
-        # Batch statistics couple the samples of a batch: differentiate the batched call.
-        def batched(th: dict[str, Any]) -> Any:
-            raw = functional_call(prep.module, {**fixed, **th}, _as_args(x), strict=False)
-            return select_output(raw, output).reshape(batch_of(x), -1)
-
-        jac = jacrev(batched)(theta)
-        return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
+        return _batched_jacobian(prep, fixed, theta, x, output)
     jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
     return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
 
 
-def _as_args(x: Any) -> Any:
+def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, Any], x: Any,
+                      output: OutputSelector | None) -> Any:
+    """Jacobian of one batched forward (train mode: batch statistics couple the samples,
+    and the forward may update buffers in place, which ``torch.func`` transforms refuse)."""
+    torch = _torch()
+    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+    with torch.enable_grad():
+        out = select_output(fcall(prep.module, {**fixed, **leaves}, x), output)
+        out = out.reshape(batch_of(x), -1)
+        b, o = out.shape
+        eye = torch.eye(b * o, dtype=out.dtype, device=out.device).reshape(b * o, b, o)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=eye,
+                                    is_grads_batched=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros(b * o, *t.shape, dtype=out.dtype,
+                                                          device=out.device)).reshape(b, o, -1)
+                      for g, t in zip(grads, leaves.values())], dim=2)
+
+
+def fcall(module: Any, tensors: dict[str, Any], x: Any) -> Any:
+    """``functional_call`` with inputs packed as ``m(x)``, ``m(*xs)`` or ``m(**xs)``."""
+    from torch.func import functional_call
+
     if isinstance(x, Mapping):
-        return ((), dict(x))
-    if isinstance(x, tuple):
-        return x
-    return (x,)
+        return functional_call(module, tensors, (), dict(x), strict=False)
+    return functional_call(module, tensors, x if isinstance(x, tuple) else (x,), strict=False)
 
 
 def _fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """Jacobians for an exported program with a static batch size: pad the block to that
     size and differentiate the batched call (samples do not interact in eval mode)."""
     torch = _torch()
-    from torch.func import functional_call, jacrev
+    from torch.func import jacrev
 
     size = prep.export_batch or 1
     fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
@@ -340,7 +355,7 @@ def _fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: Ker
         padded = pad_batch(block, size)
 
         def batched(th: dict[str, Any], inp: Any = padded) -> Any:
-            raw = functional_call(prep.module, {**fixed, **th}, _as_args(inp), strict=False)
+            raw = fcall(prep.module, {**fixed, **th}, inp)
             return select_output(raw, request.output).reshape(size, -1)
 
         jac = jacrev(batched)({k: prep.params[k] for k in names})
@@ -384,10 +399,12 @@ def _assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: J
     width = 1 if traced else n_outputs
     for group in plan.groups:
         group_names = [names[i] for i in group.members]
-        blocks = plan.sample_blocks(group)
+        # Train mode measures the probe set as one batch (batch statistics couple samples).
+        blocks = [(0, n)] if request.train else plan.sample_blocks(group)
         if len(blocks) == 1:
+            chunks = [(0, n)] if request.train else plan.chunks(group, 0, n)
             j = torch.cat([jac(prep, group_names, slice_inputs(x, a, b), request)
-                           for a, b in plan.chunks(group, 0, n)])
+                           for a, b in chunks])
             r = rows(j)
             kernel += scale * (r @ r.T)
             continue

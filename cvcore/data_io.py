@@ -45,6 +45,8 @@ def open_npz(path: Path, key: str | None) -> NDArray[Any]:
             if key not in names:
                 raise InputError(f"{path}: expected a key among {names}, got {key!r}")
             return np.asarray(archive[key])
+    except InputError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise InputError(f"{path}: expected a readable .npz archive, got {exc}") from None
     except ValueError as exc:
