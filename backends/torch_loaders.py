@@ -221,8 +221,14 @@ class ExportLoader:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"{path}: expected a torch.export .pt2 archive, got {first}") from None
         args, kwargs = program.example_inputs or ((), {})
-        example: Any = kwargs if kwargs and not args else (args[0] if len(args) == 1 else tuple(args))
-        return LoadedModel(model=program, backend="torch", example_inputs=example or None)
+        example: Any = None
+        if kwargs and not args:
+            example = dict(kwargs)
+        elif len(args) == 1:
+            example = args[0]
+        elif args:
+            example = tuple(args)
+        return LoadedModel(model=program, backend="torch", example_inputs=example)
 
 
 def _is_safetensors(path: Path) -> bool:
