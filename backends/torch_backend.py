@@ -21,7 +21,6 @@ from cvcore.errors import InputError, MissingFrameworkError, ModelError, describ
 from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
 
 
-
 def _torch() -> Any:
     try:
         import torch

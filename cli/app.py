@@ -7,13 +7,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
+from cvcore.cli.output import print_json, print_table, stderr
 
 from cvcore import plugins
 from cvcore.api import make_request
-from cvcore.cli.output import print_json, print_table, stderr
 from cvcore.data_io import read_kernel
 from cvcore.errors import CVCoreError, InputError
 from cvcore.protocols import Implementation, LoadOptions
@@ -44,7 +44,7 @@ def friendly(func: F) -> F:
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON list to stdout.")]
-CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write a CSV table here.")]
+CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write a CSV table here.")]
 
 
 def emit(rows: list[Row], as_json: bool, title: str) -> None:
@@ -56,10 +56,10 @@ def emit(rows: list[Row], as_json: bool, title: str) -> None:
 
 def spectrum(
     kernels: Annotated[list[Path], typer.Argument(help="Kernel files (.npy, or .npz with --key).")],
-    key: Annotated[Optional[str], typer.Option(help="Array name inside an .npz file.")] = None,
+    key: Annotated[str | None, typer.Option(help="Array name inside an .npz file.")] = None,
     kernel: Annotated[str, typer.Option(help="The kernel's convention, for the report: traced or full.")] = "traced",
-    outputs: Annotated[Optional[int], typer.Option(help="O, outputs per sample, for a full kernel.")] = None,
-    tolerance: Annotated[Optional[float], typer.Option(help="Relative round-off tolerance for negative eigenvalues.")] = None,
+    outputs: Annotated[int | None, typer.Option(help="O, outputs per sample, for a full kernel.")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Relative round-off tolerance for negative eigenvalues.")] = None,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
 ) -> None:
@@ -77,19 +77,19 @@ def spectrum(
 
 def measure(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints, measured in natural order.")],
-    data: Annotated[Optional[str], typer.Option(help="Probe inputs: .npy, .npz, .pt, or a bundled dataset (digits, iris).")] = None,
-    key: Annotated[Optional[str], typer.Option(help="Array name inside an .npz data file.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Draw this many probe inputs at random.")] = None,
+    data: Annotated[str | None, typer.Option(help="Probe inputs: .npy, .npz, .pt, or a bundled dataset (digits, iris).")] = None,
+    key: Annotated[str | None, typer.Option(help="Array name inside an .npz data file.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Draw this many probe inputs at random.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the probe subset (same seed, same subset).")] = 0,
-    model: Annotated[Optional[str], typer.Option("--model", help="package.module:factory that builds the architecture for a state_dict.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="package.module:factory that builds the architecture for a state_dict.")] = None,
     trust: Annotated[bool, typer.Option(help="Allow arbitrary code in a pickle you made yourself.")] = False,
     kernel: Annotated[str, typer.Option(help="traced (N×N) or full (N·O×N·O).")] = "traced",
-    output: Annotated[Optional[str], typer.Option(help="Which output to use: an index or a key.")] = None,
+    output: Annotated[str | None, typer.Option(help="Which output to use: an index or a key.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: GPU if visible).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Backend name (default: from the model).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: GPU if visible).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Backend name (default: from the model).")] = None,
     implementation: Annotated[Implementation, typer.Option(help="How the kernel is built.")] = Implementation.AUTO,
-    memory_budget: Annotated[Optional[str], typer.Option(help="Bytes one block may use, e.g. 512MB.")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help="Bytes one block may use, e.g. 512MB.")] = None,
     train: Annotated[bool, typer.Option(help="Measure in training mode.")] = False,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,

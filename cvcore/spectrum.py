@@ -133,7 +133,7 @@ def _spectrum(k: NDArray[np.float64], dtype: Any, tolerance: float | None) -> Sp
     floating = np.issubdtype(dtype, np.floating)
     tol = default_tolerance(dim, dtype if floating else np.float64) if tolerance is None \
         else float(tolerance)
-    lam = np.linalg.eigvalsh(k)[::-1].copy()
+    lam: NDArray[np.float64] = np.linalg.eigvalsh(k)[::-1].astype(np.float64)
     top = float(max(lam[0], 0.0))
     negative = lam < 0
     if negative.any():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cvcore.cli.app import make_app
 from typer.testing import CliRunner
 
-from cvcore.cli.app import make_app
 from cvcore.report import CSV_COLUMNS
 
 runner = CliRunner()

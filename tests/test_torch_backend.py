@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cvcore  # noqa: E402
-from cvcore.errors import InputError, ModelError  # noqa: E402
-from tests import torch_models as tm  # noqa: E402
+import cvcore
+from cvcore.errors import InputError, ModelError
+from tests import torch_models as tm
 
 CASES = {
     "mlp": (lambda: tm.mlp(), lambda: torch.randn(7, 6)),

@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-import cvcore  # noqa: E402
-from cvcore.cli.app import make_app  # noqa: E402
-from cvcore.data_io import load_bundled  # noqa: E402
-from tests import torch_models as tm  # noqa: E402
+from cvcore.cli.app import make_app
+
+import cvcore
+from cvcore.data_io import load_bundled
+from tests import torch_models as tm
 
 runner = CliRunner()
 FACTORY = f"{Path(tm.__file__)}:digits_mlp"
