@@ -61,7 +61,7 @@ def plan_blocks(*, n_samples: int, n_outputs: int, group_sizes: list[int], items
     >>> [g.members for g in p.groups]
     [(0, 1), (2,)]
     >>> p.sample_blocks(p.groups[0]), len(p.sample_blocks(p.groups[1]))
-    ([(0, 10)], 10)
+    ([(0, 10)], 5)
     """
     limit = max(1, budget // (2 * max(1, n_samples * n_outputs * itemsize)))
     groups: list[Group] = []
