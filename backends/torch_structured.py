@@ -1,11 +1,286 @@
-"""Structured (per-layer) NTK for PyTorch. Placeholder: no layer rules yet, so every
-model takes the Jacobian path (``structured_kernel`` returns ``None``)."""
+"""Structured (per-layer) NTK for PyTorch: layer identities instead of Jacobians.
+
+The kernel is a sum over parameter tensors, ``K = Σ_p J_p J_pᵀ``, so each parameter can
+be measured its own way and the sum stays exact:
+
+* parameters whose every use is a recognised op (see
+  :mod:`cvcore.backends.torch_capture`) get a layer identity from
+  :mod:`cvcore.backends.torch_rules` built from the layer inputs ``A`` (one batched
+  forward pass) and the output-gradients ``G`` (one batched backward pass per model
+  output; samples are independent in eval mode);
+* every other trainable parameter goes through the blocked Jacobian path of
+  :mod:`cvcore.backends.torch_backend`, restricted to exactly those parameters.
+
+A module used several times (shared weights) contributes ``Σ_u A_u ⊗ G_u``: its uses are
+concatenated along the position axis before the identity is applied, which is exact.
+In train mode, or when a call couples samples (batch norm with batch statistics),
+:func:`structured_kernel` returns ``None`` and the caller uses the Jacobian path.
+
+Memory: samples are processed in blocks whose captured ``A`` and ``G`` take at most
+half of ``request.memory_budget``; pairs of blocks are combined (the later block's
+capture is recomputed), and each identity chunks its own intermediates to the budget.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from cvcore.backends.torch_rules import Feature, dense_costs, feature_diagonal, feature_gram
+
+
+@dataclass
+class Block:
+    """Features of one block of samples, keyed by ``(parameter, row block)``."""
+
+    features: dict[tuple[str, int], Feature]
+    structured: frozenset[str]
+    tainted: frozenset[str]
+
+
+def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
+    """One batched forward pass under the recorder; returns ``(outputs (n, O), capture)``."""
+    import torch
+
+    from cvcore.backends.torch_backend import select_output
+    from cvcore.backends.torch_capture import recorder
+
+    leaves = {k: v.detach().requires_grad_(True) for k, v in prep.params.items()}
+    mode = recorder({id(t): k for k, t in leaves.items()}, n)
+    with torch.enable_grad():
+        with mode:
+            raw = _call(prep.module, {**prep.constants, **leaves}, x)
+        out = select_output(raw, output).reshape(n, -1)
+    return out, mode.rec.capture
+
+
+def _call(module: Any, tensors: dict[str, Any], x: Any) -> Any:
+    """``functional_call`` with inputs packed as ``m(x)``, ``m(*xs)`` or ``m(**xs)``."""
+    from collections.abc import Mapping
+
+    from torch.func import functional_call
+
+    if isinstance(x, Mapping):
+        return functional_call(module, tensors, (), dict(x), strict=False)
+    return functional_call(module, tensors, x if isinstance(x, tuple) else (x,), strict=False)
+
+
+def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
+    """``∂f_o/∂z`` for every output ``o``, stacked: each ``(n, O, *z.shape[1:])``."""
+    import torch
+
+    n_out = int(out.shape[1])
+    per_o: list[tuple[Any, ...]] = []
+    for o in range(n_out):
+        grads = torch.autograd.grad(out[:, o].sum(), zs, retain_graph=o < n_out - 1,
+                                    allow_unused=True)
+        per_o.append(grads)
+    stacked = []
+    for k, z in enumerate(zs):
+        cols = [g[k] if g[k] is not None else torch.zeros_like(z) for g in per_o]
+        stacked.append(torch.stack(cols, dim=1).detach())
+    return stacked
+
+
+def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None = None) -> Block:
+    """Features of every structured parameter for the samples ``x``."""
+    from cvcore.backends.torch_backend import batch_of
+
+    n = batch_of(x)
+    out, cap = _forward_capture(prep, x, request.output, n)
+    if cap.coupled:
+        raise _Coupled()
+    structured = frozenset(u.name for u in cap.uses) - cap.tainted
+    wanted = structured if keep is None else structured & keep
+    uses = [u for u in cap.uses if u.name in wanted]
+    zs: list[Any] = []
+    index: dict[int, int] = {}
+    for u in uses:
+        if id(u.z) not in index:
+            index[id(u.z)] = len(zs)
+            zs.append(u.z)
+    grads = _output_gradients(out, zs) if zs else []
+    features: dict[tuple[str, int], Feature] = {}
+    for u in uses:
+        g = u.shape_g(grads[index[id(u.z)]])
+        features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
+    return Block(features, structured, frozenset(cap.tainted))
+
+
+class _Coupled(Exception):
+    """A recorded call couples the samples of a batch."""
+
+
+def _merge(old: Feature | None, new: Feature) -> Feature:
+    """Combine two uses of one parameter block (shared weights)."""
+    import torch
+
+    if old is None:
+        return new
+    if new.kind == "direct":
+        return Feature("direct", old.g + new.g)
+    return Feature(new.kind, torch.cat([old.g, new.g], dim=2), torch.cat([old.a, new.a], dim=1))
+
+
+# ------------------------------------------------------------------------- planning
+def _per_sample_bytes(prep: Any, x: Any, request: Any, n_outputs: int) -> int:
+    """Bytes one sample's captured inputs and output-gradients take (from a 1-sample pass)."""
+    from cvcore.backends.torch_backend import slice_inputs
+
+    out, cap = _forward_capture(prep, slice_inputs(x, 0, 1), request.output, 1)
+    seen: set[int] = set()
+    total = 0
+    for u in cap.uses:
+        if u.a is not None:
+            total += u.a.numel() * max(1, u.a.element_size())
+        if id(u.z) not in seen:
+            seen.add(id(u.z))
+            total += 2 * n_outputs * u.z.numel() * u.z.element_size()
+    del out
+    return max(1, total)
+
+
+def _sample_blocks(n: int, per_sample: int, budget: int) -> list[tuple[int, int]]:
+    size = max(1, min(n, (budget // 2) // per_sample))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _structured_cost(block: Block, n: int, traced: bool) -> float:
+    total = 0.0
+    for f in block.features.values():
+        n_out = int(f.g.shape[1])
+        if f.kind == "direct":
+            total += n * n * n_out * f.g.shape[2] * (1 if traced else n_out)
+        else:
+            d_in = 1 if f.kind == "embedding" else int(f.a.shape[2])
+            s, d_out = int(f.g.shape[2]), int(f.g.shape[3])
+            total += min(dense_costs(n, n, n_out, s, d_in, d_out, traced).values())
+    return total
+
+
+def _jacobian_cost(prep: Any, names: frozenset[str], n: int, n_outputs: int,
+                   traced: bool) -> float:
+    size = sum(int(prep.params[k].numel()) for k in names)
+    return float(n * n * n_outputs * size * (1 if traced else n_outputs))
+
+
+def _use_structured(prep: Any, first: Block, n: int, n_outputs: int, request: Any) -> bool:
+    """``auto``: whether the structured passes pay for themselves (always under ``structured``)."""
+    from cvcore.protocols import Implementation
+
+    if request.implementation == Implementation.STRUCTURED:
+        return True
+    generic = set(prep.params) - first.structured
+    if not generic:
+        return True
+    traced = request.kernel == "traced"
+    # The Jacobian path runs anyway for the generic parameters; the structured passes
+    # cost about (1 + O) batched forward passes on top of the identities themselves.
+    forward = sum(2.0 * n * f.g.shape[2] * (1 if f.kind != "dense" else f.a.shape[2]) * f.g.shape[-1]
+                  for f in first.features.values() if f.kind != "direct")
+    extra = (1 + n_outputs) * forward + _structured_cost(first, n, traced)
+    return extra < _jacobian_cost(prep, first.structured, n, n_outputs, traced)
+
+
+# ------------------------------------------------------------------------- assembly
+def _add_pair(kernel: Any, fa: Block, fb: Block, ra: tuple[int, int], rb: tuple[int, int],
+              width: int, traced: bool, budget: int) -> None:
+    sa = slice(ra[0] * width, ra[1] * width)
+    sb = slice(rb[0] * width, rb[1] * width)
+    for key, f in fa.features.items():
+        block = feature_gram(f, fb.features[key], traced, budget)
+        kernel[sa, sb] += block
+        if ra != rb:
+            kernel[sb, sa] += block.T
+
+
+def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs: int) -> Any:
+    """The Jacobian path restricted to ``names`` (the other parameters held fixed)."""
+    import dataclasses
+
+    import torch
+
+    from cvcore.backends.torch_backend import _assemble, _functional_jacobian, batch_of
+    from cvcore.blocking import plan_blocks
+
+    sub = dataclasses.replace(
+        prep, params={k: prep.params[k] for k in names},
+        constants={**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}})
+    dtype = next(iter(prep.params.values())).dtype
+    plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs,
+                       group_sizes=[int(sub.params[k].numel()) for k in names],
+                       itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
+    device = str(next(iter(prep.params.values())).device)
+    return _assemble(sub, x, request, plan, _functional_jacobian, n_outputs, device, dtype)
 
 
 def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
-    """The kernel from per-layer identities, or ``None`` to use the Jacobian path."""
-    return None
+    """The kernel from per-layer identities, or ``None`` to use the Jacobian path.
+
+    Args:
+        prep: the prepared model (``torch_backend.Prepared``).
+        x: the inputs, on the device and in the dtype of the computation.
+        request: the :class:`cvcore.protocols.KernelRequest`.
+        n_outputs: outputs per sample ``O``.
+
+    Returns:
+        The kernel as a NumPy array (traced ``N × N`` divided by ``O``, or full
+        ``N·O × N·O`` with row ``i·O + o``), like the Jacobian path; ``None`` in train
+        mode, when samples are coupled, or when no parameter has a rule.
+    """
+    if request.train:
+        return None
+    import torch
+
+    from cvcore.backends.torch_backend import _check_finite, batch_of, slice_inputs
+
+    n = batch_of(x)
+    traced = request.kernel == "traced"
+    budget = int(request.memory_budget)
+    blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
+    try:
+        first = capture_block(prep, slice_inputs(x, *blocks[0]), request)
+    except _Coupled:
+        return None
+    if not first.structured or not _use_structured(prep, first, n, n_outputs, request):
+        return None
+    width = 1 if traced else n_outputs
+    ref = next(iter(prep.params.values()))
+    kernel = torch.zeros((n * width, n * width), dtype=ref.dtype, device=ref.device)
+    try:
+        _assemble_structured(kernel, prep, x, request, blocks, first, width, traced, budget)
+    except _Inconsistent:
+        return None
+    generic = [k for k in prep.params if k not in first.structured]
+    if generic:
+        extra = _generic_kernel(prep, x, request, generic, n_outputs)
+        kernel += torch.from_numpy(extra).to(device=kernel.device, dtype=kernel.dtype)
+    _check_finite(kernel, n, width)
+    return kernel.detach().cpu().numpy()
+
+
+class _Inconsistent(Exception):
+    """Two sample blocks disagree on which parameters have a rule."""
+
+
+def _capture_like(prep: Any, x: Any, request: Any, first: Block) -> Block:
+    try:
+        block = capture_block(prep, x, request, keep=first.structured)
+    except _Coupled:
+        raise _Inconsistent() from None
+    if block.structured != first.structured or block.features.keys() != first.features.keys():
+        raise _Inconsistent()
+    return block
+
+
+def _assemble_structured(kernel: Any, prep: Any, x: Any, request: Any,
+                         blocks: list[tuple[int, int]], first: Block, width: int, traced: bool,
+                         budget: int) -> None:
+    from cvcore.backends.torch_backend import slice_inputs
+
+    for i, ra in enumerate(blocks):
+        fa = first if i == 0 else _capture_like(prep, slice_inputs(x, *ra), request, first)
+        _add_pair(kernel, fa, fa, ra, ra, width, traced, budget)
+        for rb in blocks[i + 1:]:
+            fb = _capture_like(prep, slice_inputs(x, *rb), request, first)
+            _add_pair(kernel, fa, fb, ra, rb, width, traced, budget)

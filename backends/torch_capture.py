@@ -1,0 +1,362 @@
+"""Record what the structured NTK needs from one batched forward pass.
+
+A :class:`torch.overrides.TorchFunctionMode` watches every torch call the model makes.
+Calls of ``F.linear``, ``F.conv1d`` / ``F.conv2d``, ``F.embedding``, ``F.layer_norm``,
+``F.rms_norm``, ``F.group_norm`` and ``F.batch_norm`` (running statistics) whose weight
+or bias is a trainable parameter are recorded as *uses*: the layer input (``a``) and the
+output tensor (``z``), whose gradients are taken afterwards. ``nn.MultiheadAttention``'s
+functional form is decomposed into ``F.linear`` calls so its projections are recorded
+too. A parameter that appears in any other call (``x @ W``, ``W.t()``, a custom layer)
+is *tainted* and measured by the Jacobian path instead; every use of a parameter
+therefore either has a rule or sends the whole parameter to the exact fallback.
+
+Samples are assumed to be the leading dimension of every recorded input (PyTorch's
+``batch_first`` convention); a use whose leading size is not the batch size taints its
+parameters. Calls that couple samples (batch norm with batch statistics) mark the
+capture as *coupled*, and the caller falls back to the Jacobian path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Tensor methods and properties that only read metadata: a parameter may appear in them.
+_METADATA = frozenset({
+    "dim", "size", "numel", "is_floating_point", "is_complex", "__len__", "stride",
+    "element_size", "is_contiguous", "get_device", "data_ptr", "ndimension", "nelement",
+    "__format__", "__repr__", "__hash__", "__bool__", "_is_view", "is_nested",
+})
+_UNSAFE_PROPERTIES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag", "grad"})
+
+
+@dataclass
+class Use:
+    """One recorded call of a recognised op on a parameter.
+
+    Attributes:
+        name: the parameter's name.
+        key: ``(name, block)``: conv groups are separate row blocks of one weight.
+        kind: ``"dense"``, ``"embedding"`` or ``"direct"``.
+        z: the call's output, still in the autograd graph.
+        a: dense: inputs ``(n, S, d_in)``; embedding: ids ``(n, S)``; direct: unused.
+        shape_g: maps the output gradients ``(n, O, *z.shape[1:])`` to the feature's
+            ``g`` (dense: ``(n, O, S, d_out)``; direct: ``(n, O, P)``).
+    """
+
+    name: str
+    key: tuple[str, int]
+    kind: str
+    z: Any
+    a: Any
+    shape_g: Callable[[Any], Any]
+
+
+@dataclass
+class Capture:
+    """Everything one forward pass recorded."""
+
+    uses: list[Use] = field(default_factory=list)
+    tainted: set[str] = field(default_factory=set)
+    coupled: bool = False
+
+
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...],
+          defaults: dict[str, Any]) -> dict[str, Any]:
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+class Recorder:
+    """A torch function mode that fills a :class:`Capture` (built by :func:`recorder`)."""
+
+    def __init__(self, ids: dict[int, str], n: int) -> None:
+        self.ids = ids
+        self.n = n
+        self.capture = Capture()
+
+    # -- helpers used by the rules -------------------------------------------------
+    def param(self, t: Any) -> str | None:
+        return self.ids.get(id(t)) if t is not None else None
+
+    def taint_all(self, args: Any, kwargs: Any) -> None:
+        import torch
+
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            name = self.ids.get(id(leaf))
+            if name is not None:
+                self.capture.tainted.add(name)
+
+    def batched(self, t: Any) -> bool:
+        return t.dim() >= 1 and int(t.shape[0]) == self.n and self.param(t) is None
+
+    def add(self, name: str, kind: str, z: Any, a: Any, shape_g: Callable[[Any], Any],
+            block: int = 0) -> None:
+        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g))
+
+
+def recorder(ids: dict[int, str], n: int) -> Any:
+    """A fresh torch function mode recording uses of the parameters in ``ids``."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    rules = _rules()
+
+    class _Mode(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rec = Recorder(ids, n)
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            rule = rules.get(func)
+            if rule is not None:
+                done, out = rule(self.rec, func, args, kwargs)
+                if done:
+                    return out
+            if not _is_metadata(func):
+                self.rec.taint_all(args, kwargs)
+            return func(*args, **kwargs)
+
+    del torch
+    return _Mode()
+
+
+def _is_metadata(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        return prop not in _UNSAFE_PROPERTIES
+    return name in _METADATA
+
+
+def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
+    import torch.nn.functional as F
+
+    table: dict[Any, Callable[..., tuple[bool, Any]]] = {
+        F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.embedding: _embedding,
+        F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm,
+        F.multi_head_attention_forward: _mha,
+    }
+    if hasattr(F, "rms_norm"):
+        table[F.rms_norm] = _rms_norm
+    return table
+
+
+# ------------------------------------------------------------------------------ rules
+_NOT_MINE = (False, None)
+
+
+def _bias_use(rec: Recorder, bias: Any, z: Any, reduce_dims: Callable[[Any], Any]) -> None:
+    name = rec.param(bias)
+    if name is not None:
+        rec.add(name, "direct", z, None, reduce_dims)
+
+
+def linear_record(rec: Recorder, x: Any, weight: Any, bias: Any) -> Any:
+    """``F.linear`` with recording (also used by the attention decomposition)."""
+    import torch.nn.functional as F
+
+    out = F.linear(x, weight, bias)
+    w_name, b_name = rec.param(weight), rec.param(bias)
+    if not rec.batched(x) or x.dim() < 2:
+        for nm in (w_name, b_name):
+            if nm is not None:
+                rec.capture.tainted.add(nm)
+        return out
+    n, d_in, d_out = rec.n, int(weight.shape[1]), int(weight.shape[0])
+    if w_name is not None:
+        a = x.detach().reshape(n, -1, d_in)
+        rec.add(w_name, "dense", out, a, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d_out))
+    _bias_use(rec, bias, out, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d_out).sum(2))
+    return out
+
+
+def _linear(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+    if rec.param(b["input"]) is not None:
+        return _NOT_MINE
+    return True, linear_record(rec, b["input"], b["weight"], b["bias"])
+
+
+def _conv(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    import torch.nn.functional as F
+
+    b = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+              {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+    x, weight, bias = b["input"], b["weight"], b["bias"]
+    w_name = rec.param(weight)
+    if (not rec.batched(x) or rec.param(x) is not None
+            or x.dim() != weight.dim()):  # unbatched conv input
+        return _NOT_MINE
+    out = func(*args, **kwargs)
+    spatial = weight.dim() - 2
+    n, c_out, groups = rec.n, int(weight.shape[0]), int(b["groups"])
+    if w_name is not None:
+        cols = _unfold(x.detach(), tuple(weight.shape[2:]), b["stride"], b["padding"],
+                       b["dilation"], spatial)  # (n, C_in·k, L)
+        per_group = cols.shape[1] // groups
+        rows = c_out // groups
+        for j in range(groups):
+            a = cols[:, j * per_group:(j + 1) * per_group].transpose(1, 2)
+            rec.add(w_name, "dense", out, a, _conv_g(rows, j), block=j)
+    _bias_use(rec, bias, out, lambda g: g.reshape(g.shape[0], g.shape[1], c_out, -1).sum(3))
+    del F
+    return True, out
+
+
+def _conv_g(rows: int, j: int) -> Callable[[Any], Any]:
+    def shape(g: Any) -> Any:
+        g = g.reshape(g.shape[0], g.shape[1], g.shape[2], -1)[:, :, j * rows:(j + 1) * rows]
+        return g.transpose(2, 3)
+
+    return shape
+
+
+def _tuple(v: Any, k: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * k
+
+
+def _unfold(x: Any, kernel: tuple[int, ...], stride: Any, padding: Any, dilation: Any,
+            spatial: int) -> Any:
+    """Convolution patches ``(n, C·Πk, L)`` in the weight's ``(C, k…)`` order."""
+    import torch.nn.functional as F
+
+    dil = _tuple(dilation, spatial)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = [(0, 0)] * spatial
+        else:  # "same": total d(k-1), the extra one on the right (as torch does)
+            pads = [((d * (k - 1)) // 2, d * (k - 1) - (d * (k - 1)) // 2) for k, d in zip(kernel, dil)]
+    else:
+        pads = [(p, p) for p in _tuple(padding, spatial)]
+    flat = [v for pair in reversed(pads) for v in pair]
+    if any(flat):
+        x = F.pad(x, flat)
+    if spatial == 1:
+        x = x.unsqueeze(2)
+        kernel, dil, st = (1, kernel[0]), (1, dil[0]), (1, _tuple(stride, 1)[0])
+    else:
+        st = _tuple(stride, 2)
+    return F.unfold(x, kernel, dilation=dil, padding=0, stride=st)
+
+
+def _embedding(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    b = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm", "norm_type",
+                             "scale_grad_by_freq", "sparse"),
+              {"padding_idx": None, "max_norm": None, "scale_grad_by_freq": False})
+    idx, weight = b["input"], b["weight"]
+    name = rec.param(weight)
+    if (name is None or b["max_norm"] is not None or b["scale_grad_by_freq"]
+            or idx.dim() < 1 or int(idx.shape[0]) != rec.n):
+        return _NOT_MINE
+    out = func(*args, **kwargs)
+    ids = idx.detach().reshape(rec.n, -1).to(dtype=idx.dtype)
+    pad = b["padding_idx"]
+    if pad is not None:
+        pad = pad if pad >= 0 else int(weight.shape[0]) + pad
+        ids = ids.masked_fill(ids == pad, -1)
+    d = int(weight.shape[1])
+    rec.add(name, "embedding", out, ids, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d))
+    return True, out
+
+
+def _affine(rec: Recorder, out: Any, xhat: Any, weight: Any, bias: Any,
+            channel_dim: int | None, trailing: int) -> None:
+    """Record the scale and shift of a normalisation layer as direct features.
+
+    ``channel_dim``: the per-sample dim of the channel (batch / group norm), or ``None``
+    for layer/RMS norm whose parameters cover the last ``trailing`` dims.
+    """
+    def reducer(with_x: bool) -> Callable[[Any], Any]:
+        def reduce(g: Any) -> Any:
+            v = g * xhat.unsqueeze(1) if with_x else g
+            n, n_out = v.shape[:2]
+            if channel_dim is None:
+                return v.reshape(n, n_out, -1, _numel(v.shape[v.dim() - trailing:])).sum(2)
+            v = v.movedim(channel_dim + 2, 2)
+            return v.reshape(n, n_out, v.shape[2], -1).sum(3)
+
+        return reduce
+
+    w_name, b_name = rec.param(weight), rec.param(bias)
+    if w_name is not None:
+        rec.add(w_name, "direct", out, None, reducer(True))
+    if b_name is not None:
+        rec.add(b_name, "direct", out, None, reducer(False))
+
+
+def _numel(shape: Any) -> int:
+    total = 1
+    for s in shape:
+        total *= int(s)
+    return total
+
+
+def _layer_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    import torch.nn.functional as F
+
+    b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
+              {"weight": None, "bias": None, "eps": 1e-5})
+    if not rec.batched(b["input"]):
+        return _NOT_MINE
+    out = func(*args, **kwargs)
+    shape = tuple(b["normalized_shape"])
+    xhat = F.layer_norm(b["input"].detach(), shape, None, None, b["eps"])
+    _affine(rec, out, xhat, b["weight"], b["bias"], None, len(shape))
+    return True, out
+
+
+def _rms_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    import torch.nn.functional as F
+
+    b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "eps"),
+              {"weight": None, "eps": None})
+    if not rec.batched(b["input"]):
+        return _NOT_MINE
+    out = func(*args, **kwargs)
+    shape = tuple(b["normalized_shape"])
+    xhat = F.rms_norm(b["input"].detach(), shape, None, b["eps"])
+    _affine(rec, out, xhat, b["weight"], None, None, len(shape))
+    return True, out
+
+
+def _group_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    import torch.nn.functional as F
+
+    b = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
+              {"weight": None, "bias": None, "eps": 1e-5})
+    if not rec.batched(b["input"]) or b["input"].dim() < 2:
+        return _NOT_MINE
+    out = func(*args, **kwargs)
+    xhat = F.group_norm(b["input"].detach(), b["num_groups"], None, None, b["eps"])
+    _affine(rec, out, xhat, b["weight"], b["bias"], 0, 0)
+    return True, out
+
+
+def _batch_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias",
+                             "training", "momentum", "eps"),
+              {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
+    x = b["input"]
+    if b["training"] or b["running_mean"] is None or b["running_var"] is None:
+        rec.capture.coupled = True  # batch statistics couple the samples
+        return _NOT_MINE
+    if not rec.batched(x) or x.dim() < 2:
+        return _NOT_MINE
+    out = func(*args, **kwargs)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    mean, var = b["running_mean"].detach().reshape(view), b["running_var"].detach().reshape(view)
+    xhat = (x.detach() - mean) / (var + b["eps"]).sqrt()
+    _affine(rec, out, xhat, b["weight"], b["bias"], 0, 0)
+    return True, out
+
+
+def _mha(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    from cvcore.backends.torch_attention import decomposed_mha
+
+    return decomposed_mha(rec, args, kwargs)
