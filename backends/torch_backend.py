@@ -241,6 +241,13 @@ class TorchBackend:
                             n_params=sum(int(p.numel()) for p in prep.params.values()),
                             device=device)
 
+    def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
+        """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),
+        full ``‖J_io‖²`` (N·O values, row ``i·O + o``); their sum is ``Tr K``."""
+        from cvcore.backends.torch_trace import kernel_diagonal
+
+        return kernel_diagonal(self, model, inputs, request)
+
     def _probe(self, prep: Prepared, x: Any, output: OutputSelector | None) -> Any:
         """One sample's output; finds out whether an exported program's batch is static."""
         first = slice_inputs(x, 0, 1)
