@@ -1,0 +1,128 @@
+"""The kernel's diagonal ``K_ii`` (and so its trace) without building the kernel.
+
+``K_(i,o),(i,o) = ‖J_io‖²`` is a per-sample quantity: for a parameter with a layer rule
+it comes from the same captured inputs and output-gradients as the structured kernel
+(:func:`cvcore.backends.torch_rules.feature_diagonal`, for a dense layer
+``‖a_i‖²·‖g_io‖²``), for every other parameter from per-sample Jacobians, squared and
+summed, one chunk of samples at a time. Nothing of size ``N²`` is ever formed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
+                         ) -> tuple[Any, frozenset[str]]:
+    """``‖J_io‖²`` summed over parameters with a rule, and the names of those parameters."""
+    import torch
+
+    from cvcore.backends.torch_backend import batch_of, slice_inputs
+    from cvcore.backends.torch_rules import feature_diagonal
+    from cvcore.backends.torch_structured import (_Coupled, _per_sample_bytes, _sample_blocks,
+                                                  capture_block)
+
+    n = batch_of(x)
+    ref = next(iter(prep.params.values()))
+    diag = torch.zeros((n, n_outputs), dtype=ref.dtype, device=ref.device)
+    if request.train:
+        return diag, frozenset()
+    budget = int(request.memory_budget)
+    blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
+    structured: frozenset[str] | None = None
+    try:
+        for a, b in blocks:
+            block = capture_block(prep, slice_inputs(x, a, b), request, keep=structured)
+            if structured is None:
+                structured = block.structured
+            elif block.structured != structured:
+                return diag.zero_(), frozenset()
+            for f in block.features.values():
+                diag[a:b] += feature_diagonal(f, budget)
+    except _Coupled:
+        return diag.zero_(), frozenset()
+    return diag, structured or frozenset()
+
+
+def _jacobian_diagonal(prep: Any, x: Any, request: Any, names: list[str], n_outputs: int,
+                       jac: Any) -> Any:
+    """``‖J_io‖²`` over ``names`` from per-sample Jacobians, in memory-bounded chunks."""
+    import torch
+
+    from cvcore.backends.torch_backend import batch_of, slice_inputs
+    from cvcore.blocking import plan_blocks
+
+    n = batch_of(x)
+    ref = next(iter(prep.params.values()))
+    diag = torch.zeros((n, n_outputs), dtype=ref.dtype, device=ref.device)
+    sizes = [int(prep.params[k].numel()) for k in names]
+    plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=sizes,
+                       itemsize=ref.element_size(), budget=int(request.memory_budget))
+    for group in plan.groups:
+        group_names = [names[i] for i in group.members]
+        chunks = [(0, n)] if request.train else plan.chunks(group, 0, n)
+        for a, b in chunks:
+            j = jac(prep, group_names, slice_inputs(x, a, b), request)
+            diag[a:b] += (j * j).sum(-1)
+    return diag
+
+
+def diagonal_of(prep: Any, x: Any, request: Any, n_outputs: int, jac: Any) -> Any:
+    """``K_ii`` as a torch tensor: ``N`` values (traced) or ``N·O`` values (full).
+
+    Args:
+        prep: the prepared model (``torch_backend.Prepared``).
+        x: inputs on the device, in the computation's dtype.
+        request: the :class:`cvcore.protocols.KernelRequest`; ``implementation="jacobian"``
+            skips the layer rules.
+        n_outputs: outputs per sample ``O``.
+        jac: the backend's per-sample Jacobian function for parameters without a rule.
+    """
+    from cvcore.backends.torch_backend import _functional_jacobian
+    from cvcore.protocols import Implementation
+
+    use_rules = request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian
+    if use_rules:
+        diag, done = _structured_diagonal(prep, x, request, n_outputs)
+    else:
+        diag, done = None, frozenset()
+    rest = [k for k in prep.params if k not in done]
+    if rest:
+        extra = _jacobian_diagonal(prep, x, request, rest, n_outputs, jac)
+        diag = extra if diag is None else diag + extra
+    return diag.mean(dim=1) if request.kernel == "traced" else diag.reshape(-1)
+
+
+def kernel_diagonal(backend: Any, model: Any, inputs: Any, request: Any) -> NDArray[np.floating[Any]]:
+    """What ``TorchBackend.diagonal`` returns: ``K_ii`` as NumPy, without the kernel.
+
+    Traced convention: ``(1/O) Σ_o ‖J_io‖²`` (``N`` values); full: ``‖J_io‖²`` in row
+    order ``i·O + o`` (``N·O`` values). ``Tr K`` is their sum.
+    """
+    import torch
+
+    from cvcore.backends.torch_backend import (_fixed_batch_jacobian, _functional_jacobian,
+                                               _scripted_jacobian, batch_of, prepare,
+                                               resolve_device, to_tensors, training_mode)
+    from cvcore.errors import InputError
+
+    device = resolve_device(request.device)
+    dtype = torch.float64 if request.dtype == "float64" else torch.float32
+    prep = prepare(model, dtype, device)
+    x = to_tensors(inputs, dtype, device)
+    if batch_of(x) == 0:
+        raise InputError("expected at least one input sample, got an empty batch")
+    with training_mode(prep.module, request.train), torch.no_grad():
+        probe = (backend._forward(prep, x, request.output)[0] if request.train
+                 else backend._probe(prep, x, request.output))
+    jac: Any = _functional_jacobian
+    if prep.scripted:
+        jac = _scripted_jacobian
+    elif prep.export_batch is not None:
+        jac = _fixed_batch_jacobian
+    with training_mode(prep.module, request.train):
+        diag = diagonal_of(prep, x, request, int(probe.numel()), jac)
+    return diag.detach().cpu().numpy()
