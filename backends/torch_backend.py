@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cvcore.blocking import Plan, plan_blocks
+from cvcore.memory import ensure_fits
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
 from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
 
@@ -220,7 +221,14 @@ class TorchBackend:
             # In train mode the samples of a batch interact: probe with all of them.
             probe = (self._forward(prep, x, request.output)[0] if request.train
                      else self._probe(prep, x, request.output))
+        if not probe.is_floating_point():
+            raise ModelError(
+                f"expected a floating-point output to differentiate, got {probe.dtype} (an argmax "
+                "or integer cast at the end of the forward pass has no gradient); pick another "
+                "output with output="
+            )
         n_outputs = int(probe.numel())
+        ensure_fits(n, n_outputs, request.kernel, torch.finfo(dtype).bits // 8)
         jac: JacobianFn = _functional_jacobian
         if prep.scripted:
             jac = _scripted_jacobian
@@ -314,7 +322,15 @@ def _functional_jacobian(prep: Prepared, names: list[str], x: Any, request: Kern
     theta = {k: prep.params[k] for k in names}
     if request.train:
         return _batched_jacobian(prep, fixed, theta, x, output)
-    jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
+    try:
+        jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
+    except RuntimeError as exc:
+        if "mutate a captured Tensor" not in str(exc) and "vmap" not in str(exc):
+            raise
+        # A forward with side effects (in-place buffer updates, data-dependent Python
+        # control flow) cannot run under torch.func transforms: one sample at a time.
+        return torch.cat([_batched_jacobian(prep, fixed, theta, slice_inputs(x, i, i + 1), output)
+                          for i in range(batch_of(x))])
     return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
 
 

@@ -77,8 +77,11 @@ class NumpyDataLoader:
             if head.startswith(NPY_MAGIC):
                 return True
             if head.startswith(ZIP_MAGIC):
-                with zipfile.ZipFile(path) as zf:
-                    names = zf.namelist()
+                try:
+                    with zipfile.ZipFile(path) as zf:
+                        names = zf.namelist()
+                except (zipfile.BadZipFile, OSError, EOFError):
+                    return False
                 return bool(names) and all(n.endswith(".npy") for n in names)
         return path.suffix.lower() in (".npy", ".npz")
 

@@ -62,3 +62,46 @@ def parse_budget(value: str | int | None) -> int:
     if n <= 0:
         raise InputError(f"expected a positive memory budget, got {value!r}")
     return n
+
+
+def kernel_bytes(n_samples: int, n_outputs: int, kernel: str, itemsize: int) -> int:
+    """Bytes a request needs beyond the Jacobian budget: the kernel in the working precision,
+    its float64 copy for the eigensolver, and the solver's workspace (about one more copy).
+
+    >>> kernel_bytes(1000, 10, "traced", 4)
+    20000000
+    """
+    dim = n_samples * (n_outputs if kernel == "full" else 1)
+    return dim * dim * (itemsize + 2 * 8)
+
+
+def ensure_fits(n_samples: int, n_outputs: int, kernel: str, itemsize: int,
+                available: int | None = None) -> None:
+    """Refuse, before any work, a kernel that cannot fit in memory even blocked.
+
+    Backends call this once they know the number of outputs. The Jacobian is blocked to
+    the budget, but the kernel and its eigendecomposition must fit whole.
+
+    Raises:
+        ResourceError: with the estimate and the options that would make it fit.
+    """
+    from cvcore.errors import ResourceError
+
+    free = available_memory() if available is None else available
+    need = kernel_bytes(n_samples, n_outputs, kernel, itemsize)
+    if free is None or need <= free:
+        return
+    dim = n_samples * (n_outputs if kernel == "full" else 1)
+    options = ["fewer samples (--samples; the kernel grows as N²)"]
+    if kernel == "full":
+        traced = kernel_bytes(n_samples, n_outputs, "traced", itemsize)
+        options.append(f"the traced kernel (--kernel traced, N × N: {_gib(traced)})")
+    options.append("the trace alone (--variables trace), which never forms the kernel")
+    raise ResourceError(
+        f"expected a kernel that fits in memory, got a {kernel} kernel of dimension {dim} "
+        f"needing about {_gib(need)} with {_gib(free)} available; options: {'; '.join(options)}"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.3g} GiB"

@@ -87,7 +87,13 @@ def _call(hook: Any, register: Any) -> None:
     """Call a registration hook's implementations in registration order (built-ins first;
     on a name clash the first registration wins)."""
     for impl in hook.get_hookimpls():
-        impl.function(register=register)
+        try:
+            impl.function(register=register)
+        except CVCoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break cvcore
+            warnings.warn(f"cvcore plugin {impl.plugin_name!r} failed in {hook.name}: {exc}",
+                          stacklevel=3)
 
 
 def registry() -> Registry:

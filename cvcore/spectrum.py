@@ -153,7 +153,7 @@ def _entropy(weights: NDArray[np.float64]) -> float:
     """Shannon entropy (natural log) of non-negative weights, 0·ln 0 = 0."""
     total = float(weights.sum())
     p = weights[weights > 0] / total
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 @dataclass(frozen=True)
