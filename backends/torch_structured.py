@@ -90,7 +90,7 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
     out, cap = _forward_capture(prep, x, request.output, n)
     if cap.coupled:
         raise _Coupled()
-    structured = frozenset(u.name for u in cap.uses) - cap.tainted
+    structured = frozenset(u.name for u in cap.uses) - cap.tainted - _mixed(cap.uses)
     wanted = structured if keep is None else structured & keep
     uses = [u for u in cap.uses if u.name in wanted]
     zs: list[Any] = []
@@ -105,6 +105,22 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
         g = u.shape_g(grads[index[id(u.z)]])
         features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
     return Block(features, structured, frozenset(cap.tainted))
+
+
+def _mixed(uses: list[Any]) -> set[str]:
+    """Parameters whose uses need different rules (a tied embedding also used by
+    ``F.linear``): the Jacobian path measures them."""
+    seen: dict[tuple[str, int], tuple[Any, ...]] = {}
+    bad: set[str] = set()
+    for u in uses:
+        sig = (u.kind,) if u.a is None else (u.kind, u.a.dim(), tuple(u.a.shape[2:]))
+        if seen.setdefault(u.key, sig) != sig:
+            bad.add(u.name)
+    names_by_kind: dict[str, set[str]] = {}
+    for u in uses:
+        names_by_kind.setdefault(u.name, set()).add(u.kind)
+    bad.update(k for k, kinds in names_by_kind.items() if len(kinds) > 1)
+    return bad
 
 
 class _Coupled(Exception):
@@ -124,10 +140,14 @@ def _merge(old: Feature | None, new: Feature) -> Feature:
 
 # ------------------------------------------------------------------------- planning
 def _per_sample_bytes(prep: Any, x: Any, request: Any, n_outputs: int) -> int:
-    """Bytes one sample's captured inputs and output-gradients take (from a 1-sample pass)."""
-    from cvcore.backends.torch_backend import slice_inputs
+    """Bytes one sample's captured inputs and output-gradients take (from a pass on at
+    most two samples); raises ``_Coupled`` when a call couples the samples."""
+    from cvcore.backends.torch_backend import batch_of, slice_inputs
 
-    out, cap = _forward_capture(prep, slice_inputs(x, 0, 1), request.output, 1)
+    m = min(2, batch_of(x))
+    out, cap = _forward_capture(prep, slice_inputs(x, 0, m), request.output, m)
+    if cap.coupled:
+        raise _Coupled()
     seen: set[int] = set()
     total = 0
     for u in cap.uses:
@@ -137,7 +157,7 @@ def _per_sample_bytes(prep: Any, x: Any, request: Any, n_outputs: int) -> int:
             seen.add(id(u.z))
             total += 2 * n_outputs * u.z.numel() * u.z.element_size()
     del out
-    return max(1, total)
+    return max(1, total // m)
 
 
 def _sample_blocks(n: int, per_sample: int, budget: int) -> list[tuple[int, int]]:
@@ -237,8 +257,8 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
     n = batch_of(x)
     traced = request.kernel == "traced"
     budget = int(request.memory_budget)
-    blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
     try:
+        blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
         first = capture_block(prep, slice_inputs(x, *blocks[0]), request)
     except _Coupled:
         return None

@@ -31,9 +31,9 @@ def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
     if request.train:
         return diag, frozenset()
     budget = int(request.memory_budget)
-    blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
     structured: frozenset[str] | None = None
     try:
+        blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
         for a, b in blocks:
             block = capture_block(prep, slice_inputs(x, a, b), request, keep=structured)
             if structured is None:
