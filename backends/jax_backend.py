@@ -1,0 +1,596 @@
+"""The JAX backend: jitted, vmapped per-sample Jacobians, one GEMM per block.
+
+Accepted model forms (see ``docs/backend-jax.md``):
+
+* ``(apply_fn, params)``: ``apply_fn(params, x)`` returns the outputs (neural-tangents
+  style). A tuple is taken only when its first item is callable (and not a PyTorch,
+  TensorFlow or Keras object) and its second is a pytree with at least one leaf that is
+  a ``jax.Array``, or whose leaves are all NumPy arrays with at least one floating one
+  (that second case only while JAX is imported, so a tuple meant for another framework
+  is never taken).
+* ``(linen_module, variables)`` or a bound ``flax.linen`` module (``module.bind(v)``),
+  or ``(linen_module.apply, variables)``: the ``params`` collection is differentiated,
+  the other collections (``batch_stats`` ...) are used in the forward pass only.
+* a ``flax.nnx`` module: ``nnx.Param`` state is differentiated, other state is not.
+* an ``equinox`` module: inexact array leaves are the parameters; Equinox models take
+  one sample (no batch axis), as is the Equinox convention.
+
+Importing this module does not import JAX; every JAX import is inside a function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from cvcore.blocking import Group, Plan, plan_blocks
+from cvcore.errors import CVCoreError, InputError, MissingFrameworkError, ModelError, describe
+from cvcore.protocols import KernelRequest, KernelResult, OutputSelector
+
+#: Top-level modules of objects that are callable but belong to another backend.
+FOREIGN_MODULES = ("torch", "tensorflow", "keras", "tf_keras")
+#: ``__call__`` keyword names set to ``train`` / ``not train`` for flax.linen modules.
+TRAIN_FLAGS = ("train", "training", "is_training")
+EVAL_FLAGS = ("deterministic", "use_running_average", "inference", "eval")
+
+
+def _jax() -> Any:
+    try:
+        import jax
+    except ImportError:
+        raise MissingFrameworkError("jax", "jax") from None
+    return jax
+
+
+# --------------------------------------------------------------------------- forms
+
+
+def _linen_module_type() -> Any:
+    linen = sys.modules.get("flax.linen")
+    return None if linen is None else linen.Module
+
+
+def _is_foreign(obj: object) -> bool:
+    return type(obj).__module__.split(".")[0] in FOREIGN_MODULES
+
+
+def _has_param_leaves(tree: Any, jax: Any) -> bool:
+    """Whether a pytree holds a ``jax.Array``, or only NumPy arrays with a floating one."""
+    try:
+        leaves = jax.tree_util.tree_leaves(tree)
+    except Exception:  # noqa: BLE001 - an object that is no pytree is simply not ours
+        return False
+    if not leaves:
+        return False
+    if any(isinstance(leaf, jax.Array) for leaf in leaves):
+        return True
+    return all(isinstance(leaf, np.ndarray) for leaf in leaves) and any(
+        np.issubdtype(leaf.dtype, np.inexact) for leaf in leaves)
+
+
+def model_form(model: object) -> str | None:
+    """Which accepted form ``model`` has, without importing anything.
+
+    Returns:
+        ``"linen"``, ``"nnx"``, ``"equinox"``, ``"pair"``, or ``None`` when the model is
+        not one of the JAX backend's forms.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return None
+    linen_module = _linen_module_type()
+    if linen_module is not None and isinstance(model, linen_module):
+        return "linen"
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(model, nnx.Module):
+        return "nnx"
+    eqx = sys.modules.get("equinox")
+    if eqx is not None and isinstance(model, eqx.Module):
+        return "equinox"
+    if not (isinstance(model, tuple) and len(model) == 2):
+        return None
+    fn, params = model
+    if linen_module is not None and isinstance(fn, linen_module) and isinstance(params, Mapping):
+        return "linen"
+    if not callable(fn) or _is_foreign(fn):
+        return None
+    return "pair" if _has_param_leaves(params, jax) else None
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A model as a pure function: ``call(params, constants, x)`` returns the raw output.
+
+    Attributes:
+        call: the forward pass; ``x`` is a batch when ``batched``, else one sample.
+        params: the pytree whose inexact leaves are differentiated.
+        constants: state used in the forward pass but not differentiated.
+        batched: whether ``call`` takes a batch (flax, ``apply_fn``) or one sample (Equinox).
+        form: the model form, for messages.
+    """
+
+    call: Callable[[Any, Any, Any], Any]
+    params: Any
+    constants: Any
+    batched: bool
+    form: str
+
+
+def _as_call(fn: Callable[..., Any], x: Any, *lead: Any, **kwargs: Any) -> Any:
+    """``fn(*lead, x)``, ``fn(*lead, *x)`` or ``fn(*lead, **x)`` as the inputs are packed."""
+    if isinstance(x, Mapping):
+        return fn(*lead, **x, **kwargs)
+    if isinstance(x, tuple):
+        return fn(*lead, *x, **kwargs)
+    return fn(*lead, x, **kwargs)
+
+
+def _mode_kwargs(module: Any, train: bool) -> dict[str, bool]:
+    """Keyword flags a linen ``__call__`` declares for train / eval behaviour."""
+    try:
+        names = list(inspect.signature(module.__call__).parameters)[1:]
+    except (TypeError, ValueError):
+        return {}
+    flags = {n: train for n in TRAIN_FLAGS if n in names}
+    flags.update({n: not train for n in EVAL_FLAGS if n in names})
+    return flags
+
+
+def _prepare_linen(module: Any, variables: Any, train: bool) -> Prepared:
+    jax = _jax()
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = f"collections {list(variables)}" if isinstance(variables, Mapping) else describe(variables)
+        raise ModelError(f"expected flax.linen variables with a 'params' collection, got {got}")
+    constants = {k: v for k, v in variables.items() if k != "params"}
+    flags = _mode_kwargs(module, train)
+    mutable = [k for k in constants if k != "intermediates"] if train else False
+    rngs = {"dropout": jax.random.key(0)} if train else None
+
+    def call(params: Any, consts: Any, x: Any) -> Any:
+        out = _as_call(module.apply, x, {"params": params, **consts}, mutable=mutable,
+                       rngs=rngs, **flags)
+        return out[0] if mutable else out
+
+    return Prepared(call, variables["params"], constants, batched=True, form="flax.linen")
+
+
+def _prepare_nnx(model: Any, train: bool) -> Prepared:
+    from flax import nnx
+
+    view = nnx.view(model, deterministic=not train, use_running_average=not train,
+                    raise_if_not_found=False)
+    graphdef, params, constants = nnx.split(view, nnx.Param, ...)
+
+    def call(p: Any, c: Any, x: Any) -> Any:
+        return _as_call(nnx.merge(graphdef, p, c), x)
+
+    return Prepared(call, params, constants, batched=True, form="flax.nnx")
+
+
+def _prepare_equinox(model: Any, train: bool) -> Prepared:
+    import equinox as eqx
+
+    model = eqx.nn.inference_mode(model, value=not train)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def call(p: Any, c: Any, x: Any) -> Any:
+        return _as_call(eqx.combine(p, static), x)
+
+    return Prepared(call, params, None, batched=False, form="equinox")
+
+
+def prepare(model: Any, train: bool) -> Prepared:
+    """Turn an accepted model form into a :class:`Prepared` pure function."""
+    form = model_form(model)
+    if form == "linen":
+        if isinstance(model, tuple):
+            return _prepare_linen(model[0], model[1], train)
+        if getattr(model, "scope", None) is None:
+            raise ModelError(
+                "expected a flax.linen module bound to its variables or a (module, variables) "
+                f"pair, got an unbound {type(model).__name__}"
+            )
+        module, variables = model.unbind()
+        return _prepare_linen(module, variables, train)
+    if form == "nnx":
+        return _prepare_nnx(model, train)
+    if form == "equinox":
+        return _prepare_equinox(model, train)
+    if form == "pair":
+        fn, params = model
+        owner = getattr(fn, "__self__", None)
+        linen_module = _linen_module_type()
+        if (linen_module is not None and isinstance(owner, linen_module)
+                and getattr(fn, "__name__", "") == "apply" and isinstance(params, Mapping)
+                and "params" in params):
+            return _prepare_linen(owner, params, train)
+
+        def call(p: Any, c: Any, x: Any) -> Any:
+            return _as_call(fn, x, p)
+
+        return Prepared(call, params, None, batched=True, form="(apply_fn, params)")
+    raise ModelError(
+        "expected (apply_fn, params), (flax.linen module, variables), a flax.nnx module or an "
+        f"equinox module, got {describe(model)}"
+    )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def to_arrays(inputs: Any, dtype: Any, device: Any) -> Any:
+    """Arrays (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
+    jax = _jax()
+    if isinstance(inputs, Mapping):
+        return {k: to_arrays(v, dtype, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(to_arrays(v, dtype, device) for v in inputs)
+    if not isinstance(inputs, jax.Array):
+        if not hasattr(inputs, "__array__") and not isinstance(inputs, np.ndarray):
+            raise InputError(
+                "expected inputs as an array, or a dict / tuple of arrays, "
+                f"got {describe(inputs)}"
+            )
+        inputs = np.asarray(inputs)
+        if inputs.dtype == object:
+            raise InputError(f"expected a numeric array as inputs, got {describe(inputs)}")
+    if np.issubdtype(inputs.dtype, np.floating):
+        inputs = inputs.astype(dtype)
+    return jax.device_put(inputs, device)
+
+
+def cast_tree(tree: Any, dtype: Any, device: Any) -> Any:
+    """Inexact array leaves in ``dtype`` on ``device``; other leaves unchanged."""
+    jax = _jax()
+
+    def cast(leaf: Any) -> Any:
+        if isinstance(leaf, (np.ndarray, jax.Array)) and is_inexact(leaf):
+            return jax.device_put(leaf.astype(dtype), device)
+        return leaf
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def slice_inputs(x: Any, start: int, stop: int) -> Any:
+    if isinstance(x, Mapping):
+        return {k: slice_inputs(v, start, stop) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(slice_inputs(v, start, stop) for v in x)
+    return x[start:stop]
+
+
+def pad_batch(x: Any, size: int) -> Any:
+    """Repeat the last sample until the batch has ``size`` samples."""
+    jax = _jax()
+    import jax.numpy as jnp
+
+    def pad(a: Any) -> Any:
+        missing = size - a.shape[0]
+        return a if missing <= 0 else jnp.concatenate([a, jnp.repeat(a[-1:], missing, axis=0)])
+
+    return jax.tree_util.tree_map(pad, x)
+
+
+def batch_of(x: Any) -> int:
+    from cvcore.data_io import batch_size
+
+    return batch_size(x)
+
+
+def _shapes(x: Any) -> str:
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, tuple):
+        return "(" + ", ".join(_shapes(v) for v in x) + ")"
+    return f"a batch of per-sample shape {tuple(x.shape[1:])} ({x.dtype})"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def output_choices(raw: Any) -> str:
+    """Describe what a raw output offers to ``output=``."""
+    if isinstance(raw, Mapping):
+        return f"a mapping with keys {list(raw.keys())}"
+    if dataclasses.is_dataclass(raw):
+        return f"a dataclass with fields {[f.name for f in dataclasses.fields(raw)]}"
+    if isinstance(raw, (tuple, list)):
+        return f"a {type(raw).__name__} of {len(raw)} items (indices 0..{len(raw) - 1})"
+    return describe(raw)
+
+
+def _is_array(value: Any) -> bool:
+    jax = _jax()
+    return isinstance(value, (jax.Array, np.ndarray))
+
+
+def select_output(raw: Any, output: OutputSelector | None) -> Any:
+    """Pick one array out of a model's raw output (array, tuple, dict or dataclass)."""
+    if output is None:
+        if _is_array(raw):
+            return raw
+        raise ModelError(
+            f"expected the model to return one array, got {output_choices(raw)}; "
+            "pass output= (an index, a key, or a callable) to choose one"
+        )
+    if callable(output):
+        picked = output(raw)
+    elif isinstance(output, int):
+        if not isinstance(raw, (tuple, list)):
+            raise ModelError(f"expected a tuple output for output={output}, got {output_choices(raw)}")
+        if not -len(raw) <= output < len(raw):
+            raise ModelError(f"expected output index below {len(raw)}, got {output}")
+        picked = raw[output]
+    elif isinstance(raw, Mapping) and output in raw:
+        picked = raw[output]
+    elif not isinstance(raw, Mapping) and isinstance(output, str) and hasattr(raw, output):
+        picked = getattr(raw, output)
+    else:
+        raise ModelError(f"expected output= one of {output_choices(raw)}, got {output!r}")
+    if not _is_array(picked):
+        raise ModelError(f"expected the selected output to be an array, got {describe(picked)}")
+    return picked
+
+
+# --------------------------------------------------------------------------- device, dtype
+
+
+def resolve_device(device: str | None) -> Any:
+    """The JAX device for ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"cuda:1"``, ``"tpu:0"`` ...;
+    ``None`` is JAX's default device (the accelerator when one is visible)."""
+    jax = _jax()
+    if device is None:
+        return jax.devices()[0]
+    kind, _, index = device.strip().lower().partition(":")
+    platform = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(kind)
+    if platform is None or (index and not index.isdigit()):
+        raise InputError(f"expected a device such as 'cpu', 'gpu', 'cuda' or 'cuda:1', got {device!r}")
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:
+        visible = sorted({d.platform for d in jax.devices()})
+        raise InputError(
+            f"expected a visible {kind} device for device={device!r}, got none (visible: {visible})"
+        ) from None
+    i = int(index) if index else 0
+    if i >= len(devices):
+        raise InputError(f"expected a {kind} index below {len(devices)}, got {device!r}")
+    return devices[i]
+
+
+def device_name(device: Any) -> str:
+    """``"cpu"`` or ``"<platform>:<index>"`` for a JAX device."""
+    return "cpu" if device.platform == "cpu" else f"{device.platform}:{device.id}"
+
+
+@contextlib.contextmanager
+def x64_scope(enabled: bool) -> Iterator[None]:
+    """Enable 64-bit types for the duration of the block only (thread-local), leaving the
+    user's global ``jax_enable_x64`` setting as it was."""
+    jax = _jax()
+    if not enabled:
+        yield
+        return
+    scope = getattr(jax, "enable_x64", None)
+    if scope is None:  # jax < 0.6 kept the context manager in jax.experimental
+        from jax.experimental import enable_x64 as scope
+    with scope(True):
+        yield
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@dataclasses.dataclass
+class Leaves:
+    """The parameter tree as a flat list; ``trainable`` indexes its inexact leaves."""
+
+    values: list[Any]
+    treedef: Any
+    trainable: list[int]
+    paths: list[str]
+
+
+def is_inexact(value: Any) -> bool:
+    """Whether an array's dtype is floating or complex (PRNG key arrays are not)."""
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(value.dtype, jnp.inexact))
+
+
+def flatten_params(params: Any) -> Leaves:
+    jax = _jax()
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    values = [v for _, v in with_path]
+    paths = [jax.tree_util.keystr(p) for p, _ in with_path]
+    trainable = [i for i, v in enumerate(values) if isinstance(v, jax.Array) and is_inexact(v)]
+    if not trainable:
+        raise ModelError("expected a model with trainable parameters, got none (no inexact array leaves)")
+    for i in trainable:
+        if not bool(jax.numpy.isfinite(values[i]).all()):
+            raise ModelError(f"expected finite weights, got NaN or Inf in parameter {paths[i] or '<root>'}")
+    return Leaves(values=values, treedef=treedef, trainable=trainable, paths=paths)
+
+
+JacobianFn = Callable[[Any, int, int, int], Any]
+
+
+def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelRequest,
+                  n_outputs: int) -> JacobianFn:
+    """A function ``(x, start, stop, size)`` giving the Jacobian block (stop-start, O,
+    P_group) of samples ``[start, stop)`` with respect to the group's leaves.
+
+    Eval mode: per-sample ``jacrev`` (``jacfwd`` when O exceeds the group's size), vmapped
+    over samples and jitted; chunks are padded to one size so it compiles once. Train mode
+    on a batched model: rows of the Jacobian of the whole batch's call, since batch
+    statistics couple the samples (``size`` is ignored).
+    """
+    jax = _jax()
+    import jax.numpy as jnp
+
+    index = [leaves.trainable[m] for m in group.members]
+    output = request.output
+
+    def params_of(group_values: Any, values: Any) -> Any:
+        full = list(values)
+        for k, i in enumerate(index):
+            full[i] = group_values[k]
+        return jax.tree_util.tree_unflatten(leaves.treedef, full)
+
+    def stack(jac: Any, b: int) -> Any:
+        return jnp.concatenate([j.reshape(b, n_outputs, -1) for j in jac], axis=2)
+
+    group_values = tuple(leaves.values[i] for i in index)
+
+    if request.train and prep.batched:
+        @jax.jit
+        def batched_rows(gv: Any, values: Any, consts: Any, x: Any) -> Any:
+            def f(g: Any) -> Any:
+                raw = prep.call(params_of(g, values), consts, x)
+                return select_output(raw, output).reshape(batch_of(x), -1)
+            return jax.jacrev(f)(gv)
+
+        def train_jac(x: Any, start: int, stop: int, size: int) -> Any:
+            jac = batched_rows(group_values, leaves.values, prep.constants, x)
+            return stack(tuple(j[start:stop] for j in jac), stop - start)
+
+        return train_jac
+
+    def single(gv: Any, values: Any, consts: Any, xi: Any) -> Any:
+        xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
+        raw = prep.call(params_of(gv, values), consts, xb)
+        return select_output(raw, output).reshape(-1)
+
+    diff = jax.jacfwd if n_outputs > group.size else jax.jacrev
+
+    @jax.jit
+    def per_sample(gv: Any, values: Any, consts: Any, x: Any) -> Any:
+        jac = jax.vmap(diff(single), in_axes=(None, None, None, 0))(gv, values, consts, x)
+        return stack(jac, batch_of(x))
+
+    def eval_jac(x: Any, start: int, stop: int, size: int) -> Any:
+        block = pad_batch(slice_inputs(x, start, stop), size)
+        return per_sample(group_values, leaves.values, prep.constants, block)[:stop - start]
+
+    return eval_jac
+
+
+def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, plan: Plan,
+             n_outputs: int) -> Any:
+    """Accumulate the kernel over parameter groups and sample blocks."""
+    import jax.numpy as jnp
+
+    n = batch_of(x)
+    traced = request.kernel == "traced"
+    width = 1 if traced else n_outputs
+    scale = 1.0 / n_outputs if traced else 1.0
+    kernel = np.zeros((n * width, n * width), dtype=np.dtype(request.dtype))
+
+    def rows(j: Any) -> Any:  # (b, O, P) -> (b, O·P) traced, (b·O, P) full
+        return j.reshape(j.shape[0], -1) if traced else j.reshape(-1, j.shape[2])
+
+    def product(a: Any, b: Any) -> Any:
+        return np.asarray(scale * jnp.matmul(a, b.T, precision="highest"))
+
+    for group in plan.groups:
+        jac = make_jacobian(prep, leaves, group, request, n_outputs)
+        chunks = plan.chunks(group, 0, n)
+        size = max(b - a for a, b in chunks)
+
+        def block_rows(a0: int, a1: int, jac: JacobianFn = jac, size: int = size) -> Any:
+            parts = [jac(x, a, b, size) for a, b in plan.chunks(group, a0, a1)]
+            return rows(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+
+        blocks = plan.sample_blocks(group)
+        for bi, (a0, a1) in enumerate(blocks):
+            ra = block_rows(a0, a1)
+            kernel[a0 * width:a1 * width, a0 * width:a1 * width] += product(ra, ra)
+            for b0, b1 in blocks[bi + 1:]:
+                block = product(ra, block_rows(b0, b1))
+                kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
+                kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
+    check_finite(kernel, n, width)
+    return kernel
+
+
+def check_finite(kernel: Any, n: int, width: int) -> None:
+    """Raise naming the samples whose outputs or gradients are NaN or Inf."""
+    bad = np.flatnonzero(~np.isfinite(np.diagonal(kernel)))
+    if bad.size:
+        samples = sorted({int(i) // width for i in bad})
+        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
+        raise ModelError(
+            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
+            f"samples (indices {shown})"
+        )
+
+
+def probe_outputs(prep: Prepared, leaves: Leaves, x: Any, output: OutputSelector | None) -> int:
+    """Run one sample forward; return O, turning a failed call into a one-line error."""
+    jax = _jax()
+    first = slice_inputs(x, 0, 1)
+    if not prep.batched:
+        first = jax.tree_util.tree_map(lambda a: a[0], first)
+    params = jax.tree_util.tree_unflatten(leaves.treedef, leaves.values)
+    try:
+        raw = prep.call(params, prep.constants, first)
+    except CVCoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any framework error is the user's input
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "immutable" in message:
+            raise ModelError(
+                f"expected a {prep.form} model that measures without updating its state, got "
+                f"{message}; build BatchNorm with use_running_average=True or give __call__ a "
+                "'train' argument"
+            ) from exc
+        raise InputError(f"expected inputs the model accepts, got {_shapes(x)}: {message}") from exc
+    return int(np.prod(select_output(raw, output).shape))
+
+
+class JaxBackend:
+    """Backend for JAX models: ``(apply_fn, params)``, flax linen / nnx, equinox."""
+
+    name = "jax"
+    extra = "jax"
+    modules = ("jax", "flax", "equinox")
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("jax") is not None
+
+    def accepts(self, model: object) -> bool:
+        return model_form(model) is not None
+
+    def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
+        jax = _jax()
+        device = resolve_device(request.device)
+        with x64_scope(request.dtype == "float64"), jax.default_device(device), \
+                jax.default_matmul_precision("highest"):
+            return self._ntk(model, inputs, request, device)
+
+    def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
+        import jax.numpy as jnp
+
+        dtype = jnp.float64 if request.dtype == "float64" else jnp.float32
+        prep = prepare(model, request.train)
+        prep.params = cast_tree(prep.params, dtype, device)
+        prep.constants = cast_tree(prep.constants, dtype, device)
+        leaves = flatten_params(prep.params)
+        x = to_arrays(inputs, dtype, device)
+        n = batch_of(x)
+        if n == 0:
+            raise InputError("expected at least one input sample, got an empty batch")
+        n_outputs = probe_outputs(prep, leaves, x, request.output)
+        sizes = [int(leaves.values[i].size) for i in leaves.trainable]
+        plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=sizes,
+                           itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
+        kernel = assemble(prep, leaves, x, request, plan, n_outputs)
+        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                            n_params=sum(sizes), device=device_name(device))
