@@ -1,0 +1,19 @@
+"""Built-in adapters, registered through ``cvcore_register_adapters`` like a plugin's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cvcore.hookspecs import hookimpl
+
+
+@hookimpl
+def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
+    from cvcore.adapters.graphs import GraphAdapter
+    from cvcore.adapters.huggingface import HuggingFaceAdapter
+    from cvcore.adapters.policies import PolicyAdapter
+
+    register(HuggingFaceAdapter())
+    register(GraphAdapter())
+    register(PolicyAdapter())
