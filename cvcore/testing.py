@@ -1,0 +1,686 @@
+"""A conformance suite for cvcore backends, to run from a backend's own tests.
+
+:func:`run_backend_conformance` checks that a :class:`cvcore.protocols.Backend` keeps the
+contract every part of cvcore relies on: its attributes, model selection, both kernel
+conventions (``traced`` N × N, ``full`` N·O × N·O with row ``i·O + o``), symmetry and
+positive semi-definiteness, blocking and implementation invariance, float32 / float64
+handling, odd batch sizes, errors that are :class:`cvcore.errors.CVCoreError` subclasses,
+and agreement with a Jacobian built by central finite differences in float64 (the one
+reference that needs nothing from the backend under test).
+
+The module imports only NumPy and cvcore, never a framework: a backend's test imports its
+own framework and hands the suite factories for a model and its inputs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cvcore.errors import CVCoreError, InputError, KernelError, describe
+from cvcore.protocols import Backend, Implementation, KernelKind, KernelRequest, KernelResult
+from cvcore.spectrum import collective_variables
+
+#: Every check, in the order the suite runs them.
+CHECKS = (
+    "attributes",
+    "available",
+    "accepts",
+    "registry",
+    "shapes",
+    "symmetric-psd",
+    "traced-vs-full",
+    "repeatable",
+    "dtype",
+    "blocking",
+    "implementations",
+    "single-sample",
+    "errors",
+    "finite-difference",
+    "model-unchanged",
+)
+#: Objects no backend may accept (a backend's own foreign objects are added to these).
+FOREIGN = (object(), "a string", None, 3.5, np.zeros((2, 2)))
+#: Memory budgets (bytes) the blocking check uses: one sample and one tensor at a time,
+#: and a few samples at a time.
+TINY_BUDGETS = (64, 4096)
+KINDS: tuple[KernelKind, ...] = ("traced", "full")
+
+
+class ConformanceFailure(AssertionError):
+    """A backend broke the contract; ``check`` names the check that failed."""
+
+    def __init__(self, backend: str, check: str, detail: str) -> None:
+        super().__init__(f"backend {backend!r} failed conformance check {check!r}: {detail}")
+        self.backend = backend
+        self.check = check
+
+
+@dataclass(frozen=True)
+class FiniteDifferenceAccess:
+    """How the suite reaches a model's trainable parameters to difference its outputs.
+
+    Attributes:
+        get_params: ``get_params(model)`` returns every trainable parameter of the model
+            as one flat vector, in any fixed order (its length must equal the backend's
+            ``n_params``).
+        forward: ``forward(model, params, inputs)`` evaluates the model in float64 with
+            its trainable parameters replaced by the flat vector ``params`` and returns
+            the outputs as an array of shape ``(N, ...)`` (flattened per sample to
+            ``(N, O)`` in the backend's output order). It must not modify ``model``.
+        step: relative step of the central differences: parameter ``θ_p`` moves by
+            ``± step · max(1, |θ_p|)``.
+    """
+
+    get_params: Callable[[Any], Any]
+    forward: Callable[[Any, NDArray[np.float64], Any], Any]
+    step: float = 1e-5
+
+    @classmethod
+    def from_setter(cls, get_params: Callable[[Any], Any],
+                    set_params: Callable[[Any, NDArray[np.float64]], None],
+                    apply: Callable[[Any, Any], Any], step: float = 1e-5
+                    ) -> FiniteDifferenceAccess:
+        """An access for models whose parameters are set in place.
+
+        Args:
+            get_params: as for the class.
+            set_params: ``set_params(model, params)`` writes a flat float64 vector into
+                the model (the model must then compute in float64).
+            apply: ``apply(model, inputs)`` returns the model's outputs, ``(N, ...)``.
+            step: as for the class.
+
+        Returns:
+            An access whose ``forward`` sets the parameters, applies the model and puts
+            the original parameters back.
+        """
+
+        def forward(model: Any, params: NDArray[np.float64], inputs: Any) -> Any:
+            saved = np.array(get_params(model), dtype=np.float64, copy=True)
+            set_params(model, params)
+            try:
+                return apply(model, inputs)
+            finally:
+                set_params(model, saved)
+
+        return cls(get_params=get_params, forward=forward, step=step)
+
+
+@dataclass(frozen=True)
+class ConformanceReport:
+    """What :func:`run_backend_conformance` checked.
+
+    Attributes:
+        backend: the backend's name.
+        passed: the checks that passed, in the order they ran.
+        skipped: checks that did not run, each with the reason.
+    """
+
+    backend: str
+    passed: tuple[str, ...]
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = f"backend {self.backend!r}: {len(self.passed)} checks passed ({', '.join(self.passed)})"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
+        return text
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """``max |actual - expected| / max |expected|`` (the absolute error if ``expected`` is 0).
+
+    >>> relative_error([1.0, 2.0], [1.0, 2.5])
+    0.2
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(expected, dtype=np.float64)
+    if a.size == 0 and b.size == 0:
+        return 0.0
+    diff = float(np.abs(a - b).max())
+    scale = float(np.abs(b).max())
+    return diff / scale if scale > 0 else diff
+
+
+def finite_difference_jacobian(access: FiniteDifferenceAccess, model: Any, inputs: Any
+                               ) -> NDArray[np.float64]:
+    """The per-sample Jacobian ``J[i, o, p] = ∂f_o(x_i)/∂θ_p`` by central differences.
+
+    Args:
+        access: how to read the parameters and run the forward pass.
+        model: the model.
+        inputs: the probe inputs, batch first, as the model takes them.
+
+    Returns:
+        ``J`` in float64, shape ``(N, O, P)``.
+
+    Raises:
+        AssertionError: ``get_params`` or ``forward`` return something unusable.
+
+    >>> access = FiniteDifferenceAccess(get_params=lambda m: m,
+    ...                                 forward=lambda m, p, x: p[0] * x + p[1])
+    >>> jac = finite_difference_jacobian(access, np.array([2.0, 0.5]), np.array([[1.0], [3.0]]))
+    >>> jac.shape, np.round(jac[:, 0, :], 6).tolist()
+    ((2, 1, 2), [[1.0, 1.0], [3.0, 1.0]])
+    """
+    theta = np.array(access.get_params(model), dtype=np.float64, copy=True).ravel()
+    if theta.size == 0:
+        raise AssertionError("expected get_params(model) to return at least one parameter, got none")
+    base = _outputs(access, model, theta, inputs)
+    jac = np.empty((base.shape[0], base.shape[1], theta.size), dtype=np.float64)
+    for p in range(theta.size):
+        h = access.step * max(1.0, abs(float(theta[p])))
+        plus, minus = theta.copy(), theta.copy()
+        plus[p] += h
+        minus[p] -= h
+        f_plus = _outputs(access, model, plus, inputs)
+        f_minus = _outputs(access, model, minus, inputs)
+        jac[:, :, p] = (f_plus - f_minus) / (plus[p] - minus[p])
+    return jac
+
+
+def _outputs(access: FiniteDifferenceAccess, model: Any, params: NDArray[np.float64],
+             inputs: Any) -> NDArray[np.float64]:
+    out = np.asarray(access.forward(model, params, inputs), dtype=np.float64)
+    if out.ndim == 0:
+        raise AssertionError(f"expected forward() to return outputs with a batch axis, got {describe(out)}")
+    return out.reshape(out.shape[0], -1)
+
+
+def kernel_from_jacobian(jac: NDArray[np.float64], kernel: KernelKind) -> NDArray[np.float64]:
+    """The NTK of a per-sample Jacobian ``(N, O, P)`` in either convention.
+
+    >>> jac = np.array([[[1.0, 0.0], [0.0, 2.0]]])  # one sample, two outputs
+    >>> kernel_from_jacobian(jac, "traced").tolist(), kernel_from_jacobian(jac, "full").tolist()
+    ([[2.5]], [[1.0, 0.0], [0.0, 4.0]])
+    """
+    n, o, p = jac.shape
+    if kernel == "traced":
+        rows = jac.reshape(n, o * p)
+        out: NDArray[np.float64] = rows @ rows.T / o
+        return out
+    rows = jac.reshape(n * o, p)
+    full: NDArray[np.float64] = rows @ rows.T
+    return full
+
+
+def traced_from_full(full: NDArray[Any], n_samples: int) -> NDArray[np.float64]:
+    """The traced kernel as the mean of a full kernel's output-diagonal blocks.
+
+    >>> traced_from_full(np.array([[1.0, 9.0], [9.0, 3.0]]), 1).tolist()
+    [[2.0]]
+    """
+    dim = full.shape[0]
+    o = dim // n_samples
+    blocks = np.asarray(full, dtype=np.float64).reshape(n_samples, o, n_samples, o)
+    out: NDArray[np.float64] = np.einsum("iojo->ij", blocks) / o
+    return out
+
+
+@dataclass
+class _Run:
+    """The state the checks share: the backend, its model, inputs and kernels asked for."""
+
+    backend: Any
+    name: str
+    make_model: Callable[[], Any]
+    make_inputs: Callable[[int], Any]
+    reference: FiniteDifferenceAccess | None
+    foreign: Sequence[object]
+    bad_inputs: Mapping[str, Any]
+    n_samples: int
+    rtol: float
+    exact_rtol: float
+    float32_rtol: float
+    model: Any = None
+    inputs: dict[int, Any] = field(default_factory=dict)
+    cache: dict[tuple[Any, ...], KernelResult] = field(default_factory=dict)
+    params_before: NDArray[np.float64] | None = None
+
+    def fail(self, check: str, detail: str) -> ConformanceFailure:
+        return ConformanceFailure(self.name, check, detail)
+
+    def get_inputs(self, n: int, check: str) -> Any:
+        if n not in self.inputs:
+            try:
+                self.inputs[n] = self.make_inputs(n)
+            except Exception as exc:  # noqa: BLE001 - reported as the author's mistake
+                raise self.fail(check, f"expected make_inputs({n}) to return a batch of {n} "
+                                       f"samples, got {type(exc).__name__}: {exc}") from exc
+        return self.inputs[n]
+
+    def ntk(self, check: str, *, kernel: KernelKind = "traced", dtype: str = "float64",
+            n: int | None = None, budget: int | None = None,
+            implementation: Implementation = Implementation.AUTO, fresh: bool = False
+            ) -> KernelResult:
+        """The backend's result for one request on ``n`` samples (cached unless ``fresh``)."""
+        n = self.n_samples if n is None else n
+        key = (kernel, dtype, n, budget, implementation)
+        if key in self.cache and not fresh:
+            return self.cache[key]
+        options: dict[str, Any] = {"kernel": kernel, "dtype": dtype,
+                                   "implementation": implementation}
+        if budget is not None:
+            options["memory_budget"] = budget
+        request = KernelRequest(**options)
+        try:
+            result = self.backend.ntk(self.model, self.get_inputs(n, check), request)
+        except Exception as exc:  # noqa: BLE001 - any exception here is a failure
+            raise self.fail(check, f"expected ntk() to succeed on {n} valid samples with "
+                                   f"{_show(request)}, got {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, KernelResult):
+            raise self.fail(check, f"expected ntk() to return a cvcore.protocols.KernelResult, "
+                                   f"got {describe(result)}")
+        if not fresh:
+            self.cache[key] = result
+        return result
+
+
+def _show(request: KernelRequest) -> str:
+    return (f"kernel={request.kernel!r}, dtype={request.dtype!r}, "
+            f"memory_budget={request.memory_budget}, "
+            f"implementation={request.implementation.value!r}")
+
+
+def _check_attributes(run: _Run) -> str | None:
+    b = run.backend
+    name = getattr(b, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise run.fail("attributes", f"expected 'name' to be a non-empty string, got {name!r}")
+    extra = getattr(b, "extra", None)
+    if not isinstance(extra, str):
+        raise run.fail("attributes", f"expected 'extra' to be a string (the cvcore[...] extra), "
+                                     f"got {extra!r}")
+    modules = getattr(b, "modules", None)
+    if not isinstance(modules, tuple) or not modules or not all(
+            isinstance(m, str) and m for m in modules):
+        raise run.fail("attributes", f"expected 'modules' to be a non-empty tuple of module "
+                                     f"names, got {modules!r}")
+    missing = [m for m in ("available", "accepts", "ntk") if not callable(getattr(b, m, None))]
+    if missing or not isinstance(b, Backend):
+        raise run.fail("attributes", f"expected the methods available, accepts and ntk of "
+                                     f"cvcore.protocols.Backend, got none for {missing}")
+    return None
+
+
+def _check_available(run: _Run) -> str | None:
+    ok = run.backend.available()
+    if ok is not True:
+        raise run.fail("available", f"expected available() to return True where its framework "
+                                    f"is installed (the suite needs it), got {ok!r}")
+    return None
+
+
+def _check_accepts(run: _Run) -> str | None:
+    b = run.backend
+    if not any(m in sys.modules for m in b.modules):
+        raise run.fail("accepts", f"expected one of modules {b.modules} to be imported once a "
+                                  "model exists (select_backend only asks a backend whose "
+                                  "framework is in sys.modules), got none imported")
+    verdict = b.accepts(run.model)
+    if verdict is not True:
+        raise run.fail("accepts", f"expected accepts(model) to be True for make_model()'s "
+                                  f"{type(run.model).__qualname__}, got {verdict!r}")
+    before = set(sys.modules)
+    for obj in (*FOREIGN, *run.foreign):
+        try:
+            verdict = b.accepts(obj)
+        except Exception as exc:  # noqa: BLE001 - accepts must never raise
+            raise run.fail("accepts", f"expected accepts() to return False for a foreign "
+                                      f"{describe(obj)}, got {type(exc).__name__}: {exc}") from exc
+        if verdict is not False:
+            raise run.fail("accepts", f"expected accepts() to return False for a foreign "
+                                      f"{describe(obj)}, got {verdict!r}")
+    new = sorted(set(sys.modules) - before)
+    if new:
+        raise run.fail("accepts", f"expected accepts() to import nothing (check sys.modules, "
+                                  f"then isinstance), got new modules {new[:5]}")
+    return None
+
+
+def _check_registry(run: _Run) -> str | None:
+    from cvcore import plugins
+
+    registered = plugins.registry().backends.get(run.name)
+    if registered is None:
+        return "not registered under its name (register or install the plugin to check selection)"
+    if type(registered) is not type(run.backend):
+        raise run.fail("registry", f"expected the registry to hold this "
+                                   f"{type(run.backend).__qualname__} under {run.name!r}, got a "
+                                   f"{type(registered).__qualname__} registered first")
+    try:
+        chosen = plugins.select_backend(run.model)
+    except CVCoreError as exc:
+        raise run.fail("registry", f"expected select_backend(model) to choose {run.name!r}, "
+                                   f"got {type(exc).__name__}: {exc}") from exc
+    if chosen.name != run.name:
+        raise run.fail("registry", f"expected select_backend(model) to choose {run.name!r}, got "
+                                   f"{chosen.name!r} (registered earlier, and it accepts the model)")
+    return None
+
+
+def _check_shapes(run: _Run) -> str | None:
+    n = run.n_samples
+    traced = run.ntk("shapes", kernel="traced")
+    full = run.ntk("shapes", kernel="full")
+    for res in (traced, full):
+        for attr in ("n_samples", "n_outputs", "n_params"):
+            value = getattr(res, attr)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise run.fail("shapes", f"expected KernelResult.{attr} to be a positive int, "
+                                         f"got {value!r}")
+        if not isinstance(res.kernel, np.ndarray):
+            raise run.fail("shapes", f"expected the kernel as a NumPy ndarray (a backend crosses "
+                                     f"the framework boundary once), got {describe(res.kernel)}")
+        if res.n_samples != n:
+            raise run.fail("shapes", f"expected n_samples == {n} for {n} inputs, got {res.n_samples}")
+        if not isinstance(res.device, str):
+            raise run.fail("shapes", f"expected KernelResult.device to be a string, got {res.device!r}")
+    if (full.n_outputs, full.n_params) != (traced.n_outputs, traced.n_params):
+        raise run.fail("shapes", f"expected the same n_outputs and n_params for both "
+                                 f"conventions, got traced ({traced.n_outputs}, {traced.n_params}) "
+                                 f"and full ({full.n_outputs}, {full.n_params})")
+    o = traced.n_outputs
+    if traced.kernel.shape != (n, n):
+        raise run.fail("shapes", f"expected a traced kernel of shape ({n}, {n}), got "
+                                 f"{traced.kernel.shape}")
+    if full.kernel.shape != (n * o, n * o):
+        raise run.fail("shapes", f"expected a full kernel of shape ({n * o}, {n * o}) "
+                                 f"(N={n}, O={o}), got {full.kernel.shape}")
+    return None
+
+
+def _check_symmetric_psd(run: _Run) -> str | None:
+    for kind in KINDS:
+        for dtype in ("float64", "float32"):
+            res = run.ntk("symmetric-psd", kernel=kind, dtype=dtype)
+            try:
+                collective_variables(res.kernel)
+            except KernelError as exc:
+                raise run.fail("symmetric-psd", f"expected a symmetric positive semi-definite "
+                                                f"{kind} {dtype} kernel with positive trace, "
+                                                f"got: {exc}") from exc
+    return None
+
+
+def _check_traced_vs_full(run: _Run) -> str | None:
+    traced = run.ntk("traced-vs-full", kernel="traced").kernel
+    full = run.ntk("traced-vs-full", kernel="full").kernel
+    expected = traced_from_full(full, run.n_samples)
+    err = relative_error(traced, expected)
+    if err > run.exact_rtol:
+        raise run.fail("traced-vs-full", f"expected the traced kernel to equal the mean of the "
+                                         f"full kernel's output-diagonal blocks (row i·O + o) "
+                                         f"within {run.exact_rtol:g} relative, got {err:.3g}")
+    return None
+
+
+def _check_repeatable(run: _Run) -> str | None:
+    for kind in KINDS:
+        first = run.ntk("repeatable", kernel=kind).kernel
+        again = run.ntk("repeatable", kernel=kind, fresh=True).kernel
+        err = relative_error(again, first)
+        if err > run.exact_rtol:
+            raise run.fail("repeatable", f"expected the same {kind} kernel from two identical "
+                                         f"calls within {run.exact_rtol:g}, got {err:.3g}")
+    return None
+
+
+def _check_dtype(run: _Run) -> str | None:
+    for kind in KINDS:
+        k64 = run.ntk("dtype", kernel=kind, dtype="float64").kernel
+        k32 = run.ntk("dtype", kernel=kind, dtype="float32").kernel
+        if k64.dtype != np.float64 or k32.dtype != np.float32:
+            raise run.fail("dtype", f"expected {kind} kernels of dtype float64 and float32 for "
+                                    f"dtype='float64' and 'float32', got {k64.dtype} and {k32.dtype}")
+        err = relative_error(k32, k64)
+        if err > run.float32_rtol:
+            raise run.fail("dtype", f"expected the float32 {kind} kernel within "
+                                    f"{run.float32_rtol:g} of the float64 one, got {err:.3g}")
+        if np.array_equal(k64, k64.astype(np.float32).astype(np.float64)):
+            raise run.fail("dtype", f"expected a {kind} kernel computed in float64 for "
+                                    f"dtype='float64', got one whose every entry is exactly a "
+                                    f"float32 value (computed in float32 and cast?; make_inputs "
+                                    f"must give generic, non-integer values)")
+    return None
+
+
+def _check_blocking(run: _Run) -> str | None:
+    for impl in (Implementation.AUTO, Implementation.JACOBIAN):
+        for kind in KINDS:
+            whole = run.ntk("blocking", kernel=kind).kernel
+            for budget in TINY_BUDGETS:
+                blocked = run.ntk("blocking", kernel=kind, budget=budget, implementation=impl)
+                err = relative_error(blocked.kernel, whole)
+                if err > run.exact_rtol:
+                    raise run.fail("blocking", f"expected the same {kind} kernel with "
+                                               f"memory_budget={budget} and implementation="
+                                               f"{impl.value!r} as with the default budget, "
+                                               f"within {run.exact_rtol:g}, got {err:.3g}")
+    return None
+
+
+def _check_implementations(run: _Run) -> str | None:
+    for kind in KINDS:
+        auto = run.ntk("implementations", kernel=kind).kernel
+        for impl in Implementation:
+            other = run.ntk("implementations", kernel=kind, implementation=impl).kernel
+            err = relative_error(other, auto)
+            if err > run.exact_rtol:
+                raise run.fail("implementations", f"expected implementation={impl.value!r} to "
+                                                  f"give the {kind} kernel of 'auto' within "
+                                                  f"{run.exact_rtol:g}, got {err:.3g}")
+    return None
+
+
+def _check_single_sample(run: _Run) -> str | None:
+    traced = run.ntk("single-sample", kernel="traced", n=1)
+    full = run.ntk("single-sample", kernel="full", n=1)
+    o = full.n_outputs
+    if traced.n_samples != 1 or traced.kernel.shape != (1, 1) or full.kernel.shape != (o, o):
+        raise run.fail("single-sample", f"expected kernels of shape (1, 1) and ({o}, {o}) for one "
+                                        f"sample, got n_samples={traced.n_samples} and shapes "
+                                        f"{traced.kernel.shape}, {full.kernel.shape}")
+    err = relative_error(traced.kernel, traced_from_full(full.kernel, 1))
+    if err > run.exact_rtol:
+        raise run.fail("single-sample", f"expected the traced kernel of one sample to be the "
+                                        f"mean diagonal of its full kernel, got error {err:.3g}")
+    for res in (traced, full):
+        try:
+            collective_variables(res.kernel)
+        except KernelError as exc:
+            raise run.fail("single-sample", f"expected a valid kernel for one sample, got: {exc}"
+                           ) from exc
+    if run.reference is not None:
+        _compare_reference(run, "single-sample", 1)
+    return None
+
+
+def _check_errors(run: _Run) -> str | None:
+    cases = {"a string": "not an array", "None": None,
+             "an empty batch (make_inputs(0))": run.get_inputs(0, "errors"), **run.bad_inputs}
+    for label, bad in cases.items():
+        try:
+            result = run.backend.ntk(run.model, bad, KernelRequest())
+        except CVCoreError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point of the check
+            raise run.fail("errors", f"expected a cvcore.errors.CVCoreError subclass (such as "
+                                     f"InputError) for {label}, got a bare "
+                                     f"{type(exc).__module__}.{type(exc).__name__}: {exc}") from exc
+        shape = getattr(getattr(result, "kernel", None), "shape", None)
+        raise run.fail("errors", f"expected a cvcore.errors.CVCoreError for {label}, got a "
+                                 f"result (kernel shape {shape})")
+    return None
+
+
+def _compare_reference(run: _Run, check: str, n: int) -> None:
+    assert run.reference is not None
+    jac = finite_difference_jacobian(run.reference, run.model, run.get_inputs(n, check))
+    for kind in KINDS:
+        res = run.ntk(check, kernel=kind, n=n)
+        if (res.n_outputs, res.n_params) != (jac.shape[1], jac.shape[2]):
+            raise run.fail(check, f"expected n_outputs={jac.shape[1]} and n_params="
+                                  f"{jac.shape[2]} (from the reference's forward and "
+                                  f"get_params), got {res.n_outputs} and {res.n_params}")
+        err = relative_error(res.kernel, kernel_from_jacobian(jac, kind))
+        if err > run.rtol:
+            raise run.fail(check, f"expected the float64 {kind} kernel on {n} samples within "
+                                  f"{run.rtol:g} relative of the finite-difference reference, "
+                                  f"got {err:.3g}")
+
+
+def _check_finite_difference(run: _Run) -> str | None:
+    if run.reference is None:
+        return "no FiniteDifferenceAccess given (reference=None)"
+    _compare_reference(run, "finite-difference", run.n_samples)
+    return None
+
+
+def _check_model_unchanged(run: _Run) -> str | None:
+    if run.reference is None or run.params_before is None:
+        return "no FiniteDifferenceAccess given to read the parameters"
+    after = np.asarray(run.reference.get_params(run.model), dtype=np.float64).ravel()
+    if after.shape != run.params_before.shape or not np.array_equal(after, run.params_before):
+        raise run.fail("model-unchanged", "expected the model's parameters unchanged by ntk(), "
+                                          f"got a change of {relative_error(after, run.params_before):.3g} "
+                                          "relative")
+    return None
+
+
+_CHECK_FUNCTIONS: dict[str, Callable[[_Run], str | None]] = {
+    "attributes": _check_attributes,
+    "available": _check_available,
+    "accepts": _check_accepts,
+    "registry": _check_registry,
+    "shapes": _check_shapes,
+    "symmetric-psd": _check_symmetric_psd,
+    "traced-vs-full": _check_traced_vs_full,
+    "repeatable": _check_repeatable,
+    "dtype": _check_dtype,
+    "blocking": _check_blocking,
+    "implementations": _check_implementations,
+    "single-sample": _check_single_sample,
+    "errors": _check_errors,
+    "finite-difference": _check_finite_difference,
+    "model-unchanged": _check_model_unchanged,
+}
+
+
+def run_backend_conformance(
+    backend: Any,
+    *,
+    make_model: Callable[[], Any],
+    make_inputs: Callable[[int], Any],
+    reference: FiniteDifferenceAccess | None,
+    foreign: Sequence[object] = (),
+    bad_inputs: Mapping[str, Any] | None = None,
+    n_samples: int = 7,
+    rtol: float = 1e-6,
+    exact_rtol: float = 1e-10,
+    float32_rtol: float = 1e-4,
+    skip: Collection[str] = (),
+) -> ConformanceReport:
+    """Check that a backend keeps the contract of :class:`cvcore.protocols.Backend`.
+
+    The checks run in the order of :data:`CHECKS` and stop at the first failure. Kernels
+    are compared by :func:`relative_error`; float64 is used wherever two computations of
+    one kernel are compared. The model should be small (the finite-difference reference
+    costs two forward passes per parameter) with generic, non-integer values.
+
+    Args:
+        backend: the backend instance under test (not necessarily registered; when it is,
+            the ``registry`` check also asks :func:`cvcore.plugins.select_backend`).
+        make_model: builds the model to measure, once.
+        make_inputs: ``make_inputs(n)`` returns a batch of ``n`` valid inputs, in any
+            form the backend takes; it is called with ``n_samples``, 1 and 0.
+        reference: how to difference the model's outputs for the reference Jacobian;
+            ``None`` skips the ``finite-difference`` and ``model-unchanged`` checks.
+        foreign: objects of other frameworks the backend must not accept, added to
+            :data:`FOREIGN`.
+        bad_inputs: more invalid inputs, by description (a wrong feature count, a wrong
+            dtype ...), for which ``ntk`` must raise a :class:`cvcore.errors.CVCoreError`;
+            a string, ``None`` and an empty batch are always tried.
+        n_samples: N for the main checks; odd, so that no block size divides it.
+        rtol: tolerance against the finite-difference reference.
+        exact_rtol: tolerance between two float64 computations of one kernel (blocking,
+            implementations, conventions, repeated calls).
+        float32_rtol: tolerance between the float32 and the float64 kernel.
+        skip: names from :data:`CHECKS` not to run.
+
+    Returns:
+        A report naming every check that passed and every check skipped, with why.
+
+    Raises:
+        ConformanceFailure: an ``AssertionError`` naming the failed check, what was
+            expected and what the backend gave.
+        InputError: ``skip`` names an unknown check or ``n_samples`` is below 2.
+
+    Example:
+        In a plugin's ``tests/test_backend.py``::
+
+            from cvcore.testing import FiniteDifferenceAccess, run_backend_conformance
+
+            def test_conformance():
+                access = FiniteDifferenceAccess(
+                    get_params=lambda m: m.flat_params(),
+                    forward=lambda m, p, x: m.with_params(p).forward(x))
+                report = run_backend_conformance(
+                    MyBackend(), make_model=lambda: MyModel(seed=0),
+                    make_inputs=lambda n: np.random.default_rng(n).normal(size=(n, 4)),
+                    reference=access, bad_inputs={"3 features": np.ones((2, 3))})
+                assert "finite-difference" in report.passed
+    """
+    unknown = sorted(set(skip) - set(CHECKS))
+    if unknown:
+        raise InputError(f"expected skip= names among {list(CHECKS)}, got {unknown}")
+    if n_samples < 2:
+        raise InputError(f"expected n_samples of at least 2 (1 is checked separately), got {n_samples}")
+    run = _Run(backend=backend, name=str(getattr(backend, "name", type(backend).__name__)),
+               make_model=make_model, make_inputs=make_inputs, reference=reference,
+               foreign=tuple(foreign), bad_inputs=dict(bad_inputs or {}), n_samples=n_samples,
+               rtol=rtol, exact_rtol=exact_rtol, float32_rtol=float32_rtol)
+    passed: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in CHECKS:
+        if name in skip:
+            skipped[name] = "skipped by the caller"
+            continue
+        if run.model is None and name not in ("attributes", "available"):
+            _start(run, name)
+        reason = _CHECK_FUNCTIONS[name](run)
+        if reason is None:
+            passed.append(name)
+        else:
+            skipped[name] = reason
+    return ConformanceReport(backend=run.name, passed=tuple(passed), skipped=skipped)
+
+
+def _start(run: _Run, check: str) -> None:
+    """Build the model once, and remember its parameters to check they stay unchanged."""
+    try:
+        run.model = run.make_model()
+    except Exception as exc:  # noqa: BLE001 - the author's factory failed
+        raise run.fail(check, f"expected make_model() to build a model, got "
+                                  f"{type(exc).__name__}: {exc}") from exc
+    if run.reference is not None:
+        run.params_before = np.array(run.reference.get_params(run.model), dtype=np.float64,
+                                     copy=True).ravel()
+
+
+__all__ = [
+    "CHECKS",
+    "ConformanceFailure",
+    "ConformanceReport",
+    "FiniteDifferenceAccess",
+    "finite_difference_jacobian",
+    "kernel_from_jacobian",
+    "relative_error",
+    "run_backend_conformance",
+    "traced_from_full",
+]
