@@ -43,6 +43,8 @@ class Use:
         a: dense: inputs ``(n, S, d_in)``; embedding: ids ``(n, S)``; direct: unused.
         shape_g: maps the output gradients ``(n, O, *z.shape[1:])`` to the feature's
             ``g`` (dense: ``(n, O, S, d_out)``; direct: ``(n, O, P)``).
+        also: further parameters folded into this use: a bias measured together with
+            its weight (``a`` then ends in a column of ones, ``[W b]`` acts on ``[a 1]``).
     """
 
     name: str
@@ -51,6 +53,11 @@ class Use:
     z: Any
     a: Any
     shape_g: Callable[[Any], Any]
+    also: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.also)
 
 
 @dataclass
@@ -94,8 +101,8 @@ class Recorder:
         return t.dim() >= 1 and int(t.shape[0]) == self.n and self.param(t) is None
 
     def add(self, name: str, kind: str, z: Any, a: Any, shape_g: Callable[[Any], Any],
-            block: int = 0) -> None:
-        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g))
+            block: int = 0, also: tuple[str, ...] = ()) -> None:
+        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also))
 
 
 def recorder(ids: dict[int, str], n: int) -> Any:
@@ -171,9 +178,20 @@ def linear_record(rec: Recorder, x: Any, weight: Any, bias: Any) -> Any:
     n, d_in, d_out = rec.n, int(weight.shape[1]), int(weight.shape[0])
     if w_name is not None:
         a = x.detach().reshape(n, -1, d_in)
-        rec.add(w_name, "dense", out, a, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d_out))
-    _bias_use(rec, bias, out, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d_out).sum(2))
+        also = ()
+        if b_name is not None:  # fold the bias in: [W b] acting on [a 1]
+            a, also = _with_ones(a), (b_name,)
+        rec.add(w_name, "dense", out, a, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d_out),
+                also=also)
+    else:
+        _bias_use(rec, bias, out, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d_out).sum(2))
     return out
+
+
+def _with_ones(a: Any) -> Any:
+    import torch
+
+    return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
 
 def _linear(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
@@ -201,10 +219,15 @@ def _conv(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
                        b["dilation"], spatial)  # (n, C_in·k, L)
         per_group = cols.shape[1] // groups
         rows = c_out // groups
+        b_name = rec.param(bias)
         for j in range(groups):
             a = cols[:, j * per_group:(j + 1) * per_group].transpose(1, 2)
-            rec.add(w_name, "dense", out, a, _conv_g(rows, j), block=j)
-    _bias_use(rec, bias, out, lambda g: g.reshape(g.shape[0], g.shape[1], c_out, -1).sum(3))
+            also = ()
+            if b_name is not None:
+                a, also = _with_ones(a), (b_name,)
+            rec.add(w_name, "dense", out, a, _conv_g(rows, j), block=j, also=also)
+    else:
+        _bias_use(rec, bias, out, lambda g: g.reshape(g.shape[0], g.shape[1], c_out, -1).sum(3))
     del F
     return True, out
 

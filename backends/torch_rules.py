@@ -143,9 +143,24 @@ def _a_pairs(f1: Feature, f2: Feature, s_rows: slice) -> Any:
         n1, a1.shape[1], n2, -1)
 
 
+def _gram_single_position(f1: Feature, f2: Feature, traced: bool) -> Any:
+    """``(A Aᵀ) ⊙ (G Gᵀ)`` for one position per sample (a dense layer on vectors)."""
+    n1, n_out, _, d_out = f1.g.shape
+    n2 = f2.g.shape[0]
+    aa = _a_pairs(f1, f2, slice(None)).reshape(n1, n2)
+    if traced:
+        gg = f1.g.reshape(n1, -1) @ f2.g.reshape(n2, -1).T
+        return gg.mul_(aa).div_(n_out)
+    gg = f1.g.reshape(n1 * n_out, d_out) @ f2.g.reshape(n2 * n_out, d_out).T
+    gg.view(n1, n_out, n2, n_out).mul_(aa.view(n1, 1, n2, 1))
+    return gg
+
+
 def _gram_by_pairs(f1: Feature, f2: Feature, traced: bool, budget: int) -> Any:
     n1, n_out, s_len, d_out = f1.g.shape
     n2 = f2.g.shape[0]
+    if s_len == 1 and f2.g.shape[2] == 1:
+        return _gram_single_position(f1, f2, traced)
     width = 1 if traced else n_out * n_out
     per_position = n1 * n2 * s_len * (1 + width) * f1.g.element_size()
     step = _chunk(s_len, per_position, budget // 2)

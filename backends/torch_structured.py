@@ -90,9 +90,9 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
     out, cap = _forward_capture(prep, x, request.output, n)
     if cap.coupled:
         raise _Coupled()
-    structured = frozenset(u.name for u in cap.uses) - cap.tainted - _mixed(cap.uses)
+    structured = _structured_names(cap)
     wanted = structured if keep is None else structured & keep
-    uses = [u for u in cap.uses if u.name in wanted]
+    uses = [u for u in cap.uses if set(u.names) <= wanted]
     zs: list[Any] = []
     index: dict[int, int] = {}
     for u in uses:
@@ -107,18 +107,37 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
     return Block(features, structured, frozenset(cap.tainted))
 
 
+def _structured_names(cap: Any) -> frozenset[str]:
+    """Parameters every use of which has a rule, consistently.
+
+    A parameter is out when it is tainted, when its uses need different rules, or when
+    it shares a use with a parameter that is out (a bias folded into a weight).
+    """
+    bad = set(cap.tainted) | _mixed(cap.uses)
+    changed = True
+    while changed:
+        changed = False
+        for u in cap.uses:
+            names = set(u.names)
+            if names & bad and not names <= bad:
+                bad |= names
+                changed = True
+    return frozenset(n for u in cap.uses for n in u.names) - bad
+
+
 def _mixed(uses: list[Any]) -> set[str]:
     """Parameters whose uses need different rules (a tied embedding also used by
     ``F.linear``): the Jacobian path measures them."""
     seen: dict[tuple[str, int], tuple[Any, ...]] = {}
     bad: set[str] = set()
     for u in uses:
-        sig = (u.kind,) if u.a is None else (u.kind, u.a.dim(), tuple(u.a.shape[2:]))
+        sig = (u.kind, u.also) if u.a is None else (u.kind, u.also, u.a.dim(), tuple(u.a.shape[2:]))
         if seen.setdefault(u.key, sig) != sig:
             bad.add(u.name)
     names_by_kind: dict[str, set[str]] = {}
     for u in uses:
-        names_by_kind.setdefault(u.name, set()).add(u.kind)
+        for name in u.names:
+            names_by_kind.setdefault(name, set()).add(u.kind + ("+" if name != u.name else ""))
     bad.update(k for k, kinds in names_by_kind.items() if len(kinds) > 1)
     return bad
 
