@@ -182,7 +182,7 @@ def pure_tree(obj: Any) -> Any:
     nnx = _nnx_module()
     if nnx is not None:
         if isinstance(obj, nnx.State):
-            return pure_tree(obj.to_pure_dict())
+            return pure_tree(_to_pure_dict(nnx, obj))
         if isinstance(obj, nnx.Variable):
             return pure_tree(obj.get_value() if hasattr(obj, "get_value") else obj.value)
     if isinstance(obj, Mapping):
@@ -190,6 +190,12 @@ def pure_tree(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [pure_tree(v) for v in obj]
     return obj
+
+
+def _to_pure_dict(nnx: Any, state: Any) -> Any:
+    """``nnx.to_pure_dict`` where flax has it (0.11+), else the ``State`` method."""
+    convert = getattr(nnx, "to_pure_dict", None)
+    return convert(state) if convert is not None else state.to_pure_dict()
 
 
 def _nnx_module() -> Any:
@@ -274,8 +280,8 @@ def restore(template: Any, state: Any, path: Path) -> Any:
         from flax import nnx
 
         graph_state = nnx.state(template)
-        rng_paths = frozenset(flat_arrays(nnx.state(template, nnx.RngState).to_pure_dict()))
-        filled = fill(graph_state.to_pure_dict(), state, path, rng_paths)
+        rng_paths = frozenset(flat_arrays(_to_pure_dict(nnx, nnx.state(template, nnx.RngState))))
+        filled = fill(_to_pure_dict(nnx, graph_state), state, path, rng_paths)
         nnx.replace_by_pure_dict(graph_state, filled)
         nnx.update(template, graph_state)
         return template
