@@ -13,7 +13,7 @@ import typer
 from cvcore.cli.output import print_json, print_table, stderr
 
 from cvcore import plugins
-from cvcore.api import make_request
+from cvcore.api import make_request, parse_variables
 from cvcore.data_io import read_kernel
 from cvcore.errors import CVCoreError, InputError
 from cvcore.protocols import Implementation, LoadOptions
@@ -91,6 +91,7 @@ def measure(
     implementation: Annotated[Implementation, typer.Option(help="How the kernel is built.")] = Implementation.AUTO,
     memory_budget: Annotated[str | None, typer.Option(help="Bytes one block may use, e.g. 512MB.")] = None,
     train: Annotated[bool, typer.Option(help="Measure in training mode.")] = False,
+    variables: Annotated[str | None, typer.Option(help="Comma list of variables; 'trace' alone never forms the kernel.")] = None,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
     resume: Annotated[bool, typer.Option(help="Skip checkpoints already in --csv.")] = False,
@@ -108,7 +109,7 @@ def measure(
     for row in measure_checkpoints(
         checkpoints, probe=ProbeSpec(data, key, samples, seed), request=request,
         options=LoadOptions(model_factory=model, trust=trust, key=None), backend=backend,
-        skip=sink.done if sink else None,
+        skip=sink.done if sink else None, variables=parse_variables(variables),
     ):
         log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False)
         rows.append(row)

@@ -19,7 +19,13 @@ from cvcore.errors import (
     UntrustedFileError,
 )
 from cvcore.protocols import Backend, Implementation, KernelRequest, KernelResult
-from cvcore.spectrum import CollectiveVariables, collective_variables, eigenvalues
+from cvcore.spectrum import (
+    CollectiveVariables,
+    DiagonalVariables,
+    collective_variables,
+    diagonal_variables,
+    eigenvalues,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +34,7 @@ __all__ = [
     "BackendError",
     "CVCoreError",
     "CollectiveVariables",
+    "DiagonalVariables",
     "Implementation",
     "InputError",
     "KernelError",
@@ -38,6 +45,7 @@ __all__ = [
     "ResourceError",
     "UntrustedFileError",
     "collective_variables",
+    "diagonal_variables",
     "eigenvalues",
     "measure",
     "ntk",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,14 @@ from cvcore import plugins
 from cvcore.errors import InputError, ModelError
 from cvcore.memory import parse_budget
 from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
-from cvcore.spectrum import CollectiveVariables, check_kernel, collective_variables
+from cvcore.spectrum import (
+    DIAGONAL_VARIABLES,
+    CollectiveVariables,
+    DiagonalVariables,
+    check_kernel,
+    collective_variables,
+    diagonal_variables,
+)
 
 KERNELS = ("traced", "full")
 DTYPES = ("float32", "float64")
@@ -121,9 +129,55 @@ def ntk(
     return build(model, inputs, backend=backend, request=req).result.kernel
 
 
-def measure(model: Any, inputs: Any, **options: Any) -> CollectiveVariables:
-    """The collective variables of ``model`` on ``inputs``; options as for :func:`ntk`."""
+def parse_variables(variables: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Validate a selection of variables (a comma list or a sequence of field names)."""
+    if variables is None:
+        return None
+    names = [v.strip() for v in (variables.split(",") if isinstance(variables, str) else variables)]
+    known = [f.name for f in fields(CollectiveVariables)]
+    unknown = [v for v in names if v not in known]
+    if unknown or not names:
+        raise InputError(f"expected variables among {known}, got {unknown or names}")
+    return tuple(names)
+
+
+def diagonal_only(variables: tuple[str, ...] | None) -> bool:
+    """Whether the selection needs only the kernel's diagonal."""
+    return variables is not None and set(variables) <= set(DIAGONAL_VARIABLES)
+
+
+def build_diagonal(model: Any, inputs: Any, *, backend: str | None = None,
+                   request: KernelRequest | None = None) -> tuple[NDArray[Any], str]:
+    """``K_ii`` from the backend's ``diagonal`` method when it has one (no kernel is
+    formed), else from the kernel; returns the diagonal and the backend's name."""
+    req = request or make_request()
+    adapter = plugins.select_adapter(model)
+    if adapter is not None:
+        model, inputs, output = adapter.adapt(model, inputs, req.output)
+        req = KernelRequest(**{**req.__dict__, "output": output})
+    chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
+    if hasattr(chosen, "diagonal"):
+        return np.asarray(chosen.diagonal(model, inputs, req)), chosen.name
+    return np.diag(chosen.ntk(model, inputs, req).kernel).copy(), chosen.name
+
+
+def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = None,
+            **options: Any) -> CollectiveVariables | DiagonalVariables:
+    """The collective variables of ``model`` on ``inputs``; options as for :func:`ntk`.
+
+    Args:
+        variables: the variables wanted (names of :class:`CollectiveVariables` fields). When
+            they need only the diagonal (``trace``, ``normalized_trace``, ``self_entropy``,
+            ``magnitude_variance``), the kernel is never formed and a
+            :class:`DiagonalVariables` is returned.
+    """
+    wanted = parse_variables(variables)
+    if diagonal_only(wanted):
+        backend = options.pop("backend", None)
+        req = make_request(**options)
+        return diagonal_variables(build_diagonal(model, inputs, backend=backend, request=req)[0])
     return collective_variables(ntk(model, inputs, **options))
 
 
-__all__ = ["Measured", "build", "check_kernel", "make_request", "measure", "ntk"]
+__all__ = ["Measured", "build", "build_diagonal", "check_kernel", "make_request", "measure",
+           "ntk", "parse_variables"]

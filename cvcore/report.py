@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cvcore.spectrum import CollectiveVariables, collective_variables
+from cvcore.spectrum import CollectiveVariables, DiagonalVariables, collective_variables
 
 VARIABLES = [f.name for f in fields(CollectiveVariables)]
 META = ["source", "backend", "kernel", "n_samples", "n_outputs", "dtype", "seconds"]
@@ -32,11 +32,13 @@ class Row:
     n_outputs: int | None
     dtype: str
     seconds: float
-    variables: CollectiveVariables
+    variables: CollectiveVariables | DiagonalVariables
 
     def to_dict(self) -> dict[str, Any]:
-        """Keys: every :class:`CollectiveVariables` field plus the provenance fields."""
+        """Keys: every :class:`CollectiveVariables` field plus the provenance fields;
+        variables that were not computed (``--variables``) are ``None``."""
         out: dict[str, Any] = {k: getattr(self, k) for k in META}
+        out.update(dict.fromkeys(VARIABLES))
         out.update(self.variables.to_dict())
         return out
 

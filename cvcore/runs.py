@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvcore.api import build
+from cvcore.api import build, build_diagonal, diagonal_only
 from cvcore.checkpoints import load_checkpoint, natural_key
-from cvcore.data_io import load_data, probe_subset
+from cvcore.data_io import batch_size, load_data, probe_subset
 from cvcore.errors import InputError
 from cvcore.protocols import KernelRequest, LoadOptions
 from cvcore.report import Row
-from cvcore.spectrum import collective_variables
+from cvcore.spectrum import collective_variables, diagonal_variables
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ def measure_checkpoints(
     options: LoadOptions,
     backend: str | None = None,
     skip: set[str] | None = None,
+    variables: tuple[str, ...] | None = None,
 ) -> Iterator[Row]:
     """Yield one :class:`Row` per checkpoint, all measured on the same probe set."""
     shared_inputs: Any = None
@@ -59,7 +60,16 @@ def measure_checkpoints(
                     "got none, and the checkpoint carries no example inputs"
                 )
             inputs = probe_subset(loaded.example_inputs, probe.samples, probe.seed)
-        measured = build(loaded.model, inputs, backend=backend or loaded.backend, request=request)
+        name = backend or loaded.backend
+        if diagonal_only(variables):
+            diag, used = build_diagonal(loaded.model, inputs, backend=name, request=request)
+            n = batch_size(inputs)
+            yield Row(source=str(path), backend=used, kernel=request.kernel, n_samples=n,
+                      n_outputs=diag.size // n if request.kernel == "full" else None,
+                      dtype=request.dtype, seconds=time.perf_counter() - started,
+                      variables=diagonal_variables(diag))
+            continue
+        measured = build(loaded.model, inputs, backend=name, request=request)
         res = measured.result
         cv = collective_variables(res.kernel)
         yield Row(source=str(path), backend=measured.backend, kernel=request.kernel,

@@ -247,3 +247,60 @@ def collective_variables(kernel: ArrayLike, *, tolerance: float | None = None
         eigenvalues=lam,
         n_zeroed=spec.n_zeroed,
     )
+
+
+#: The variables that need only the kernel's diagonal (no eigendecomposition).
+DIAGONAL_VARIABLES = ("trace", "normalized_trace", "self_entropy", "magnitude_variance")
+
+
+@dataclass(frozen=True)
+class DiagonalVariables:
+    """The variables that depend only on the kernel's diagonal ``K_ii``.
+
+    Attributes:
+        trace: ``Σ_i K_ii``.
+        normalized_trace: ``trace / D``.
+        self_entropy: entropy of ``q_i = √K_ii / Σ_j √K_jj``.
+        magnitude_variance: variance of ``D · q_i``.
+        dim: ``D``, the number of diagonal entries.
+    """
+
+    trace: float
+    normalized_trace: float
+    self_entropy: float
+    magnitude_variance: float
+    dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form, ready for JSON."""
+        out = asdict(self)
+        del out["dim"]
+        return out
+
+
+def diagonal_variables(diagonal: ArrayLike) -> DiagonalVariables:
+    """Trace, normalized trace, self-entropy and magnitude variance from ``K_ii`` alone.
+
+    Raises:
+        KernelError: the diagonal is empty, not finite, or negative beyond round-off.
+
+    >>> d = diagonal_variables([1.0, 4.0])
+    >>> d.trace, d.normalized_trace, round(d.self_entropy, 6)
+    (5.0, 2.5, 0.636514)
+    """
+    diag = np.asarray(diagonal, dtype=np.float64).reshape(-1)
+    if diag.size == 0:
+        raise KernelError("expected a non-empty kernel diagonal, got 0 entries")
+    if not np.isfinite(diag).all():
+        raise KernelError(f"expected a finite kernel diagonal, got {int((~np.isfinite(diag)).sum())} NaN/Inf")
+    if diag.min() < -1e-6 * max(float(diag.max()), 0.0):
+        raise KernelError(f"expected a non-negative kernel diagonal, got {float(diag.min()):.3g}")
+    diag = np.clip(diag, 0.0, None)
+    trace = float(diag.sum())
+    if not trace > 0.0:
+        raise KernelError("expected a kernel with a positive trace, got trace 0")
+    roots = np.sqrt(diag)
+    q = roots / roots.sum()
+    return DiagonalVariables(trace=trace, normalized_trace=trace / diag.size,
+                             self_entropy=_entropy(q), magnitude_variance=float(np.var(diag.size * q)),
+                             dim=int(diag.size))
