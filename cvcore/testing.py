@@ -39,9 +39,9 @@ CHECKS = (
     "dtype",
     "blocking",
     "implementations",
+    "finite-difference",
     "single-sample",
     "errors",
-    "finite-difference",
     "model-unchanged",
 )
 #: Objects no backend may accept (a backend's own foreign objects are added to these).
@@ -249,7 +249,7 @@ class _Run:
         if n not in self.inputs:
             try:
                 self.inputs[n] = self.make_inputs(n)
-            except Exception as exc:  # noqa: BLE001 - reported as the author's mistake
+            except Exception as exc:  # reported as the author's mistake
                 raise self.fail(check, f"expected make_inputs({n}) to return a batch of {n} "
                                        f"samples, got {type(exc).__name__}: {exc}") from exc
         return self.inputs[n]
@@ -270,8 +270,8 @@ class _Run:
         request = KernelRequest(**options)
         try:
             result = self.backend.ntk(self.model, self.get_inputs(n, check), request)
-        except Exception as exc:  # noqa: BLE001 - any exception here is a failure
-            raise self.fail(check, f"expected ntk() to succeed on {n} valid samples with "
+        except Exception as exc:  # any exception here is a failure
+            raise self.fail(check, f"expected ntk() to succeed on a batch of {n} valid inputs with "
                                    f"{_show(request)}, got {type(exc).__name__}: {exc}") from exc
         if not isinstance(result, KernelResult):
             raise self.fail(check, f"expected ntk() to return a cvcore.protocols.KernelResult, "
@@ -330,7 +330,7 @@ def _check_accepts(run: _Run) -> str | None:
     for obj in (*FOREIGN, *run.foreign):
         try:
             verdict = b.accepts(obj)
-        except Exception as exc:  # noqa: BLE001 - accepts must never raise
+        except Exception as exc:  # accepts must never raise
             raise run.fail("accepts", f"expected accepts() to return False for a foreign "
                                       f"{describe(obj)}, got {type(exc).__name__}: {exc}") from exc
         if verdict is not False:
@@ -509,7 +509,7 @@ def _check_errors(run: _Run) -> str | None:
             result = run.backend.ntk(run.model, bad, KernelRequest())
         except CVCoreError:
             continue
-        except Exception as exc:  # noqa: BLE001 - the point of the check
+        except Exception as exc:  # the point of the check
             raise run.fail("errors", f"expected a cvcore.errors.CVCoreError subclass (such as "
                                      f"InputError) for {label}, got a bare "
                                      f"{type(exc).__module__}.{type(exc).__name__}: {exc}") from exc
@@ -565,9 +565,9 @@ _CHECK_FUNCTIONS: dict[str, Callable[[_Run], str | None]] = {
     "dtype": _check_dtype,
     "blocking": _check_blocking,
     "implementations": _check_implementations,
+    "finite-difference": _check_finite_difference,
     "single-sample": _check_single_sample,
     "errors": _check_errors,
-    "finite-difference": _check_finite_difference,
     "model-unchanged": _check_model_unchanged,
 }
 
@@ -665,7 +665,7 @@ def _start(run: _Run, check: str) -> None:
     """Build the model once, and remember its parameters to check they stay unchanged."""
     try:
         run.model = run.make_model()
-    except Exception as exc:  # noqa: BLE001 - the author's factory failed
+    except Exception as exc:  # the author's factory failed
         raise run.fail(check, f"expected make_model() to build a model, got "
                                   f"{type(exc).__name__}: {exc}") from exc
     if run.reference is not None:
