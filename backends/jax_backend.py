@@ -166,7 +166,7 @@ def _prepare_nnx(model: Any, train: bool) -> Prepared:
 
     view = nnx.view(model, deterministic=not train, use_running_average=not train,
                     raise_if_not_found=False)
-    graphdef, params, constants = nnx.split(view, nnx.Param, ...)
+    graphdef, params, constants = nnx.split(view, nnx.Param, ...)  # type: ignore[misc]
 
     def call(p: Any, c: Any, x: Any) -> Any:
         return _as_call(nnx.merge(graphdef, p, c), x)
@@ -378,9 +378,9 @@ def x64_scope(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    scope = getattr(jax, "enable_x64", None)
-    if scope is None:  # jax < 0.6 kept the context manager in jax.experimental
-        from jax.experimental import enable_x64 as scope
+    scope: Any = getattr(jax, "enable_x64", None)
+    if scope is None:  # older jax kept the context manager in jax.experimental
+        scope = importlib.import_module("jax.experimental").enable_x64
     with scope(True):
         yield
 
@@ -450,12 +450,13 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     group_values = tuple(leaves.values[i] for i in index)
 
     if request.train and prep.batched:
-        @jax.jit
-        def batched_rows(gv: Any, values: Any, consts: Any, x: Any) -> Any:
+        def whole_batch(gv: Any, values: Any, consts: Any, x: Any) -> Any:
             def f(g: Any) -> Any:
                 raw = prep.call(params_of(g, values), consts, x)
                 return select_output(raw, output).reshape(batch_of(x), -1)
             return jax.jacrev(f)(gv)
+
+        batched_rows = jax.jit(whole_batch)
 
         def train_jac(x: Any, start: int, stop: int, size: int) -> Any:
             jac = batched_rows(group_values, leaves.values, prep.constants, x)
@@ -470,10 +471,11 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
 
     diff = jax.jacfwd if n_outputs > group.size else jax.jacrev
 
-    @jax.jit
-    def per_sample(gv: Any, values: Any, consts: Any, x: Any) -> Any:
+    def vmapped(gv: Any, values: Any, consts: Any, x: Any) -> Any:
         jac = jax.vmap(diff(single), in_axes=(None, None, None, 0))(gv, values, consts, x)
         return stack(jac, batch_of(x))
+
+    per_sample = jax.jit(vmapped)
 
     def eval_jac(x: Any, start: int, stop: int, size: int) -> Any:
         block = pad_batch(slice_inputs(x, start, stop), size)
@@ -504,7 +506,8 @@ def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, pla
         chunks = plan.chunks(group, 0, n)
         size = max(b - a for a, b in chunks)
 
-        def block_rows(a0: int, a1: int, jac: JacobianFn = jac, size: int = size) -> Any:
+        def block_rows(a0: int, a1: int, jac: JacobianFn = jac, size: int = size,
+                       group: Group = group) -> Any:
             parts = [jac(x, a, b, size) for a, b in plan.chunks(group, a0, a1)]
             return rows(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
 
@@ -543,7 +546,7 @@ def probe_outputs(prep: Prepared, leaves: Leaves, x: Any, output: OutputSelector
         raw = prep.call(params, prep.constants, first)
     except CVCoreError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any framework error is the user's input
+    except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "immutable" in message:
             raise ModelError(

@@ -7,7 +7,8 @@ torch and (kh, kw, in, out) in flax, whose images are NHWC where torch's are NCH
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 flax = pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
-import jax.numpy as jnp  # noqa: E402
-from flax import linen as nn  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
 
-import cvcore  # noqa: E402
+import cvcore
 
 TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
 
