@@ -10,13 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import cvcore
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-import cvcore
-import cvcore_numpy_mlp.model
-import cvcore_numpy_mlp.plugin
 from cvcore import plugins
 from cvcore.checkpoints import load_checkpoint
 from cvcore.cli.app import make_app
@@ -31,6 +27,10 @@ from cvcore.testing import (
     relative_error,
     run_backend_conformance,
 )
+from typer.testing import CliRunner
+
+import cvcore_numpy_mlp.model
+import cvcore_numpy_mlp.plugin
 from cvcore_numpy_mlp import MARKER, NumpyMLP
 from cvcore_numpy_mlp.backend import NumpyMLPBackend
 from cvcore_numpy_mlp.loader import NumpyMLPLoader

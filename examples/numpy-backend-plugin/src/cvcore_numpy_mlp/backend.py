@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from cvcore.blocking import Group, Plan, plan_blocks
 from cvcore.errors import InputError, ModelError, describe
 from cvcore.memory import ensure_fits
 from cvcore.protocols import KernelRequest, KernelResult
+
 from cvcore_numpy_mlp.model import Array, NumpyMLP
 
 

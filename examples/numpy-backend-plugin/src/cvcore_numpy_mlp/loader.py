@@ -16,6 +16,7 @@ from typing import Literal
 
 from cvcore.errors import InputError
 from cvcore.protocols import LoadedModel, LoadOptions
+
 from cvcore_numpy_mlp.model import MARKER, NumpyMLP
 
 

@@ -7,15 +7,15 @@ flattened row-major, so ``W[p, q]`` is entry ``p·in + q`` of its block.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
-
 from cvcore.errors import InputError, ModelError, describe
+from numpy.typing import NDArray
 
 #: Name of the marker array that identifies this package's ``.npz`` checkpoints; its
 #: value is the format version.
@@ -63,7 +63,7 @@ class NumpyMLP:
         rng = np.random.default_rng(seed)
         layers = tuple(
             (rng.normal(size=(n_out, n_in)) / np.sqrt(n_in), 0.1 * rng.normal(size=n_out))
-            for n_in, n_out in zip(sizes[:-1], sizes[1:])
+            for n_in, n_out in itertools.pairwise(sizes)
         )
         return cls(layers)
 
