@@ -256,6 +256,12 @@ class TorchBackend:
 
         return kernel_diagonal(self, model, inputs, request)
 
+    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """The kernel as a matrix-free ``K @ V`` operator (``cvcore.estimate.KernelOperator``)."""
+        from cvcore.backends.torch_operator import kernel_operator
+
+        return kernel_operator(self, model, inputs, request)
+
     def _probe(self, prep: Prepared, x: Any, output: OutputSelector | None) -> Any:
         """One sample's output; finds out whether an exported program's batch is static."""
         first = slice_inputs(x, 0, 1)
