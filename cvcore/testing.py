@@ -302,9 +302,12 @@ def _check_attributes(run: _Run) -> str | None:
         raise run.fail("attributes", f"expected 'modules' to be a non-empty tuple of module "
                                      f"names, got {modules!r}")
     missing = [m for m in ("available", "accepts", "ntk") if not callable(getattr(b, m, None))]
-    if missing or not isinstance(b, Backend):
+    if missing:
         raise run.fail("attributes", f"expected the methods available, accepts and ntk of "
                                      f"cvcore.protocols.Backend, got none for {missing}")
+    if not isinstance(b, Backend):
+        raise run.fail("attributes", f"expected an object satisfying cvcore.protocols.Backend, "
+                                     f"got {type(b).__qualname__}")
     return None
 
 
