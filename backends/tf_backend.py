@@ -17,6 +17,7 @@ import dataclasses
 import importlib.util
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -426,13 +427,15 @@ def recast(model: Any, first: Any, dtype: str) -> Any:
     untouched); its weights are never used, only its variables' order and shapes."""
     keras = _keras()
     try:
-        config = _set_dtype(keras.saving.serialize_keras_object(model), dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns about serializing a lambda
+            config = _set_dtype(keras.saving.serialize_keras_object(model), dtype)
     except Exception as exc:  # noqa: BLE001 - no get_config: one line
         raise _recast_error(model, dtype, exc) from None
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype)  # sub-layers built without an explicit dtype
     try:
-        clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
+        clone = _deserialize(keras, config)
         if not clone.built:
             clone(first)
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild: one line
@@ -447,6 +450,27 @@ def recast(model: Any, first: Any, dtype: str) -> Any:
             f"{theirs[:6]} instead of {ours[:6]}; build the model with dtype='{dtype}'"
         )
     return clone
+
+
+def _deserialize(keras: Any, config: Any) -> Any:
+    """Re-create a model from the config just taken from the live object.
+
+    ``safe_mode=True`` unless the config holds a Python ``lambda`` (an ``Activation`` or
+    ``Lambda`` layer): that bytecode was marshalled from the user's own function a moment
+    ago, in this process, and is re-created with ``safe_mode=False``. No file is involved:
+    a model loaded from a file without ``--trust`` never has such a function (the loaders
+    refuse it).
+    """
+    return keras.saving.deserialize_keras_object(config, safe_mode=not _has_lambda(config))
+
+
+def _has_lambda(config: Any) -> bool:
+    if isinstance(config, list):
+        return any(_has_lambda(v) for v in config)
+    if isinstance(config, dict):
+        return config.get("class_name") == "__lambda__" or any(
+            _has_lambda(v) for v in config.values())
+    return False
 
 
 def _recast_error(model: Any, dtype: str, exc: BaseException) -> ModelError:
