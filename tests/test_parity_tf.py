@@ -13,7 +13,7 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - KERAS_BACKEND set outside
     pytest.skip("these tests run Keras on the tensorflow backend in-process", allow_module_level=True)
 
-import cvcore  # noqa: E402
+import cvcore
 
 N = 6
 EPS = 1e-5  # torch's LayerNorm default; Keras' is 1e-3, so it is set explicitly
