@@ -129,10 +129,10 @@ def backends() -> None:
         table.add_column(col)
     for name, b in reg.backends.items():
         ok = b.available()
-        table.add_row("backend", name, "yes" if ok else "no", "" if ok else f"pip install 'cvcore[{b.extra}]'")
+        table.add_row("backend", name, "yes" if ok else "no", "" if ok else plugins.install_command(b))
     for name, ld in reg.checkpoint_loaders.items():
         ok = ld.available()
-        table.add_row("checkpoint loader", name, "yes" if ok else "no", "" if ok else f"pip install 'cvcore[{ld.extra}]'")
+        table.add_row("checkpoint loader", name, "yes" if ok else "no", "" if ok else plugins.install_command(ld))
     for name in reg.data_loaders:
         table.add_row("data loader", name, "yes", "")
     for name, a in reg.adapters.items():

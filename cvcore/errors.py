@@ -30,13 +30,14 @@ class BackendError(CVCoreError):
 class MissingFrameworkError(BackendError, ImportError):
     """A backend's framework is not installed."""
 
-    def __init__(self, framework: str, extra: str) -> None:
+    def __init__(self, framework: str, install: str) -> None:
+        """``install`` is an extra name (``"torch"``) or a whole ``pip install`` command."""
+        command = install if install.startswith("pip ") else f"pip install 'cvcore[{install}]'"
         super().__init__(
-            f"{framework} is required for this but is not installed; "
-            f"install it with: pip install 'cvcore[{extra}]'"
+            f"{framework} is required for this but is not installed; install it with: {command}"
         )
         self.framework = framework
-        self.extra = extra
+        self.install = command
 
 
 class UntrustedFileError(InputError):

@@ -45,7 +45,9 @@ def manager() -> pluggy.PluginManager:
         pm.add_hookspecs(hookspecs)
         wanted = os.environ.get(ENV_VAR)
         allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
-        for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+        points = sorted(importlib.metadata.entry_points(group=hookspecs.PROJECT),
+                        key=lambda ep: not ep.value.startswith("cvcore."))  # built-ins first
+        for ep in points:
             if allowed is not None and ep.name not in allowed:
                 continue
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
@@ -80,7 +82,12 @@ def _add(table: dict[str, Any], what: str, obj: Any) -> None:
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not name:
         raise CVCoreError(f"expected a {what} with a non-empty string 'name', got {describe(obj)}")
-    table.setdefault(name, obj)
+    if name in table and table[name] is not obj:
+        warnings.warn(f"cvcore: a second {what} named {name!r} ({type(obj).__module__}) is "
+                      f"ignored; the first registered ({type(table[name]).__module__}) is kept",
+                      stacklevel=3)
+        return
+    table[name] = obj
 
 
 def _call(hook: Any, register: Any) -> None:
@@ -130,8 +137,17 @@ def get_backend(name: str) -> Any:
         )
     backend = backends[name]
     if not backend.available():
-        raise MissingFrameworkError(name, backend.extra)
+        raise MissingFrameworkError(name, install_command(backend))
     return backend
+
+
+def install_command(plugin: Any) -> str:
+    """How to install what a plugin needs: its ``install`` attribute (a full pip
+    command, for third-party plugins), else ``pip install 'cvcore[<extra>]'``."""
+    custom = getattr(plugin, "install", None)
+    if isinstance(custom, str) and custom:
+        return custom
+    return f"pip install 'cvcore[{getattr(plugin, 'extra', '')}]'"
 
 
 def select_backend(model: object) -> Any:

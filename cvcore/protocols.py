@@ -86,6 +86,12 @@ class Backend(Protocol):
         extra: the ``cvcore[...]`` extra that installs its framework.
         modules: top-level module names of its framework; a model is only offered to
             the backend when one of them is already in ``sys.modules``.
+
+    Optional: ``install`` (a whole ``pip install ...`` command, for third-party backends
+    whose framework is not a cvcore extra); ``diagonal(model, inputs, request)`` returning
+    ``K_ii`` without forming the kernel (used for ``variables=("trace",)``);
+    ``operator(model, inputs, request)`` returning a matrix-free
+    :class:`cvcore.estimate.KernelOperator` (used for stochastic estimates).
     """
 
     name: str
