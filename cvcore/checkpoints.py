@@ -34,7 +34,7 @@ def load_checkpoint(path: Path, options: LoadOptions) -> LoadedModel:
         if by_ext:
             chosen = by_ext[0]
             if not chosen.available():
-                raise MissingFrameworkError(chosen.name, chosen.extra)
+                raise MissingFrameworkError(chosen.name, plugins.install_command(chosen))
     if chosen is None:
         names = sorted(plugins.registry().checkpoint_loaders)
         kind = "a directory" if path.is_dir() else f"a file of unknown format ({path.suffix or 'no extension'})"
