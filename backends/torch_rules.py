@@ -73,12 +73,38 @@ def choose_dense(f1: Feature, f2: Feature, traced: bool, embedding: bool = False
 
 
 # --------------------------------------------------------------------------- grams
+def sym_gram(x: Any, leaf: int = 384) -> Any:
+    """``x xᵀ`` computing only the blocks on and above the diagonal (about half the work).
+
+    >>> import torch
+    >>> x = torch.randn(1000, 7, dtype=torch.float64)
+    >>> bool(torch.allclose(sym_gram(x, leaf=100), x @ x.T))
+    True
+    """
+    import torch
+
+    n = x.shape[0]
+    if n <= leaf:
+        return x @ x.T
+    h = n // 2
+    top, bottom = x[:h], x[h:]
+    off = top @ bottom.T
+    return torch.cat([torch.cat([sym_gram(top, leaf), off], dim=1),
+                      torch.cat([off.T, sym_gram(bottom, leaf)], dim=1)], dim=0)
+
+
+def _rows_gram(r1: Any, r2: Any) -> Any:
+    return sym_gram(r1) if r1 is r2 else r1 @ r2.T
+
+
 def direct_gram(g1: Any, g2: Any, traced: bool) -> Any:
     """``g gᵀ`` for per-sample gradients ``(n, O, P)``: traced ``(n1, n2)`` (÷O), full ``(n1·O, n2·O)``."""
     n1, n_out, p = g1.shape
-    if traced:
-        return (g1.reshape(n1, -1) @ g2.reshape(g2.shape[0], -1).T) / n_out
-    return g1.reshape(-1, p) @ g2.reshape(-1, p).T
+    same = g1 is g2
+    r1 = g1.reshape(n1, -1) if traced else g1.reshape(-1, p)
+    r2 = r1 if same else (g2.reshape(g2.shape[0], -1) if traced else g2.reshape(-1, p))
+    gram = _rows_gram(r1, r2)
+    return gram / n_out if traced else gram
 
 
 def _chunk(total: int, per_item: int, budget: int) -> int:
@@ -114,6 +140,8 @@ def dense_gram(f1: Feature, f2: Feature, traced: bool, budget: int) -> Any:
     rule = choose_dense(f1, f2, traced, embedding)
     if rule == "jac":
         a1, a2 = _onehot_pair(f1, f2) if embedding else (f1.a, f2.a)
+        if f1 is f2:
+            a2 = a1
         return _gram_by_jacobian(a1, f1.g, a2, f2.g, traced, budget)
     return _gram_by_pairs(f1, f2, traced, budget)
 
@@ -126,7 +154,9 @@ def _gram_by_jacobian(a1: Any, g1: Any, a2: Any, g2: Any, traced: bool, budget: 
     out = None
     for r0 in range(0, d_out, step):
         rows = slice(r0, min(r0 + step, d_out))
-        block = direct_gram(dense_jacobian(a1, g1, rows), dense_jacobian(a2, g2, rows), traced)
+        j1 = dense_jacobian(a1, g1, rows)
+        j2 = j1 if (a1 is a2 and g1 is g2) else dense_jacobian(a2, g2, rows)
+        block = direct_gram(j1, j2, traced)
         out = block if out is None else out + block
     return out
 
@@ -148,10 +178,13 @@ def _gram_single_position(f1: Feature, f2: Feature, traced: bool) -> Any:
     n1, n_out, _, d_out = f1.g.shape
     n2 = f2.g.shape[0]
     aa = _a_pairs(f1, f2, slice(None)).reshape(n1, n2)
+    same = f1 is f2
     if traced:
-        gg = f1.g.reshape(n1, -1) @ f2.g.reshape(n2, -1).T
+        r1 = f1.g.reshape(n1, -1)
+        gg = _rows_gram(r1, r1 if same else f2.g.reshape(n2, -1))
         return gg.mul_(aa).div_(n_out)
-    gg = f1.g.reshape(n1 * n_out, d_out) @ f2.g.reshape(n2 * n_out, d_out).T
+    r1 = f1.g.reshape(n1 * n_out, d_out)
+    gg = _rows_gram(r1, r1 if same else f2.g.reshape(n2 * n_out, d_out))
     gg.view(n1, n_out, n2, n_out).mul_(aa.view(n1, 1, n2, 1))
     return gg
 
