@@ -33,7 +33,6 @@ from numpy.typing import NDArray
 def _activation_bytes(prep: Any, x: Any, output: Any, n: int) -> int:
     """Bytes autograd saves per sample (the difference of a 2- and a 1-sample forward)."""
     import torch
-
     from cvcore.backends.torch_backend import fcall, select_output, slice_inputs
 
     def saved(m: int) -> int:
@@ -194,9 +193,14 @@ def kernel_operator(backend: Any, model: Any, inputs: Any, request: Any) -> Any:
             (``torch.func`` cannot transform them), or an integer output.
     """
     import torch
+    from cvcore.backends.torch_backend import (
+        batch_of,
+        prepare,
+        resolve_device,
+        to_tensors,
+        training_mode,
+    )
 
-    from cvcore.backends.torch_backend import (batch_of, prepare, resolve_device, to_tensors,
-                                               training_mode)
     from cvcore.errors import InputError, ModelError
     from cvcore.estimate import KernelOperator
 

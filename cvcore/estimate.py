@@ -61,10 +61,12 @@ class Estimate(NamedTuple):
 
 
 class TopK(NamedTuple):
-    """Ritz values (descending) and the residual norm ``‖K q - λ q‖`` of each pair."""
+    """Ritz values (descending), the residual norm ``‖K q - λ q‖`` of each pair, and the
+    Ritz vectors ``q`` as columns."""
 
     eigenvalues: NDArray[np.float64]
     residuals: NDArray[np.float64]
+    vectors: NDArray[np.float64] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ def _stderr(samples: NDArray[np.float64]) -> float:
 
 
 def _coldot(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
-    return np.einsum("ij,ij->j", a, b)
+    out: NDArray[np.float64] = np.einsum("ij,ij->j", a, b)
+    return out
 
 
 # --------------------------------------------------------------------------- trace
@@ -270,16 +273,23 @@ def _xlogx(x: NDArray[np.float64]) -> NDArray[np.float64]:
 
 def slq_entropy(matvec: MatVec, dim: int, probes: int = DEFAULT_PROBES,
                 steps: int = DEFAULT_STEPS, rng: Seed = None, trace: float | None = None,
-                reorthogonalize: bool | None = None) -> SLQEstimate:
+                reorthogonalize: bool | None = None, deflation: TopK | None = None
+                ) -> SLQEstimate:
     """Stochastic Lanczos quadrature of the von Neumann entropy ``Tr f(K)``.
 
     ``f(λ) = -(λ/T) ln(λ/T)``, ``0`` for ``λ ≤ 0`` (Ritz values of a PSD operator can come
     out slightly negative from round-off). Each Rademacher probe ``z`` gives
-    ``zᵀ f(K) z ≈ D Σ_j τ_j² f(θ_j)`` from ``steps`` Lanczos steps (nodes ``θ_j``, weights
-    ``τ_j²``); the same probes give Hutchinson's ``zᵀ K z = D α_1`` for the trace when
-    ``trace`` is not given (``S = ln Ā - B̄/Ā`` from the probes' traces and ``K ln K``
-    terms; jackknife standard error, which accounts for the trace's uncertainty). With
-    the exact trace, ``zᵀKz / Tr K`` (mean 1) serves as a control variate.
+    ``zᵀ f(K) z ≈ ‖z‖² Σ_j τ_j² f(θ_j)`` from ``steps`` Lanczos steps (nodes ``θ_j``,
+    weights ``τ_j²``); the same probes give Hutchinson's ``zᵀ K z = ‖z‖² α_1`` for the
+    trace when ``trace`` is not given (``S = ln T - (Σ λ ln λ)/T`` from the probes' means;
+    jackknife standard error, which includes the trace's uncertainty). With the exact
+    trace, ``zᵀKz / Tr K`` serves as a control variate.
+
+    With ``deflation`` (Ritz pairs from :func:`randomized_topk`), the top eigenvalues are
+    counted exactly and the probes see only ``P K P``, ``P = I - U Uᵀ``: NTK spectra are
+    dominated by a few large eigenvalues, which make plain probes very noisy (the
+    Hutch++ idea). ``Tr K = Σ θ_top + Tr(PKP)`` holds exactly; the entropy neglects the
+    coupling ``Uᵀ K P``, an error of second order in the Ritz residuals.
 
     Args:
         matvec: ``K @ V`` for ``V`` of shape ``(dim, probes)``.
@@ -290,6 +300,7 @@ def slq_entropy(matvec: MatVec, dim: int, probes: int = DEFAULT_PROBES,
         trace: the exact ``Tr K`` if known (from the kernel's diagonal), else ``None``.
         reorthogonalize: full reorthogonalization against the stored basis; ``None`` does
             it when the basis (``steps·D·probes`` floats) fits in ``REORTH_BYTES``.
+        deflation: top Ritz pairs (with ``vectors``) to count exactly, or ``None``.
 
     Raises:
         KernelError: the trace is not positive.
@@ -303,46 +314,70 @@ def slq_entropy(matvec: MatVec, dim: int, probes: int = DEFAULT_PROBES,
     if reorthogonalize is None:
         reorthogonalize = steps * dim * probes * 8 <= REORTH_BYTES
     z = _rademacher(np.random.default_rng(rng), dim, probes)
-    alpha, beta, lengths = _lanczos(matvec, z, steps, reorthogonalize)
-    hutch = dim * alpha[0]
-    known = trace is not None
-    total = float(trace) if trace is not None else float(hutch.mean())
-    if not total > 0.0:
-        raise KernelError(f"expected a kernel with a positive trace, got {total:.3g}; "
+    top, op = np.zeros(0), matvec
+    if deflation is not None and deflation.eigenvalues.size:
+        top, op, z = _deflate(matvec, deflation, z)
+    norms2 = _coldot(z, z)
+    alpha, beta, lengths = _lanczos(op, z, steps, reorthogonalize)
+    rest = norms2 * alpha[0]  # Hutchinson samples of Tr(PKP) (of Tr K without deflation)
+    scale = float(trace) if trace is not None else float(top.sum() + rest.mean())
+    if not scale > 0.0:
+        raise KernelError(f"expected a kernel with a positive trace, got {scale:.3g}; "
                           "the entropy is undefined")
-    # Per probe a_i = zᵀKz / T and b_i ≈ zᵀ (K/T) ln(K/T) z, so that S = -E[b_i].
-    a = hutch / total
+    # In units of `scale`: a_i samples Tr(PKP), b_i samples Σ λ ln λ over PKP.
+    a = rest / scale
     b = np.empty(probes)
     for i in range(probes):
         nodes, weights = _gauss_rule(alpha[:, i], beta[:, i], int(lengths[i]))
-        b[i] = dim * float(weights @ _xlogx(nodes / total))
-    if known:
-        entropy, stderr = _control_variate(-b, a)
-        return SLQEstimate(entropy=entropy, stderr=stderr, trace=total, trace_stderr=0.0,
-                           probes=probes, steps=int(lengths.max()))
-    entropy, stderr = _ratio_jackknife(a, b)
-    return SLQEstimate(entropy=entropy, stderr=stderr, trace=total,
-                       trace_stderr=_stderr(hutch), probes=probes, steps=int(lengths.max()))
+        b[i] = norms2[i] * float(weights @ _xlogx(nodes / scale))
+    t_top, l_top = float(top.sum()) / scale, float(_xlogx(top / scale).sum())
+    used = int(lengths.max())
+    if trace is not None:  # scale = T: S = -(l_top + E[b]); E[a] = 1 - t_top is known
+        entropy, stderr = _control_variate(-(l_top + b), a, 1.0 - t_top)
+        return SLQEstimate(entropy=entropy, stderr=stderr, trace=scale, trace_stderr=0.0,
+                           probes=probes, steps=used)
+    entropy, stderr = _ratio_jackknife(t_top + a, l_top + b)
+    return SLQEstimate(entropy=entropy, stderr=stderr, trace=scale,
+                       trace_stderr=_stderr(rest), probes=probes, steps=used)
 
 
-def _control_variate(y: NDArray[np.float64], a: NDArray[np.float64]) -> Estimate:
-    """Mean of ``y`` with ``a`` (whose mean is known to be 1) as a control variate.
+def _deflate(matvec: MatVec, deflation: TopK, z: NDArray[np.float64]
+             ) -> tuple[NDArray[np.float64], MatVec, NDArray[np.float64]]:
+    """Top eigenvalues, the operator ``P K P`` and the probes ``P z`` for ``P = I - U Uᵀ``."""
+    if deflation.vectors is None:
+        raise InputError("expected deflation Ritz pairs with vectors, got vectors=None")
+    u = np.asarray(deflation.vectors, dtype=np.float64)
+    if u.ndim != 2 or u.shape[0] != z.shape[0]:
+        raise InputError(f"expected deflation vectors of shape ({z.shape[0]}, k), got {u.shape}")
 
-    The per-probe entropy terms are strongly correlated with the per-probe trace ratio
+    def project(v: NDArray[np.float64]) -> NDArray[np.float64]:
+        return v - u @ (u.T @ v)
+
+    def deflated(v: NDArray[np.float64]) -> NDArray[np.float64]:
+        return project(_apply(matvec, project(v)))
+
+    return np.asarray(deflation.eigenvalues, dtype=np.float64), deflated, project(z)
+
+
+def _control_variate(y: NDArray[np.float64], a: NDArray[np.float64], mean_a: float) -> Estimate:
+    """Mean of ``y`` with ``a`` (whose mean ``mean_a`` is known) as a control variate.
+
+    The per-probe entropy terms are strongly correlated with the per-probe trace
     ``zᵀKz / Tr K``; regressing that out cuts the standard error (about halved on
     power-law spectra) at the cost of an ``O(1/probes)`` bias.
     """
     m = y.size
     var_a = float(np.var(a, ddof=1))
     c = float(np.cov(y, a, ddof=1)[0, 1]) / var_a if var_a > 0.0 and m > 2 else 0.0
-    adjusted = y - c * (a - 1.0)
+    adjusted = y - c * (a - mean_a)
     dof = max(m - (2 if c else 1), 1)
     stderr = math.sqrt(float(((adjusted - adjusted.mean()) ** 2).sum()) / dof / m)
     return Estimate(float(adjusted.mean()) + 0.0, stderr)
 
 
 def _ratio_jackknife(a: NDArray[np.float64], b: NDArray[np.float64]) -> Estimate:
-    """``S = ln Ā - B̄/Ā`` (traces relative to the estimate) and its jackknife error."""
+    """``S = ln Ā - B̄/Ā`` (``a`` samples the trace, ``b`` samples ``Σ λ ln λ``, both in one
+    unit) and its jackknife standard error."""
     m = a.size
 
     def entropy(mean_a: Any, mean_b: Any) -> Any:
@@ -375,7 +410,8 @@ def randomized_topk(matvec: MatVec, dim: int, k: int = DEFAULT_TOP_K,
         rng: seed or ``numpy.random.Generator``.
 
     Returns:
-        Ritz values, descending, and each pair's residual norm ``‖K q - λ q‖``.
+        Ritz values, descending, each pair's residual norm ``‖K q - λ q‖`` (a true
+        eigenvalue lies within it), and the Ritz vectors.
 
     >>> top = randomized_topk(lambda v: np.diag([5.0, 3.0, 1.0]) @ v, 3, k=2, rng=0)
     >>> np.round(top.eigenvalues, 12).tolist(), bool(top.residuals.max() < 1e-12)
@@ -396,8 +432,9 @@ def randomized_topk(matvec: MatVec, dim: int, k: int = DEFAULT_TOP_K,
     theta, u = np.linalg.eigh(0.5 * (small + small.T))
     order = np.argsort(theta)[::-1][:k]
     theta, u = theta[order], u[:, order]
-    residuals = np.linalg.norm(kq @ u - (q @ u) * theta, axis=0)
-    return TopK(np.clip(theta, 0.0, None), residuals)
+    vectors = q @ u
+    residuals = np.linalg.norm(kq @ u - vectors * theta, axis=0)
+    return TopK(np.clip(theta, 0.0, None), residuals, vectors)
 
 
 # --------------------------------------------------------------------------- choice
@@ -481,12 +518,13 @@ def _exact_trace(chosen: Any, model: Any, inputs: Any, request: Any, dim: int,
 
 
 def _stochastic(op: KernelOperator, trace: float | None, probes: int, steps: int, top_k: int,
-                oversample: int, power_iters: int, rng: np.random.Generator
+                oversample: int, power_iters: int, deflate: bool, rng: np.random.Generator
                 ) -> EstimatedVariables:
-    slq = slq_entropy(op.matvec, op.dim, probes, steps, rng, trace=trace)
     k = min(top_k, op.dim)
     top = (randomized_topk(op.matvec, op.dim, k, oversample, power_iters, rng) if k > 0
            else TopK(np.zeros(0), np.zeros(0)))
+    slq = slq_entropy(op.matvec, op.dim, probes, steps, rng, trace=trace,
+                      deflation=top if deflate and k > 0 else None)
     return EstimatedVariables(
         trace=slq.trace, trace_stderr=slq.trace_stderr, normalized_trace=slq.trace / op.dim,
         entropy=slq.entropy, entropy_stderr=slq.stderr, effective_rank=math.exp(slq.entropy),
@@ -507,7 +545,8 @@ def _check_choices(method: str, trace_estimator: str, top_k: int) -> None:
 def estimate(model: Any, inputs: Any, *, method: str = "auto", probes: int = DEFAULT_PROBES,
              steps: int = DEFAULT_STEPS, top_k: int = DEFAULT_TOP_K,
              oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS,
-             trace_estimator: str = "auto", seed: Seed = 0, backend: str | None = None,
+             trace_estimator: str = "auto", deflate: bool = True, seed: Seed = 0,
+             backend: str | None = None,
              max_exact_dim: int = DEFAULT_MAX_EXACT_DIM, available_bytes: int | None = None,
              **options: Any) -> EstimatedVariables:
     """Trace, entropy and top eigenvalues of ``model``'s NTK on ``inputs``, with error bars.
@@ -525,6 +564,8 @@ def estimate(model: Any, inputs: Any, *, method: str = "auto", probes: int = DEF
         power_iters: power iterations of the randomized range finder.
         trace_estimator: ``"diagonal"`` (exact ``Tr K`` from the backend's ``diagonal``),
             ``"hutchinson"`` (from the probes), or ``"auto"`` (diagonal when available).
+        deflate: count the ``top_k`` Ritz pairs exactly and probe only the rest (see
+            :func:`slq_entropy`); much smaller errors on NTK spectra.
         seed: seed of the probes.
         backend: a registered backend's name; by default chosen from the model's type.
         max_exact_dim: largest ``D`` that ``"auto"`` measures exactly.
@@ -552,9 +593,19 @@ def estimate(model: Any, inputs: Any, *, method: str = "auto", probes: int = DEF
                                           max_exact_dim=max_exact_dim) == "exact":
         return _exact(model, inputs, request, backend, top_k)
     trace = _exact_trace(chosen, m, x, req, op.dim, trace_estimator)
-    return _stochastic(op, trace, probes, steps, top_k, oversample, power_iters,
+    return _stochastic(op, trace, probes, steps, top_k, oversample, power_iters, deflate,
                        np.random.default_rng(seed))
 
 
-__all__ = ["EstimatedVariables", "Estimate", "KernelOperator", "SLQEstimate", "TopK",
-           "choose_method", "estimate", "hutchinson_trace", "randomized_topk", "slq_entropy"]
+__all__ = [
+    "Estimate",
+    "EstimatedVariables",
+    "KernelOperator",
+    "SLQEstimate",
+    "TopK",
+    "choose_method",
+    "estimate",
+    "hutchinson_trace",
+    "randomized_topk",
+    "slq_entropy",
+]

@@ -59,7 +59,7 @@ def test_hutchinson_within_four_stderr_and_stderr_shrinks(power_law: Any) -> Non
 def test_slq_entropy_matches_exact(power_law: Any, known: bool, deflate: bool) -> None:
     lam, k = power_law
     exact = _entropy(lam)  # 2.792...
-    mv = lambda v: k @ v  # noqa: E731
+    mv = lambda v: k @ v
     top = randomized_topk(mv, D, 10, rng=5) if deflate else None
     est = slq_entropy(mv, D, probes=32, steps=40, rng=0, trace=lam.sum() if known else None,
                       deflation=top)
@@ -132,7 +132,7 @@ def test_choose_method_threshold() -> None:
 # --------------------------------------------------------------------------- torch operator
 
 torch = pytest.importorskip("torch")
-from tests.torch_models import SmallCNN, digits_mlp, mlp  # noqa: E402
+from tests.torch_models import SmallCNN, digits_mlp, mlp
 
 
 def _operator(model: Any, x: Any, kernel: str, budget: Any = None) -> Any:
