@@ -42,27 +42,16 @@ def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
     """One batched forward pass under the recorder; returns ``(outputs (n, O), capture)``."""
     import torch
 
-    from cvcore.backends.torch_backend import select_output
+    from cvcore.backends.torch_backend import fcall, select_output
     from cvcore.backends.torch_capture import recorder
 
     leaves = {k: v.detach().requires_grad_(True) for k, v in prep.params.items()}
     mode = recorder({id(t): k for k, t in leaves.items()}, n)
     with torch.enable_grad():
         with mode:
-            raw = _call(prep.module, {**prep.constants, **leaves}, x)
+            raw = fcall(prep.module, {**prep.constants, **leaves}, x)
         out = select_output(raw, output).reshape(n, -1)
     return out, mode.rec.capture
-
-
-def _call(module: Any, tensors: dict[str, Any], x: Any) -> Any:
-    """``functional_call`` with inputs packed as ``m(x)``, ``m(*xs)`` or ``m(**xs)``."""
-    from collections.abc import Mapping
-
-    from torch.func import functional_call
-
-    if isinstance(x, Mapping):
-        return functional_call(module, tensors, (), dict(x), strict=False)
-    return functional_call(module, tensors, x if isinstance(x, tuple) else (x,), strict=False)
 
 
 def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
@@ -70,6 +59,9 @@ def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
     import torch
 
     n_out = int(out.shape[1])
+    if not out.requires_grad:  # the output does not depend on anything differentiable
+        return [torch.zeros(z.shape[0], n_out, *z.shape[1:], dtype=z.dtype, device=z.device)
+                for z in zs]
     per_o: list[tuple[Any, ...]] = []
     for o in range(n_out):
         grads = torch.autograd.grad(out[:, o].sum(), zs, retain_graph=o < n_out - 1,

@@ -92,6 +92,10 @@ def measure(
     memory_budget: Annotated[str | None, typer.Option(help="Bytes one block may use, e.g. 512MB.")] = None,
     train: Annotated[bool, typer.Option(help="Measure in training mode.")] = False,
     variables: Annotated[str | None, typer.Option(help="Comma list of variables; 'trace' alone never forms the kernel.")] = None,
+    method: Annotated[str | None, typer.Option(help="auto, exact or stochastic: trace and entropy with error bars (matrix-free when stochastic).")] = None,
+    probes: Annotated[int, typer.Option(help="Probe vectors of a stochastic estimate.")] = 32,
+    steps: Annotated[int, typer.Option(help="Lanczos steps per probe.")] = 30,
+    top_k: Annotated[int, typer.Option(help="Largest eigenvalues to report with --method.")] = 10,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
     resume: Annotated[bool, typer.Option(help="Skip checkpoints already in --csv.")] = False,
@@ -110,6 +114,8 @@ def measure(
         checkpoints, probe=ProbeSpec(data, key, samples, seed), request=request,
         options=LoadOptions(model_factory=model, trust=trust, key=None), backend=backend,
         skip=sink.done if sink else None, variables=parse_variables(variables),
+        estimator=None if method is None else {"method": method, "probes": probes, "steps": steps,
+                                               "top_k": top_k, "seed": seed},
     ):
         log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False)
         rows.append(row)

@@ -18,6 +18,7 @@ from cvcore.errors import (
     ResourceError,
     UntrustedFileError,
 )
+from cvcore.estimate import EstimatedVariables, KernelOperator, estimate
 from cvcore.protocols import Backend, Implementation, KernelRequest, KernelResult
 from cvcore.spectrum import (
     CollectiveVariables,
@@ -35,9 +36,11 @@ __all__ = [
     "CVCoreError",
     "CollectiveVariables",
     "DiagonalVariables",
+    "EstimatedVariables",
     "Implementation",
     "InputError",
     "KernelError",
+    "KernelOperator",
     "KernelRequest",
     "KernelResult",
     "MissingFrameworkError",
@@ -47,6 +50,7 @@ __all__ = [
     "collective_variables",
     "diagonal_variables",
     "eigenvalues",
+    "estimate",
     "measure",
     "ntk",
 ]

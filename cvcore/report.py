@@ -17,8 +17,10 @@ from cvcore.spectrum import CollectiveVariables, DiagonalVariables, collective_v
 
 VARIABLES = [f.name for f in fields(CollectiveVariables)]
 META = ["source", "backend", "kernel", "n_samples", "n_outputs", "dtype", "seconds"]
-#: Columns of the CSV table (every variable except the eigenvalue list).
-CSV_COLUMNS = META + [v for v in VARIABLES if v != "eigenvalues"]
+#: Columns of the CSV table: every variable except the eigenvalue list, then the error
+#: bars of stochastic estimates (empty for exact rows).
+CSV_COLUMNS = META + [v for v in VARIABLES if v != "eigenvalues"] + [
+    "method", "trace_stderr", "entropy_stderr"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Row:
     n_outputs: int | None
     dtype: str
     seconds: float
-    variables: CollectiveVariables | DiagonalVariables
+    variables: CollectiveVariables | DiagonalVariables | Any
 
     def to_dict(self) -> dict[str, Any]:
         """Keys: every :class:`CollectiveVariables` field plus the provenance fields;

@@ -42,6 +42,7 @@ def measure_checkpoints(
     backend: str | None = None,
     skip: set[str] | None = None,
     variables: tuple[str, ...] | None = None,
+    estimator: dict[str, Any] | None = None,
 ) -> Iterator[Row]:
     """Yield one :class:`Row` per checkpoint, all measured on the same probe set."""
     shared_inputs: Any = None
@@ -61,6 +62,16 @@ def measure_checkpoints(
                 )
             inputs = probe_subset(loaded.example_inputs, probe.samples, probe.seed)
         name = backend or loaded.backend
+        if estimator is not None:
+            from cvcore.estimate import estimate
+
+            est = estimate(loaded.model, inputs, backend=name, **estimator,
+                           **_request_options(request))
+            n = batch_size(inputs)
+            yield Row(source=str(path), backend=name or "auto", kernel=request.kernel,
+                      n_samples=n, n_outputs=est.dim // n if request.kernel == "full" else None,
+                      dtype=request.dtype, seconds=time.perf_counter() - started, variables=est)
+            continue
         if diagonal_only(variables):
             diag, used = build_diagonal(loaded.model, inputs, backend=name, request=request)
             n = batch_size(inputs)
@@ -75,3 +86,10 @@ def measure_checkpoints(
         yield Row(source=str(path), backend=measured.backend, kernel=request.kernel,
                   n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
                   seconds=time.perf_counter() - started, variables=cv)
+
+
+def _request_options(request: KernelRequest) -> dict[str, Any]:
+    """A validated request back as keyword options (for :func:`cvcore.estimate.estimate`)."""
+    return {"kernel": request.kernel, "output": request.output, "dtype": request.dtype,
+            "device": request.device, "train": request.train,
+            "memory_budget": request.memory_budget, "implementation": request.implementation}

@@ -65,3 +65,20 @@ def test_cli_variables_trace(tmp_path) -> None:
     assert row["trace"] == pytest.approx(float(np.trace(cvcore.ntk(model, probe, dtype="float64"))),
                                          rel=1e-10)
     assert not math.isnan(row["self_entropy"])
+
+
+def test_cli_stochastic_estimate_has_error_bars(tmp_path) -> None:
+    model = tm.digits_mlp()
+    torch.save(model, tmp_path / "m.pt")
+    args = ["measure", str(tmp_path / "m.pt"), "--data", "digits", "--samples", "120",
+            "--dtype", "float64", "--json"]
+    runner = CliRunner()
+    exact = json.loads(runner.invoke(make_app(), args).stdout)[0]
+    result = runner.invoke(make_app(), [*args, "--method", "stochastic", "--probes", "24"])
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["method"] == "stochastic" and row["entropy_stderr"] > 0
+    assert row["trace"] == pytest.approx(exact["trace"], rel=1e-9)  # exact, from the diagonal
+    assert abs(row["entropy"] - exact["entropy"]) < 4 * row["entropy_stderr"] + 1e-3
+    bad = runner.invoke(make_app(), [*args, "--method", "magic"])
+    assert bad.exit_code == 2 and "method" in bad.stderr
