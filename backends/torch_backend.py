@@ -97,6 +97,20 @@ def training_mode(module: Any, train: bool) -> Iterator[None]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Turn off TF32 for matrix products and convolutions while a kernel is measured
+    (PyTorch lets cuDNN use TF32 by default, which loses float32's last 13 bits)."""
+    torch = _torch()
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def to_tensors(inputs: Any, dtype: Any, device: str) -> Any:
     """NumPy arrays / tensors (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
     torch = _torch()
@@ -237,7 +251,7 @@ class TorchBackend:
         plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
                            group_sizes=[int(p.numel()) for p in prep.params.values()],
                            itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
-        with training_mode(prep.module, request.train):
+        with training_mode(prep.module, request.train), full_precision():
             kernel = None
             if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
                 from cvcore.backends.torch_structured import structured_kernel
