@@ -15,6 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"  # CPU only to rehearse the script (with --small)
+SMALL = "--small" in sys.argv
+
+
+def sync() -> None:
+    if GPU:
+        torch.cuda.synchronize()
+
 import cvcore
 from cvcore import plugins
 
@@ -60,12 +69,12 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def timed(fn: Any, reps: int = 3) -> tuple[float, Any]:
     out = fn()  # warm-up
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         out = fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), out
 
@@ -86,7 +95,8 @@ def recipe(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(0)}, cvcore "
+    name = torch.cuda.get_device_name(0) if GPU else "cpu (rehearsal)"
+    print(f"torch {torch.__version__}, device {name}, cvcore "
           f"{cvcore.__version__}")
     backend = plugins.get_backend("torch")
     result = backend.ntk(mlp(32), torch.randn(4, 784), cvcore.api.make_request())
@@ -96,50 +106,54 @@ def main() -> None:
              "transformer": (Block(), lambda n: torch.randn(n, 16, 64))}
     print("\n| model | check | value |\n|---|---|---|")
     for name, (model, make) in cases.items():
-        x = make(48)
+        x = make(8 if SMALL else 48)
         ref = cvcore.ntk(model, x, kernel="full", dtype="float64", device="cpu",
                          implementation="jacobian")
         for impl in ("jacobian", "structured"):
-            k64 = cvcore.ntk(model, x, kernel="full", dtype="float64", device="cuda",
+            k64 = cvcore.ntk(model, x, kernel="full", dtype="float64", device=DEV,
                              implementation=impl)
-            k32 = cvcore.ntk(model, x, kernel="full", dtype="float32", device="cuda",
+            k32 = cvcore.ntk(model, x, kernel="full", dtype="float32", device=DEV,
                              implementation=impl)
-            print(f"| {name} | cuda {impl} float64 vs cpu float64 (rel) | {rel(k64, ref):.2e} |")
-            print(f"| {name} | cuda {impl} float32 vs cpu float64 (rel) | {rel(k32, ref):.2e} |")
-        cv32 = cvcore.measure(model, x, device="cuda")
+            print(f"| {name} | {DEV} {impl} float64 vs cpu float64 (rel) | {rel(k64, ref):.2e} |")
+            print(f"| {name} | {DEV} {impl} float32 vs cpu float64 (rel) | {rel(k32, ref):.2e} |")
+        cv32 = cvcore.measure(model, x, device=DEV)
         cv64 = cvcore.measure(model, x, device="cpu", dtype="float64")
-        print(f"| {name} | entropy float32 cuda − float64 cpu | {cv32.entropy - cv64.entropy:.2e} |")
+        print(f"| {name} | entropy float32 {DEV} − float64 cpu | {cv32.entropy - cv64.entropy:.2e} |")
     print("\n| model | N | kernel | method | median s | peak GiB |\n|---|---|---|---|---|---|")
-    for name, n in (("mlp", 256), ("mlp", 1024), ("cnn", 256), ("transformer", 256)):
+    sizes = ((("mlp", 16), ("cnn", 8), ("transformer", 8)) if SMALL else
+             (("mlp", 256), ("mlp", 1024), ("cnn", 256), ("transformer", 256)))
+    for name, n in sizes:
         model, make = cases[name]
-        model = model.cuda()
-        x = make(n).cuda()
+        model = model.to(DEV)
+        x = make(n).to(DEV)
         methods = {
-            "cvcore-auto": lambda: cvcore.ntk(model, x, kernel="full", device="cuda"),
-            "cvcore-jacobian": lambda: cvcore.ntk(model, x, kernel="full", device="cuda",
+            "cvcore-auto": lambda: cvcore.ntk(model, x, kernel="full", device=DEV),
+            "cvcore-jacobian": lambda: cvcore.ntk(model, x, kernel="full", device=DEV,
                                                   implementation="jacobian"),
             "torch.func recipe": lambda: recipe(model, x),
         }
         for label, fn in methods.items():
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            if GPU:
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if GPU else 0
             try:
                 seconds, _ = timed(fn)
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if GPU else 0.0
                 print(f"| {name} | {n} | full | {label} | {seconds:.4f} | {peak:.2f} |")
             except torch.OutOfMemoryError:
                 print(f"| {name} | {n} | full | {label} | OOM | |")
-            torch.cuda.empty_cache()
+            if GPU:
+                torch.cuda.empty_cache()
     model, make = cases["mlp"]
-    x = make(1024).cuda()
-    s_trace, _ = timed(lambda: cvcore.measure(model, x, kernel="full", device="cuda",
+    x = make(32 if SMALL else 1024).to(DEV)
+    s_trace, _ = timed(lambda: cvcore.measure(model, x, kernel="full", device=DEV,
                                               variables="trace"))
-    s_full, _ = timed(lambda: cvcore.ntk(model, x, kernel="full", device="cuda"))
-    print(f"\ntrace only, MLP N=1024 full: {s_trace:.4f} s vs kernel {s_full:.4f} s "
+    s_full, _ = timed(lambda: cvcore.ntk(model, x, kernel="full", device=DEV))
+    print(f"\ntrace only, MLP N={x.shape[0]} full: {s_trace:.4f} s vs kernel {s_full:.4f} s "
           f"({s_full / s_trace:.1f}x)")
-    x = make(2000).cuda()
+    x = make(20 if SMALL else 2000).to(DEV)
     start = time.perf_counter()
-    k = cvcore.ntk(model, x, kernel="full", dtype="float64", device="cuda",
+    k = cvcore.ntk(model, x, kernel="full", dtype="float64", device=DEV,
                    memory_budget="2GiB")
     print(f"D = {k.shape[0]} float64 kernel ({k.nbytes / 2**30:.2f} GiB) built in "
           f"{time.perf_counter() - start:.2f} s")
@@ -161,7 +175,7 @@ def main() -> None:
                     h = jnp.tanh(h)
             return h
 
-        xs = np.random.default_rng(0).standard_normal((64, 784)).astype(np.float32)
+        xs = np.random.default_rng(0).standard_normal((8 if SMALL else 64, 784)).astype(np.float32)
         kj = cvcore.ntk((apply, jax.tree_util.tree_map(jnp.asarray, params)), xs,
                         kernel="full", dtype="float64")
         kt = cvcore.ntk(small, xs, kernel="full", dtype="float64", device="cpu")
