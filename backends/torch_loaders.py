@@ -9,6 +9,7 @@ anything else (a function, a class that is not a module) is refused unless the u
 from __future__ import annotations
 
 import importlib
+import logging
 import importlib.util
 import pickle
 import struct
@@ -215,11 +216,16 @@ class ExportLoader:
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
         torch = _torch()
+        quiet = logging.getLogger("torch.export")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # torch logs a traceback before raising on bad archives
         try:
             program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any malformed archive becomes one line
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"{path}: expected a torch.export .pt2 archive, got {first}") from None
+        finally:
+            quiet.setLevel(level)
         args, kwargs = program.example_inputs or ((), {})
         example: Any = None
         if kwargs and not args:
