@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from cvcore.blocking import Plan, plan_blocks
-from cvcore.memory import ensure_fits
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
+from cvcore.memory import ensure_fits
 from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
 
 

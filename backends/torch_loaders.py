@@ -9,8 +9,8 @@ anything else (a function, a class that is not a module) is refused unless the u
 from __future__ import annotations
 
 import importlib
-import logging
 import importlib.util
+import logging
 import pickle
 import struct
 import zipfile

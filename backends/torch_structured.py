@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cvcore.backends.torch_rules import Feature, dense_costs, feature_diagonal, feature_gram
+from cvcore.backends.torch_rules import Feature, dense_costs, feature_gram
 
 
 @dataclass
@@ -41,7 +41,6 @@ class Block:
 def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
     """One batched forward pass under the recorder; returns ``(outputs (n, O), capture)``."""
     import torch
-
     from cvcore.backends.torch_backend import fcall, select_output
     from cvcore.backends.torch_capture import recorder
 
@@ -230,8 +229,8 @@ def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs
     import dataclasses
 
     import torch
-
     from cvcore.backends.torch_backend import _assemble, _functional_jacobian, batch_of
+
     from cvcore.blocking import plan_blocks
 
     sub = dataclasses.replace(
@@ -262,7 +261,6 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
     if request.train:
         return None
     import torch
-
     from cvcore.backends.torch_backend import _check_finite, batch_of, slice_inputs
 
     n = batch_of(x)

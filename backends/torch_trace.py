@@ -19,11 +19,14 @@ def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
                          ) -> tuple[Any, frozenset[str]]:
     """``‖J_io‖²`` summed over parameters with a rule, and the names of those parameters."""
     import torch
-
     from cvcore.backends.torch_backend import batch_of, slice_inputs
     from cvcore.backends.torch_rules import feature_diagonal
-    from cvcore.backends.torch_structured import (_Coupled, _per_sample_bytes, _sample_blocks,
-                                                  capture_block)
+    from cvcore.backends.torch_structured import (
+        _Coupled,
+        _per_sample_bytes,
+        _sample_blocks,
+        capture_block,
+    )
 
     n = batch_of(x)
     ref = next(iter(prep.params.values()))
@@ -51,8 +54,8 @@ def _jacobian_diagonal(prep: Any, x: Any, request: Any, names: list[str], n_outp
                        jac: Any) -> Any:
     """``‖J_io‖²`` over ``names`` from per-sample Jacobians, in memory-bounded chunks."""
     import torch
-
     from cvcore.backends.torch_backend import batch_of, slice_inputs
+
     from cvcore.blocking import plan_blocks
 
     n = batch_of(x)
@@ -82,6 +85,7 @@ def diagonal_of(prep: Any, x: Any, request: Any, n_outputs: int, jac: Any) -> An
         jac: the backend's per-sample Jacobian function for parameters without a rule.
     """
     from cvcore.backends.torch_backend import _functional_jacobian
+
     from cvcore.protocols import Implementation
 
     use_rules = request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian
@@ -103,10 +107,17 @@ def kernel_diagonal(backend: Any, model: Any, inputs: Any, request: Any) -> NDAr
     order ``i·O + o`` (``N·O`` values). ``Tr K`` is their sum.
     """
     import torch
+    from cvcore.backends.torch_backend import (
+        _fixed_batch_jacobian,
+        _functional_jacobian,
+        _scripted_jacobian,
+        batch_of,
+        prepare,
+        resolve_device,
+        to_tensors,
+        training_mode,
+    )
 
-    from cvcore.backends.torch_backend import (_fixed_batch_jacobian, _functional_jacobian,
-                                               _scripted_jacobian, batch_of, prepare,
-                                               resolve_device, to_tensors, training_mode)
     from cvcore.errors import InputError
 
     device = resolve_device(request.device)
