@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cvcore import outputs
 from cvcore.blocking import Group, Plan, plan_blocks
 from cvcore.errors import CVCoreError, InputError, MissingFrameworkError, ModelError, describe
 from cvcore.protocols import KernelRequest, KernelResult, OutputSelector
@@ -284,26 +285,7 @@ def batch_of(x: Any) -> int:
     return batch_size(x)
 
 
-def _shapes(x: Any) -> str:
-    if isinstance(x, Mapping):
-        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in x.items()) + "}"
-    if isinstance(x, tuple):
-        return "(" + ", ".join(_shapes(v) for v in x) + ")"
-    return f"a batch of per-sample shape {tuple(x.shape[1:])} ({x.dtype})"
-
-
 # --------------------------------------------------------------------------- outputs
-
-
-def output_choices(raw: Any) -> str:
-    """Describe what a raw output offers to ``output=``."""
-    if isinstance(raw, Mapping):
-        return f"a mapping with keys {list(raw.keys())}"
-    if dataclasses.is_dataclass(raw):
-        return f"a dataclass with fields {[f.name for f in dataclasses.fields(raw)]}"
-    if isinstance(raw, (tuple, list)):
-        return f"a {type(raw).__name__} of {len(raw)} items (indices 0..{len(raw) - 1})"
-    return describe(raw)
 
 
 def _is_array(value: Any) -> bool:
@@ -312,31 +294,8 @@ def _is_array(value: Any) -> bool:
 
 
 def select_output(raw: Any, output: OutputSelector | None) -> Any:
-    """Pick one array out of a model's raw output (array, tuple, dict or dataclass)."""
-    if output is None:
-        if _is_array(raw):
-            return raw
-        raise ModelError(
-            f"expected the model to return one array, got {output_choices(raw)}; "
-            "pass output= (an index, a key, or a callable) to choose one"
-        )
-    if callable(output):
-        picked = output(raw)
-    elif isinstance(output, int):
-        if not isinstance(raw, (tuple, list)):
-            raise ModelError(f"expected a tuple output for output={output}, got {output_choices(raw)}")
-        if not -len(raw) <= output < len(raw):
-            raise ModelError(f"expected output index below {len(raw)}, got {output}")
-        picked = raw[output]
-    elif isinstance(raw, Mapping) and output in raw:
-        picked = raw[output]
-    elif not isinstance(raw, Mapping) and isinstance(output, str) and hasattr(raw, output):
-        picked = getattr(raw, output)
-    else:
-        raise ModelError(f"expected output= one of {output_choices(raw)}, got {output!r}")
-    if not _is_array(picked):
-        raise ModelError(f"expected the selected output to be an array, got {describe(picked)}")
-    return picked
+    """Pick one array out of a model's raw output (see :func:`cvcore.outputs.select_output`)."""
+    return outputs.select_output(raw, output, is_leaf=_is_array, noun="array")
 
 
 # --------------------------------------------------------------------------- device, dtype
@@ -554,7 +513,7 @@ def probe_outputs(prep: Prepared, leaves: Leaves, x: Any, output: OutputSelector
                 f"{message}; build BatchNorm with use_running_average=True or give __call__ a "
                 "'train' argument"
             ) from exc
-        raise InputError(f"expected inputs the model accepts, got {_shapes(x)}: {message}") from exc
+        raise InputError(f"expected inputs the model accepts, got {outputs.describe_inputs(x)}: {message}") from exc
     return int(np.prod(select_output(raw, output).shape))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cvcore import outputs
 from cvcore.blocking import Plan, plan_blocks
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
 from cvcore.protocols import KernelRequest, KernelResult, OutputSelector
@@ -125,49 +126,14 @@ def batch_of(inputs: Any) -> int:
 # --------------------------------------------------------------------------- outputs
 
 
-def output_choices(raw: Any) -> str:
-    """Describe what a raw output offers to ``output=``."""
-    if isinstance(raw, Mapping):
-        return f"a mapping with keys {list(raw.keys())}"
-    if isinstance(raw, (tuple, list)):
-        return f"a {type(raw).__name__} of {len(raw)} items (indices 0..{len(raw) - 1})"
-    return describe(raw)
-
-
 def _is_tensor(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(
         value, (Mapping, tuple, list))
 
 
 def select_output(raw: Any, output: OutputSelector | None) -> Any:
-    """Pick one tensor out of a model's raw output (tensor, tuple / list or dict)."""
-    if output is None:
-        if _is_tensor(raw):
-            return raw
-        if isinstance(raw, (tuple, list, Mapping)) and len(raw) == 1:
-            only = next(iter(raw.values())) if isinstance(raw, Mapping) else raw[0]
-            if _is_tensor(only):
-                return only
-        raise ModelError(
-            f"expected the model to return one tensor, got {output_choices(raw)}; "
-            "pass output= (an index, a key, or a callable) to choose one"
-        )
-    if callable(output):
-        picked = output(raw)
-    elif isinstance(output, int) and not isinstance(output, bool):
-        if not isinstance(raw, (tuple, list)):
-            raise ModelError(
-                f"expected a tuple output for output={output}, got {output_choices(raw)}")
-        if not -len(raw) <= output < len(raw):
-            raise ModelError(f"expected output index below {len(raw)}, got {output}")
-        picked = raw[output]
-    elif isinstance(raw, Mapping) and output in raw:
-        picked = raw[output]
-    else:
-        raise ModelError(f"expected output= one of {output_choices(raw)}, got {output!r}")
-    if not _is_tensor(picked):
-        raise ModelError(f"expected the selected output to be a tensor, got {describe(picked)}")
-    return picked
+    """Pick one tensor out of a model's raw output (see :func:`cvcore.outputs.select_output`)."""
+    return outputs.select_output(raw, output, is_leaf=_is_tensor)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cvcore import outputs
 from cvcore.blocking import Plan, plan_blocks
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
 from cvcore.memory import ensure_fits
@@ -45,43 +46,9 @@ def resolve_device(device: str | None) -> str:
 
 
 def select_output(raw: Any, output: OutputSelector | None) -> Any:
-    """Pick one tensor out of a model's raw output (tensor, tuple, dict or dataclass)."""
+    """Pick one tensor out of a model's raw output (see :func:`cvcore.outputs.select_output`)."""
     torch = _torch()
-    if output is None:
-        if isinstance(raw, torch.Tensor):
-            return raw
-        raise ModelError(
-            f"expected the model to return one tensor, got {output_choices(raw)}; "
-            "pass output= (an index, a key, or a callable) to choose one"
-        )
-    if callable(output):
-        picked = output(raw)
-    elif isinstance(output, int):
-        if not isinstance(raw, (tuple, list)):
-            raise ModelError(f"expected a tuple output for output={output}, got {output_choices(raw)}")
-        if not -len(raw) <= output < len(raw):
-            raise ModelError(f"expected output index below {len(raw)}, got {output}")
-        picked = raw[output]
-    elif isinstance(raw, Mapping) and output in raw:
-        picked = raw[output]
-    elif not isinstance(raw, Mapping) and hasattr(raw, output):
-        picked = getattr(raw, output)
-    else:
-        raise ModelError(f"expected output= one of {output_choices(raw)}, got {output!r}")
-    if not isinstance(picked, torch.Tensor):
-        raise ModelError(f"expected the selected output to be a tensor, got {describe(picked)}")
-    return picked
-
-
-def output_choices(raw: Any) -> str:
-    """Describe what a raw output offers to ``output=``."""
-    if isinstance(raw, Mapping):
-        return f"a mapping with keys {list(raw.keys())}"
-    if dataclasses.is_dataclass(raw):
-        return f"a dataclass with fields {[f.name for f in dataclasses.fields(raw)]}"
-    if isinstance(raw, (tuple, list)):
-        return f"a {type(raw).__name__} of {len(raw)} items (indices 0..{len(raw) - 1})"
-    return describe(raw)
+    return outputs.select_output(raw, output, is_leaf=lambda v: isinstance(v, torch.Tensor))
 
 
 @contextlib.contextmanager
@@ -298,18 +265,10 @@ class TorchBackend:
                 raw = fcall(prep.module, {**prep.constants, **prep.params}, x)
         except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
             raise InputError(
-                f"expected inputs the model accepts, got {_shapes(x)}: "
+                f"expected inputs the model accepts, got {outputs.describe_inputs(x)}: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from exc
         return select_output(raw, output)
-
-
-def _shapes(x: Any) -> str:
-    if isinstance(x, Mapping):
-        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in x.items()) + "}"
-    if isinstance(x, tuple):
-        return "(" + ", ".join(_shapes(v) for v in x) + ")"
-    return f"a batch of per-sample shape {tuple(x.shape[1:])} ({x.dtype})"
 
 
 def pad_batch(x: Any, size: int) -> Any:
