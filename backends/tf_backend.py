@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cvcore import outputs
+from cvcore.data_io import slice_inputs
 from cvcore.blocking import Plan, plan_blocks
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
 from cvcore.protocols import KernelRequest, KernelResult, OutputSelector
@@ -88,15 +89,6 @@ def as_arrays(inputs: Any, dtype: str) -> Any:
             f"of them, got {describe(inputs)}"
         )
     return array.astype(dtype) if np.issubdtype(array.dtype, np.floating) else array
-
-
-def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of every array in ``inputs``."""
-    if isinstance(inputs, Mapping):
-        return {k: slice_inputs(v, start, stop) for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(slice_inputs(v, start, stop) for v in inputs)
-    return inputs[start:stop]
 
 
 def map_inputs(fn: Callable[[Any], Any], inputs: Any) -> Any:

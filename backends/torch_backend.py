@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cvcore import outputs
+from cvcore.data_io import slice_inputs
 from cvcore.blocking import Plan, plan_blocks
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
 from cvcore.memory import ensure_fits
@@ -105,14 +106,6 @@ def call(module: Any, inputs: Any) -> Any:
     if isinstance(inputs, tuple):
         return module(*inputs)
     return module(inputs)
-
-
-def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: slice_inputs(v, start, stop) for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(slice_inputs(v, start, stop) for v in inputs)
-    return inputs[start:stop]
 
 
 def batch_of(inputs: Any) -> int:

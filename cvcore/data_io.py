@@ -186,6 +186,15 @@ def take(inputs: Any, index: NDArray[np.int64]) -> Any:
     return inputs[import_index]
 
 
+def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every array in ``inputs`` (an array or a dict / tuple)."""
+    if isinstance(inputs, dict):
+        return {k: slice_inputs(v, start, stop) for k, v in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(slice_inputs(v, start, stop) for v in inputs)
+    return inputs[start:stop]
+
+
 def probe_subset(inputs: Any, samples: int | None, seed: int = 0) -> Any:
     """A fixed random subset of ``samples`` inputs; the same seed gives the same subset.
 
