@@ -9,12 +9,17 @@ Usage::
 Methods: ``cvcore-auto``, ``cvcore-structured``, ``cvcore-jacobian`` (``TorchBackend.ntk``),
 ``torchfunc`` (``vmap(jacrev)`` + one GEMM), ``jax`` (``vmap(jacrev)``, MLP only, same
 weights), ``tf`` (``batch_jacobian``, MLP only, same weights), ``nngeometry``
-(``GramMatrix``, if installed). Peers are imported lazily and skipped when missing.
+(``GramMatrix``, if installed), ``nt-structured`` / ``nt-jacobian`` (neural-tangents'
+``empirical_ntk_fn`` with ``STRUCTURED_DERIVATIVES`` / ``JACOBIAN_CONTRACTION``, MLP and CNN,
+same weights; run by ``benchmarks/nt_peer.py`` in the separate venv that
+``benchmarks/neural_tangents_env.sh`` creates, path ``--nt-python``). Peers are imported
+lazily and skipped when missing.
 
 Columns: median wall time over ``--reps`` runs after one warm-up; peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA for torch methods, otherwise the peak rise
 of the process's resident set (RSS, sampled every 2 ms from ``/proc/self/statm``)
-during one run; ``rel.err`` is ``max|K − K_ref| / max|K_ref|`` against the first
+during one run (neural-tangents: the same, measured inside its own process; its
+``jax.jit`` compile time is excluded and printed below the table); ``rel.err`` is ``max|K − K_ref| / max|K_ref|`` against the first
 method's kernel (``cvcore-structured``); ``vs peer`` is the time divided by the fastest
 peer's time on that row group. All computations are float32.
 """
@@ -24,7 +29,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +41,11 @@ import numpy as np
 
 #: Skip a Jacobian-materialising method when its Jacobian would exceed this many bytes.
 JACOBIAN_LIMIT = 6 << 30
-PEERS = ("torchfunc", "jax", "tf", "nngeometry")
+NT_METHODS = ("nt-structured", "nt-jacobian")
+PEERS = ("torchfunc", "jax", "tf", "nngeometry", *NT_METHODS)
+#: The neural-tangents venv's python (``--nt-python``); see benchmarks/neural_tangents_env.sh.
+NT_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         ".venv-nt", "bin", "python")
 QUICK = False
 CVCORE = ("cvcore-structured", "cvcore-auto", "cvcore-jacobian")
 
@@ -224,6 +235,61 @@ def nngeometry_kernel(model: Any, x: Any, kernel: str, device: str) -> Any:
     return torch.einsum("iojo->ij", full.reshape(n, n_out, n, n_out)).div(n_out).cpu().numpy()
 
 
+def _nt_export(model_name: str, model: Any, x: Any, where: str) -> str:
+    """Write the model's weights (torch layout) and inputs for nt_peer.py; its model name."""
+    if model_name.startswith("mlp"):
+        arrays = {}
+        for k, (w, b) in enumerate(_mlp_weights(model)):
+            arrays[f"w{k}"], arrays[f"b{k}"] = w, b
+        kind = "mlp"
+    else:  # run.py's CNN: two convolutions and one linear head
+        convs = [m for m in model if type(m).__name__ == "Conv2d"]
+        lins = [m for m in model if type(m).__name__ == "Linear"]
+        arrays = {}
+        for k, m in enumerate(convs):
+            arrays[f"c{k}"] = m.weight.detach().cpu().numpy()
+            arrays[f"cb{k}"] = m.bias.detach().cpu().numpy()
+        arrays["w0"] = lins[0].weight.detach().cpu().numpy()
+        arrays["b0"] = lins[0].bias.detach().cpu().numpy()
+        kind = "cnn"
+    np.savez(os.path.join(where, "weights.npz"), **arrays)
+    np.save(os.path.join(where, "inputs.npy"), x.detach().cpu().numpy().astype(np.float32))
+    return kind
+
+
+def nt_run(model_name: str, model: Any, x: Any, kernel: str, methods: list[str], reps: int
+           ) -> dict[str, dict[str, Any]]:
+    """Run benchmarks/nt_peer.py once for all neural-tangents methods of a row.
+
+    Returns, per method, ``time``, ``cpu``, ``mem``, ``compile_s``, ``warmup_s`` and
+    ``kernel`` (numpy, cvcore's layout), or ``error``."""
+    impls = [m.removeprefix("nt-") for m in methods]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nt_peer.py")
+    with tempfile.TemporaryDirectory(prefix="cvcore-nt-") as where:
+        kind = _nt_export(model_name, model, x, where)
+        cmd = [NT_PYTHON, script, "--model", kind, "--weights", os.path.join(where, "weights.npz"),
+               "--inputs", os.path.join(where, "inputs.npy"), "--kernel", kernel,
+               "--impls", ",".join(impls), "--reps", str(reps), "--slow", str(SLOW),
+               "--out-dir", where]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+        report_path = os.path.join(where, "timings.json")
+        if proc.returncode != 0 or not os.path.exists(report_path):
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:80]
+            return {m: {"error": f"nt_peer.py exit {proc.returncode}: {tail}"} for m in methods}
+        import json
+
+        with open(report_path) as fh:
+            report = json.load(fh)
+        out: dict[str, dict[str, Any]] = {}
+        for m, impl in zip(methods, impls):
+            res = dict(report["results"][impl])
+            if "kernel" in res:
+                res["kernel"] = np.load(res["kernel"])
+            res["versions"], res["import_s"] = report["versions"], report["import_s"]
+            out[m] = res
+        return out
+
+
 METHODS: dict[str, Callable[..., Any]] = {
     "cvcore-structured": cvcore_kernel("structured"),
     "cvcore-auto": cvcore_kernel("auto"),
@@ -242,6 +308,14 @@ def skip_reason(method: str, model_name: str, model: Any, n: int, device: str) -
 
     if method in _MODULES and importlib.util.find_spec(_MODULES[method]) is None:
         return f"{_MODULES[method]} not installed"
+    if method in NT_METHODS:
+        if not os.path.exists(NT_PYTHON):
+            return (f"no neural-tangents venv at {NT_PYTHON}; run "
+                    "bash benchmarks/neural_tangents_env.sh (or pass --nt-python)")
+        if not (model_name.startswith("mlp") or model_name == "cnn"):
+            return "recipe written for the MLP and CNN only"
+        if device != "cpu":
+            return "peer runs in its own CPU-only venv; compared on CPU only"
     if method == "nngeometry" and model_name == "cnn" and QUICK:
         return "about 30 s per run on 2 cores; run without --quick"
     if method in ("jax", "tf") and not model_name.startswith("mlp"):
@@ -249,7 +323,7 @@ def skip_reason(method: str, model_name: str, model: Any, n: int, device: str) -
     if method in ("jax", "tf") and device != "cpu":
         return "peer runs on its own default device; compared on CPU only"
     params = sum(p.numel() for p in model.parameters())
-    if method in ("torchfunc", "jax", "tf", "cvcore-jacobian"):
+    if method in ("torchfunc", "jax", "tf", "cvcore-jacobian", "nt-jacobian"):
         size = n * 10 * params * 4
         if method == "cvcore-jacobian" and n * 10 * n * 10 * params > 2e12:
             return f"estimated > 2e12 multiply-adds (Gram of {params} params)"
@@ -343,11 +417,33 @@ def run_row(model_name: str, n: int, kernel: str, methods: list[str], device: st
     x = inputs(n).to(device)
     rows: list[dict[str, Any]] = []
     reference = None
+    nt_results: dict[str, dict[str, Any]] | None = None
     for method in methods:
         row: dict[str, Any] = {"model": model_name, "N": n, "kernel": kernel, "method": method}
         reason = skip_reason(method, model_name, model, n, device)
         if reason is not None:
             rows.append({**row, "skip": reason})
+            continue
+        if method in NT_METHODS:  # one subprocess per row runs all of them
+            if nt_results is None:
+                todo = [m for m in methods if m in NT_METHODS
+                        and skip_reason(m, model_name, model, n, device) is None]
+                nt_results = nt_run(model_name, model, x, kernel, todo, reps)
+            res = nt_results[method]
+            if "error" in res:
+                rows.append({**row, "skip": res["error"][:100]})
+                continue
+            k = np.asarray(res["kernel"], dtype=np.float64)
+            if reference is None:
+                reference = k
+            err = float(np.abs(k - reference).max() / np.abs(reference).max())
+            v = res["versions"]
+            note = (f"{method}, {model_name} N={n} {kernel}: jax.jit compile {res['compile_s']:.2f} s, "
+                    f"first call {res['warmup_s']:.2f} s (both excluded from the median; "
+                    f"{res['reps']} timed), import {res['import_s']:.1f} s; neural-tangents "
+                    f"{v['neural_tangents']}, jax {v['jax']}, numpy {v['numpy']}")
+            rows.append({**row, "time": res["time"], "cpu": res["cpu"], "mem": res["mem"],
+                         "mem_kind": "rss", "err": err, "note": note})
             continue
         try:
             t, c, mem, how, k = measure(lambda m=method: METHODS[m](model, x, kernel, device),
@@ -393,6 +489,11 @@ def trace_row(n: int, device: str, reps: int, model_name: str = "mlp256") -> lis
     return rows
 
 
+def format_notes(rows: list[dict[str, Any]]) -> str:
+    notes = [r["note"] for r in rows if r.get("note")]
+    return "\n".join(f"- {n}" for n in notes)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = "| model | N | kernel | method | median s | cpu s | peak MiB | rel.err | vs peer |"
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
@@ -420,6 +521,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed runs per method (median)")
     p.add_argument("--trace-n", type=int, default=None, help="N of the trace-only row (0: skip)")
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--nt-python", default=NT_PYTHON,
+                   help="python of the neural-tangents venv (benchmarks/neural_tangents_env.sh)")
     return p.parse_args(argv)
 
 
@@ -431,8 +534,9 @@ def main(argv: list[str] | None = None) -> None:
 
     warnings.filterwarnings("ignore", message=".*batching rule.*")
 
-    global QUICK
+    global QUICK, NT_PYTHON
     QUICK = args.quick
+    NT_PYTHON = args.nt_python
     if args.quick:
         models = (args.models or "mlp256,cnn,transformer,gnn").split(",")
         sizes = [int(v) for v in (args.n or "64").split(",")]
@@ -453,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
                 new = run_row(model_name, n, kernel, methods, args.device, reps)
                 rows.extend(new)
                 print(format_table(new).split("\n", 2)[2], flush=True)
+                if format_notes(new):
+                    print(format_notes(new), flush=True)
     if trace_n:
         new = trace_row(trace_n, args.device, reps)
         rows.extend(new)
@@ -462,6 +568,8 @@ def main(argv: list[str] | None = None) -> None:
     table = format_table(rows)
     footer = (f"\n\n{device}; `{' '.join(['python', 'benchmarks/run.py', *sys.argv[1:]])}`; "
               f"total {time.perf_counter() - started:.0f} s")
+    notes = format_notes(rows)
+    footer += f"\n\n{notes}" if notes else ""
     print("\n" + table + footer)
     if args.out:
         with open(args.out, "w") as fh:

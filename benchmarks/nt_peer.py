@@ -1,0 +1,196 @@
+"""neural-tangents peer for benchmarks/run.py, run by the neural-tangents venv's python.
+
+Does not import cvcore or torch (the venv made by ``benchmarks/neural_tangents_env.sh``
+has neither). ``run.py`` writes the model's weights (``.npz``, torch layout) and the
+inputs (``.npy``); this script rebuilds the same model as a plain JAX
+``apply_fn(params, x)``, builds the empirical NTK with
+``nt.empirical_ntk_fn(apply_fn, trace_axes=..., vmap_axes=0, implementation=...)``
+under ``jax.jit``, and writes the kernel in cvcore's layout plus a JSON of timings::
+
+    .venv-nt/bin/python benchmarks/nt_peer.py --model mlp --weights w.npz --inputs x.npy \
+        --kernel full --impls structured,jacobian --reps 5 --out-dir /tmp/nt
+
+Models: ``mlp`` (Linear/tanh stack, weights ``w0, b0, w1, b1, ...``, torch layout
+``(out, in)``) and ``cnn`` (run.py's Conv(1→16, 3, pad 1) → ReLU → MaxPool 2 → Conv(16→16)
+→ ReLU → MaxPool 2 → Flatten → Linear(784→10), NCHW like torch so the flatten order
+matches; weights ``c0, cb0, c1, cb1, w0, b0``).
+
+Conventions. ``full``: ``trace_axes=()`` gives ``(N, N, O, O)``, transposed to
+``(N, O, N, O)`` and reshaped to ``(N·O, N·O)`` (row ``i·O + o``). ``traced``:
+``trace_axes=(-1,)``; neural-tangents divides the trace by the traced size
+(``_trace_and_diagonal`` returns ``ntk / contract_size``), i.e. ``(1/O) Σ_o``, which is
+cvcore's ``traced`` convention, so no rescaling is applied.
+
+Timing. ``jax.jit(...).lower(...).compile()`` is timed separately (``compile_s``); then one
+warm-up call and ``reps`` timed calls (``block_until_ready``); if the warm-up exceeds
+``--slow`` seconds only one timed call is made. Reported: median wall time, median process
+CPU time, and the peak rise of the resident set during the last timed call (sampled every
+2 ms from ``/proc/self/statm``, as run.py does for CPU methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+
+class PeakRSS:
+    """Peak rise of the resident set during a block (same sampling as run.py)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self._rss()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def build(model: str, weights: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    """``(apply_fn, params)`` for run.py's model, from torch-layout weights."""
+    import jax
+    import jax.numpy as jnp
+
+    if model == "mlp":
+        layers = sum(1 for k in weights if k.startswith("w"))
+        # JAX layout (in, out) so each layer is x @ W + b
+        params = [(jnp.asarray(weights[f"w{k}"].T), jnp.asarray(weights[f"b{k}"]))
+                  for k in range(layers)]
+
+        def apply_fn(p: Any, x: Any) -> Any:
+            h = x
+            for k, (w, b) in enumerate(p):
+                h = h @ w + b
+                if k < len(p) - 1:
+                    h = jnp.tanh(h)
+            return h
+
+        return apply_fn, params
+    if model == "cnn":
+        params = {
+            "convs": [(jnp.asarray(weights["c0"]), jnp.asarray(weights["cb0"])),
+                      (jnp.asarray(weights["c1"]), jnp.asarray(weights["cb1"]))],
+            "head": (jnp.asarray(weights["w0"].T), jnp.asarray(weights["b0"])),
+        }
+
+        def apply_fn(p: Any, x: Any) -> Any:
+            h = x  # (N, C, H, W), torch's layout
+            for w, b in p["convs"]:
+                h = jax.lax.conv_general_dilated(
+                    h, w, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                    dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                h = jax.nn.relu(h + b[None, :, None, None])
+                h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2),
+                                          "VALID")
+            h = h.reshape(h.shape[0], -1)
+            w, b = p["head"]
+            return h @ w + b
+
+        return apply_fn, params
+    raise SystemExit(f"unknown model {model!r}: mlp or cnn")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, choices=("mlp", "cnn"))
+    p.add_argument("--weights", required=True, help=".npz of torch-layout weights")
+    p.add_argument("--inputs", required=True, help=".npy of float32 inputs")
+    p.add_argument("--kernel", default="full", choices=("full", "traced"))
+    p.add_argument("--impls", default="structured,jacobian",
+                   help="comma list of structured, jacobian, ntvp")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--slow", type=float, default=5.0,
+                   help="time once if the warm-up takes longer than this (s)")
+    p.add_argument("--out-dir", required=True, help="writes K_<impl>.npy and timings.json")
+    args = p.parse_args(argv)
+
+    t_import = time.perf_counter()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import jax
+    import neural_tangents as nt
+    t_import = time.perf_counter() - t_import
+
+    impls = {"structured": nt.NtkImplementation.STRUCTURED_DERIVATIVES,
+             "jacobian": nt.NtkImplementation.JACOBIAN_CONTRACTION,
+             "ntvp": nt.NtkImplementation.NTK_VECTOR_PRODUCTS}
+    with np.load(args.weights) as fh:
+        weights = {k: fh[k].astype(np.float32) for k in fh.files}
+    x = jax.numpy.asarray(np.load(args.inputs).astype(np.float32))
+    apply_fn, params = build(args.model, weights)
+    trace_axes: tuple[int, ...] = () if args.kernel == "full" else (-1,)
+    os.makedirs(args.out_dir, exist_ok=True)
+    report: dict[str, Any] = {
+        "versions": {"neural_tangents": nt.__version__, "jax": jax.__version__,
+                     "jaxlib": __import__("jaxlib").__version__, "numpy": np.__version__},
+        "devices": [str(d) for d in jax.devices()], "import_s": t_import,
+        "model": args.model, "kernel": args.kernel, "N": int(x.shape[0]), "results": {},
+    }
+    for name in args.impls.split(","):
+        fn = nt.empirical_ntk_fn(apply_fn, trace_axes=trace_axes, vmap_axes=0,
+                                 implementation=impls[name])
+        res: dict[str, Any] = {}
+        try:
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn).lower(x, None, params).compile()
+            res["compile_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            k = compiled(x, None, params).block_until_ready()  # warm-up
+            res["warmup_s"] = time.perf_counter() - t0
+            reps = 1 if res["warmup_s"] > args.slow else args.reps
+            times, cpu = [], []
+            for i in range(reps):
+                rss = PeakRSS() if i == reps - 1 else None
+                if rss is not None:
+                    rss.__enter__()
+                t0, c0 = time.perf_counter(), time.process_time()
+                k = compiled(x, None, params).block_until_ready()
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+                if rss is not None:
+                    rss.__exit__(None, None, None)
+                    res["mem"] = rss.peak - rss.base
+            res.update(time=statistics.median(times), cpu=statistics.median(cpu),
+                       times=times, reps=reps)
+            k = np.asarray(k)
+            if args.kernel == "full":  # (N, N, O, O) -> (N, O, N, O) -> (N·O, N·O)
+                n, _, o, _ = k.shape
+                k = k.transpose(0, 2, 1, 3).reshape(n * o, n * o)
+            path = os.path.join(args.out_dir, f"K_{name}.npy")
+            np.save(path, k)
+            res["kernel"] = path
+        except Exception as exc:  # report, let the caller show a skipped row
+            res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        report["results"][name] = res
+        print(f"nt {name}: {json.dumps({k: v for k, v in res.items() if k != 'times'})}",
+              file=sys.stderr, flush=True)
+    with open(os.path.join(args.out_dir, "timings.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
