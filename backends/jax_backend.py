@@ -537,6 +537,19 @@ class JaxBackend:
                 jax.default_matmul_precision("highest"):
             return self._ntk(model, inputs, request, device)
 
+    def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
+        """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),
+        full ``‖J_io‖²`` (N·O values, row ``i·O + o``); their sum is ``Tr K``."""
+        from cvcore.backends.jax_trace import kernel_diagonal
+
+        return kernel_diagonal(model, inputs, request)
+
+    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """The kernel as a matrix-free ``K @ V`` operator (``cvcore.estimate.KernelOperator``)."""
+        from cvcore.backends.jax_trace import kernel_operator
+
+        return kernel_operator(model, inputs, request)
+
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
         import jax.numpy as jnp
 
