@@ -376,42 +376,72 @@ def _scripted_jacobian(prep: Prepared, names: list[str], x: Any, request: Kernel
     return torch.stack(rows).detach()
 
 
+def _output_range(output: OutputSelector | None, start: int, stop: int) -> OutputSelector:
+    """An output selector for outputs ``start:stop`` of the flattened per-sample output."""
+
+    def pick(raw: Any) -> Any:
+        chosen = select_output(raw, output)
+        return chosen.reshape(chosen.shape[0], -1)[:, start:stop]
+
+    return pick
+
+
 def _assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: JacobianFn,
               n_outputs: int, device: str, dtype: Any) -> Any:
-    """Accumulate the kernel over parameter groups and sample blocks, on the device."""
+    """Accumulate the kernel over parameter groups and pairs of row blocks (samples ×
+    outputs), on the device; each block's Jacobian is computed in chunks of samples."""
     torch = _torch()
     names = list(prep.params)
     n = batch_of(x)
     traced = request.kernel == "traced"
-    dim = n if traced else n * n_outputs
-    kernel = torch.zeros((dim, dim), dtype=dtype, device=device)
-
-    def rows(j: Any) -> Any:  # (b, O, P) -> (b, O·P) traced, (b·O, P) full
-        return j.reshape(j.shape[0], -1) if traced else j.reshape(-1, j.shape[2])
-
-    scale = 1.0 / n_outputs if traced else 1.0
     width = 1 if traced else n_outputs
+    kernel = torch.zeros((n * width, n * width), dtype=dtype, device=device)
+    k4 = kernel.view(n, width, n, width)
+    scale = 1.0 / n_outputs if traced else 1.0
+    Block = tuple[tuple[int, int], tuple[int, int]]
+
     for group in plan.groups:
         group_names = [names[i] for i in group.members]
-        # Train mode measures the probe set as one batch (batch statistics couple samples).
-        blocks = [(0, n)] if request.train else plan.sample_blocks(group)
-        if len(blocks) == 1:
-            chunks = [(0, n)] if request.train else plan.chunks(group, 0, n)
-            j = torch.cat([jac(prep, group_names, slice_inputs(x, a, b), request)
-                           for a, b in chunks])
-            r = rows(j)
-            kernel += scale * (r @ r.T)
-            continue
-        for bi, (a0, a1) in enumerate(blocks):
-            ja = rows(jac(prep, group_names, slice_inputs(x, a0, a1), request))
-            kernel[a0 * width:a1 * width, a0 * width:a1 * width] += scale * (ja @ ja.T)
-            for b0, b1 in blocks[bi + 1:]:
-                jb = rows(jac(prep, group_names, slice_inputs(x, b0, b1), request))
-                block = scale * (ja @ jb.T)
-                kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
-                kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
+        if request.train:  # the probe set is one batch: batch statistics couple samples
+            blocks: list[Block] = [((0, n), (0, n_outputs))]
+        else:
+            blocks = [(s, o) for o in plan.output_blocks(group) for s in plan.sample_blocks(group)]
+
+        def jacobian(block: Block) -> Any:
+            (a, b), (o0, o1) = block
+            req = request if (o0, o1) == (0, n_outputs) else dataclasses.replace(
+                request, output=_output_range(request.output, o0, o1))
+            chunks = [(a, b)] if request.train else plan.chunks(group, a, b)
+            return torch.cat([jac(prep, group_names, slice_inputs(x, c0, c1), req)
+                              for c0, c1 in chunks])
+
+        for index, first in enumerate(blocks):
+            j1 = jacobian(first)
+            _add_block(k4, j1, j1, first, first, traced, scale, mirror=False)
+            for second in blocks[index + 1:]:
+                if traced and second[1] != first[1]:
+                    continue  # the traced kernel pairs each output with itself only
+                _add_block(k4, j1, jacobian(second), first, second, traced, scale, mirror=True)
     _check_finite(kernel, n, width)
     return kernel.detach().cpu().numpy()
+
+
+def _add_block(k4: Any, j1: Any, j2: Any, first: Any, second: Any, traced: bool, scale: float,
+               mirror: bool) -> None:
+    """Add ``J1 J2ᵀ`` for two row blocks (and its transpose at the mirrored place)."""
+    (a1, b1), (o1, p1) = first
+    (a2, b2), (o2, p2) = second
+    if traced:  # (b, O_block, P) -> (b, O_block·P); the 1/O is over all outputs
+        block = scale * (j1.reshape(j1.shape[0], -1) @ j2.reshape(j2.shape[0], -1).T)
+        k4[a1:b1, 0, a2:b2, 0] += block
+        if mirror:
+            k4[a2:b2, 0, a1:b1, 0] += block.T
+        return
+    block = (j1.reshape(-1, j1.shape[2]) @ j2.reshape(-1, j2.shape[2]).T).reshape(
+        b1 - a1, p1 - o1, b2 - a2, p2 - o2)
+    k4[a1:b1, o1:p1, a2:b2, o2:p2] += block
+    if mirror:
+        k4[a2:b2, o2:p2, a1:b1, o1:p1] += block.permute(2, 3, 0, 1)
 
 
 def _check_finite(kernel: Any, n: int, width: int) -> None:

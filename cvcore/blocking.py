@@ -1,11 +1,12 @@
 """How a kernel is split into pieces that fit a memory budget.
 
 The kernel is a sum over parameter groups, ``K = Σ_g J_g J_gᵀ``, and within a group a
-sum over pairs of sample blocks. The plan keeps one group's Jacobian for all samples
+sum over pairs of row blocks (a range of samples × a range of outputs). The plan keeps one group's Jacobian for all samples
 within half the budget when it can (parameter tensors are packed greedily, in model
 order, into groups of at most ``budget / (2·N·O·itemsize)`` parameters); a single
 tensor too large for that is measured in sample blocks, two of which (each at most a
-quarter of the budget) are resident at a time. Jacobians are computed in chunks of
+quarter of the budget) are resident at a time, and, when one sample's Jacobian for all
+outputs is already over a quarter of the budget, in output blocks as well. Jacobians are computed in chunks of
 samples whose Jacobian takes at most a quarter of the budget.
 
 The budget covers Jacobian storage; the kernel itself (``D² · itemsize``) and the
@@ -35,13 +36,28 @@ class Plan:
     budget: int
     groups: tuple[Group, ...]
 
+    def _whole(self, group: Group) -> bool:
+        return self.n_samples * self.n_outputs * group.size * self.itemsize <= self.budget // 2
+
+    def _output_block(self, group: Group) -> int:
+        if self._whole(group):
+            return self.n_outputs
+        per_output = max(1, group.size * self.itemsize)  # one sample, one output
+        return max(1, min(self.n_outputs, (self.budget // 4) // per_output))
+
     def _per_sample(self, group: Group) -> int:
-        return max(1, self.n_outputs * group.size * self.itemsize)
+        return max(1, self._output_block(group) * group.size * self.itemsize)
+
+    def output_blocks(self, group: Group) -> list[tuple[int, int]]:
+        """Output ranges: one sample's Jacobian block stays within a quarter of the budget
+        (models with many outputs, such as a language model's vocabulary)."""
+        size = self._output_block(group)
+        return [(a, min(a + size, self.n_outputs)) for a in range(0, self.n_outputs, size)]
 
     def sample_blocks(self, group: Group) -> list[tuple[int, int]]:
         """Sample ranges whose pairwise products make up this group's kernel."""
         n = self.n_samples
-        if n * self._per_sample(group) <= self.budget // 2:
+        if self._whole(group):
             return [(0, n)]
         size = max(1, (self.budget // 4) // self._per_sample(group))
         return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -62,6 +78,11 @@ def plan_blocks(*, n_samples: int, n_outputs: int, group_sizes: list[int], items
     [(0, 1), (2,)]
     >>> p.sample_blocks(p.groups[0]), len(p.sample_blocks(p.groups[1]))
     ([(0, 10)], 5)
+    >>> p.output_blocks(p.groups[1])
+    [(0, 2)]
+    >>> tiny = plan_blocks(n_samples=3, n_outputs=5, group_sizes=[100], itemsize=8, budget=3200)
+    >>> tiny.output_blocks(tiny.groups[0]), tiny.sample_blocks(tiny.groups[0])
+    ([(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], [(0, 1), (1, 2), (2, 3)])
     """
     limit = max(1, budget // (2 * max(1, n_samples * n_outputs * itemsize)))
     groups: list[Group] = []

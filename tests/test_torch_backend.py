@@ -201,3 +201,27 @@ def test_default_device_is_cpu_without_gpu() -> None:
     assert resolve_device(None) == expected
     with pytest.raises(InputError, match="torch device"):
         resolve_device("gpu0")
+
+
+@pytest.mark.parametrize("kernel", ["traced", "full"])
+def test_many_outputs_are_blocked_over_outputs(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvcore.blocking import Plan
+
+    seen: list[int] = []
+    original = Plan.output_blocks
+
+    def spy(self, group):
+        blocks = original(self, group)
+        seen.append(len(blocks))
+        return blocks
+
+    monkeypatch.setattr(Plan, "output_blocks", spy)
+    torch.manual_seed(10)
+    model = tm.mlp(6, 8, 40).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    ref = tm.reference_full(model, x)
+    expected = (ref if kernel == "full" else tm.traced_from_full(ref, 5)).numpy()
+    got = cvcore.ntk(model, x, kernel=kernel, dtype="float64", implementation="jacobian",
+                     memory_budget=4096)
+    assert max(seen) > 1  # the outputs really were split
+    assert rel(got, expected) < 1e-12
