@@ -23,6 +23,8 @@ capture is recomputed), and each identity chunks its own intermediates to the bu
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,8 +172,9 @@ def _per_sample_bytes(prep: Any, x: Any, request: Any, n_outputs: int) -> int:
     return max(1, total // m)
 
 
-def _sample_blocks(n: int, per_sample: int, budget: int) -> list[tuple[int, int]]:
-    size = max(1, min(n, (budget // 2) // per_sample))
+def _sample_blocks(n: int, per_sample: int, budget: int, max_size: int | None = None
+                   ) -> list[tuple[int, int]]:
+    size = max(1, min(n, (budget // 2) // per_sample, max_size or n))
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
@@ -266,15 +269,19 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
     n = batch_of(x)
     traced = request.kernel == "traced"
     budget = int(request.memory_budget)
+    width = 1 if traced else n_outputs
+    ref = next(iter(prep.params.values()))
+    # A pair of blocks makes kernel-block temporaries of (b·width)² entries, about three
+    # at a time: keep them within half the budget too.
+    pair_limit = int(math.sqrt(budget / (6 * ref.element_size()))) // width
     try:
-        blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
+        blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget,
+                                max_size=max(1, pair_limit))
         first = capture_block(prep, slice_inputs(x, *blocks[0]), request)
     except _Coupled:
         return None
     if not first.structured or not _use_structured(prep, first, n, n_outputs, request):
         return None
-    width = 1 if traced else n_outputs
-    ref = next(iter(prep.params.values()))
     kernel = torch.zeros((n * width, n * width), dtype=ref.dtype, device=ref.device)
     try:
         _assemble_structured(kernel, prep, x, request, blocks, first, width, traced, budget)
