@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from cvcore.backends import jax_backend as jb
 from numpy.typing import NDArray
 
-from cvcore.backends import jax_backend as jb
 from cvcore.blocking import plan_blocks
 from cvcore.errors import InputError, ModelError
 from cvcore.protocols import KernelRequest
@@ -290,7 +290,8 @@ class _JaxKernelOperator:
                 y = np.asarray(self.jvp_fn(self.theta, values, prep.constants, chunks_x[c],
                                            u, outs), dtype=np.float64)  # (s, W, g)
                 b = min(a + s, n)
-                np.add.at(out, (slice(a, b), slice(None), cols[:real]), y[:b - a, :, :real])
+                np.add.at(out, (slice(a, b), slice(None), cols[:real]),  # type: ignore[arg-type]
+                          y[:b - a, :, :real])
         return out.reshape(n * width, k)
 
 

@@ -13,13 +13,13 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 flax = pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
-from cvcore.backends import jax_backend  # noqa: E402
-from cvcore.backends.jax_backend import JaxBackend  # noqa: E402
-from flax import linen as nn  # noqa: E402
+from cvcore.backends import jax_backend
+from cvcore.backends.jax_backend import JaxBackend
+from flax import linen as nn
 
-import cvcore  # noqa: E402
-from cvcore.api import make_request  # noqa: E402
-from cvcore.errors import InputError  # noqa: E402
+import cvcore
+from cvcore.api import make_request
+from cvcore.errors import InputError
 
 O = 3
 
