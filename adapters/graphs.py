@@ -21,9 +21,10 @@ def _node_model(model: Any, data: Any) -> Any:
             self.edge_index = data.edge_index
 
         def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            dtype = next(self.gnn.parameters()).dtype
-            out = self.gnn(self.x.to(dtype), self.edge_index)
-            return out[idx]
+            ref = next(self.gnn.parameters())
+            out = self.gnn(self.x.to(device=ref.device, dtype=ref.dtype),
+                           self.edge_index.to(ref.device))
+            return out[idx.to(ref.device)]
 
     return NodeOutputs()
 

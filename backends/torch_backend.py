@@ -160,6 +160,20 @@ def prepare(model: Any, dtype: Any, device: str) -> Prepared:
                     export_batch=export_batch)
 
 
+def home_device(model: Any) -> str | None:
+    """The device of a model's first parameter (``None`` without parameters)."""
+    torch = _torch()
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return None if first is None else str(first.device)
+
+
+def _is_scripted(model: Any) -> bool:
+    torch = _torch()
+    return isinstance(model, torch.jit.ScriptModule)
+
+
 class TorchBackend:
     """Backend for ``torch.nn.Module``, ``torch.export`` programs and TorchScript modules."""
 
@@ -183,8 +197,22 @@ class TorchBackend:
         return isinstance(model, (torch.nn.Module, torch.export.ExportedProgram))
 
     def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
+        home = home_device(model)
+        device = home if _is_scripted(model) and request.device is None and home else \
+            resolve_device(request.device)
+        try:
+            return self._ntk(model, inputs, request, device)
+        except InputError as exc:
+            # A model that keeps plain (unregistered) tensors on its own device cannot run
+            # elsewhere: measure it where it lives rather than on the default GPU.
+            if request.device is None and home and home != device and "device" in str(exc):
+                warnings.warn(f"cvcore: the model does not run on {device} ({exc}); measuring "
+                              f"it on {home}, where its parameters are", stacklevel=2)
+                return self._ntk(model, inputs, request, home)
+            raise
+
+    def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: str) -> KernelResult:
         torch = _torch()
-        device = resolve_device(request.device)
         dtype = torch.float64 if request.dtype == "float64" else torch.float32
         prep = prepare(model, dtype, device)
         x = to_tensors(inputs, dtype, device)

@@ -215,7 +215,7 @@ def test_estimate_auto_picks_exact_small_and_stochastic_above_threshold(digits: 
     stoch = estimate(model, x, dtype="float64", top_k=3, probes=8, steps=10, max_exact_dim=30)
     assert stoch.method == "stochastic" and stoch.dim == 40
     again = estimate(model, x, dtype="float64", top_k=3, probes=8, steps=10, max_exact_dim=30)
-    assert again.entropy == stoch.entropy  # seeded
+    assert again.entropy == pytest.approx(stoch.entropy, rel=1e-12)  # seeded (GPU sums may reorder)
 
 
 def test_estimate_rejects_bad_options(digits: np.ndarray) -> None:

@@ -133,7 +133,7 @@ class TorchBlock(nn.Module):
         causal = None
         if self.mask:
             length = x.shape[1]
-            causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+            causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=x.device), 1)
         x = x + self.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
         x = x + self.mlp(self.n2(x))
         return self.head(x[:, 0])
