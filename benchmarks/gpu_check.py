@@ -95,6 +95,9 @@ def recipe(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     torch.manual_seed(0)
+    # The recipe computes in full float32 like cvcore (PyTorch lets cuDNN use TF32 by default).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     name = torch.cuda.get_device_name(0) if GPU else "cpu (rehearsal)"
     print(f"torch {torch.__version__}, device {name}, cvcore "
           f"{cvcore.__version__}")

@@ -521,6 +521,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed runs per method (median)")
     p.add_argument("--trace-n", type=int, default=None, help="N of the trace-only row (0: skip)")
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="let peers use TF32 on the GPU (PyTorch's default for convolutions); "
+                        "off by default so every method computes in full float32 like cvcore")
     p.add_argument("--nt-python", default=NT_PYTHON,
                    help="python of the neural-tangents venv (benchmarks/neural_tangents_env.sh)")
     return p.parse_args(argv)
@@ -533,6 +536,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     warnings.filterwarnings("ignore", message=".*batching rule.*")
+    # Same precision for every method: cvcore turns TF32 off while it measures.
+    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    torch.backends.cudnn.allow_tf32 = args.allow_tf32
 
     global QUICK, NT_PYTHON
     QUICK = args.quick
