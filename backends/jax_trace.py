@@ -42,7 +42,7 @@ import numpy as np
 from cvcore.backends import jax_backend as jb
 from numpy.typing import NDArray
 
-from cvcore.blocking import plan_blocks
+from cvcore.blocking import OperatorBudget, plan_blocks
 from cvcore.errors import InputError, ModelError
 from cvcore.protocols import KernelRequest
 
@@ -158,7 +158,7 @@ def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
 
 
 @dataclasses.dataclass
-class _JaxKernelOperator:
+class _JaxKernelOperator(OperatorBudget):
     """``matvec`` state: the prepared model, padded inputs, jitted products, limits."""
 
     setup: _Setup
@@ -180,20 +180,6 @@ class _JaxKernelOperator:
     @property
     def n_outputs(self) -> int:
         return self.setup.n_outputs
-
-    @property
-    def dim(self) -> int:
-        return self.n if self.traced else self.n * self.n_outputs
-
-    def group_size(self, total: int) -> int:
-        """Vectors per group: their ``u`` and one sample's activations within the budget."""
-        quarter = max(1, self.budget // 4)
-        cap = min(quarter // max(1, self.param_bytes), quarter // self.act_bytes)
-        return max(1, min(total, cap))
-
-    def chunk_size(self, group: int) -> int:
-        """Samples per chunk: ``group`` vectors' activations within half the budget."""
-        return max(1, min(self.n, (self.budget // 2) // (max(1, group) * self.act_bytes)))
 
     def build(self) -> None:
         """Define the jitted per-chunk products (traced and compiled on first use)."""

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from cvcore.blocking import OperatorBudget
+
 
 def _activation_bytes(prep: Any, x: Any, output: Any, n: int) -> int:
     """Bytes autograd saves per sample (the difference of a 2- and a 1-sample forward)."""
@@ -55,7 +57,7 @@ def _activation_bytes(prep: Any, x: Any, output: Any, n: int) -> int:
 
 
 @dataclass
-class _TorchKernelOperator:
+class _TorchKernelOperator(OperatorBudget):
     """``matvec`` state: the prepared model, the inputs and the blocking limits."""
 
     prep: Any
@@ -67,21 +69,6 @@ class _TorchKernelOperator:
     budget: int
     param_bytes: int
     act_bytes: int
-
-    @property
-    def dim(self) -> int:
-        return self.n if self.traced else self.n * self.n_outputs
-
-    def group_size(self, total: int) -> int:
-        """Vectors per group: their ``u`` and one sample's activations within the budget."""
-        quarter = max(1, self.budget // 4)
-        cap = min(quarter // max(1, self.param_bytes), quarter // self.act_bytes)
-        return max(1, min(total, cap))
-
-    def chunks(self, group: int) -> list[tuple[int, int]]:
-        """Sample chunks whose activations for ``group`` vectors fit half the budget."""
-        size = max(1, min(self.n, (self.budget // 2) // (max(1, group) * self.act_bytes)))
-        return [(a, min(a + size, self.n)) for a in range(0, self.n, size)]
 
     def function(self, a: int, b: int) -> Callable[[dict[str, Any]], Any]:
         """``θ ↦ f(x[a:b]; θ)`` as a ``(b - a, O)`` tensor."""

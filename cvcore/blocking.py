@@ -98,3 +98,38 @@ def plan_blocks(*, n_samples: int, n_outputs: int, group_sizes: list[int], items
         groups.append(Group(tuple(current), total))
     return Plan(n_samples=n_samples, n_outputs=n_outputs, itemsize=itemsize, budget=budget,
                 groups=tuple(groups))
+
+
+class OperatorBudget:
+    """Memory limits of a matrix-free ``K @ V`` product, shared by the backends' operators.
+
+    A subclass provides ``n``, ``n_outputs``, ``traced``, ``budget``, ``param_bytes`` (one
+    vector in parameter space) and ``act_bytes`` (one sample's activations for one vector).
+    """
+
+    n: int
+    n_outputs: int
+    traced: bool
+    budget: int
+    param_bytes: int
+    act_bytes: int
+
+    @property
+    def dim(self) -> int:
+        """``D``: ``N`` (traced) or ``N·O`` (full)."""
+        return self.n if self.traced else self.n * self.n_outputs
+
+    def group_size(self, total: int) -> int:
+        """Vectors per group: their ``u`` and one sample's activations within the budget."""
+        quarter = max(1, self.budget // 4)
+        cap = min(quarter // max(1, self.param_bytes), quarter // max(1, self.act_bytes))
+        return max(1, min(total, cap))
+
+    def chunk_size(self, group: int) -> int:
+        """Samples per chunk: ``group`` vectors' activations within half the budget."""
+        return max(1, min(self.n, (self.budget // 2) // (max(1, group) * max(1, self.act_bytes))))
+
+    def chunks(self, group: int) -> list[tuple[int, int]]:
+        """Sample ranges of :meth:`chunk_size` samples."""
+        size = self.chunk_size(group)
+        return [(a, min(a + size, self.n)) for a in range(0, self.n, size)]
