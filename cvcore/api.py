@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -71,17 +71,22 @@ def _is_dtype(value: object) -> bool:
     return True
 
 
+def resolve(model: Any, inputs: Any, request: KernelRequest, backend: str | None
+            ) -> tuple[Any, Any, KernelRequest, Any]:
+    """Apply the model family's adapter, then pick the backend (named, or by the model)."""
+    adapter = plugins.select_adapter(model)
+    if adapter is not None:
+        model, inputs, output = adapter.adapt(model, inputs, request.output)
+        if output is not request.output:
+            request = replace(request, output=output)
+    chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
+    return model, inputs, request, chosen
+
+
 def build(model: Any, inputs: Any, *, backend: str | None = None,
           request: KernelRequest | None = None) -> Measured:
     """Build a kernel and say which backend built it (the CLI's entry point)."""
-    req = request or make_request()
-    output = req.output
-    adapter = plugins.select_adapter(model)
-    if adapter is not None:
-        model, inputs, output = adapter.adapt(model, inputs, output)
-        if output is not req.output:
-            req = KernelRequest(**{**req.__dict__, "output": output})
-    chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
+    model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
     result = chosen.ntk(model, inputs, req)
     kernel = np.asarray(result.kernel)
     expected = result.n_samples * (result.n_outputs if req.kernel == "full" else 1)
@@ -150,12 +155,7 @@ def build_diagonal(model: Any, inputs: Any, *, backend: str | None = None,
                    request: KernelRequest | None = None) -> tuple[NDArray[Any], str]:
     """``K_ii`` from the backend's ``diagonal`` method when it has one (no kernel is
     formed), else from the kernel; returns the diagonal and the backend's name."""
-    req = request or make_request()
-    adapter = plugins.select_adapter(model)
-    if adapter is not None:
-        model, inputs, output = adapter.adapt(model, inputs, req.output)
-        req = KernelRequest(**{**req.__dict__, "output": output})
-    chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
+    model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
     if hasattr(chosen, "diagonal"):
         return np.asarray(chosen.diagonal(model, inputs, req)), chosen.name
     return np.diag(chosen.ntk(model, inputs, req).kernel).copy(), chosen.name

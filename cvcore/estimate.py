@@ -21,13 +21,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cvcore import plugins
+from cvcore.api import resolve
 from cvcore.errors import BackendError, InputError, KernelError
 
 #: ``matvec(V) -> K @ V`` for ``V`` of shape ``(D, k)``, float64 in and out.
@@ -465,18 +465,6 @@ def choose_method(dim: int, available_bytes: int | None = None, *,
 # --------------------------------------------------------------------------- models
 
 
-def _resolve(model: Any, inputs: Any, request: Any, backend: str | None
-             ) -> tuple[Any, Any, Any, Any]:
-    """Apply the model family's adapter and pick the backend, as ``cvcore.api.build`` does."""
-    adapter = plugins.select_adapter(model)
-    if adapter is not None:
-        model, inputs, output = adapter.adapt(model, inputs, request.output)
-        if output is not request.output:
-            request = replace(request, output=output)
-    chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
-    return model, inputs, request, chosen
-
-
 def _request(options: dict[str, Any]) -> Any:
     from cvcore.api import make_request
 
@@ -581,7 +569,7 @@ def estimate(model: Any, inputs: Any, *, method: str = "auto", probes: int = DEF
     request = _request(options)
     if method == "exact":
         return _exact(model, inputs, request, backend, top_k)
-    m, x, req, chosen = _resolve(model, inputs, request, backend)
+    m, x, req, chosen = resolve(model, inputs, request, backend)
     if not hasattr(chosen, "operator"):
         if method == "auto":
             return _exact(model, inputs, request, backend, top_k)
