@@ -64,6 +64,8 @@ def spectrum(
     csv: CsvOpt = None,
 ) -> None:
     """Collective variables of kernels computed elsewhere."""
+    if kernel not in ("traced", "full"):
+        raise InputError(f"expected --kernel traced or full, got {kernel!r}")
     rows = []
     for path in kernels:
         started = time.perf_counter()

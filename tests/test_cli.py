@@ -114,3 +114,12 @@ def test_real_cv_subprocess_json_is_clean(kernels: dict[str, Path]) -> None:
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == ("error: nowhere.npy: expected an existing file, got no such "
                                   "file or directory")
+
+
+def test_spectrum_kernel_label_is_checked(kernels: dict[str, Path]) -> None:
+    result = invoke("spectrum", str(kernels["eye"]), "--kernel", "diagonal")
+    assert result.exit_code == 2
+    assert "expected --kernel traced or full, got 'diagonal'" in result.stderr
+    full = invoke("spectrum", str(kernels["eye"]), "--kernel", "full", "--outputs", "2", "--json")
+    (row,) = json.loads(full.stdout)
+    assert (row["kernel"], row["n_samples"], row["n_outputs"]) == ("full", 2, 2)
