@@ -381,6 +381,15 @@ def flatten_params(params: Any) -> Leaves:
 JacobianFn = Callable[[Any, int, int, int], Any]
 
 
+def with_values(leaves: Any, index: Any, replaced: Any, values: Any) -> Any:
+    """The parameter pytree with ``values``, its leaves ``index`` replaced by ``replaced``."""
+    jax = _jax()
+    full = list(values)
+    for k, i in enumerate(index):
+        full[i] = replaced[k]
+    return jax.tree_util.tree_unflatten(leaves.treedef, full)
+
+
 def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelRequest,
                   n_outputs: int) -> JacobianFn:
     """A function ``(x, start, stop, size)`` giving the Jacobian block (stop-start, O,
@@ -398,10 +407,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     output = request.output
 
     def params_of(group_values: Any, values: Any) -> Any:
-        full = list(values)
-        for k, i in enumerate(index):
-            full[i] = group_values[k]
-        return jax.tree_util.tree_unflatten(leaves.treedef, full)
+        return with_values(leaves, index, group_values, values)
 
     def stack(jac: Any, b: int) -> Any:
         return jnp.concatenate([j.reshape(b, n_outputs, -1) for j in jac], axis=2)

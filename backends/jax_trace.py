@@ -192,10 +192,7 @@ class _JaxKernelOperator(OperatorBudget):
         traced = self.traced
 
         def params_of(theta: Any, values: Any) -> Any:
-            full = list(values)
-            for k, i in enumerate(index):
-                full[i] = theta[k]
-            return jax.tree_util.tree_unflatten(leaves.treedef, full)
+            return jb.with_values(leaves, index, theta, values)
 
         def single(theta: Any, values: Any, consts: Any, xi: Any) -> Any:
             xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
@@ -229,18 +226,11 @@ class _JaxKernelOperator(OperatorBudget):
         self.jvp_fn = jax.jit(jvp_chunk)
         self._single = single
 
-    def matvec(self, vectors: NDArray[np.float64]) -> NDArray[np.float64]:
-        """``K @ V`` for float64 ``V`` of shape ``(D, k)`` or ``(D,)``, in float64."""
-        arr = np.asarray(vectors, dtype=np.float64)
-        single = arr.ndim == 1
-        block = arr.reshape(-1, 1) if single else arr
-        if block.ndim != 2 or block.shape[0] != self.dim:
-            raise InputError(f"expected vectors of shape ({self.dim}, k), got {arr.shape}")
-        with _scope(self.request, self.device):
-            out = self._matvec(block)
-        return out.reshape(-1) if single else out
-
     def _matvec(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
+        with _scope(self.request, self.device):
+            return self._product(block)
+
+    def _product(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
         import jax.numpy as jnp
 
         jax = jb._jax()

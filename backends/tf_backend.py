@@ -558,9 +558,12 @@ def _merge(theta: list[Any], members: tuple[int, ...], group: list[Any]) -> list
     return full
 
 
-def _tf_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
-                 train: bool) -> Callable[[tuple[int, ...], Any], Any]:
-    """GradientTape Jacobians inside one ``tf.function`` per parameter group."""
+def _tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any], Any],
+                   group_of: Callable[[tuple[int, ...]], list[Any]], train: bool,
+                   device: str | None = None) -> Callable[[tuple[int, ...], Any], Any]:
+    """GradientTape Jacobians of ``call(members, group, batch) -> (b, O)`` w.r.t. ``group``,
+    one ``tf.function`` per parameter group: per-sample ``vectorized_map`` of pfor
+    Jacobians in eval mode, one batched Jacobian in train mode (or ``TF_VECTORIZE``)."""
     tf = _tf()
     quiet_retracing()
     cache: dict[tuple[int, ...], Any] = {}
@@ -570,36 +573,41 @@ def _tf_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
                          axis=lead)
 
     def build(members: tuple[int, ...]) -> Any:
-        group = [theta[i] for i in members]
+        group = group_of(members)
 
-        def batched(batch: Any) -> Any:
-            with tf.GradientTape() as tape:
+        def jac(batch: Any, lead: int, squeeze: bool) -> Any:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(group)
-                out = apply(_merge(theta, members, group), batch)
-            js = tape.jacobian(out, group, experimental_use_pfor=True,
-                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return flat(js, 2)
+                out = call(members, group, batch)
+                if squeeze:
+                    out = out[0]
+            return flat(tape.jacobian(out, group, experimental_use_pfor=True,
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO), lead)
 
         def per_sample(xi: Any) -> Any:
-            with tf.GradientTape() as tape:
-                tape.watch(group)
-                out = apply(_merge(theta, members, group),
-                            tf.nest.map_structure(lambda t: t[None], xi))[0]
-            js = tape.jacobian(out, group, experimental_use_pfor=True,
-                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return flat(js, 1)
+            return jac(tf.nest.map_structure(lambda t: t[None], xi), 1, True)
 
         if train or TF_VECTORIZE == "batched":
-            return tf.function(batched, reduce_retracing=True)
+            return tf.function(lambda batch: jac(batch, 2, False), reduce_retracing=True)
         return tf.function(lambda batch: tf.vectorized_map(per_sample, batch),
                            reduce_retracing=True)
 
     def jacobian(members: tuple[int, ...], batch: Any) -> Any:
         if members not in cache:
             cache[members] = build(members)
-        return cache[members](batch)
+        if device is None:
+            return cache[members](batch)
+        with tf.device(device):
+            return cache[members](batch)
 
     return jacobian
+
+
+def _tf_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
+                 train: bool) -> Callable[[tuple[int, ...], Any], Any]:
+    """GradientTape Jacobians of a Keras model's stateless call (TensorFlow backend)."""
+    return _tape_jacobian(lambda members, group, batch: apply(_merge(theta, members, group), batch),
+                          lambda members: [theta[i] for i in members], train)
 
 
 def _jax_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
@@ -762,39 +770,9 @@ def module_engine(model: Any, request: KernelRequest) -> Engine:
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
             raise input_error(batch, exc) from exc
 
-    cache: dict[tuple[int, ...], Any] = {}
-
-    def build(members: tuple[int, ...]) -> Any:
-        group = [variables[i] for i in members]
-
-        def flat(js: list[Any], lead: int) -> Any:
-            return tf.concat(
-                [tf.reshape(j, tf.concat([tf.shape(j)[:lead], [-1]], 0)) for j in js], axis=lead)
-
-        def per_sample(xi: Any) -> Any:
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(group)
-                out = apply(tf.nest.map_structure(lambda t: t[None], xi))[0]
-            return flat(tape.jacobian(out, group, experimental_use_pfor=True,
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO), 1)
-
-        def batched(batch: Any) -> Any:
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(group)
-                out = apply(batch)
-            return flat(tape.jacobian(out, group, experimental_use_pfor=True,
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO), 2)
-
-        if request.train or TF_VECTORIZE == "batched":
-            return tf.function(batched, reduce_retracing=True)
-        return tf.function(lambda batch: tf.vectorized_map(per_sample, batch),
-                           reduce_retracing=True)
-
-    def jacobian(members: tuple[int, ...], batch: Any) -> Any:
-        if members not in cache:
-            cache[members] = build(members)
-        with tf.device(device):
-            return cache[members](batch)
+    jacobian = _tape_jacobian(lambda members, group, batch: apply(batch),
+                              lambda members: [variables[i] for i in members], request.train,
+                              device)
 
     def to_native(batch: Any) -> Any:
         with tf.device(device):

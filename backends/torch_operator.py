@@ -124,17 +124,9 @@ class _TorchKernelOperator(OperatorBudget):
             y = _batched(lambda t, f=f: jvp(f, (theta,), (t,))[1], u)
             self.scatter(out, y, e0, e1, a, b)
 
-    def matvec(self, vectors: NDArray[np.float64]) -> NDArray[np.float64]:
-        """``K @ V`` for float64 ``V`` of shape ``(D, k)`` or ``(D,)``, in float64."""
+    def _matvec(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
         import torch
 
-        from cvcore.errors import InputError
-
-        arr = np.asarray(vectors, dtype=np.float64)
-        single = arr.ndim == 1
-        block = arr.reshape(-1, 1) if single else arr
-        if block.ndim != 2 or block.shape[0] != self.dim:
-            raise InputError(f"expected vectors of shape ({self.dim}, k), got {arr.shape}")
         ref = next(iter(self.prep.params.values()))
         v = torch.from_numpy(np.ascontiguousarray(block)).to(device=ref.device, dtype=ref.dtype)
         out = torch.zeros_like(v)
@@ -143,8 +135,8 @@ class _TorchKernelOperator(OperatorBudget):
         with torch.no_grad():
             for e0 in range(0, total, group):
                 self.apply_group(v, out, e0, min(e0 + group, total))
-        res = out.detach().cpu().numpy().astype(np.float64)
-        return res.reshape(-1) if single else res
+        res: NDArray[np.float64] = out.detach().cpu().numpy().astype(np.float64)
+        return res
 
 
 def _batched(fn: Callable[[Any], Any], batch: Any) -> Any:

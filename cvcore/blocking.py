@@ -16,6 +16,7 @@ framework's activations come on top. N need not be a multiple of any block size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -133,3 +134,21 @@ class OperatorBudget:
         """Sample ranges of :meth:`chunk_size` samples."""
         size = self.chunk_size(group)
         return [(a, min(a + size, self.n)) for a in range(0, self.n, size)]
+
+    def matvec(self, vectors: Any) -> Any:
+        """``K @ V`` for float64 ``V`` of shape ``(D, k)`` or ``(D,)``, in float64."""
+        import numpy as np
+
+        from cvcore.errors import InputError
+
+        arr = np.asarray(vectors, dtype=np.float64)
+        single = arr.ndim == 1
+        block = arr.reshape(-1, 1) if single else arr
+        if block.ndim != 2 or block.shape[0] != self.dim:
+            raise InputError(f"expected vectors of shape ({self.dim}, k), got {arr.shape}")
+        out = self._matvec(block)
+        return out.reshape(-1) if single else out
+
+    def _matvec(self, block: Any) -> Any:
+        """``K @ block`` for a float64 ``(D, k)`` block; each backend's product."""
+        raise NotImplementedError
