@@ -256,7 +256,8 @@ class TorchBackend:
         full ``‖J_io‖²`` (N·O values, row ``i·O + o``); their sum is ``Tr K``."""
         from cvcore.backends.torch_trace import kernel_diagonal
 
-        return kernel_diagonal(self, model, inputs, request)
+        with full_precision():
+            return kernel_diagonal(self, model, inputs, request)
 
     def operator(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
         """The kernel as a matrix-free ``K @ V`` operator (``cvcore.estimate.KernelOperator``)."""

@@ -174,6 +174,7 @@ def kernel_operator(backend: Any, model: Any, inputs: Any, request: Any) -> Any:
     import torch
     from cvcore.backends.torch_backend import (
         batch_of,
+        full_precision,
         prepare,
         resolve_device,
         to_tensors,
@@ -214,7 +215,7 @@ def kernel_operator(backend: Any, model: Any, inputs: Any, request: Any) -> Any:
                               param_bytes=n_params * torch.finfo(dtype).bits // 8, act_bytes=act)
 
     def matvec(vectors: NDArray[np.float64]) -> NDArray[np.float64]:
-        with training_mode(prep.module, False):
+        with training_mode(prep.module, False), full_precision():
             return op.matvec(vectors)
 
     return KernelOperator(matvec=matvec, dim=op.dim, n_samples=n, n_outputs=op.n_outputs,
