@@ -1,19 +1,17 @@
 """neural-tangents peer for benchmarks/run.py, run by the neural-tangents venv's python.
 
 Does not import cvcore or torch (the venv made by ``benchmarks/neural_tangents_env.sh``
-has neither). ``run.py`` writes the model's weights (``.npz``, torch layout) and the
-inputs (``.npy``); this script rebuilds the same model as a plain JAX
-``apply_fn(params, x)``, builds the empirical NTK with
+has neither). ``run.py`` writes the torch model's ``state_dict`` (``.npz``) and the
+inputs (``.npy``); this script rebuilds the same model with benchmarks/jax_models.py's
+plain-JAX port ``apply_fn(params, x)`` (the one run.py's ``jax`` and ``cvcore-jax-*``
+methods use), builds the empirical NTK with
 ``nt.empirical_ntk_fn(apply_fn, trace_axes=..., vmap_axes=0, implementation=...)``
 under ``jax.jit``, and writes the kernel in cvcore's layout plus a JSON of timings::
 
-    .venv-nt/bin/python benchmarks/nt_peer.py --model mlp --weights w.npz --inputs x.npy \
-        --kernel full --impls structured,jacobian --reps 5 --out-dir /tmp/nt
+    .venv-nt/bin/python benchmarks/nt_peer.py --model transformer --weights w.npz \
+        --inputs x.npy --kernel full --impls structured,jacobian --reps 5 --out-dir /tmp/nt
 
-Models: ``mlp`` (Linear/tanh stack, weights ``w0, b0, w1, b1, ...``, torch layout
-``(out, in)``) and ``cnn`` (run.py's Conv(1→16, 3, pad 1) → ReLU → MaxPool 2 → Conv(16→16)
-→ ReLU → MaxPool 2 → Flatten → Linear(784→10), NCHW like torch so the flatten order
-matches; weights ``c0, cb0, c1, cb1, w0, b0``).
+Models: run.py's names, ``mlp256``, ``mlp1024``, ``cnn``, ``transformer``, ``gnn``.
 
 Conventions. ``full``: ``trace_axes=()`` gives ``(N, N, O, O)``, transposed to
 ``(N, O, N, O)`` and reshaped to ``(N·O, N·O)`` (row ``i·O + o``). ``traced``:
@@ -41,6 +39,8 @@ import warnings
 from typing import Any
 
 import numpy as np
+
+from jax_models import MODELS, port
 
 
 class PeakRSS:
@@ -70,54 +70,10 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def build(model: str, weights: dict[str, np.ndarray]) -> tuple[Any, Any]:
-    """``(apply_fn, params)`` for run.py's model, from torch-layout weights."""
-    import jax
-    import jax.numpy as jnp
-
-    if model == "mlp":
-        layers = sum(1 for k in weights if k.startswith("w"))
-        # JAX layout (in, out) so each layer is x @ W + b
-        params = [(jnp.asarray(weights[f"w{k}"].T), jnp.asarray(weights[f"b{k}"]))
-                  for k in range(layers)]
-
-        def apply_fn(p: Any, x: Any) -> Any:
-            h = x
-            for k, (w, b) in enumerate(p):
-                h = h @ w + b
-                if k < len(p) - 1:
-                    h = jnp.tanh(h)
-            return h
-
-        return apply_fn, params
-    if model == "cnn":
-        params = {
-            "convs": [(jnp.asarray(weights["c0"]), jnp.asarray(weights["cb0"])),
-                      (jnp.asarray(weights["c1"]), jnp.asarray(weights["cb1"]))],
-            "head": (jnp.asarray(weights["w0"].T), jnp.asarray(weights["b0"])),
-        }
-
-        def apply_fn(p: Any, x: Any) -> Any:
-            h = x  # (N, C, H, W), torch's layout
-            for w, b in p["convs"]:
-                h = jax.lax.conv_general_dilated(
-                    h, w, window_strides=(1, 1), padding=((1, 1), (1, 1)),
-                    dimension_numbers=("NCHW", "OIHW", "NCHW"))
-                h = jax.nn.relu(h + b[None, :, None, None])
-                h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2),
-                                          "VALID")
-            h = h.reshape(h.shape[0], -1)
-            w, b = p["head"]
-            return h @ w + b
-
-        return apply_fn, params
-    raise SystemExit(f"unknown model {model!r}: mlp or cnn")
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, choices=("mlp", "cnn"))
-    p.add_argument("--weights", required=True, help=".npz of torch-layout weights")
+    p.add_argument("--model", required=True, choices=MODELS, help="run.py's model name")
+    p.add_argument("--weights", required=True, help=".npz of the torch model's state_dict")
     p.add_argument("--inputs", required=True, help=".npy of float32 inputs")
     p.add_argument("--kernel", default="full", choices=("full", "traced"))
     p.add_argument("--impls", default="structured,jacobian",
@@ -141,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     with np.load(args.weights) as fh:
         weights = {k: fh[k].astype(np.float32) for k in fh.files}
     x = jax.numpy.asarray(np.load(args.inputs).astype(np.float32))
-    apply_fn, params = build(args.model, weights)
+    apply_fn, params = port(args.model, weights)
     trace_axes: tuple[int, ...] = () if args.kernel == "full" else (-1,)
     os.makedirs(args.out_dir, exist_ok=True)
     report: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Time cvcore's torch NTK implementations against peer recipes on the same models.
+"""Time cvcore's NTK (torch and JAX backends) against peer recipes on the same models.
 
 Usage::
 
@@ -7,15 +7,19 @@ Usage::
     python benchmarks/run.py --models mlp256,cnn --n 64,256 --kernel full
 
 Methods: ``cvcore-auto``, ``cvcore-structured``, ``cvcore-jacobian`` (``TorchBackend.ntk``),
-``torchfunc`` (``vmap(jacrev)`` + one GEMM), ``jax`` (``vmap(jacrev)``, MLP only, same
-weights), ``tf`` (``batch_jacobian``, MLP only, same weights), ``nngeometry``
+``cvcore-jax-auto``, ``cvcore-jax-structured``, ``cvcore-jax-jacobian`` (``cvcore.ntk`` on
+the JAX port of the model, ``(apply_fn, params)``), ``torchfunc`` (``vmap(jacrev)`` + one
+GEMM), ``jax`` (``jax.jit(vmap(jacrev))`` on the JAX port), ``tf`` (per-sample pfor
+``GradientTape.jacobian`` in ``tf.vectorized_map`` on the TensorFlow port), ``nngeometry``
 (``GramMatrix``, if installed), ``nt-structured`` / ``nt-jacobian`` (neural-tangents'
-``empirical_ntk_fn`` with ``STRUCTURED_DERIVATIVES`` / ``JACOBIAN_CONTRACTION``, MLP and CNN,
-same weights; run by ``benchmarks/nt_peer.py`` in the separate venv that
-``benchmarks/neural_tangents_env.sh`` creates, path ``--nt-python``). Peers are imported
-lazily and skipped when missing.
+``empirical_ntk_fn`` with ``STRUCTURED_DERIVATIVES`` / ``JACOBIAN_CONTRACTION`` on the JAX
+port, run by ``benchmarks/nt_peer.py`` in the separate venv that
+``benchmarks/neural_tangents_env.sh`` creates, path ``--nt-python``). The ports
+(benchmarks/jax_models.py, benchmarks/tf_models.py) cover all five models and take the
+torch model's weights. Peers are imported lazily and skipped when missing.
 
-Columns: median wall time over ``--reps`` runs after one warm-up; peak memory is
+Columns: median wall time over ``--reps`` runs after one warm-up (which absorbs
+``jax.jit`` / ``tf.function`` compilation); peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA for torch methods, otherwise the peak rise
 of the process's resident set (RSS, sampled every 2 ms from ``/proc/self/statm``)
 during one run (neural-tangents: the same, measured inside its own process; its
@@ -35,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +53,8 @@ NT_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
                          ".venv-nt", "bin", "python")
 QUICK = False
 CVCORE = ("cvcore-structured", "cvcore-auto", "cvcore-jacobian")
+#: cvcore's JAX backend on the JAX port of the model (benchmarks/jax_models.py).
+CVCORE_JAX = ("cvcore-jax-auto", "cvcore-jax-structured", "cvcore-jax-jacobian")
 
 
 # ------------------------------------------------------------------------------ models
@@ -128,20 +135,61 @@ class DenseGNN(_torch_module()):  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------ methods
-def cvcore_kernel(impl: str) -> Callable[..., Any]:
-    def run(model: Any, x: Any, kernel: str, device: str) -> Any:
+@dataclass
+class Case:
+    """One row's torch model (by run.py name), inputs, kernel convention and device."""
+
+    name: str
+    model: Any
+    x: Any
+    kernel: str
+    device: str
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The model's ``state_dict`` as float32 NumPy arrays (for the ports)."""
+        return {k: v.detach().cpu().numpy().astype(np.float32)
+                for k, v in self.model.state_dict().items()}
+
+    def inputs(self) -> np.ndarray:
+        """The inputs as a float32 NumPy array."""
+        return self.x.detach().cpu().numpy().astype(np.float32)
+
+
+#: A method: set up on a case (ports, weights, compilation wrappers; not timed), return
+#: the call that is timed and gives the kernel.
+Method = Callable[[Case], Callable[[], Any]]
+
+
+def cvcore_kernel(impl: str) -> Method:
+    """``TorchBackend.ntk`` with ``implementation=impl``."""
+    def setup(case: Case) -> Callable[[], Any]:
         from cvcore.backends.torch_backend import TorchBackend
         from cvcore.protocols import Implementation, KernelRequest
 
-        req = KernelRequest(kernel=kernel, dtype="float32", device=device,
+        req = KernelRequest(kernel=case.kernel, dtype="float32", device=case.device,
                             implementation=Implementation(impl), memory_budget=2 << 30)
-        return TorchBackend().ntk(model, x, req).kernel
+        return lambda: TorchBackend().ntk(case.model, case.x, req).kernel
 
-    return run
+    return setup
+
+
+def cvcore_jax_kernel(impl: str) -> Method:
+    """``cvcore.ntk((apply_fn, params), x, implementation=impl)`` on the JAX port."""
+    def setup(case: Case) -> Callable[[], Any]:
+        import cvcore
+        from jax_models import port
+
+        apply_fn, params = port(case.name, case.state())
+        xs = case.inputs()
+        return lambda: cvcore.ntk((apply_fn, params), xs, kernel=case.kernel, backend="jax",
+                                  dtype="float32", implementation=impl,
+                                  memory_budget=2 << 30)
+
+    return setup
 
 
 def _gram(j: Any, kernel: str) -> Any:
-    """``J Jᵀ`` from ``(N, O, P)`` in either convention (works for torch, numpy, jax, tf)."""
+    """``J Jᵀ`` from ``(N, O, P)`` in either convention (works for torch, numpy, jax)."""
     n, n_out = j.shape[0], j.shape[1]
     if kernel == "traced":
         flat = j.reshape(n, -1)
@@ -150,125 +198,106 @@ def _gram(j: Any, kernel: str) -> Any:
     return flat @ flat.T
 
 
-def torchfunc_kernel(model: Any, x: Any, kernel: str, device: str) -> Any:
+def torchfunc_kernel(case: Case) -> Callable[[], Any]:
     """The common recipe: ``vmap(jacrev(f))`` over samples, concatenate, one GEMM."""
     import torch
     from torch.func import functional_call, jacrev, vmap
 
+    model = case.model
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
     def single(p: Any, xi: Any) -> Any:
         return functional_call(model, {**p, **buffers}, (xi.unsqueeze(0),)).reshape(-1)
 
-    jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)
-    j = torch.cat([v.reshape(v.shape[0], v.shape[1], -1) for v in jac.values()], dim=2)
-    return _gram(j, kernel).detach().cpu().numpy()
+    def run() -> Any:
+        jac = vmap(jacrev(single), in_dims=(None, 0))(params, case.x)
+        j = torch.cat([v.reshape(v.shape[0], v.shape[1], -1) for v in jac.values()], dim=2)
+        return _gram(j, case.kernel).detach().cpu().numpy()
+
+    return run
 
 
-def _mlp_weights(model: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    lins = [m for m in model if hasattr(m, "weight")]
-    return [(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy()) for m in lins]
-
-
-def jax_kernel(model: Any, x: Any, kernel: str, device: str) -> Any:
-    """``jax.vmap(jax.jacrev(f))`` on the same MLP weights (MLP models only)."""
+def jax_kernel(case: Case) -> Callable[[], Any]:
+    """``jax.jit(vmap(jacrev(f)))`` over samples on the JAX port (same weights), one GEMM;
+    compiled in the warm-up call."""
     import jax
     import jax.numpy as jnp
+    from jax_models import port
 
-    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in _mlp_weights(model)]
-    xs = jnp.asarray(x.cpu().numpy())
+    apply_fn, params = port(case.name, case.state())
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    xs = jnp.asarray(case.inputs())
 
-    def f(p: Any, xi: Any) -> Any:
-        h = xi
-        for k, (w, b) in enumerate(p):
-            h = h @ w.T + b
-            if k < len(p) - 1:
-                h = jnp.tanh(h)
-        return h
+    def single(p: Any, xi: Any) -> Any:
+        return apply_fn(p, xi[None])[0]
 
     @jax.jit
     def build(p: Any, xs: Any) -> Any:
-        jac = jax.vmap(jax.jacrev(f), in_axes=(None, 0))(p, xs)
+        jac = jax.vmap(jax.jacrev(single), in_axes=(None, 0))(p, xs)
         leaves = jax.tree_util.tree_leaves(jac)
         j = jnp.concatenate([v.reshape(v.shape[0], v.shape[1], -1) for v in leaves], axis=2)
-        return _gram(j, kernel)
+        return _gram(j, case.kernel)
 
-    return np.asarray(build(params, xs).block_until_ready())
+    return lambda: np.asarray(build(params, xs).block_until_ready())
 
 
-def tf_kernel(model: Any, x: Any, kernel: str, device: str) -> Any:
-    """TensorFlow ``GradientTape.batch_jacobian`` on the same MLP weights (MLP models only)."""
+def tf_kernel(case: Case) -> Callable[[], Any]:
+    """TensorFlow on the TF port (same weights): per-sample ``GradientTape.jacobian``
+    (``experimental_use_pfor=True``, pfor over the outputs) inside ``tf.vectorized_map``
+    over samples, in one ``tf.function`` (traced in the warm-up call); one GEMM."""
     import tensorflow as tf
+    from tf_models import port
 
-    weights = [(tf.Variable(w.T), tf.Variable(b)) for w, b in _mlp_weights(model)]
-    xs = tf.constant(x.cpu().numpy())
-    flat = [v for pair in weights for v in pair]
-    n = int(xs.shape[0])
+    apply_fn, params = port(case.name, case.state())
+    flat = tf.nest.flatten(params)
 
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(xs)
-        h = xs
-        for k, (w, b) in enumerate(weights):
-            h = h @ w + b
-            if k < len(weights) - 1:
-                h = tf.tanh(h)
-    # batch_jacobian differentiates w.r.t. a batched source; parameters are not batched,
-    # so use the tape's jacobian with experimental_use_pfor (one vectorised call).
-    jacs = tape.jacobian(h, flat, experimental_use_pfor=True)
-    # each (N, O, *param) holds ∂f_io/∂θ for all samples; a sample's rows are its Jacobian
-    j = tf.concat([tf.reshape(v, (n, v.shape[1], -1)) for v in jacs], axis=2)
-    return _gram(j.numpy(), kernel)
+    def per_sample(xi: Any) -> Any:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(flat)
+            out = apply_fn(params, xi[None])[0]
+        jacs = tape.jacobian(out, flat, experimental_use_pfor=True)
+        return tf.concat([tf.reshape(v, (v.shape[0], -1)) for v in jacs], axis=1)
+
+    jacobian = tf.function(lambda xs: tf.vectorized_map(per_sample, xs))
+    xs = tf.constant(case.inputs())
+    return lambda: _gram(jacobian(xs).numpy(), case.kernel)
 
 
-def nngeometry_kernel(model: Any, x: Any, kernel: str, device: str) -> Any:
+def nngeometry_kernel(case: Case) -> Callable[[], Any]:
     """nngeometry's ``GramMatrix`` (per-layer hooks), layout (O, N, O, N) → ours."""
     import torch
     from nngeometry.gram import GramMatrix
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=len(x))
-    gram = GramMatrix(model, loader, function=lambda *d: model(d[0])).data
-    n_out, n = gram.shape[0], gram.shape[1]
-    full = gram.permute(1, 0, 3, 2).reshape(n * n_out, n * n_out)
-    if kernel == "full":
-        return full.detach().cpu().numpy()
-    return torch.einsum("iojo->ij", full.reshape(n, n_out, n, n_out)).div(n_out).cpu().numpy()
+    model, x = case.model, case.x
+
+    def run() -> Any:
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x),
+                                             batch_size=len(x))
+        gram = GramMatrix(model, loader, function=lambda *d: model(d[0])).data
+        n_out, n = gram.shape[0], gram.shape[1]
+        full = gram.permute(1, 0, 3, 2).reshape(n * n_out, n * n_out)
+        if case.kernel == "full":
+            return full.detach().cpu().numpy()
+        return torch.einsum("iojo->ij", full.reshape(n, n_out, n, n_out)).div(n_out).cpu().numpy()
+
+    return run
 
 
-def _nt_export(model_name: str, model: Any, x: Any, where: str) -> str:
-    """Write the model's weights (torch layout) and inputs for nt_peer.py; its model name."""
-    if model_name.startswith("mlp"):
-        arrays = {}
-        for k, (w, b) in enumerate(_mlp_weights(model)):
-            arrays[f"w{k}"], arrays[f"b{k}"] = w, b
-        kind = "mlp"
-    else:  # run.py's CNN: two convolutions and one linear head
-        convs = [m for m in model if type(m).__name__ == "Conv2d"]
-        lins = [m for m in model if type(m).__name__ == "Linear"]
-        arrays = {}
-        for k, m in enumerate(convs):
-            arrays[f"c{k}"] = m.weight.detach().cpu().numpy()
-            arrays[f"cb{k}"] = m.bias.detach().cpu().numpy()
-        arrays["w0"] = lins[0].weight.detach().cpu().numpy()
-        arrays["b0"] = lins[0].bias.detach().cpu().numpy()
-        kind = "cnn"
-    np.savez(os.path.join(where, "weights.npz"), **arrays)
-    np.save(os.path.join(where, "inputs.npy"), x.detach().cpu().numpy().astype(np.float32))
-    return kind
-
-
-def nt_run(model_name: str, model: Any, x: Any, kernel: str, methods: list[str], reps: int
-           ) -> dict[str, dict[str, Any]]:
+def nt_run(case: Case, methods: list[str], reps: int) -> dict[str, dict[str, Any]]:
     """Run benchmarks/nt_peer.py once for all neural-tangents methods of a row.
 
-    Returns, per method, ``time``, ``cpu``, ``mem``, ``compile_s``, ``warmup_s`` and
-    ``kernel`` (numpy, cvcore's layout), or ``error``."""
+    Writes the torch ``state_dict`` (``.npz``) and the inputs (``.npy``) for it; returns,
+    per method, ``time``, ``cpu``, ``mem``, ``compile_s``, ``warmup_s`` and ``kernel``
+    (numpy, cvcore's layout), or ``error``."""
     impls = [m.removeprefix("nt-") for m in methods]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nt_peer.py")
     with tempfile.TemporaryDirectory(prefix="cvcore-nt-") as where:
-        kind = _nt_export(model_name, model, x, where)
-        cmd = [NT_PYTHON, script, "--model", kind, "--weights", os.path.join(where, "weights.npz"),
-               "--inputs", os.path.join(where, "inputs.npy"), "--kernel", kernel,
+        np.savez(os.path.join(where, "weights.npz"), **case.state())
+        np.save(os.path.join(where, "inputs.npy"), case.inputs())
+        cmd = [NT_PYTHON, script, "--model", case.name,
+               "--weights", os.path.join(where, "weights.npz"),
+               "--inputs", os.path.join(where, "inputs.npy"), "--kernel", case.kernel,
                "--impls", ",".join(impls), "--reps", str(reps), "--slow", str(SLOW),
                "--out-dir", where]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
@@ -290,16 +319,20 @@ def nt_run(model_name: str, model: Any, x: Any, kernel: str, methods: list[str],
         return out
 
 
-METHODS: dict[str, Callable[..., Any]] = {
+METHODS: dict[str, Method] = {
     "cvcore-structured": cvcore_kernel("structured"),
     "cvcore-auto": cvcore_kernel("auto"),
     "cvcore-jacobian": cvcore_kernel("jacobian"),
+    **{f"cvcore-jax-{impl}": cvcore_jax_kernel(impl) for impl in ("auto", "structured", "jacobian")},
     "torchfunc": torchfunc_kernel,
     "jax": jax_kernel,
     "tf": tf_kernel,
     "nngeometry": nngeometry_kernel,
 }
-_MODULES = {"jax": "jax", "tf": "tensorflow", "nngeometry": "nngeometry"}
+_MODULES = {"jax": "jax", "tf": "tensorflow", "nngeometry": "nngeometry",
+            **{m: "jax" for m in CVCORE_JAX}}
+#: Methods that run outside torch (on their framework's default device).
+FOREIGN = ("jax", "tf", *CVCORE_JAX)
 
 
 def skip_reason(method: str, model_name: str, model: Any, n: int, device: str) -> str | None:
@@ -312,22 +345,19 @@ def skip_reason(method: str, model_name: str, model: Any, n: int, device: str) -
         if not os.path.exists(NT_PYTHON):
             return (f"no neural-tangents venv at {NT_PYTHON}; run "
                     "bash benchmarks/neural_tangents_env.sh (or pass --nt-python)")
-        if not (model_name.startswith("mlp") or model_name == "cnn"):
-            return "recipe written for the MLP and CNN only"
         if device != "cpu":
             return "peer runs in its own CPU-only venv; compared on CPU only"
     if method == "nngeometry" and model_name == "cnn" and QUICK:
         return "about 30 s per run on 2 cores; run without --quick"
-    if method in ("jax", "tf") and not model_name.startswith("mlp"):
-        return "recipe written for the MLP only"
-    if method in ("jax", "tf") and device != "cpu":
-        return "peer runs on its own default device; compared on CPU only"
+    if method in FOREIGN and device != "cpu":
+        return "runs on its framework's default device; compared on CPU only"
     params = sum(p.numel() for p in model.parameters())
-    if method in ("torchfunc", "jax", "tf", "cvcore-jacobian", "nt-jacobian"):
+    if method in ("torchfunc", "jax", "tf", "cvcore-jacobian", "cvcore-jax-jacobian",
+                  "nt-jacobian"):
         size = n * 10 * params * 4
-        if method == "cvcore-jacobian" and n * 10 * n * 10 * params > 2e12:
+        if method.startswith("cvcore") and n * 10 * n * 10 * params > 2e12:
             return f"estimated > 2e12 multiply-adds (Gram of {params} params)"
-        if method != "cvcore-jacobian" and size > JACOBIAN_LIMIT:
+        if not method.startswith("cvcore") and size > JACOBIAN_LIMIT:
             return f"Jacobian would take {size / 2**30:.0f} GiB"
     return None
 
@@ -410,25 +440,26 @@ def measure(fn: Callable[[], Any], device: str, reps: int, torch_method: bool
 # ------------------------------------------------------------------------------ driver
 def run_row(model_name: str, n: int, kernel: str, methods: list[str], device: str,
             reps: int) -> list[dict[str, Any]]:
+    """Time every method on one model, N and kernel; rel.err against the first method's
+    kernel, ``vs peer`` against the fastest peer."""
     import torch
 
     model, inputs = make_model(model_name)
-    model = model.to(device)
-    x = inputs(n).to(device)
+    case = Case(model_name, model.to(device), inputs(n).to(device), kernel, device)
     rows: list[dict[str, Any]] = []
     reference = None
     nt_results: dict[str, dict[str, Any]] | None = None
     for method in methods:
         row: dict[str, Any] = {"model": model_name, "N": n, "kernel": kernel, "method": method}
-        reason = skip_reason(method, model_name, model, n, device)
+        reason = skip_reason(method, model_name, case.model, n, device)
         if reason is not None:
             rows.append({**row, "skip": reason})
             continue
         if method in NT_METHODS:  # one subprocess per row runs all of them
             if nt_results is None:
                 todo = [m for m in methods if m in NT_METHODS
-                        and skip_reason(m, model_name, model, n, device) is None]
-                nt_results = nt_run(model_name, model, x, kernel, todo, reps)
+                        and skip_reason(m, model_name, case.model, n, device) is None]
+                nt_results = nt_run(case, todo, reps)
             res = nt_results[method]
             if "error" in res:
                 rows.append({**row, "skip": res["error"][:100]})
@@ -446,17 +477,18 @@ def run_row(model_name: str, n: int, kernel: str, methods: list[str], device: st
                          "mem_kind": "rss", "err": err, "note": note})
             continue
         try:
-            t, c, mem, how, k = measure(lambda m=method: METHODS[m](model, x, kernel, device),
-                                     device, reps, method not in ("jax", "tf"))
+            call = METHODS[method](case)
+            t, c, mem, how, k = measure(call, device, reps, method not in FOREIGN)
         except Exception as exc:  # a peer that cannot handle the model
-            rows.append({**row, "skip": f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"})
+            first = (str(exc).splitlines() or [""])[0]
+            rows.append({**row, "skip": f"{type(exc).__name__}: {first[:60]}"})
             continue
         k = np.asarray(k, dtype=np.float64)
         if reference is None:
             reference = k
         err = float(np.abs(k - reference).max() / np.abs(reference).max())
         rows.append({**row, "time": t, "cpu": c, "mem": mem, "mem_kind": how, "err": err})
-        del k
+        del k, call
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     peer_times = [r["time"] for r in rows if r["method"] in PEERS and "time" in r]
@@ -517,7 +549,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of mlp256, mlp1024, cnn, transformer, gnn")
     p.add_argument("--n", default=None, help="comma list of probe-set sizes")
     p.add_argument("--kernel", default="full", help="traced, full, or traced,full")
-    p.add_argument("--methods", default=",".join(CVCORE + PEERS))
+    p.add_argument("--methods", default=",".join(CVCORE + CVCORE_JAX + PEERS))
     p.add_argument("--reps", type=int, default=None, help="timed runs per method (median)")
     p.add_argument("--trace-n", type=int, default=None, help="N of the trace-only row (0: skip)")
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -548,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [int(v) for v in (args.n or "64").split(",")]
         reps, trace_n = args.reps or 2, 256 if args.trace_n is None else args.trace_n
         if args.methods == parse([]).methods:  # TF's import alone takes ~10 s
-            methods_default = [m for m in CVCORE + PEERS if m != "tf"]
+            methods_default = [m for m in CVCORE + CVCORE_JAX + PEERS if m != "tf"]
             args.methods = ",".join(methods_default)
     else:
         models = (args.models or "mlp256,mlp1024,cnn,transformer,gnn").split(",")
