@@ -33,7 +33,7 @@ import numpy as np
 from cvcore import outputs
 from cvcore.blocking import Group, Plan, plan_blocks
 from cvcore.errors import CVCoreError, InputError, MissingFrameworkError, ModelError, describe
-from cvcore.protocols import KernelRequest, KernelResult, OutputSelector
+from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
 
 #: Top-level modules of objects that are callable but belong to another backend.
 FOREIGN_MODULES = ("torch", "tensorflow", "keras", "tf_keras")
@@ -570,6 +570,13 @@ class JaxBackend:
             raise InputError("expected at least one input sample, got an empty batch")
         n_outputs = probe_outputs(prep, leaves, x, request.output)
         sizes = [int(leaves.values[i].size) for i in leaves.trainable]
+        if request.implementation != Implementation.JACOBIAN:
+            from cvcore.backends.jax_structured import structured_kernel
+
+            kernel = structured_kernel(prep, leaves, x, request, n_outputs)
+            if kernel is not None:
+                return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                                    n_params=sum(sizes), device=device_name(device))
         plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=sizes,
                            itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
         kernel = assemble(prep, leaves, x, request, plan, n_outputs)

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cvcore.blocking import dense_costs
+
 
 @dataclass
 class Feature:
@@ -49,15 +51,6 @@ class Feature:
 
 
 # --------------------------------------------------------------------------- costs
-def dense_costs(n1: int, n2: int, n_out: int, s: int, d_in: int, d_out: int, traced: bool,
-                ) -> dict[str, float]:
-    """Multiply-add counts of the two dense rules for one pair of sample blocks."""
-    o2 = 1 if traced else n_out * n_out
-    jac = (n1 + n2) * n_out * s * d_in * d_out + n1 * n2 * n_out * d_in * d_out * (1 if traced else n_out)
-    pairs = (n1 * s) * (n2 * s) * (d_in + (n_out if traced else o2) * d_out + o2)
-    return {"jac": float(jac), "pairs": float(pairs)}
-
-
 def choose_dense(f1: Feature, f2: Feature, traced: bool, embedding: bool = False) -> str:
     """The cheaper exact rule for a dense (or embedding) feature pair."""
     n1, n_out, s, d_out = f1.g.shape

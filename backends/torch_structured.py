@@ -28,7 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cvcore.backends.torch_rules import Feature, dense_costs, feature_gram
+from cvcore.backends.torch_rules import Feature, feature_gram
+from cvcore.blocking import dense_costs
 
 
 @dataclass

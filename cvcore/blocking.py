@@ -101,6 +101,24 @@ def plan_blocks(*, n_samples: int, n_outputs: int, group_sizes: list[int], items
                 groups=tuple(groups))
 
 
+def dense_costs(n1: int, n2: int, n_out: int, s: int, d_in: int, d_out: int, traced: bool,
+                ) -> dict[str, float]:
+    """Multiply-add counts of the two exact rules of a dense layer, for one pair of sample
+    blocks of ``n1`` and ``n2`` samples: ``jac`` forms each sample's gradient
+    ``Σ_s g_s ⊗ a_s`` and takes a Gram matrix; ``pairs`` contracts Gram matrices of the
+    inputs ``a`` (``s`` positions × ``d_in``) and output-gradients ``g`` (``s`` × ``d_out``
+    per output) without forming a gradient. Shared by the PyTorch and JAX structured paths.
+
+    >>> c = dense_costs(4, 4, 10, 1, 784, 256, traced=False)
+    >>> c["pairs"] < c["jac"]
+    True
+    """
+    o2 = 1 if traced else n_out * n_out
+    jac = (n1 + n2) * n_out * s * d_in * d_out + n1 * n2 * n_out * d_in * d_out * (1 if traced else n_out)
+    pairs = (n1 * s) * (n2 * s) * (d_in + (n_out if traced else o2) * d_out + o2)
+    return {"jac": float(jac), "pairs": float(pairs)}
+
+
 class OperatorBudget:
     """Memory limits of a matrix-free ``K @ V`` product, shared by the backends' operators.
 

@@ -1,0 +1,604 @@
+"""Structured (per-layer) NTK for JAX: layer identities read off the model's jaxpr.
+
+The kernel is a sum over parameter leaves, ``K = Σ_p J_p J_pᵀ``, so each leaf can be
+measured its own way. The one-sample forward pass is traced to a jaxpr and every
+trainable leaf is followed through it (:func:`analyse`):
+
+* a leaf whose every use is, after layout-only steps (reshape, transpose, dtype
+  conversion, size-1 broadcasts), the weight operand of a ``dot_general`` (dense layers,
+  attention projections, einsums), of a ``conv_general_dilated`` (convolutions, measured
+  on the input's patches) or the table of an embedding-style ``gather`` has a *rule*;
+* every other leaf (biases, norm scales, weights inside ``scan`` or custom-derivative
+  calls, weights in elementwise ops) is differentiated directly.
+
+One jitted function per block of samples re-runs the jaxpr (:func:`evaluate`) with a
+zero perturbation added at each ruled site's output, records each site's input ``a``,
+and takes ``jacrev`` with respect to the perturbations and the directly differentiated
+leaves together: the same batched backward passes give the output-gradients ``g`` of
+every site and the Jacobian of every other leaf. A ruled leaf then contributes, per the
+cheaper exact rule (:func:`cvcore.blocking.dense_costs`),
+
+* ``pairs``: ``K_(io),(jp) = Σ_{s,t} (a_is·a_jt)(g_ios·g_jpt)``, never forming a gradient
+  (``(A Aᵀ) ⊙ (G Gᵀ)`` with one position per sample);
+* ``jac``: the gradient ``Σ_s g_s ⊗ a_s`` formed by one product and added to the Gram
+  of the directly differentiated leaves.
+
+``implementation="auto"`` measures a leaf by its rule only where ``pairs`` is cheaper
+than its Jacobian; ``"structured"`` uses the rules for every ruled leaf. A leaf used at
+several sites (shared weights) concatenates its sites along the position axis, which is
+exact; uses with different layouts send the leaf to the direct path. Train mode (batch
+statistics couple the samples) uses the Jacobian path of :mod:`jax_backend`.
+
+Memory: samples go in blocks whose features take at most half of the request's
+``memory_budget`` (the last block padded, so one compilation serves all); pairs of
+blocks are combined on the device and handed to NumPy block by block. When one sample's
+features alone exceed that, the Jacobian path (with its parameter groups and output
+blocks) is used instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from cvcore.backends import jax_backend as jb
+
+from cvcore.blocking import dense_costs
+from cvcore.protocols import Implementation, KernelRequest
+
+#: Primitives whose sub-jaxpr is evaluated equation by equation (call boundaries only).
+INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat",
+                    "remat2"})
+#: Primitives that keep a parameter a parameter (a permutation of its entries, or a cast).
+LAYOUT = frozenset({"reshape", "transpose", "convert_element_type", "copy", "copy_p",
+                    "squeeze", "expand_dims", "broadcast_in_dim", "reduce_precision"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """A value that is a trainable leaf up to layout: leaf position and layout steps."""
+
+    leaf: int
+    chain: tuple[Any, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One ruled use of a leaf: an equation (by its path through nested jaxprs).
+
+    Attributes:
+        path: equation indices from the top-level jaxpr down through inlined calls.
+        kind: ``"dense"``, ``"conv"`` or ``"embedding"``.
+        leaf: position of the leaf among the trainable leaves.
+        side: operand index of the parameter.
+        signature: what every use of one leaf must share to be concatenated.
+        out_shape: the equation's output shape (one sample); ``dtype`` its dtype.
+        perm: the output's axes ordered positions first, the weight's output axes last.
+        s_len: positions ``S`` (one sample); ``d_in``, ``d_out``: the weight as a
+            ``d_in × d_out`` map (``d_in = 1`` for an embedding, whose input is an id).
+    """
+
+    path: tuple[int, ...]
+    kind: str
+    leaf: int
+    side: int
+    signature: tuple[Any, ...]
+    out_shape: tuple[int, ...]
+    dtype: Any
+    perm: tuple[int, ...]
+    s_len: int
+    d_in: int
+    d_out: int
+
+
+def _site(eqn: Any, path: tuple[int, ...], kind: str, origin: Origin, side: int,
+          signature: tuple[Any, ...], perm: tuple[int, ...], d_in: int, d_out: int) -> Site:
+    out = eqn.outvars[0].aval
+    shape = tuple(out.shape)
+    return Site(path, kind, origin.leaf, side, (kind, origin.chain, *signature), shape,
+                out.dtype, perm, math.prod(shape) // max(1, d_out), d_in, d_out)
+
+
+@dataclasses.dataclass
+class Analysis:
+    """Sites of every ruled leaf and the leaves measured directly."""
+
+    sites: list[Site]
+    direct: set[int]
+    unused: set[int]
+
+
+# --------------------------------------------------------------------------- jaxpr walk
+def _core() -> Any:
+    from jax.extend import core
+
+    return core
+
+
+def _inline(eqn: Any) -> tuple[Any, list[Any]] | None:
+    """``(jaxpr, consts)`` of a call equation evaluated inline, else ``None``."""
+    if eqn.primitive.name not in INLINE:
+        return None
+    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if sub is None:
+        return None
+    if hasattr(sub, "consts"):  # a ClosedJaxpr
+        return sub.jaxpr, list(sub.consts)
+    return sub, []
+
+
+def _layout_step(eqn: Any) -> tuple[Any, ...] | None:
+    """The step as a hashable record when ``eqn`` only rearranges or casts its input."""
+    name = eqn.primitive.name
+    if name not in LAYOUT or len(eqn.invars) != 1:
+        return None
+    aval_in, aval_out = eqn.invars[0].aval, eqn.outvars[0].aval
+    if math.prod(aval_in.shape) != math.prod(aval_out.shape):
+        return None
+    if name == "reshape" and eqn.params.get("dimensions") is not None:
+        return None
+    if not np.issubdtype(np.dtype(aval_out.dtype), np.inexact):
+        return None
+    return (name, tuple(aval_out.shape), tuple(eqn.params.get("permutation", ())))
+
+
+def _dense_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> Site | None:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb:
+        return None
+    shape = eqn.invars[side].aval.shape
+    contract = tuple(rc if side == 1 else lc)
+    free = tuple(d for d in range(len(shape)) if d not in contract)
+    ndim, nf = len(eqn.outvars[0].aval.shape), len(free)
+    # dot_general's output holds lhs free axes, then rhs free axes
+    perm = tuple(range(ndim)) if side == 1 else (*range(nf, ndim), *range(nf))
+    return _site(eqn, path, "dense", origin, side, (contract, free), perm,
+                 math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free))
+
+
+def _conv_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> Site | None:
+    p = eqn.params
+    if side != 1 or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    dn = p["dimension_numbers"]
+    rhs = tuple(eqn.invars[1].aval.shape)
+    out = dn.out_spec
+    d_out = rhs[dn.rhs_spec[0]]
+    return _site(eqn, path, "conv", origin, 1, (rhs, tuple(dn.rhs_spec), tuple(dn.lhs_spec)),
+                 (out[0], *out[2:], out[1]), math.prod(rhs) // d_out, d_out)
+
+
+def _gather_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> Site | None:
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    table = tuple(eqn.invars[0].aval.shape)
+    out_ndim = len(eqn.outvars[0].aval.shape)
+    simple = (side == 0 and len(table) == 2 and tuple(dn.offset_dims) == (out_ndim - 1,)
+              and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+              and not tuple(getattr(dn, "operand_batching_dims", ()))
+              and tuple(p["slice_sizes"]) == (1, table[1])
+              and tuple(eqn.invars[1].aval.shape[-1:]) == (1,))
+    if not simple:
+        return None
+    return _site(eqn, path, "embedding", origin, 0, (table,), tuple(range(out_ndim)), 1,
+                 table[1])
+
+
+SITE_RULES = {"dot_general": _dense_site, "conv_general_dilated": _conv_site,
+              "gather": _gather_site}
+
+
+def _walk(jaxpr: Any, origins: list[Origin | None], path: tuple[int, ...],
+          sites: list[Site], tainted: set[int], used: set[int]) -> list[Origin | None]:
+    """Follow leaves through ``jaxpr``; returns the origins of its outputs."""
+    core = _core()
+    env: dict[Any, Origin] = {v: o for v, o in zip(jaxpr.invars, origins) if o is not None}
+
+    def origin_of(v: Any) -> Origin | None:
+        return None if isinstance(v, core.Literal) else env.get(v)
+
+    for k, eqn in enumerate(jaxpr.eqns):
+        here = (*path, k)
+        ins = [origin_of(v) for v in eqn.invars]
+        found = [o for o in ins if o is not None]
+        if not found:
+            continue
+        used.update(o.leaf for o in found)
+        sub = _inline(eqn)
+        if sub is not None:
+            outs = _walk(sub[0], ins, here, sites, tainted, used)
+            env.update({v: o for v, o in zip(eqn.outvars, outs) if o is not None})
+            continue
+        step = _layout_step(eqn)
+        if step is not None:
+            env[eqn.outvars[0]] = dataclasses.replace(found[0], chain=(*found[0].chain, step))
+            continue
+        rule = SITE_RULES.get(eqn.primitive.name)
+        site = None
+        if rule is not None and len(found) == 1:
+            side = next(i for i, o in enumerate(ins) if o is not None)
+            site = rule(eqn, side, found[0], here)
+        if site is None:
+            tainted.update(o.leaf for o in found)
+        else:
+            sites.append(site)
+    return [origin_of(v) for v in jaxpr.outvars]
+
+
+def analyse(jaxpr: Any, n_leaves: int) -> Analysis:
+    """Sites and directly measured leaves of a jaxpr whose first ``n_leaves`` inputs are
+    the trainable leaves."""
+    origins: list[Origin | None] = [Origin(i) for i in range(n_leaves)]
+    origins += [None] * (len(jaxpr.invars) - n_leaves)
+    sites: list[Site] = []
+    tainted: set[int] = set()
+    used: set[int] = set()
+    outs = _walk(jaxpr, origins, (), sites, tainted, used)
+    tainted.update(o.leaf for o in outs if o is not None)
+    used.update(o.leaf for o in outs if o is not None)
+    signatures: dict[int, set[tuple[Any, ...]]] = {}
+    for s in sites:
+        signatures.setdefault(s.leaf, set()).add(s.signature)
+    tainted.update(leaf for leaf, sig in signatures.items() if len(sig) > 1)
+    ruled = [s for s in sites if s.leaf not in tainted]
+    direct = {i for i in range(n_leaves) if i in used and i not in {s.leaf for s in ruled}}
+    return Analysis(sites=ruled, direct=direct, unused=set(range(n_leaves)) - used)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _bind(eqn: Any, invals: list[Any]) -> list[Any]:
+    """Apply one equation's primitive, as ``jax.core.eval_jaxpr`` does."""
+    import contextlib
+
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns: list[Any] = []
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    with manager if manager is not None else contextlib.nullcontext():
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _activation(site: Site, eqn: Any, invals: list[Any]) -> Any:
+    """The site's input for one sample: ``(S, d_in)``; an embedding's ids ``(S,)``, -1
+    where the gather reads nothing (out of range)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    if site.kind == "dense":
+        u = invals[1 - site.side]
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        contract = tuple(rc if site.side == 0 else lc)
+        free = tuple(d for d in range(u.ndim) if d not in contract)
+        return jnp.transpose(u, (*free, *contract)).reshape(site.s_len, site.d_in)
+    if site.kind == "conv":
+        lhs, rhs = invals
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        patches = lax.conv_general_dilated_patches(
+            lhs, tuple(rhs.shape[d] for d in dn.rhs_spec[2:]), p["window_strides"], p["padding"],
+            p["lhs_dilation"], p["rhs_dilation"], dimension_numbers=dn,
+            precision=lax.Precision.HIGHEST)
+        return jnp.transpose(patches, site.perm).reshape(site.s_len, site.d_in)
+    ids = invals[1][..., 0].reshape(-1)
+    vocab = site.signature[2][0]
+    mode = getattr(eqn.params.get("mode"), "name", str(eqn.params.get("mode")))
+    if "CLIP" in mode:
+        return jnp.clip(ids, 0, vocab - 1)
+    return jnp.where((ids >= 0) & (ids < vocab), ids, -1)
+
+
+def evaluate(jaxpr: Any, consts: list[Any], args: list[Any], path: tuple[int, ...],
+             sites: dict[tuple[int, ...], Site], perts: dict[tuple[int, ...], Any],
+             record: dict[tuple[int, ...], Any]) -> list[Any]:
+    """Evaluate ``jaxpr``, adding ``perts[path]`` to each site's output and storing its
+    input in ``record[path]``; call equations in :data:`INLINE` are evaluated inline."""
+    core = _core()
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for k, eqn in enumerate(jaxpr.eqns):
+        here = (*path, k)
+        invals = [read(v) for v in eqn.invars]
+        sub = _inline(eqn)
+        if sub is not None:
+            outs = evaluate(sub[0], sub[1], invals, here, sites, perts, record)
+        else:
+            outs = _bind(eqn, invals)
+            site = sites.get(here)
+            if site is not None:
+                record[here] = _activation(site, eqn, invals)
+                outs = [outs[0] + perts[here]]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+# --------------------------------------------------------------------------- features
+@dataclasses.dataclass
+class Layout:
+    """The static shape of the computation: which leaf goes which way."""
+
+    sites: dict[int, list[Site]]  # leaf -> its sites, for leaves measured by a rule
+    rules: dict[int, str]  # leaf -> "pairs" or "jac"
+    direct: list[int]  # leaves differentiated directly
+    sizes: list[int]  # size of every trainable leaf
+
+    @property
+    def perturbed(self) -> list[Site]:
+        return [s for leaf in self.rules for s in self.sites[leaf]]
+
+    def row_width(self) -> int:
+        """Parameters whose per-sample gradients are formed (direct and ``jac`` leaves)."""
+        return (sum(self.sizes[i] for i in self.direct)
+                + sum(self.sizes[i] for i, r in self.rules.items() if r == "jac"))
+
+
+def _leaf_shape(sites: list[Site]) -> tuple[int, int, int]:
+    """``(S, d_in, d_out)`` of a ruled leaf, its sites' positions concatenated."""
+    return sum(s.s_len for s in sites), sites[0].d_in, sites[0].d_out
+
+
+def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced: bool,
+           implementation: Implementation, force: str | None = None) -> Layout:
+    """Decide per leaf: its rule (``pairs`` / ``jac``) or direct differentiation.
+
+    ``auto`` keeps a rule only where ``pairs`` costs fewer multiply-adds than the leaf's
+    Jacobian Gram; ``structured`` keeps every rule, choosing the cheaper of the two
+    exact rules (an embedding always uses ``pairs``). ``force`` (tests) imposes a rule.
+    """
+    by_leaf: dict[int, list[Site]] = {}
+    for s in analysis.sites:
+        by_leaf.setdefault(s.leaf, []).append(s)
+    rules: dict[int, str] = {}
+    direct = set(analysis.direct)
+    for leaf, sites in by_leaf.items():
+        s_len, d_in, d_out = _leaf_shape(sites)
+        costs = dense_costs(n, n, n_outputs, s_len, d_in, d_out, traced)
+        gram = float(n * n * n_outputs * sizes[leaf] * (1 if traced else n_outputs))
+        embedding = sites[0].kind == "embedding"
+        if force is not None:
+            rules[leaf] = "pairs" if embedding else force
+        elif implementation == Implementation.STRUCTURED:
+            rules[leaf] = "pairs" if embedding or costs["pairs"] < costs["jac"] else "jac"
+        elif costs["pairs"] < gram:
+            rules[leaf] = "pairs"
+        else:
+            direct.add(leaf)
+    return Layout({k: by_leaf[k] for k in rules}, rules, sorted(direct), sizes)
+
+
+def _leaf_features(layout: Layout, leaf: int, grads: dict[tuple[int, ...], Any],
+                   record: dict[tuple[int, ...], Any], n_outputs: int) -> tuple[Any, Any]:
+    """One sample's ``a`` ``(S, d_in)`` (ids ``(S,)``) and ``g`` ``(O, S, d_out)``."""
+    import jax.numpy as jnp
+
+    sites = layout.sites[leaf]
+    gs = [jnp.transpose(grads[s.path], (0, *(1 + d for d in s.perm)))
+          .reshape(n_outputs, s.s_len, s.d_out) for s in sites]
+    a = [record[s.path] for s in sites]
+    if len(sites) == 1:
+        return a[0], gs[0]
+    return jnp.concatenate(a, axis=0), jnp.concatenate(gs, axis=1)
+
+
+def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
+    """A jitted ``features(values, consts, block)``: for a block of samples, the formed
+    gradient rows ``(b, O, P_rows)`` (direct and ``jac`` leaves) and the ``(a, g)`` of
+    every ``pairs`` leaf, keyed by leaf."""
+    jax = jb._jax()
+    import jax.numpy as jnp
+
+    by_path = {s.path: s for s in layout.perturbed}
+
+    def one(values: list[Any], consts: list[Any], xi: Any) -> tuple[Any, dict[int, Any]]:
+        def f(direct_values: list[Any], perts: dict[tuple[int, ...], Any]) -> Any:
+            current = list(values)
+            for k, i in enumerate(layout.direct):
+                current[i] = direct_values[k]
+            record: dict[tuple[int, ...], Any] = {}
+            args = [*current, *jax.tree_util.tree_leaves(xi)]
+            out = evaluate(jaxpr, consts, args, (), by_path, perts, record)[0]
+            return out.reshape(-1), record
+
+        zeros = {s.path: jnp.zeros(s.out_shape, s.dtype) for s in by_path.values()}
+        start = [values[i] for i in layout.direct]
+        (jd, jp), record = jax.jacrev(f, argnums=(0, 1), has_aux=True)(start, zeros)
+        rows = [j.reshape(n_outputs, -1) for j in jd]
+        pairs: dict[int, tuple[Any, Any]] = {}
+        for leaf, rule in layout.rules.items():
+            a, g = _leaf_features(layout, leaf, jp, record, n_outputs)
+            if rule == "jac":
+                rows.append(jnp.einsum("osk,sd->okd", g, a).reshape(n_outputs, -1))
+            else:
+                pairs[leaf] = (a, g)
+        dtype = values[0].dtype
+        formed = jnp.concatenate(rows, axis=1) if rows else jnp.zeros((n_outputs, 0), dtype)
+        return formed, pairs
+
+    return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
+
+
+def _pairs_gram(f1: tuple[Any, Any], f2: tuple[Any, Any], embedding: bool, traced: bool,
+                chunk: int) -> Any:
+    """``Σ_{s,t} (a_is·a_jt)(g_ios·g_jpt)`` for a block pair, ``chunk`` positions of the
+    first block at a time: traced ``(b1, b2)`` (÷O), full ``(b1·O, b2·O)``."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    (a1, g1), (a2, g2) = f1, f2
+    b1, n_out, s_len, d_out = g1.shape
+    b2, s2 = g2.shape[0], g2.shape[2]
+    hi = lax.Precision.HIGHEST
+
+    def inputs(rows: slice) -> Any:  # (b1, s, b2, S2)
+        if embedding:
+            i1 = a1[:, rows][:, :, None, None]
+            return ((i1 == a2[None, None]) & (i1 >= 0)).astype(g1.dtype)
+        return jnp.einsum("isd,jtd->isjt", a1[:, rows], a2, precision=hi)
+
+    if s_len == 1 and s2 == 1:
+        aa = inputs(slice(None)).reshape(b1, b2)
+        if traced:
+            return jnp.matmul(g1.reshape(b1, -1), g2.reshape(b2, -1).T, precision=hi) * aa / n_out
+        gg = jnp.matmul(g1.reshape(b1 * n_out, d_out), g2.reshape(b2 * n_out, d_out).T,
+                        precision=hi).reshape(b1, n_out, b2, n_out)
+        return (gg * aa[:, None, :, None]).reshape(b1 * n_out, b2 * n_out)
+    total = None
+    for s0 in range(0, s_len, chunk):
+        rows = slice(s0, min(s_len, s0 + chunk))
+        aa = inputs(rows)
+        if traced:
+            gg = jnp.einsum("iosk,jotk->isjt", g1[:, :, rows], g2, precision=hi)
+            part = jnp.einsum("isjt,isjt->ij", aa, gg, precision=hi) / n_out
+        else:
+            gg = jnp.einsum("iosk,jptk->iosjpt", g1[:, :, rows], g2, precision=hi)
+            part = jnp.einsum("iosjpt,isjt->iojp", gg, aa, precision=hi).reshape(
+                b1 * n_out, b2 * n_out)
+        total = part if total is None else total + part
+    return total
+
+
+def make_pair(layout: Layout, n_outputs: int, traced: bool, chunk: int) -> Any:
+    """A jitted ``pair(features_a, features_b)``: their kernel block."""
+    jax = jb._jax()
+    import jax.numpy as jnp
+
+    embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
+
+    def pair(fa: Any, fb: Any) -> Any:
+        (ra, pa), (rb, pb) = fa, fb
+        b1, b2 = ra.shape[0], rb.shape[0]
+        if traced:
+            k = jnp.matmul(ra.reshape(b1, -1), rb.reshape(b2, -1).T,
+                           precision=jax.lax.Precision.HIGHEST) / n_outputs
+        else:
+            k = jnp.matmul(ra.reshape(b1 * n_outputs, -1), rb.reshape(b2 * n_outputs, -1).T,
+                           precision=jax.lax.Precision.HIGHEST)
+        for leaf in pa:
+            k = k + _pairs_gram(pa[leaf], pb[leaf], embedding[leaf], traced, chunk)
+        return k
+
+    return jax.jit(pair)
+
+
+# --------------------------------------------------------------------------- driver
+#: Jitted (features, pair) functions of recent models, so that measuring many checkpoints
+#: of one architecture compiles once. Keyed by the jaxpr's text (its structure, shapes and
+#: literals; weights and constants are arguments) and everything else they close over.
+_COMPILED: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
+CACHE_SIZE = 8
+
+
+def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: int
+             ) -> tuple[Any, Any]:
+    """:func:`make_features` and :func:`make_pair`, from the cache when the same model
+    structure was measured recently."""
+    key = (str(jaxpr), tuple(sorted(layout.rules.items())), tuple(layout.direct), n_outputs,
+           traced, chunk)
+    hit = _COMPILED.get(key)
+    if hit is None:
+        hit = (make_features(layout, jaxpr, n_outputs),
+               make_pair(layout, n_outputs, traced, chunk))
+        _COMPILED[key] = hit
+        while len(_COMPILED) > CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return hit
+
+
+def trace(prep: Any, leaves: Any, x: Any, output: Any) -> tuple[Any, list[Any]]:
+    """The one-sample forward pass as a jaxpr whose inputs are the trainable leaves, then
+    the sample's arrays; returns ``(jaxpr, consts)``."""
+    jax = jb._jax()
+    trainable = leaves.trainable
+
+    def single(values: list[Any], xi: Any) -> Any:
+        full = list(leaves.values)
+        for k, i in enumerate(trainable):
+            full[i] = values[k]
+        params = jax.tree_util.tree_unflatten(leaves.treedef, full)
+        xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
+        return jb.select_output(prep.call(params, prep.constants, xb), output).reshape(-1)
+
+    first = jax.tree_util.tree_map(lambda a: a[0], jb.slice_inputs(x, 0, 1))
+    closed = jax.make_jaxpr(single)([leaves.values[i] for i in trainable], first)
+    return closed.jaxpr, list(closed.consts)
+
+
+def _per_sample_bytes(layout: Layout, n_outputs: int, itemsize: int) -> int:
+    feats = sum(s_len * d_in + n_outputs * s_len * d_out
+                for s_len, d_in, d_out in (_leaf_shape(layout.sites[leaf])
+                                           for leaf, r in layout.rules.items() if r == "pairs"))
+    # the formed rows, the features, and about as much again for jacrev's temporaries
+    return 2 * itemsize * (n_outputs * layout.row_width() + feats)
+
+
+def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
+                      force: str | None = None) -> np.ndarray | None:
+    """The kernel from per-layer rules, or ``None`` to use the Jacobian path.
+
+    Args:
+        prep: the prepared model (:class:`cvcore.backends.jax_backend.Prepared`), its
+            parameters already in the request's dtype and on its device.
+        leaves: its flattened parameters (:func:`cvcore.backends.jax_backend.flatten_params`).
+        x: the inputs, as arrays on the device.
+        request: the :class:`cvcore.protocols.KernelRequest`.
+        n_outputs: outputs per sample ``O``.
+        force: ``"pairs"`` or ``"jac"`` imposes that rule on every ruled leaf (tests).
+
+    Returns:
+        The kernel as a NumPy array (traced ``N × N`` divided by ``O``, or full
+        ``N·O × N·O`` with row ``i·O + o``); ``None`` in train mode, when no leaf is
+        measured by a rule, or when one sample's features exceed half the budget.
+    """
+    if request.train:
+        return None
+    n = jb.batch_of(x)
+    traced = request.kernel == "traced"
+    jaxpr, consts = trace(prep, leaves, x, request.output)
+    values = [leaves.values[i] for i in leaves.trainable]
+    analysis = analyse(jaxpr, len(values))
+    if not analysis.sites:
+        return None
+    layout = choose(analysis, [int(v.size) for v in values], n, n_outputs, traced,
+                    request.implementation, force)
+    if not layout.rules:
+        return None
+    itemsize = np.dtype(request.dtype).itemsize
+    budget = int(request.memory_budget)
+    per_sample = _per_sample_bytes(layout, n_outputs, itemsize)
+    if per_sample > budget // 2:
+        return None
+    width = 1 if traced else n_outputs
+    pair_limit = max(1, int(math.sqrt(budget / (6 * itemsize))) // width)
+    size = max(1, min(n, (budget // 2) // per_sample, pair_limit))
+    s_max = max(_leaf_shape(layout.sites[leaf])[0] for leaf in layout.rules)
+    per_position = size * size * s_max * (1 if traced else n_outputs * n_outputs + 1) * itemsize
+    chunk = max(1, (budget // 4) // max(1, per_position))
+    features, pair = compiled(layout, jaxpr, n_outputs, traced, chunk)
+    blocks = [(a, min(a + size, n)) for a in range(0, n, size)]
+    kernel = np.zeros((n * width, n * width), dtype=np.dtype(request.dtype))
+
+    def block_features(a0: int, a1: int) -> Any:
+        return features(values, consts, jb.pad_batch(jb.slice_inputs(x, a0, a1), size))
+
+    for i, (a0, a1) in enumerate(blocks):
+        fa = block_features(a0, a1)
+        ra = slice(a0 * width, a1 * width)
+        kernel[ra, ra] = np.asarray(pair(fa, fa))[:(a1 - a0) * width, :(a1 - a0) * width]
+        for b0, b1 in blocks[i + 1:]:
+            rb = slice(b0 * width, b1 * width)
+            block = np.asarray(pair(fa, block_features(b0, b1)))[:(a1 - a0) * width,
+                                                                  :(b1 - b0) * width]
+            kernel[ra, rb] = block
+            kernel[rb, ra] = block.T
+    jb.check_finite(kernel, n, width)
+    return kernel
