@@ -24,11 +24,11 @@ capture is recomputed), and each identity chunks its own intermediates to the bu
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any
 
 from cvcore.backends.torch_rules import Feature, feature_gram
+
 from cvcore.blocking import dense_costs
 
 
