@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from jax_models import MODELS
 
 #: Skip a Jacobian-materialising method when its Jacobian would exceed this many bytes.
 JACOBIAN_LIMIT = 6 << 30
@@ -81,7 +82,7 @@ def make_model(name: str) -> tuple[Any, Callable[[int], Any]]:
     if name == "gnn":
         return DenseGNN().eval(), lambda n: torch.randn(
             n, 16, 32, generator=torch.Generator().manual_seed(n))
-    raise SystemExit(f"unknown model {name!r}; choose from mlp256, mlp1024, cnn, transformer, gnn")
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
 def _torch_module() -> Any:
@@ -146,13 +147,12 @@ class Case:
     device: str
 
     def state(self) -> dict[str, np.ndarray]:
-        """The model's ``state_dict`` as float32 NumPy arrays (for the ports)."""
-        return {k: v.detach().cpu().numpy().astype(np.float32)
-                for k, v in self.model.state_dict().items()}
+        """The model's ``state_dict`` as NumPy arrays (for the ports; dtype kept)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
 
     def inputs(self) -> np.ndarray:
-        """The inputs as a float32 NumPy array."""
-        return self.x.detach().cpu().numpy().astype(np.float32)
+        """The inputs as a NumPy array (dtype kept)."""
+        return self.x.detach().cpu().numpy()
 
 
 #: A method: set up on a case (ports, weights, compilation wrappers; not timed), return
@@ -546,7 +546,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small subset, < 3 minutes on 2 cores")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     p.add_argument("--models", default=None,
-                   help="comma list of mlp256, mlp1024, cnn, transformer, gnn")
+                   help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--n", default=None, help="comma list of probe-set sizes")
     p.add_argument("--kernel", default="full", help="traced, full, or traced,full")
     p.add_argument("--methods", default=",".join(CVCORE + CVCORE_JAX + PEERS))
@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
             methods_default = [m for m in CVCORE + CVCORE_JAX + PEERS if m != "tf"]
             args.methods = ",".join(methods_default)
     else:
-        models = (args.models or "mlp256,mlp1024,cnn,transformer,gnn").split(",")
+        models = (args.models or ",".join(MODELS)).split(",")
         sizes = [int(v) for v in (args.n or "64,256,1024").split(",")]
         reps, trace_n = args.reps or 5, 1024 if args.trace_n is None else args.trace_n
     methods = args.methods.split(",")
