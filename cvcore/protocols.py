@@ -32,7 +32,8 @@ class Implementation(str, Enum):
         one block's Jacobian, bounded by the memory budget.
     STRUCTURED: per-layer identities (a dense layer's kernel is ``(A Aᵀ) ⊙ (G Gᵀ)``,
         inputs times output-gradients) that never form the Jacobian; layers without a
-        rule fall back to the Jacobian path.
+        rule fall back to the Jacobian path. PyTorch finds layers by the calls a module
+        makes, JAX in the jaxpr; TensorFlow has the Jacobian path only.
     AUTO (default): per layer, the cheaper of the two by a FLOP and memory estimate.
     """
 
