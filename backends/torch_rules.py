@@ -66,24 +66,29 @@ def choose_dense(f1: Feature, f2: Feature, traced: bool, embedding: bool = False
 
 
 # --------------------------------------------------------------------------- grams
-def sym_gram(x: Any, leaf: int = 384) -> Any:
+def sym_gram(x: Any, leaf: int = 384, min_width: int = 512) -> Any:
     """``x xᵀ`` computing only the blocks on and above the diagonal (about half the work).
+
+    Only for rows of at least ``min_width`` entries: with fewer, writing the ``n × n``
+    result costs as much as the product, and one matrix product is faster (measured on
+    2 CPU cores, 1 thread: 10240 × 256 rows 1.6 s halved against 0.9 s whole; 2560 ×
+    16384 rows 1.2 s against 2.2 s).
 
     >>> import torch
     >>> x = torch.randn(1000, 7, dtype=torch.float64)
-    >>> bool(torch.allclose(sym_gram(x, leaf=100), x @ x.T))
+    >>> bool(torch.allclose(sym_gram(x, leaf=100, min_width=1), x @ x.T))
     True
     """
     import torch
 
     n = x.shape[0]
-    if n <= leaf:
+    if n <= leaf or x.shape[1] < min_width:
         return x @ x.T
     h = n // 2
     top, bottom = x[:h], x[h:]
     off = top @ bottom.T
-    return torch.cat([torch.cat([sym_gram(top, leaf), off], dim=1),
-                      torch.cat([off.T, sym_gram(bottom, leaf)], dim=1)], dim=0)
+    return torch.cat([torch.cat([sym_gram(top, leaf, min_width), off], dim=1),
+                      torch.cat([off.T, sym_gram(bottom, leaf, min_width)], dim=1)], dim=0)
 
 
 def _rows_gram(r1: Any, r2: Any) -> Any:
