@@ -55,8 +55,15 @@ def params_from_state(state: Mapping[str, np.ndarray]) -> Params:
 
 
 def _linear(p: Params, x: Any) -> Any:
-    """``nn.Linear``: ``x Wᵀ + b`` with the torch ``(out, in)`` weight."""
-    return x @ p["weight"].T + p["bias"]
+    """``nn.Linear`` on the last axis of ``x``, torch ``(out, in)`` weight: ``x Wᵀ + b``.
+
+    One ``dot_general`` contracting the weight's ``in`` axis, with no ``transpose`` of
+    the weight: neural-tangents' structured derivatives do not see through a transposed
+    parameter and fall back to its full Jacobian."""
+    import jax
+
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    return jax.lax.dot_general(x, p["weight"], dims) + p["bias"]
 
 
 def sequential(p: Params) -> list[Params]:
@@ -111,7 +118,7 @@ def _self_attention(p: Params, h: Any) -> Any:
     import jax
 
     n, tokens, d = h.shape
-    qkv = h @ p["in_proj_weight"].T + p["in_proj_bias"]
+    qkv = _linear({"weight": p["in_proj_weight"], "bias": p["in_proj_bias"]}, h)
     q, k, v = (t.reshape(n, tokens, HEADS, d // HEADS).transpose(0, 2, 1, 3)
                for t in (qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]))
     weights = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(d // HEADS), axis=-1)

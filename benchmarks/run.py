@@ -53,6 +53,9 @@ PEERS = ("torchfunc", "jax", "tf", "nngeometry", *NT_METHODS)
 NT_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          ".venv-nt", "bin", "python")
 QUICK = False
+#: Left out of ``--quick``'s default methods: TF's import alone takes 4-10 s, and
+#: cvcore-jax-jacobian repeats the jax recipe's work (~25 s of the budget on 2 cores).
+QUICK_OFF = ("tf", "cvcore-jax-jacobian")
 CVCORE = ("cvcore-structured", "cvcore-auto", "cvcore-jacobian")
 #: cvcore's JAX backend on the JAX port of the model (benchmarks/jax_models.py).
 CVCORE_JAX = ("cvcore-jax-auto", "cvcore-jax-structured", "cvcore-jax-jacobian")
@@ -579,9 +582,8 @@ def main(argv: list[str] | None = None) -> None:
         models = (args.models or "mlp256,cnn,transformer,gnn").split(",")
         sizes = [int(v) for v in (args.n or "64").split(",")]
         reps, trace_n = args.reps or 2, 256 if args.trace_n is None else args.trace_n
-        if args.methods == parse([]).methods:  # TF's import alone takes ~10 s
-            methods_default = [m for m in CVCORE + CVCORE_JAX + PEERS if m != "tf"]
-            args.methods = ",".join(methods_default)
+        if args.methods == parse([]).methods:
+            args.methods = ",".join(m for m in CVCORE + CVCORE_JAX + PEERS if m not in QUICK_OFF)
     else:
         models = (args.models or ",".join(MODELS)).split(",")
         sizes = [int(v) for v in (args.n or "64,256,1024").split(",")]
