@@ -39,7 +39,6 @@ import warnings
 from typing import Any
 
 import numpy as np
-
 from jax_models import MODELS, port
 
 

@@ -179,8 +179,9 @@ def cvcore_kernel(impl: str) -> Method:
 def cvcore_jax_kernel(impl: str) -> Method:
     """``cvcore.ntk((apply_fn, params), x, implementation=impl)`` on the JAX port."""
     def setup(case: Case) -> Callable[[], Any]:
-        import cvcore
         from jax_models import port
+
+        import cvcore
 
         apply_fn, params = port(case.name, case.state())
         xs = case.inputs()

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-
 from jax_models import HEADS, LAYER_NORM_EPS, bind, params_from_state, sequential
 
 Params = dict[str, Any]

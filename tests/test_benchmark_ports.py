@@ -22,7 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
-import run  # noqa: E402  (benchmarks/run.py)
+import run
 
 N = 2
 TOL = 1e-10
@@ -34,7 +34,7 @@ def rel(a: Any, b: Any) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_case(name: str) -> tuple[run.Case, np.ndarray, np.ndarray]:
     """The float64 torch model on ``N`` inputs, its outputs and its torch.func NTK."""
     import torch
