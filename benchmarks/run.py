@@ -327,7 +327,7 @@ METHODS: dict[str, Method] = {
     "cvcore-structured": cvcore_kernel("structured"),
     "cvcore-auto": cvcore_kernel("auto"),
     "cvcore-jacobian": cvcore_kernel("jacobian"),
-    **{f"cvcore-jax-{impl}": cvcore_jax_kernel(impl) for impl in ("auto", "structured", "jacobian")},
+    **{m: cvcore_jax_kernel(m.removeprefix("cvcore-jax-")) for m in CVCORE_JAX},
     "torchfunc": torchfunc_kernel,
     "jax": jax_kernel,
     "tf": tf_kernel,
