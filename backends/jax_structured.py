@@ -346,13 +346,23 @@ def _leaf_shape(sites: list[Site]) -> tuple[int, int, int]:
     return sum(s.s_len for s in sites), sites[0].d_in, sites[0].d_out
 
 
+def _diagonal_costs(n_outputs: int, s_len: int, d_in: int, d_out: int, size: int
+                    ) -> dict[str, float]:
+    """Per-sample multiply-adds of a leaf's share of ``‖J_io‖²``: by ``pairs`` (Gram
+    matrices over positions) and by forming the gradient (``jac``, as directly)."""
+    return {"pairs": float(s_len * s_len * (d_in + n_outputs * d_out + n_outputs)),
+            "jac": float(n_outputs * (s_len * d_in * d_out + size))}
+
+
 def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced: bool,
-           implementation: Implementation, force: str | None = None) -> Layout:
+           implementation: Implementation, force: str | None = None,
+           diagonal: bool = False) -> Layout:
     """Decide per leaf: its rule (``pairs`` / ``jac``) or direct differentiation.
 
     ``auto`` keeps a rule only where ``pairs`` costs fewer multiply-adds than the leaf's
     Jacobian Gram; ``structured`` keeps every rule, choosing the cheaper of the two
     exact rules (an embedding always uses ``pairs``). ``force`` (tests) imposes a rule.
+    ``diagonal``: the costs of the kernel's diagonal alone (:func:`_diagonal_costs`).
     """
     by_leaf: dict[int, list[Site]] = {}
     for s in analysis.sites:
@@ -361,8 +371,12 @@ def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced:
     direct = set(analysis.direct)
     for leaf, sites in by_leaf.items():
         s_len, d_in, d_out = _leaf_shape(sites)
-        costs = dense_costs(n, n, n_outputs, s_len, d_in, d_out, traced)
-        gram = float(n * n * n_outputs * sizes[leaf] * (1 if traced else n_outputs))
+        if diagonal:
+            costs = _diagonal_costs(n_outputs, s_len, d_in, d_out, sizes[leaf])
+            gram = costs["jac"]
+        else:
+            costs = dense_costs(n, n, n_outputs, s_len, d_in, d_out, traced)
+            gram = float(n * n * n_outputs * sizes[leaf] * (1 if traced else n_outputs))
         embedding = sites[0].kind == "embedding"
         if force is not None:
             rules[leaf] = "pairs" if embedding else force
@@ -489,6 +503,29 @@ def make_pair(layout: Layout, n_outputs: int, traced: bool, chunk: int) -> Any:
     return jax.jit(pair)
 
 
+def make_diag(layout: Layout) -> Any:
+    """A jitted ``diag(features)``: ``‖J_io‖²`` ``(b, O)`` of a block of samples."""
+    jax = jb._jax()
+    import jax.numpy as jnp
+
+    embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
+    hi = jax.lax.Precision.HIGHEST
+
+    def diag(f: Any) -> Any:
+        rows, pairs = f
+        d = jnp.sum(rows * rows, axis=2)
+        for leaf, (a, g) in pairs.items():
+            if embedding[leaf]:
+                aa = ((a[:, :, None] == a[:, None, :]) & (a[:, :, None] >= 0)).astype(g.dtype)
+            else:
+                aa = jnp.einsum("isd,itd->ist", a, a, precision=hi)
+            gg = jnp.einsum("iosk,iotk->iost", g, g, precision=hi)
+            d = d + jnp.einsum("iost,ist->io", gg, aa, precision=hi)
+        return d
+
+    return jax.jit(diag)
+
+
 # --------------------------------------------------------------------------- driver
 #: Jitted (features, pair) functions of recent models, so that measuring many checkpoints
 #: of one architecture compiles once. Keyed by the jaxpr's text (its structure, shapes and
@@ -497,16 +534,16 @@ _COMPILED: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDi
 CACHE_SIZE = 8
 
 
-def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: int
-             ) -> tuple[Any, Any]:
-    """:func:`make_features` and :func:`make_pair`, from the cache when the same model
-    structure was measured recently."""
+def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: int,
+             diagonal: bool = False) -> tuple[Any, Any]:
+    """:func:`make_features` and :func:`make_pair` (:func:`make_diag` for the diagonal),
+    from the cache when the same model structure was measured recently."""
     key = (str(jaxpr), tuple(sorted(layout.rules.items())), tuple(layout.direct), n_outputs,
-           traced, chunk)
+           traced, chunk, diagonal)
     hit = _COMPILED.get(key)
     if hit is None:
         hit = (make_features(layout, jaxpr, n_outputs),
-               make_pair(layout, n_outputs, traced, chunk))
+               make_diag(layout) if diagonal else make_pair(layout, n_outputs, traced, chunk))
         _COMPILED[key] = hit
         while len(_COMPILED) > CACHE_SIZE:
             _COMPILED.popitem(last=False)
@@ -602,3 +639,38 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
             kernel[rb, ra] = block.T
     jb.check_finite(kernel, n, width)
     return kernel
+
+
+def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
+                        n_outputs: int) -> np.ndarray | None:
+    """``‖J_io‖²`` as ``(N, O)`` NumPy from the per-layer rules, or ``None`` to use the
+    per-sample Jacobians (train mode, no rule worth using, features over the budget).
+
+    A ``pairs`` leaf adds ``Σ_{s,t} (a_is·a_it)(g_ios·g_iot)`` (with one position,
+    ``‖a_i‖² ‖g_io‖²``), the others the squared norms of their formed gradients; nothing
+    of size ``N²`` is formed.
+    """
+    if request.train:
+        return None
+    n = jb.batch_of(x)
+    jaxpr, consts = trace(prep, leaves, x, request.output)
+    values = [leaves.values[i] for i in leaves.trainable]
+    analysis = analyse(jaxpr, len(values))
+    if not analysis.sites:
+        return None
+    layout = choose(analysis, [int(v.size) for v in values], n, n_outputs, False,
+                    request.implementation, diagonal=True)
+    if not layout.rules:
+        return None
+    itemsize = np.dtype(request.dtype).itemsize
+    per_sample = _per_sample_bytes(layout, n_outputs, itemsize)
+    if per_sample > int(request.memory_budget) // 2:
+        return None
+    size = max(1, min(n, (int(request.memory_budget) // 2) // per_sample))
+    features, diag = compiled(layout, jaxpr, n_outputs, False, 1, diagonal=True)
+    out = np.zeros((n, n_outputs), dtype=np.dtype(request.dtype))
+    for a0 in range(0, n, size):
+        a1 = min(a0 + size, n)
+        block = jb.pad_batch(jb.slice_inputs(x, a0, a1), size)
+        out[a0:a1] = np.asarray(diag(features(values, consts, block)))[:a1 - a0]
+    return out

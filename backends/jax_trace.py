@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget, plan_blocks
 from cvcore.errors import InputError, ModelError
-from cvcore.protocols import KernelRequest
+from cvcore.protocols import Implementation, KernelRequest
 
 
 @contextlib.contextmanager
@@ -113,6 +113,13 @@ def _diagonal(model: Any, inputs: Any, request: KernelRequest, device: Any) -> N
     import jax.numpy as jnp
 
     s = _setup(model, inputs, request, device, request.train)
+    if request.implementation != Implementation.JACOBIAN:
+        from cvcore.backends.jax_structured import structured_diagonal
+
+        ruled = structured_diagonal(s.prep, s.leaves, s.x, request, s.n_outputs)
+        if ruled is not None:
+            _check_finite(ruled, s.n)
+            return ruled.mean(axis=1) if request.kernel == "traced" else ruled.reshape(-1)
     plan = plan_blocks(n_samples=s.n, n_outputs=s.n_outputs, group_sizes=s.sizes,
                        itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
     whole_batch = request.train and s.prep.batched  # one Jacobian of the coupled batch

@@ -19,6 +19,7 @@ pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
 from cvcore.backends import jax_backend as jb
 from cvcore.backends import jax_structured as js
+from cvcore.backends.jax_backend import JaxBackend
 from flax import linen as nn
 from flax import nnx
 
@@ -364,3 +365,33 @@ def test_unused_leaf_contributes_nothing() -> None:
     expected = np.kron(x @ x.T, np.eye(2))  # ∂(x W)_o / ∂W = x ⊗ e_o
     assert rel(k, expected) < 1e-12
 
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_diagonal_from_rules_equals_the_reference(name: str,
+                                                  references: dict[str, np.ndarray]) -> None:
+    model, x = make(name)
+    full = references[name]
+    for implementation in ("auto", "structured"):
+        for kernel in ("full", "traced"):
+            request = make_request(kernel=kernel, dtype="float64", implementation=implementation)
+            got = JaxBackend().diagonal(model, x, request)
+            expected = np.diag(full if kernel == "full" else traced_from_full(full, N))
+            assert rel(got, expected) < 1e-11
+
+
+def test_diagonal_uses_the_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvcore.backends.jax_trace import _setup
+
+    model, x = make("mlp")
+    request = make_request(kernel="full", dtype="float64")
+    calls = []
+    original = js.structured_diagonal
+    monkeypatch.setattr(js, "structured_diagonal",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert JaxBackend().diagonal(model, x, request).shape == (N * 3,)
+    assert calls
+    with jb.x64_scope(True):
+        s = _setup(model, x, request, jax.devices("cpu")[0], False)
+        ruled = original(s.prep, s.leaves, s.x, request, s.n_outputs)
+    assert ruled is not None and ruled.shape == (N, 3)  # no fallback to Jacobians
