@@ -20,6 +20,7 @@ Importing this module does not import JAX; every JAX import is inside a function
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -390,6 +391,39 @@ def with_values(leaves: Any, index: Any, replaced: Any, values: Any) -> Any:
     return jax.tree_util.tree_unflatten(leaves.treedef, full)
 
 
+#: Jitted Jacobian functions of recent models, keyed by the traced forward pass's text
+#: (structure, shapes, dtypes, literals; weights, constants and closed-over arrays are
+#: arguments), so that measuring many checkpoints of one architecture compiles once.
+_JITTED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+CACHE_SIZE = 8
+
+
+def _jitted(key: tuple[Any, ...], closed: Any, build: Callable[[Any], Any]) -> Any:
+    """``build(jaxpr)`` for the traced ``closed`` jaxpr, from the cache when the same
+    computation was compiled recently."""
+    full = (*key, str(closed.jaxpr))
+    hit = _JITTED.get(full)
+    if hit is None:
+        hit = build(closed.jaxpr)
+        _JITTED[full] = hit
+        while len(_JITTED) > CACHE_SIZE:
+            _JITTED.popitem(last=False)
+    _JITTED.move_to_end(full)
+    return hit
+
+
+def _as_function(jaxpr: Any) -> Callable[..., Any]:
+    """``f(jaxpr_consts, *args)``: the jaxpr's first output, its inputs given as pytrees
+    flattened in the order the jaxpr was traced with."""
+    jax = _jax()
+    from cvcore.backends.jax_structured import evaluate
+
+    def f(consts: Any, *args: Any) -> Any:
+        return evaluate(jaxpr, consts, jax.tree_util.tree_leaves(args), (), {}, {}, {})[0]
+
+    return f
+
+
 def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelRequest,
                   n_outputs: int) -> JacobianFn:
     """A function ``(x, start, stop, size)`` giving the Jacobian block (stop-start, O,
@@ -398,7 +432,8 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     Eval mode: per-sample ``jacrev`` (``jacfwd`` when O exceeds the group's size), vmapped
     over samples and jitted; chunks are padded to one size so it compiles once. Train mode
     on a batched model: rows of the Jacobian of the whole batch's call, since batch
-    statistics couple the samples (``size`` is ignored).
+    statistics couple the samples (``size`` is ignored). The forward pass is traced once
+    per call and the jitted function comes from a cache keyed by its text (``_jitted``).
     """
     jax = _jax()
     import jax.numpy as jnp
@@ -416,15 +451,18 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
 
     if request.train and prep.batched:
         def whole_batch(gv: Any, values: Any, consts: Any, x: Any) -> Any:
-            def f(g: Any) -> Any:
-                raw = prep.call(params_of(g, values), consts, x)
-                return select_output(raw, output).reshape(batch_of(x), -1)
-            return jax.jacrev(f)(gv)
+            raw = prep.call(params_of(gv, values), consts, x)
+            return select_output(raw, output).reshape(batch_of(x), -1)
 
-        batched_rows = jax.jit(whole_batch)
+        def build_batch(jaxpr: Any) -> Any:
+            f = _as_function(jaxpr)
+            return jax.jit(lambda jc, gv, values, consts, x: jax.jacrev(
+                lambda g: f(jc, g, values, consts, x))(gv))
 
         def train_jac(x: Any, start: int, stop: int, size: int) -> Any:
-            jac = batched_rows(group_values, leaves.values, prep.constants, x)
+            closed = jax.make_jaxpr(whole_batch)(group_values, leaves.values, prep.constants, x)
+            rows = _jitted(("batch", n_outputs), closed, build_batch)
+            jac = rows(closed.consts, group_values, leaves.values, prep.constants, x)
             return stack(tuple(j[start:stop] for j in jac), stop - start)
 
         return train_jac
@@ -436,15 +474,26 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
 
     diff = jax.jacfwd if n_outputs > group.size else jax.jacrev
 
-    def vmapped(gv: Any, values: Any, consts: Any, x: Any) -> Any:
-        jac = jax.vmap(diff(single), in_axes=(None, None, None, 0))(gv, values, consts, x)
-        return stack(jac, batch_of(x))
+    def build(jaxpr: Any) -> Any:
+        f = _as_function(jaxpr)
 
-    per_sample = jax.jit(vmapped)
+        def vmapped(jc: Any, gv: Any, values: Any, consts: Any, x: Any) -> Any:
+            per = jax.vmap(diff(f, argnums=1), in_axes=(None, None, None, None, 0))
+            return stack(per(jc, gv, values, consts, x), batch_of(x))
+
+        return jax.jit(vmapped)
+
+    state: dict[str, Any] = {}  # the traced forward pass and its jitted Jacobian
 
     def eval_jac(x: Any, start: int, stop: int, size: int) -> Any:
+        if "fn" not in state:
+            sample = jax.tree_util.tree_map(lambda a: a[0], slice_inputs(x, 0, 1))
+            closed = jax.make_jaxpr(single)(group_values, leaves.values, prep.constants, sample)
+            state["fn"] = _jitted(("sample", diff.__name__, n_outputs), closed, build)
+            state["consts"] = closed.consts
         block = pad_batch(slice_inputs(x, start, stop), size)
-        return per_sample(group_values, leaves.values, prep.constants, block)[:stop - start]
+        jac = state["fn"](state["consts"], group_values, leaves.values, prep.constants, block)
+        return jac[:stop - start]
 
     return eval_jac
 

@@ -395,3 +395,31 @@ def test_diagonal_uses_the_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         s = _setup(model, x, request, jax.devices("cpu")[0], False)
         ruled = original(s.prep, s.leaves, s.x, request, s.n_outputs)
     assert ruled is not None and ruled.shape == (N, 3)  # no fallback to Jacobians
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "structured"])
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_caches_never_reuse_weights_or_closed_over_arrays(
+        implementation: str, train: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two models that trace to the same jaxpr text, differing in their weights and in an
+    array their function closes over, share one compilation but not their values."""
+    import collections
+
+    monkeypatch.setattr(jb, "_JITTED", collections.OrderedDict())
+    monkeypatch.setattr(js, "_COMPILED", collections.OrderedDict())
+    x = _rng(2).normal(size=(N, 3))
+    kernels = []
+    for seed in (0, 1):
+        scale = jnp.asarray(_rng(10 + seed).normal(size=(2,)))
+
+        def apply(p: Any, x: Any, scale: Any = scale) -> Any:
+            return jnp.tanh(x @ p["w"]) * scale
+
+        params = {"w": jnp.asarray(_rng(seed).normal(size=(3, 2)))}
+        got = cvcore.ntk((apply, params), x, kernel="full", dtype="float64",
+                         implementation=implementation, train=train)
+        assert rel(got, reference((apply, params), x)) < 1e-11
+        sizes = (len(jb._JITTED), len(js._COMPILED))
+        kernels.append((got, sizes))
+    assert kernels[0][1] == kernels[1][1] and sum(kernels[0][1]) > 0  # a cache hit
+    assert rel(kernels[0][0], kernels[1][0]) > 1e-3
