@@ -63,6 +63,9 @@ class Origin:
 
     leaf: int
     chain: tuple[Any, ...] = ()
+    #: axes of the value that repeat the leaf (broadcasts); ``None`` once a reshape after
+    #: a broadcast makes that unknown (the value can then not be a bias).
+    repeated: frozenset[int] | None = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Site:
         perm: the output's axes ordered positions first, the weight's output axes last.
         s_len: positions ``S`` (one sample); ``d_in``, ``d_out``: the weight as a
             ``d_in × d_out`` map (``d_in = 1`` for an embedding, whose input is an id).
+        n_out_axes: how many output axes (the last ones of ``perm``) make up ``d_out``.
     """
 
     path: tuple[int, ...]
@@ -92,14 +96,16 @@ class Site:
     s_len: int
     d_in: int
     d_out: int
+    n_out_axes: int = 1
 
 
 def _site(eqn: Any, path: tuple[int, ...], kind: str, origin: Origin, side: int,
-          signature: tuple[Any, ...], perm: tuple[int, ...], d_in: int, d_out: int) -> Site:
+          signature: tuple[Any, ...], perm: tuple[int, ...], d_in: int, d_out: int,
+          n_out_axes: int = 1) -> Site:
     out = eqn.outvars[0].aval
     shape = tuple(out.shape)
     return Site(path, kind, origin.leaf, side, (kind, origin.chain, *signature), shape,
-                out.dtype, perm, math.prod(shape) // max(1, d_out), d_in, d_out)
+                out.dtype, perm, math.prod(shape) // max(1, d_out), d_in, d_out, n_out_axes)
 
 
 @dataclasses.dataclass
@@ -109,6 +115,7 @@ class Analysis:
     sites: list[Site]
     direct: set[int]
     unused: set[int]
+    bias: dict[int, int] = dataclasses.field(default_factory=dict)  # weight -> its bias
 
 
 # --------------------------------------------------------------------------- jaxpr walk
@@ -156,7 +163,7 @@ def _dense_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> S
     # dot_general's output holds lhs free axes, then rhs free axes
     perm = tuple(range(ndim)) if side == 1 else (*range(nf, ndim), *range(nf))
     return _site(eqn, path, "dense", origin, side, (contract, free), perm,
-                 math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free))
+                 math.prod(shape[d] for d in contract), math.prod(shape[d] for d in free), nf)
 
 
 def _conv_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> Site | None:
@@ -191,8 +198,63 @@ SITE_RULES = {"dot_general": _dense_site, "conv_general_dilated": _conv_site,
               "gather": _gather_site}
 
 
-def _walk(jaxpr: Any, origins: list[Origin | None], path: tuple[int, ...],
-          sites: list[Site], tainted: set[int], used: set[int]) -> list[Origin | None]:
+@dataclasses.dataclass
+class _Walk:
+    """What :func:`_walk` collects."""
+
+    sizes: list[int]
+    sites: list[Site] = dataclasses.field(default_factory=list)
+    tainted: set[int] = dataclasses.field(default_factory=set)
+    used: set[int] = dataclasses.field(default_factory=set)
+    outputs: dict[Any, Site] = dataclasses.field(default_factory=dict)  # site output vars
+    biases: list[tuple[int, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+
+
+def _broadcast(eqn: Any, origin: Origin) -> Origin:
+    """A leaf through ``broadcast_in_dim``: the new axes and stretched size-1 axes repeat it."""
+    dims = tuple(eqn.params["broadcast_dimensions"])
+    shape_in, shape_out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    step = ("broadcast_in_dim", tuple(shape_out), dims)
+    if origin.repeated is None:
+        return dataclasses.replace(origin, chain=(*origin.chain, step))
+    repeated = {dims[a] for a in origin.repeated}
+    repeated |= {a for a in range(len(shape_out)) if a not in dims and shape_out[a] > 1}
+    repeated |= {dims[a] for a in range(len(shape_in)) if shape_in[a] == 1 and shape_out[dims[a]] > 1}
+    return dataclasses.replace(origin, chain=(*origin.chain, step), repeated=frozenset(repeated))
+
+
+def _rearranged(eqn: Any, origin: Origin, step: tuple[Any, ...]) -> Origin:
+    """A leaf through a layout step, its repeated axes followed where that is possible."""
+    repeated = origin.repeated
+    name = eqn.primitive.name
+    if repeated and name == "transpose":
+        perm = tuple(eqn.params["permutation"])
+        repeated = frozenset(perm.index(a) for a in repeated)
+    elif repeated and name not in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+        repeated = None
+    return dataclasses.replace(origin, chain=(*origin.chain, step), repeated=repeated)
+
+
+def _is_bias(eqn: Any, side: int, origin: Origin, site: Site, size: int) -> bool:
+    """Whether ``add(site output, leaf)`` adds one entry of the leaf per output unit of the
+    site (``d_out``), the same at every position: a bias, which the site's rule absorbs
+    as an input column of ones."""
+    out = tuple(eqn.outvars[0].aval.shape)
+    shape = tuple(eqn.invars[side].aval.shape)
+    if site.kind == "embedding" or origin.repeated is None or out != site.out_shape \
+            or len(shape) != len(out) or size != site.d_out:
+        return False
+    units = set(site.perm[len(site.perm) - site.n_out_axes:])
+    for axis, (b, o) in enumerate(zip(shape, out)):
+        if axis in units and (b != o or axis in origin.repeated):
+            return False
+        if axis not in units and b != 1 and axis not in origin.repeated:
+            return False
+    return True
+
+
+def _walk(jaxpr: Any, origins: list[Origin | None], path: tuple[int, ...], w: _Walk
+          ) -> list[Origin | None]:
     """Follow leaves through ``jaxpr``; returns the origins of its outputs."""
     core = _core()
     env: dict[Any, Origin] = {v: o for v, o in zip(jaxpr.invars, origins) if o is not None}
@@ -206,46 +268,80 @@ def _walk(jaxpr: Any, origins: list[Origin | None], path: tuple[int, ...],
         found = [o for o in ins if o is not None]
         if not found:
             continue
-        used.update(o.leaf for o in found)
+        w.used.update(o.leaf for o in found)
         sub = _inline(eqn)
         if sub is not None:
-            outs = _walk(sub[0], ins, here, sites, tainted, used)
+            outs = _walk(sub[0], ins, here, w)
             env.update({v: o for v, o in zip(eqn.outvars, outs) if o is not None})
+            continue
+        name = eqn.primitive.name
+        if name == "broadcast_in_dim" and len(eqn.invars) == 1:
+            env[eqn.outvars[0]] = _broadcast(eqn, found[0])
             continue
         step = _layout_step(eqn)
         if step is not None:
-            env[eqn.outvars[0]] = dataclasses.replace(found[0], chain=(*found[0].chain, step))
+            env[eqn.outvars[0]] = _rearranged(eqn, found[0], step)
             continue
-        rule = SITE_RULES.get(eqn.primitive.name)
-        site = None
-        if rule is not None and len(found) == 1:
-            side = next(i for i, o in enumerate(ins) if o is not None)
-            site = rule(eqn, side, found[0], here)
+        side = next(i for i, o in enumerate(ins) if o is not None)
+        if name == "add" and len(found) == 1 and len(eqn.invars) == 2:
+            other = eqn.invars[1 - side]
+            site = None if isinstance(other, core.Literal) else w.outputs.get(other)
+            if site is not None and _is_bias(eqn, side, found[0], site, w.sizes[found[0].leaf]):
+                w.biases.append((found[0].leaf, site.path))
+                continue
+        rule = SITE_RULES.get(name)
+        whole = len(found) == 1 and found[0].repeated == frozenset()  # not a broadcast copy
+        site = rule(eqn, side, found[0], here) if rule is not None and whole else None
         if site is None:
-            tainted.update(o.leaf for o in found)
+            w.tainted.update(o.leaf for o in found)
         else:
-            sites.append(site)
+            w.sites.append(site)
+            w.outputs[eqn.outvars[0]] = site
     return [origin_of(v) for v in jaxpr.outvars]
 
 
+def _fold_biases(w: _Walk, ruled: list[Site]) -> dict[int, int]:
+    """Biases measured with their weight: the same bias leaf after every site of one ruled
+    weight, and used nowhere else."""
+    by_path = {s.path: s for s in ruled}
+    uses: dict[int, list[tuple[int, ...]]] = {}
+    for leaf, site_path in w.biases:
+        uses.setdefault(leaf, []).append(site_path)
+    paths_of: dict[int, set[tuple[int, ...]]] = {}
+    for site in ruled:
+        paths_of.setdefault(site.leaf, set()).add(site.path)
+    folded: dict[int, int] = {}
+    for bias, site_paths in uses.items():
+        if bias in w.tainted or any(s.leaf == bias for s in w.sites):
+            continue
+        weights = {by_path[p].leaf for p in site_paths if p in by_path}
+        if len(weights) != 1 or len(site_paths) != len(set(site_paths)):
+            continue
+        weight = weights.pop()
+        if set(site_paths) == paths_of[weight] and weight not in folded:
+            folded[weight] = bias
+    return folded
+
+
 def analyse(jaxpr: Any, n_leaves: int) -> Analysis:
-    """Sites and directly measured leaves of a jaxpr whose first ``n_leaves`` inputs are
-    the trainable leaves."""
+    """Sites, folded biases and directly measured leaves of a jaxpr whose first
+    ``n_leaves`` inputs are the trainable leaves."""
     origins: list[Origin | None] = [Origin(i) for i in range(n_leaves)]
     origins += [None] * (len(jaxpr.invars) - n_leaves)
-    sites: list[Site] = []
-    tainted: set[int] = set()
-    used: set[int] = set()
-    outs = _walk(jaxpr, origins, (), sites, tainted, used)
-    tainted.update(o.leaf for o in outs if o is not None)
-    used.update(o.leaf for o in outs if o is not None)
+    w = _Walk(sizes=[math.prod(v.aval.shape) for v in jaxpr.invars[:n_leaves]])
+    outs = _walk(jaxpr, origins, (), w)
+    w.tainted.update(o.leaf for o in outs if o is not None)
+    w.used.update(o.leaf for o in outs if o is not None)
     signatures: dict[int, set[tuple[Any, ...]]] = {}
-    for s in sites:
+    for s in w.sites:
         signatures.setdefault(s.leaf, set()).add(s.signature)
-    tainted.update(leaf for leaf, sig in signatures.items() if len(sig) > 1)
-    ruled = [s for s in sites if s.leaf not in tainted]
-    direct = {i for i in range(n_leaves) if i in used and i not in {s.leaf for s in ruled}}
-    return Analysis(sites=ruled, direct=direct, unused=set(range(n_leaves)) - used)
+    w.tainted.update(leaf for leaf, sig in signatures.items() if len(sig) > 1)
+    ruled = [s for s in w.sites if s.leaf not in w.tainted]
+    bias = _fold_biases(w, ruled)
+    measured = {s.leaf for s in ruled} | set(bias.values())
+    direct = {i for i in range(n_leaves) if i in w.used and i not in measured}
+    return Analysis(sites=ruled, direct=direct, unused=set(range(n_leaves)) - w.used,
+                    bias=bias)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -330,20 +426,24 @@ class Layout:
     rules: dict[int, str]  # leaf -> "pairs" or "jac"
     direct: list[int]  # leaves differentiated directly
     sizes: list[int]  # size of every trainable leaf
+    bias: dict[int, int] = dataclasses.field(default_factory=dict)  # ruled weight -> bias
 
     @property
     def perturbed(self) -> list[Site]:
         return [s for leaf in self.rules for s in self.sites[leaf]]
 
     def row_width(self) -> int:
-        """Parameters whose per-sample gradients are formed (direct and ``jac`` leaves)."""
-        return (sum(self.sizes[i] for i in self.direct)
-                + sum(self.sizes[i] for i, r in self.rules.items() if r == "jac"))
+        """Parameters whose per-sample gradients are formed (direct and ``jac`` leaves,
+        with their biases)."""
+        jac = [i for i, r in self.rules.items() if r == "jac"]
+        return (sum(self.sizes[i] for i in self.direct) + sum(self.sizes[i] for i in jac)
+                + sum(self.sizes[self.bias[i]] for i in jac if i in self.bias))
 
 
-def _leaf_shape(sites: list[Site]) -> tuple[int, int, int]:
-    """``(S, d_in, d_out)`` of a ruled leaf, its sites' positions concatenated."""
-    return sum(s.s_len for s in sites), sites[0].d_in, sites[0].d_out
+def _leaf_shape(sites: list[Site], bias: bool = False) -> tuple[int, int, int]:
+    """``(S, d_in, d_out)`` of a ruled leaf, its sites' positions concatenated; a folded
+    bias is one more input (a column of ones)."""
+    return sum(s.s_len for s in sites), sites[0].d_in + int(bias), sites[0].d_out
 
 
 def _diagonal_costs(n_outputs: int, s_len: int, d_in: int, d_out: int, size: int
@@ -370,13 +470,15 @@ def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced:
     rules: dict[int, str] = {}
     direct = set(analysis.direct)
     for leaf, sites in by_leaf.items():
-        s_len, d_in, d_out = _leaf_shape(sites)
+        bias = analysis.bias.get(leaf)
+        s_len, d_in, d_out = _leaf_shape(sites, bias is not None)
+        size = sizes[leaf] + (0 if bias is None else sizes[bias])
         if diagonal:
-            costs = _diagonal_costs(n_outputs, s_len, d_in, d_out, sizes[leaf])
+            costs = _diagonal_costs(n_outputs, s_len, d_in, d_out, size)
             gram = costs["jac"]
         else:
             costs = dense_costs(n, n, n_outputs, s_len, d_in, d_out, traced)
-            gram = float(n * n * n_outputs * sizes[leaf] * (1 if traced else n_outputs))
+            gram = float(n * n * n_outputs * size * (1 if traced else n_outputs))
         embedding = sites[0].kind == "embedding"
         if force is not None:
             rules[leaf] = "pairs" if embedding else force
@@ -386,7 +488,10 @@ def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced:
             rules[leaf] = "pairs"
         else:
             direct.add(leaf)
-    return Layout({k: by_leaf[k] for k in rules}, rules, sorted(direct), sizes)
+            if bias is not None:
+                direct.add(bias)
+    return Layout({k: by_leaf[k] for k in rules}, rules, sorted(direct), sizes,
+                  {k: v for k, v in analysis.bias.items() if k in rules})
 
 
 def _leaf_features(layout: Layout, leaf: int, grads: dict[tuple[int, ...], Any],
@@ -398,6 +503,8 @@ def _leaf_features(layout: Layout, leaf: int, grads: dict[tuple[int, ...], Any],
     gs = [jnp.transpose(grads[s.path], (0, *(1 + d for d in s.perm)))
           .reshape(n_outputs, s.s_len, s.d_out) for s in sites]
     a = [record[s.path] for s in sites]
+    if leaf in layout.bias:  # [W b] acts on [a 1]
+        a = [jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) for x in a]
     if len(sites) == 1:
         return a[0], gs[0]
     return jnp.concatenate(a, axis=0), jnp.concatenate(gs, axis=1)
@@ -538,8 +645,8 @@ def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: in
              diagonal: bool = False) -> tuple[Any, Any]:
     """:func:`make_features` and :func:`make_pair` (:func:`make_diag` for the diagonal),
     from the cache when the same model structure was measured recently."""
-    key = (str(jaxpr), tuple(sorted(layout.rules.items())), tuple(layout.direct), n_outputs,
-           traced, chunk, diagonal)
+    key = (str(jaxpr), tuple(sorted(layout.rules.items())), tuple(layout.direct),
+           tuple(sorted(layout.bias.items())), n_outputs, traced, chunk, diagonal)
     hit = _COMPILED.get(key)
     if hit is None:
         hit = (make_features(layout, jaxpr, n_outputs),
@@ -572,7 +679,7 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> tuple[Any, list[Any]]:
 
 def _per_sample_bytes(layout: Layout, n_outputs: int, itemsize: int) -> int:
     feats = sum(s_len * d_in + n_outputs * s_len * d_out
-                for s_len, d_in, d_out in (_leaf_shape(layout.sites[leaf])
+                for s_len, d_in, d_out in (_leaf_shape(layout.sites[leaf], leaf in layout.bias)
                                            for leaf, r in layout.rules.items() if r == "pairs"))
     # the formed rows, the features, and about as much again for jacrev's temporaries
     return 2 * itemsize * (n_outputs * layout.row_width() + feats)

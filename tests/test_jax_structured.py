@@ -108,6 +108,24 @@ def raw_apply(p: Any, x: Any) -> Any:
     return h @ p["w_out"]
 
 
+def bias_apply(p: Any, x: Any) -> Any:
+    """Biases a rule can absorb, and ones it cannot: per position, after only one use of
+    a shared weight, used again elsewhere."""
+    h = jnp.tanh(x @ p["w1"] + p["b1"])  # broadcast over the 3 positions: folded
+    h = jnp.tanh(h @ p["w2"] + p["pos"])  # a different value per position: direct
+    h = jnp.tanh(h @ p["w3"] + p["b3"]) @ p["w3"]  # w3 twice, b3 after one use: direct
+    out = h.mean(axis=1) @ p["w_out"] + p["b_out"]
+    return out * (1.0 + 0.1 * p["b_out"])  # b_out also scales: direct
+
+
+def bias_params() -> dict[str, Any]:
+    k = jax.random.split(jax.random.key(4), 8)
+    shapes = {"w1": (4, 5), "b1": (5,), "w2": (5, 5), "pos": (3, 5), "w3": (5, 5), "b3": (5,),
+              "w_out": (5, 2), "b_out": (2,)}
+    return {name: jax.random.normal(key, shape) / 2
+            for key, (name, shape) in zip(k, shapes.items())}
+
+
 def raw_params() -> dict[str, Any]:
     k = jax.random.split(jax.random.key(3), 5)
     return {"w_left": jax.random.normal(k[0], (6, 4)) / 2,
@@ -160,6 +178,8 @@ def make(name: str) -> tuple[Any, Any]:
         return (model, {**v, "batch_stats": stats}), x
     if name == "raw":
         return (raw_apply, raw_params()), _rng().normal(size=(N, 4))
+    if name == "biases":
+        return (bias_apply, bias_params()), _rng().normal(size=(N, 3, 4))
     if name == "equinox":
         return eqx.nn.MLP(4, 3, 6, 2, activation=jnp.tanh, key=jax.random.key(2)), \
             _rng().normal(size=(N, 4))
@@ -168,7 +188,7 @@ def make(name: str) -> tuple[Any, Any]:
     raise ValueError(name)
 
 
-CASES = ["mlp", "cnn", "block", "tied", "lookup", "norm", "raw", "equinox", "nnx"]
+CASES = ["mlp", "cnn", "block", "tied", "lookup", "norm", "raw", "biases", "equinox", "nnx"]
 
 
 # --------------------------------------------------------------------------- reference
@@ -258,39 +278,51 @@ def leaf_names(model: Any, x: Any) -> list[str]:
     return [leaves.paths[i] for i in leaves.trainable]
 
 
-def ruled(name: str) -> tuple[dict[str, list[str]], set[str]]:
-    """Site kinds per ruled leaf name, and the names of directly measured leaves."""
+def ruled(name: str) -> tuple[dict[str, list[str]], set[str], dict[str, str]]:
+    """Site kinds per ruled leaf name, the names of directly measured leaves, and the
+    biases folded into their weights."""
     model, x = make(name)
     _, analysis = structured(model, x, "full")
     names = leaf_names(model, x)
     kinds: dict[str, list[str]] = {}
     for site in analysis.sites:
         kinds.setdefault(names[site.leaf], []).append(site.kind)
-    return kinds, {names[i] for i in analysis.direct}
+    folded = {names[w]: names[b] for w, b in analysis.bias.items()}
+    return kinds, {names[i] for i in analysis.direct}, folded
 
 
 def test_which_leaves_get_rules() -> None:
-    kinds, direct = ruled("cnn")
+    kinds, direct, folded = ruled("cnn")
     assert kinds == {"['Conv_0']['kernel']": ["conv"], "['Conv_1']['kernel']": ["conv"],
                      "['Dense_0']['kernel']": ["dense"]}
-    assert "['Conv_2']['kernel']" in direct  # grouped convolution: no rule
-    assert all("bias" in k for k in direct - {"['Conv_2']['kernel']"})
+    assert direct == {"['Conv_2']['kernel']", "['Conv_2']['bias']"}  # grouped: no rule
+    assert folded == {f"['{m}']['kernel']": f"['{m}']['bias']"
+                      for m in ("Conv_0", "Conv_1", "Dense_0")}
 
-    kinds, direct = ruled("tied")
+    kinds, direct, folded = ruled("biases")
+    assert kinds == {"['w1']": ["dense"], "['w2']": ["dense"], "['w3']": ["dense", "dense"],
+                     "['w_out']": ["dense"]}
+    assert folded == {"['w1']": "['b1']"}
+    assert direct == {"['pos']", "['b3']", "['b_out']"}
+
+    kinds, direct, folded = ruled("tied")
     assert kinds == {"['Dense_0']['kernel']": ["dense", "dense"]}  # shared: two sites
-    assert "['Embed_0']['embedding']" in direct  # gather and attend disagree: direct
+    assert folded == {"['Dense_0']['kernel']": "['Dense_0']['bias']"}  # after both uses
+    assert direct == {"['Embed_0']['embedding']"}  # gather and attend disagree: direct
 
-    kinds, direct = ruled("lookup")
+    kinds, direct, _ = ruled("lookup")
     assert kinds == {"['Embed_0']['embedding']": ["embedding"], "['table']": ["embedding"],
                      "['Dense_0']['kernel']": ["dense"]}
 
-    kinds, direct = ruled("raw")
+    kinds, direct, _ = ruled("raw")
     assert set(kinds) == {"['w_left']", "['w_ein']", "['w_out']"}
     assert direct == {"['w_scaled']", "['w_stack']"}
 
-    kinds, _ = ruled("block")
+    kinds, direct, folded = ruled("block")
     projections = [k for k in kinds if "MultiHeadDotProductAttention" in k]
     assert len(projections) == 4 and all(kinds[k] == ["dense"] for k in projections)
+    assert all(folded[k] == k.replace("kernel", "bias") for k in projections)
+    assert all("LayerNorm" in k for k in direct)
 
 
 def test_blocks_under_a_small_budget(monkeypatch: pytest.MonkeyPatch,
