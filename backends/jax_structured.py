@@ -677,6 +677,18 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> tuple[Any, list[Any]]:
     return closed.jaxpr, list(closed.consts)
 
 
+def _balanced(n: int, most: int) -> int:
+    """The block size that splits ``n`` samples into as few blocks of at most ``most`` as
+    possible, evenly: the last block is padded to the block size, so uneven blocks would
+    compute padding (1024 samples in blocks of at most 945: two of 512, not 945 + 79).
+
+    >>> _balanced(1024, 945), _balanced(1000, 1000), _balanced(7, 3)
+    (512, 1000, 3)
+    """
+    blocks = -(-n // most)
+    return -(-n // blocks)
+
+
 def _per_sample_bytes(layout: Layout, n_outputs: int, itemsize: int) -> int:
     feats = sum(s_len * d_in + n_outputs * s_len * d_out
                 for s_len, d_in, d_out in (_leaf_shape(layout.sites[leaf], leaf in layout.bias)
@@ -723,7 +735,7 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
         return None
     width = 1 if traced else n_outputs
     pair_limit = max(1, int(math.sqrt(budget / (6 * itemsize))) // width)
-    size = max(1, min(n, (budget // 2) // per_sample, pair_limit))
+    size = _balanced(n, max(1, min(n, (budget // 2) // per_sample, pair_limit)))
     s_max = max(_leaf_shape(layout.sites[leaf])[0] for leaf in layout.rules)
     per_position = size * size * s_max * (1 if traced else n_outputs * n_outputs + 1) * itemsize
     chunk = max(1, (budget // 4) // max(1, per_position))
@@ -773,7 +785,7 @@ def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
     per_sample = _per_sample_bytes(layout, n_outputs, itemsize)
     if per_sample > int(request.memory_budget) // 2:
         return None
-    size = max(1, min(n, (int(request.memory_budget) // 2) // per_sample))
+    size = _balanced(n, max(1, min(n, (int(request.memory_budget) // 2) // per_sample)))
     features, diag = compiled(layout, jaxpr, n_outputs, False, 1, diagonal=True)
     out = np.zeros((n, n_outputs), dtype=np.dtype(request.dtype))
     for a0 in range(0, n, size):
