@@ -384,6 +384,8 @@ def test_auto_keeps_a_rule_only_where_pairs_is_cheaper() -> None:
     assert dense_costs(256, 256, 10, 784, 9, 16, False)["pairs"] > 256 * 256 * 100 * 144
     every = js.choose(analysis, sizes, 256, 10, False, Implementation.STRUCTURED)
     assert every.rules == {0: "pairs", 1: "jac"} and every.direct == [2]
+    on_cpu = js.choose(analysis, sizes, 256, 10, False, Implementation.AUTO, patches=True)
+    assert on_cpu.rules == {0: "pairs", 1: "jac"} and on_cpu.direct == [2]
 
 
 def _unused(p: Any, x: Any) -> Any:
