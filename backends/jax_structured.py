@@ -711,6 +711,25 @@ def _per_sample_bytes(layout: Layout, n_outputs: int, itemsize: int) -> int:
     return 2 * itemsize * (n_outputs * layout.row_width() + feats)
 
 
+def _plan(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
+          traced: bool, force: str | None = None, diagonal: bool = False
+          ) -> tuple[Layout, Any, list[Any], list[Any]] | None:
+    """Trace, analyse and choose: ``(layout, jaxpr, consts, trainable values)``, or
+    ``None`` in train mode or when no leaf is to be measured by a rule."""
+    if request.train:
+        return None
+    jaxpr, consts = trace(prep, leaves, x, request.output)
+    values = [leaves.values[i] for i in leaves.trainable]
+    analysis = analyse(jaxpr, len(values))
+    if not analysis.sites:
+        return None
+    layout = choose(analysis, [int(v.size) for v in values], jb.batch_of(x), n_outputs, traced,
+                    request.implementation, force, diagonal=diagonal, patches=_on_cpu(x))
+    if not layout.rules:
+        return None
+    return layout, jaxpr, consts, values
+
+
 def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
                       force: str | None = None) -> np.ndarray | None:
     """The kernel from per-layer rules, or ``None`` to use the Jacobian path.
@@ -729,19 +748,12 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
         ``N·O × N·O`` with row ``i·O + o``); ``None`` in train mode, when no leaf is
         measured by a rule, or when one sample's features exceed half the budget.
     """
-    if request.train:
-        return None
     n = jb.batch_of(x)
     traced = request.kernel == "traced"
-    jaxpr, consts = trace(prep, leaves, x, request.output)
-    values = [leaves.values[i] for i in leaves.trainable]
-    analysis = analyse(jaxpr, len(values))
-    if not analysis.sites:
+    planned = _plan(prep, leaves, x, request, n_outputs, traced, force=force)
+    if planned is None:
         return None
-    layout = choose(analysis, [int(v.size) for v in values], n, n_outputs, traced,
-                    request.implementation, force, patches=_on_cpu(x))
-    if not layout.rules:
-        return None
+    layout, jaxpr, consts, values = planned
     itemsize = np.dtype(request.dtype).itemsize
     budget = int(request.memory_budget)
     per_sample = _per_sample_bytes(layout, n_outputs, itemsize)
@@ -783,18 +795,11 @@ def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
     ``‖a_i‖² ‖g_io‖²``), the others the squared norms of their formed gradients; nothing
     of size ``N²`` is formed.
     """
-    if request.train:
-        return None
     n = jb.batch_of(x)
-    jaxpr, consts = trace(prep, leaves, x, request.output)
-    values = [leaves.values[i] for i in leaves.trainable]
-    analysis = analyse(jaxpr, len(values))
-    if not analysis.sites:
+    planned = _plan(prep, leaves, x, request, n_outputs, False, diagonal=True)
+    if planned is None:
         return None
-    layout = choose(analysis, [int(v.size) for v in values], n, n_outputs, False,
-                    request.implementation, diagonal=True, patches=_on_cpu(x))
-    if not layout.rules:
-        return None
+    layout, jaxpr, consts, values = planned
     itemsize = np.dtype(request.dtype).itemsize
     per_sample = _per_sample_bytes(layout, n_outputs, itemsize)
     if per_sample > int(request.memory_budget) // 2:
