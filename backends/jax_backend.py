@@ -123,6 +123,10 @@ class Prepared:
     constants: Any
     batched: bool
     form: str
+    #: the object whose code ``call`` runs (flax module, ``apply_fn``), for trace caches;
+    #: ``None``: not cached. ``train``: the mode ``call`` runs the model in.
+    identity: Any = None
+    train: bool = False
 
 
 def _as_call(fn: Callable[..., Any], x: Any, *lead: Any, **kwargs: Any) -> Any:
@@ -160,7 +164,8 @@ def _prepare_linen(module: Any, variables: Any, train: bool) -> Prepared:
                        rngs=rngs, **flags)
         return out[0] if mutable else out
 
-    return Prepared(call, variables["params"], constants, batched=True, form="flax.linen")
+    return Prepared(call, variables["params"], constants, batched=True, form="flax.linen",
+                    identity=module, train=train)
 
 
 def _prepare_nnx(model: Any, train: bool) -> Prepared:
@@ -217,7 +222,8 @@ def prepare(model: Any, train: bool) -> Prepared:
         def call(p: Any, c: Any, x: Any) -> Any:
             return _as_call(fn, x, p)
 
-        return Prepared(call, params, None, batched=True, form="(apply_fn, params)")
+        return Prepared(call, params, None, batched=True, form="(apply_fn, params)",
+                        identity=fn, train=train)
     raise ModelError(
         "expected (apply_fn, params), (flax.linen module, variables), a flax.nnx module or an "
         f"equinox module, got {describe(model)}"
@@ -550,14 +556,13 @@ def check_finite(kernel: Any, n: int, width: int) -> None:
 
 
 def probe_outputs(prep: Prepared, leaves: Leaves, x: Any, output: OutputSelector | None) -> int:
-    """Run one sample forward; return O, turning a failed call into a one-line error."""
-    jax = _jax()
-    first = slice_inputs(x, 0, 1)
-    if not prep.batched:
-        first = jax.tree_util.tree_map(lambda a: a[0], first)
-    params = jax.tree_util.tree_unflatten(leaves.treedef, leaves.values)
+    """Trace one sample's forward pass; return O, turning a failure into a one-line error.
+    The trace is cached (:func:`cvcore.backends.jax_structured.trace`) and reused by the
+    structured path."""
+    from cvcore.backends.jax_structured import trace
+
     try:
-        raw = prep.call(params, prep.constants, first)
+        return trace(prep, leaves, x, output).n_outputs
     except CVCoreError:
         raise
     except Exception as exc:
@@ -569,7 +574,6 @@ def probe_outputs(prep: Prepared, leaves: Leaves, x: Any, output: OutputSelector
                 "'train' argument"
             ) from exc
         raise InputError(f"expected inputs the model accepts, got {outputs.describe_inputs(x)}: {message}") from exc
-    return int(np.prod(select_output(raw, output).shape))
 
 
 class JaxBackend:

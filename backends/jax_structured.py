@@ -518,7 +518,8 @@ def _leaf_features(layout: Layout, leaf: int, grads: dict[tuple[int, ...], Any],
 
 
 def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
-    """A jitted ``features(values, consts, block)``: for a block of samples, the formed
+    """A jitted ``features(values, dynamic, consts, block)`` (see :class:`Traced`): for a
+    block of samples, the formed
     gradient rows ``(b, O, P_rows)`` (direct and ``jac`` leaves) and the ``(a, g)`` of
     every ``pairs`` leaf, keyed by leaf."""
     jax = jb._jax()
@@ -526,13 +527,14 @@ def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
 
     by_path = {s.path: s for s in layout.perturbed}
 
-    def one(values: list[Any], consts: list[Any], xi: Any) -> tuple[Any, dict[int, Any]]:
+    def one(values: list[Any], dynamic: list[Any], consts: list[Any], xi: Any
+            ) -> tuple[Any, dict[int, Any]]:
         def f(direct_values: list[Any], perts: dict[tuple[int, ...], Any]) -> Any:
             current = list(values)
             for k, i in enumerate(layout.direct):
                 current[i] = direct_values[k]
             record: dict[tuple[int, ...], Any] = {}
-            args = [*current, *jax.tree_util.tree_leaves(xi)]
+            args = [*current, *dynamic, *jax.tree_util.tree_leaves(xi)]
             out = evaluate(jaxpr, consts, args, (), by_path, perts, record)[0]
             return out.reshape(-1), record
 
@@ -551,7 +553,7 @@ def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
         formed = jnp.concatenate(rows, axis=1) if rows else jnp.zeros((n_outputs, 0), dtype)
         return formed, pairs
 
-    return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
 
 
 def _pairs_gram(f1: tuple[Any, Any], f2: tuple[Any, Any], embedding: bool, traced: bool,
@@ -665,23 +667,80 @@ def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: in
     return hit
 
 
-def trace(prep: Any, leaves: Any, x: Any, output: Any) -> tuple[Any, list[Any]]:
-    """The one-sample forward pass as a jaxpr whose inputs are the trainable leaves, then
-    the sample's arrays; returns ``(jaxpr, consts)``."""
-    jax = jb._jax()
-    trainable = leaves.trainable
+@dataclasses.dataclass
+class Traced:
+    """A model's one-sample forward pass as a jaxpr.
 
-    def single(values: list[Any], xi: Any) -> Any:
-        full = list(leaves.values)
-        for k, i in enumerate(trainable):
-            full[i] = values[k]
+    Its inputs are the trainable leaves, then ``dynamic`` (this call's other arrays: the
+    parameter tree's non-trainable array leaves and the model's constants, such as batch
+    statistics), then the sample's arrays; ``consts`` are arrays the function itself
+    closes over. ``n_outputs`` is O.
+    """
+
+    jaxpr: Any
+    consts: list[Any]
+    dynamic: list[Any]
+
+    @property
+    def n_outputs(self) -> int:
+        return int(math.prod(self.jaxpr.outvars[0].aval.shape))
+
+
+#: Traces of recent models, keyed by the model's function object (flax module or
+#: ``apply_fn``, held here so its id stays unique) and every input's shape and dtype,
+#: as ``jax.jit`` keys its own traces: a function is assumed to compute the same thing
+#: each time it is called on the same shapes.
+_TRACES: collections.OrderedDict[Any, tuple[Any, Any, list[Any]]] = collections.OrderedDict()
+
+
+def _avals(tree: Any) -> tuple[Any, ...]:
+    jax = jb._jax()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple((tuple(np.shape(v)), str(v.dtype)) for v in leaves))
+
+
+def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
+    """The one-sample forward pass as a :class:`Traced` jaxpr (from the cache when the
+    same function was traced on the same shapes)."""
+    jax = jb._jax()
+    trainable = set(leaves.trainable)
+    values = [leaves.values[i] for i in leaves.trainable]
+    others = [v for i, v in enumerate(leaves.values) if i not in trainable]
+    extra, extra_def = jax.tree_util.tree_flatten((others, prep.constants))
+    arrays = [k for k, v in enumerate(extra) if isinstance(v, (jax.Array, np.ndarray))]
+    dynamic = [extra[k] for k in arrays]
+
+    def single(values: list[Any], dyn: list[Any], xi: Any) -> Any:
+        flat = list(extra)
+        for j, k in enumerate(arrays):
+            flat[k] = dyn[j]
+        rest, constants = jax.tree_util.tree_unflatten(extra_def, flat)
+        full, it_values, it_rest = [], iter(values), iter(rest)
+        for i in range(len(leaves.values)):
+            full.append(next(it_values) if i in trainable else next(it_rest))
         params = jax.tree_util.tree_unflatten(leaves.treedef, full)
         xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
-        return jb.select_output(prep.call(params, prep.constants, xb), output).reshape(-1)
+        return jb.select_output(prep.call(params, constants, xb), output).reshape(-1)
 
     first = jax.tree_util.tree_map(lambda a: a[0], jb.slice_inputs(x, 0, 1))
-    closed = jax.make_jaxpr(single)([leaves.values[i] for i in trainable], first)
-    return closed.jaxpr, list(closed.consts)
+    key = None
+    if prep.identity is not None and len(arrays) == len(extra):
+        try:
+            key = (id(prep.identity), prep.form, prep.batched, prep.train, leaves.treedef,
+                   tuple(sorted(trainable)), _avals(values), _avals(dynamic), _avals(first),
+                   hash(output), jax.config.jax_enable_x64)
+        except TypeError:  # an unhashable output selector: no cache
+            key = None
+    hit = _TRACES.get(key) if key is not None else None
+    if hit is not None and hit[0] is prep.identity:
+        _TRACES.move_to_end(key)
+        return Traced(hit[1], hit[2], dynamic)
+    closed = jax.make_jaxpr(single)(values, dynamic, first)
+    if key is not None:
+        _TRACES[key] = (prep.identity, closed.jaxpr, list(closed.consts))
+        while len(_TRACES) > CACHE_SIZE:
+            _TRACES.popitem(last=False)
+    return Traced(closed.jaxpr, list(closed.consts), dynamic)
 
 
 def _on_cpu(x: Any) -> bool:
@@ -713,21 +772,21 @@ def _per_sample_bytes(layout: Layout, n_outputs: int, itemsize: int) -> int:
 
 def _plan(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
           traced: bool, force: str | None = None, diagonal: bool = False
-          ) -> tuple[Layout, Any, list[Any], list[Any]] | None:
-    """Trace, analyse and choose: ``(layout, jaxpr, consts, trainable values)``, or
-    ``None`` in train mode or when no leaf is to be measured by a rule."""
+          ) -> tuple[Layout, Traced, list[Any]] | None:
+    """Trace, analyse and choose: ``(layout, traced, trainable values)``, or ``None`` in
+    train mode or when no leaf is to be measured by a rule."""
     if request.train:
         return None
-    jaxpr, consts = trace(prep, leaves, x, request.output)
+    traced_fn = trace(prep, leaves, x, request.output)
     values = [leaves.values[i] for i in leaves.trainable]
-    analysis = analyse(jaxpr, len(values))
+    analysis = analyse(traced_fn.jaxpr, len(values))
     if not analysis.sites:
         return None
     layout = choose(analysis, [int(v.size) for v in values], jb.batch_of(x), n_outputs, traced,
                     request.implementation, force, diagonal=diagonal, patches=_on_cpu(x))
     if not layout.rules:
         return None
-    return layout, jaxpr, consts, values
+    return layout, traced_fn, values
 
 
 def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
@@ -753,7 +812,7 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
     planned = _plan(prep, leaves, x, request, n_outputs, traced, force=force)
     if planned is None:
         return None
-    layout, jaxpr, consts, values = planned
+    layout, fn, values = planned
     itemsize = np.dtype(request.dtype).itemsize
     budget = int(request.memory_budget)
     per_sample = _per_sample_bytes(layout, n_outputs, itemsize)
@@ -765,12 +824,13 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
     s_max = max(_leaf_shape(layout.sites[leaf])[0] for leaf in layout.rules)
     per_position = size * size * s_max * (1 if traced else n_outputs * n_outputs + 1) * itemsize
     chunk = max(1, (budget // 4) // max(1, per_position))
-    features, pair = compiled(layout, jaxpr, n_outputs, traced, chunk)
+    features, pair = compiled(layout, fn.jaxpr, n_outputs, traced, chunk)
     blocks = [(a, min(a + size, n)) for a in range(0, n, size)]
     kernel = np.zeros((n * width, n * width), dtype=np.dtype(request.dtype))
 
     def block_features(a0: int, a1: int) -> Any:
-        return features(values, consts, jb.pad_batch(jb.slice_inputs(x, a0, a1), size))
+        return features(values, fn.dynamic, fn.consts,
+                        jb.pad_batch(jb.slice_inputs(x, a0, a1), size))
 
     for i, (a0, a1) in enumerate(blocks):
         fa = block_features(a0, a1)
@@ -799,16 +859,16 @@ def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
     planned = _plan(prep, leaves, x, request, n_outputs, False, diagonal=True)
     if planned is None:
         return None
-    layout, jaxpr, consts, values = planned
+    layout, fn, values = planned
     itemsize = np.dtype(request.dtype).itemsize
     per_sample = _per_sample_bytes(layout, n_outputs, itemsize)
     if per_sample > int(request.memory_budget) // 2:
         return None
     size = _balanced(n, max(1, min(n, (int(request.memory_budget) // 2) // per_sample)))
-    features, diag = compiled(layout, jaxpr, n_outputs, False, 1, diagonal=True)
+    features, diag = compiled(layout, fn.jaxpr, n_outputs, False, 1, diagonal=True)
     out = np.zeros((n, n_outputs), dtype=np.dtype(request.dtype))
     for a0 in range(0, n, size):
         a1 = min(a0 + size, n)
         block = jb.pad_batch(jb.slice_inputs(x, a0, a1), size)
-        out[a0:a1] = np.asarray(diag(features(values, consts, block)))[:a1 - a0]
+        out[a0:a1] = np.asarray(diag(features(values, fn.dynamic, fn.consts, block)))[:a1 - a0]
     return out

@@ -243,8 +243,7 @@ def structured(model: Any, x: Any, kernel: str, force: str | None = None,
         leaves = jb.flatten_params(prep.params)
         xs = jb.to_arrays(x, jdtype, device)
         n_out = jb.probe_outputs(prep, leaves, xs, None)
-        jaxpr, _ = js.trace(prep, leaves, xs, None)
-        analysis = js.analyse(jaxpr, len(leaves.trainable))
+        analysis = js.analyse(js.trace(prep, leaves, xs, None).jaxpr, len(leaves.trainable))
         return js.structured_kernel(prep, leaves, xs, request, n_out, force=force), analysis
 
 
@@ -457,3 +456,23 @@ def test_compile_caches_never_reuse_weights_or_closed_over_arrays(
         kernels.append((got, sizes))
     assert kernels[0][1] == kernels[1][1] and sum(kernels[0][1]) > 0  # a cache hit
     assert rel(kernels[0][0], kernels[1][0]) > 1e-3
+
+
+def test_trace_cache_serves_new_weights_and_batch_statistics(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One trace per (model object, shapes): a second checkpoint of the same flax module,
+    with other weights and other batch statistics, reuses it and gets its own kernel."""
+    import collections
+
+    monkeypatch.setattr(js, "_TRACES", collections.OrderedDict())
+    (module, variables), x = make("norm")
+    first = cvcore.ntk((module, variables), x, kernel="full", dtype="float64")
+    second_vars = jax.tree_util.tree_map(lambda a: a * 1.5 + 0.2, variables)
+    second = cvcore.ntk((module, second_vars), x, kernel="full", dtype="float64")
+    assert len(js._TRACES) == 1  # the second call was served from the cache
+    assert rel(first, reference((module, variables), x)) < 1e-11
+    assert rel(second, reference((module, second_vars), x)) < 1e-11
+    assert rel(first, second) > 1e-3
+    other = Norm()  # another module object: traced on its own
+    cvcore.ntk((other, variables), x, kernel="full", dtype="float64")
+    assert len(js._TRACES) == 2
