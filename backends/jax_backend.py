@@ -624,9 +624,9 @@ class JaxBackend:
         n_outputs = probe_outputs(prep, leaves, x, request.output)
         sizes = [int(leaves.values[i].size) for i in leaves.trainable]
         if request.implementation != Implementation.JACOBIAN:
-            from cvcore.backends.jax_structured import structured_kernel
+            from cvcore.backends.jax_structured import attempt, structured_kernel
 
-            kernel = structured_kernel(prep, leaves, x, request, n_outputs)
+            kernel = attempt(structured_kernel, prep, leaves, x, request, n_outputs)
             if kernel is not None:
                 return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
                                     n_params=sum(sizes), device=device_name(device))

@@ -789,6 +789,25 @@ def _plan(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int
     return layout, traced_fn, values
 
 
+def attempt(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, or ``None`` with a warning when it fails for a reason other than a
+    cvcore error: the rules read JAX's jaxpr equations, whose details can change between
+    JAX releases, and the Jacobian path then still measures the model."""
+    import warnings
+
+    from cvcore.errors import CVCoreError
+
+    try:
+        return fn(*args)
+    except CVCoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure: fall back, say why
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"cvcore: the structured JAX path failed ({type(exc).__name__}: {first}); "
+                      "using the Jacobian path", stacklevel=3)
+        return None
+
+
 def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
                       force: str | None = None) -> np.ndarray | None:
     """The kernel from per-layer rules, or ``None`` to use the Jacobian path.

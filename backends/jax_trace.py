@@ -114,9 +114,9 @@ def _diagonal(model: Any, inputs: Any, request: KernelRequest, device: Any) -> N
 
     s = _setup(model, inputs, request, device, request.train)
     if request.implementation != Implementation.JACOBIAN:
-        from cvcore.backends.jax_structured import structured_diagonal
+        from cvcore.backends.jax_structured import attempt, structured_diagonal
 
-        ruled = structured_diagonal(s.prep, s.leaves, s.x, request, s.n_outputs)
+        ruled = attempt(structured_diagonal, s.prep, s.leaves, s.x, request, s.n_outputs)
         if ruled is not None:
             _check_finite(ruled, s.n)
             return ruled.mean(axis=1) if request.kernel == "traced" else ruled.reshape(-1)

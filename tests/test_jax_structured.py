@@ -476,3 +476,27 @@ def test_trace_cache_serves_new_weights_and_batch_statistics(
     other = Norm()  # another module object: traced on its own
     cvcore.ntk((other, variables), x, kernel="full", dtype="float64")
     assert len(js._TRACES) == 2
+
+
+def test_an_unexpected_failure_of_the_rules_falls_back_with_a_warning(
+        monkeypatch: pytest.MonkeyPatch, references: dict[str, np.ndarray]) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'JaxprEqn' object has no attribute 'params'")
+
+    monkeypatch.setattr(js, "analyse", broken)
+    model, x = make("mlp")
+    with pytest.warns(UserWarning, match="structured JAX path failed.*Jacobian path"):
+        k = cvcore.ntk(model, x, kernel="full", dtype="float64")
+    assert rel(k, references["mlp"]) < 1e-11
+    request = make_request(kernel="full", dtype="float64")
+    with pytest.warns(UserWarning, match="structured JAX path failed"):
+        d = JaxBackend().diagonal(model, x, request)
+    assert rel(d, np.diag(references["mlp"])) < 1e-11
+
+
+def test_errors_of_the_model_are_not_swallowed() -> None:
+    model, x = make("mlp")
+    x = x.copy()
+    x[2, 0] = np.nan
+    with pytest.raises(cvcore.errors.ModelError, match="NaN/Inf for 1 of 4 samples"):
+        cvcore.ntk(model, x, kernel="full", dtype="float64")
