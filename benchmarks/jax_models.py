@@ -71,17 +71,24 @@ def sequential(p: Params) -> list[Params]:
     return [p[k] for k in sorted(p, key=int)]
 
 
+def stacked(p: Params, x: Any, linear: Callable[[Params, Any], Any],
+            activation: Callable[[Any], Any]) -> Any:
+    """``nn.Sequential`` of linear layers with ``activation`` between them, in any
+    framework (the TensorFlow ports use it with their own ``linear`` and ``tanh``)."""
+    layers = sequential(p)
+    h = x
+    for k, layer in enumerate(layers):
+        h = linear(layer, h)
+        if k < len(layers) - 1:
+            h = activation(h)
+    return h
+
+
 def mlp_apply(p: Params, x: Any) -> Any:
     """run.py's MLP: Linear layers with tanh between them; ``x`` is ``(N, 784)``."""
     import jax.numpy as jnp
 
-    layers = sequential(p)
-    h = x
-    for k, layer in enumerate(layers):
-        h = _linear(layer, h)
-        if k < len(layers) - 1:
-            h = jnp.tanh(h)
-    return h
+    return stacked(p, x, _linear, jnp.tanh)
 
 
 def cnn_apply(p: Params, x: Any) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from jax_models import HEADS, LAYER_NORM_EPS, bind, params_from_state, sequential
+from jax_models import HEADS, LAYER_NORM_EPS, bind, params_from_state, sequential, stacked
 
 Params = dict[str, Any]
 ApplyFn = Callable[[Params, Any], Any]
@@ -39,13 +39,7 @@ def mlp_apply(p: Params, x: Any) -> Any:
     """run.py's MLP: Linear layers with tanh between them."""
     import tensorflow as tf
 
-    layers = sequential(p)
-    h = x
-    for k, layer in enumerate(layers):
-        h = _linear(layer, h)
-        if k < len(layers) - 1:
-            h = tf.tanh(h)
-    return h
+    return stacked(p, x, _linear, tf.tanh)
 
 
 def cnn_apply(p: Params, x: Any) -> Any:
