@@ -127,6 +127,8 @@ class Prepared:
     #: ``None``: not cached. ``train``: the mode ``call`` runs the model in.
     identity: Any = None
     train: bool = False
+    #: the last trace of ``call`` in this measurement (the probe's, reused by the rules)
+    traced: Any = None
 
 
 def _as_call(fn: Callable[..., Any], x: Any, *lead: Any, **kwargs: Any) -> Any:

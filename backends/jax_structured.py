@@ -723,6 +723,9 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
         return jb.select_output(prep.call(params, constants, xb), output).reshape(-1)
 
     first = jax.tree_util.tree_map(lambda a: a[0], jb.slice_inputs(x, 0, 1))
+    seen = (id(output), _avals(first), _avals(values), _avals(dynamic))
+    if prep.traced is not None and prep.traced[0] == seen:  # this call traced it already
+        return prep.traced[1]
     key = None
     if prep.identity is not None and len(arrays) == len(extra):
         try:
@@ -734,13 +737,16 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
     hit = _TRACES.get(key) if key is not None else None
     if hit is not None and hit[0] is prep.identity:
         _TRACES.move_to_end(key)
-        return Traced(hit[1], hit[2], dynamic)
-    closed = jax.make_jaxpr(single)(values, dynamic, first)
-    if key is not None:
-        _TRACES[key] = (prep.identity, closed.jaxpr, list(closed.consts))
-        while len(_TRACES) > CACHE_SIZE:
-            _TRACES.popitem(last=False)
-    return Traced(closed.jaxpr, list(closed.consts), dynamic)
+        result = Traced(hit[1], hit[2], dynamic)
+    else:
+        closed = jax.make_jaxpr(single)(values, dynamic, first)
+        result = Traced(closed.jaxpr, list(closed.consts), dynamic)
+        if key is not None:
+            _TRACES[key] = (prep.identity, closed.jaxpr, list(closed.consts))
+            while len(_TRACES) > CACHE_SIZE:
+                _TRACES.popitem(last=False)
+    prep.traced = (seen, result)
+    return result
 
 
 def _on_cpu(x: Any) -> bool:
