@@ -110,11 +110,11 @@ def _site(eqn: Any, path: tuple[int, ...], kind: str, origin: Origin, side: int,
 
 @dataclasses.dataclass
 class Analysis:
-    """Sites of every ruled leaf and the leaves measured directly."""
+    """Sites of every ruled leaf, the leaves measured directly, and the biases folded into
+    their weights; a leaf the output does not depend on is in none of them."""
 
     sites: list[Site]
     direct: set[int]
-    unused: set[int]
     bias: dict[int, int] = dataclasses.field(default_factory=dict)  # weight -> its bias
 
 
@@ -340,8 +340,7 @@ def analyse(jaxpr: Any, n_leaves: int) -> Analysis:
     bias = _fold_biases(w, ruled)
     measured = {s.leaf for s in ruled} | set(bias.values())
     direct = {i for i in range(n_leaves) if i in w.used and i not in measured}
-    return Analysis(sites=ruled, direct=direct, unused=set(range(n_leaves)) - w.used,
-                    bias=bias)
+    return Analysis(sites=ruled, direct=direct, bias=bias)
 
 
 # --------------------------------------------------------------------------- evaluation

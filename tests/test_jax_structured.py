@@ -376,7 +376,7 @@ def test_auto_keeps_a_rule_only_where_pairs_is_cheaper() -> None:
     wide = js.Site((0,), "dense", 0, 1, ("dense",), (1, 256), np.float32, (0, 1), 1, 784, 256)
     conv = js.Site((1,), "conv", 1, 1, ("conv",), (1, 28, 28, 16), np.float32, (0, 1, 2, 3),
                    784, 9, 16)
-    analysis = js.Analysis(sites=[wide, conv], direct={2}, unused=set())
+    analysis = js.Analysis(sites=[wide, conv], direct={2})
     sizes = [784 * 256, 9 * 16, 10]
     layout = js.choose(analysis, sizes, 256, 10, False, Implementation.AUTO)
     assert layout.rules == {0: "pairs"} and layout.direct == [1, 2]
