@@ -33,40 +33,13 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 import warnings
 from typing import Any
 
 import numpy as np
 from jax_models import MODELS, port
-
-
-class PeakRSS:
-    """Peak rise of the resident set during a block (same sampling as run.py)."""
-
-    def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * self.page
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
+from peak_rss import PeakRSS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 cpu.append(time.process_time() - c0)
                 if rss is not None:
                     rss.__exit__(None, None, None)
-                    res["mem"] = rss.peak - rss.base
+                    res["mem"] = rss.rise
             res.update(time=statistics.median(times), cpu=statistics.median(cpu),
                        times=times, reps=reps)
             k = np.asarray(k)

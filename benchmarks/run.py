@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 from jax_models import MODELS
+from peak_rss import PeakRSS
 
 #: Skip a Jacobian-materialising method when its Jacobian would exceed this many bytes.
 JACOBIAN_LIMIT = 6 << 30
@@ -167,6 +167,7 @@ def cvcore_kernel(impl: str) -> Method:
     """``TorchBackend.ntk`` with ``implementation=impl``."""
     def setup(case: Case) -> Callable[[], Any]:
         from cvcore.backends.torch_backend import TorchBackend
+
         from cvcore.protocols import Implementation, KernelRequest
 
         req = KernelRequest(kernel=case.kernel, dtype="float32", device=case.device,
@@ -371,38 +372,6 @@ def skip_reason(method: str, model_name: str, model: Any, n: int, device: str) -
 
 
 # ------------------------------------------------------------------------------ measuring
-class PeakRSS:
-    """Peak rise of the resident set during a block (sampled from /proc/self/statm)."""
-
-    def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * self.page
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def rise(self) -> int:
-        return self.peak - self.base
-
-
 #: A method whose warm-up run takes longer than this (s) is timed once, not ``reps`` times.
 SLOW = 5.0
 
@@ -510,9 +479,8 @@ def trace_row(n: int, device: str, reps: int, model_name: str = "mlp256",
               backend: str = "torch") -> list[dict[str, Any]]:
     """Tr K from the diagonal vs from the full kernel (structured), same model and inputs;
     ``backend="jax"`` measures the model's JAX port with cvcore's JAX backend."""
-    from cvcore.protocols import KernelRequest
-
     from cvcore.plugins import get_backend
+    from cvcore.protocols import KernelRequest
 
     model, inputs = make_model(model_name)
     model = model.to(device)
