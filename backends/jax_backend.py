@@ -406,18 +406,22 @@ _JITTED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 CACHE_SIZE = 8
 
 
+def cached(cache: collections.OrderedDict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` when missing; the cache keeps the
+    :data:`CACHE_SIZE` most recently used entries (the JAX backend's compile caches)."""
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return hit
+
+
 def _jitted(key: tuple[Any, ...], closed: Any, build: Callable[[Any], Any]) -> Any:
     """``build(jaxpr)`` for the traced ``closed`` jaxpr, from the cache when the same
     computation was compiled recently."""
-    full = (*key, str(closed.jaxpr))
-    hit = _JITTED.get(full)
-    if hit is None:
-        hit = build(closed.jaxpr)
-        _JITTED[full] = hit
-        while len(_JITTED) > CACHE_SIZE:
-            _JITTED.popitem(last=False)
-    _JITTED.move_to_end(full)
-    return hit
+    return cached(_JITTED, (*key, str(closed.jaxpr)), lambda: build(closed.jaxpr))
 
 
 def _as_function(jaxpr: Any) -> Callable[..., Any]:

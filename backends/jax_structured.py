@@ -646,7 +646,6 @@ def make_diag(layout: Layout) -> Any:
 #: of one architecture compiles once. Keyed by the jaxpr's text (its structure, shapes and
 #: literals; weights and constants are arguments) and everything else they close over.
 _COMPILED: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
-CACHE_SIZE = 8
 
 
 def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: int,
@@ -655,15 +654,9 @@ def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: in
     from the cache when the same model structure was measured recently."""
     key = (str(jaxpr), tuple(sorted(layout.rules.items())), tuple(layout.direct),
            tuple(sorted(layout.bias.items())), n_outputs, traced, chunk, diagonal)
-    hit = _COMPILED.get(key)
-    if hit is None:
-        hit = (make_features(layout, jaxpr, n_outputs),
-               make_diag(layout) if diagonal else make_pair(layout, n_outputs, traced, chunk))
-        _COMPILED[key] = hit
-        while len(_COMPILED) > CACHE_SIZE:
-            _COMPILED.popitem(last=False)
-    _COMPILED.move_to_end(key)
-    return hit
+    return jb.cached(_COMPILED, key, lambda: (
+        make_features(layout, jaxpr, n_outputs),
+        make_diag(layout) if diagonal else make_pair(layout, n_outputs, traced, chunk)))
 
 
 @dataclasses.dataclass
@@ -733,17 +726,17 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
                    hash(output), jax.config.jax_enable_x64)
         except TypeError:  # an unhashable output selector: no cache
             key = None
-    hit = _TRACES.get(key) if key is not None else None
-    if hit is not None and hit[0] is prep.identity:
-        _TRACES.move_to_end(key)
-        result = Traced(hit[1], hit[2], dynamic)
-    else:
+    def make() -> tuple[Any, Any, list[Any]]:
         closed = jax.make_jaxpr(single)(values, dynamic, first)
-        result = Traced(closed.jaxpr, list(closed.consts), dynamic)
-        if key is not None:
-            _TRACES[key] = (prep.identity, closed.jaxpr, list(closed.consts))
-            while len(_TRACES) > CACHE_SIZE:
-                _TRACES.popitem(last=False)
+        return prep.identity, closed.jaxpr, list(closed.consts)
+
+    if key is None:
+        entry = make()
+    else:
+        entry = jb.cached(_TRACES, key, make)
+        if entry[0] is not prep.identity:  # the id of a collected object, reused
+            entry = _TRACES[key] = make()
+    result = Traced(entry[1], entry[2], dynamic)
     prep.traced = (seen, result)
     return result
 
