@@ -1,0 +1,65 @@
+"""`cv measure`: collective variables of checkpoints, one row each, on one probe set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cvcore.cli.common import CsvOpt, JsonOpt, emit
+from cvcore.cli.output import stderr
+
+from cvcore.api import make_request, parse_variables
+from cvcore.errors import InputError
+from cvcore.protocols import Implementation, LoadOptions
+from cvcore.report import CsvSink, Row
+from cvcore.runs import ProbeSpec, measure_checkpoints
+
+
+def measure(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints, measured in natural order.")],
+    data: Annotated[str | None, typer.Option(help="Probe inputs: .npy, .npz, .pt, or a bundled dataset (digits, iris).")] = None,
+    key: Annotated[str | None, typer.Option(help="Array name inside an .npz data file.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Draw this many probe inputs at random.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the probe subset (same seed, same subset).")] = 0,
+    model: Annotated[str | None, typer.Option("--model", help="package.module:factory that builds the architecture for a state_dict.")] = None,
+    trust: Annotated[bool, typer.Option(help="Allow arbitrary code in a pickle you made yourself.")] = False,
+    kernel: Annotated[str, typer.Option(help="traced (N×N) or full (N·O×N·O).")] = "traced",
+    output: Annotated[str | None, typer.Option(help="Which output to use: an index or a key.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: GPU if visible).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Backend name (default: from the model).")] = None,
+    implementation: Annotated[Implementation, typer.Option(help="How the kernel is built.")] = Implementation.AUTO,
+    memory_budget: Annotated[str | None, typer.Option(help="Bytes one block may use, e.g. 512MB.")] = None,
+    train: Annotated[bool, typer.Option(help="Measure in training mode.")] = False,
+    variables: Annotated[str | None, typer.Option(help="Comma list of variables; 'trace' alone never forms the kernel.")] = None,
+    method: Annotated[str | None, typer.Option(help="auto, exact or stochastic: trace and entropy with error bars (matrix-free when stochastic).")] = None,
+    probes: Annotated[int, typer.Option(help="Probe vectors of a stochastic estimate.")] = 32,
+    steps: Annotated[int, typer.Option(help="Lanczos steps per probe.")] = 30,
+    top_k: Annotated[int, typer.Option(help="Largest eigenvalues to report with --method.")] = 10,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
+    resume: Annotated[bool, typer.Option(help="Skip checkpoints already in --csv.")] = False,
+) -> None:
+    """Collective variables of checkpoints, one row each, on one probe set."""
+    selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
+    request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
+                           train=train, memory_budget=memory_budget,
+                           implementation=implementation)
+    sink = CsvSink(csv, resume=resume) if csv is not None else None
+    if resume and sink is None:
+        raise InputError("expected --csv with --resume, got --resume alone")
+    log = stderr()
+    rows: list[Row] = []
+    for row in measure_checkpoints(
+        checkpoints, probe=ProbeSpec(data, key, samples, seed), request=request,
+        options=LoadOptions(model_factory=model, trust=trust, key=None), backend=backend,
+        skip=sink.done if sink else None, variables=parse_variables(variables),
+        estimator=None if method is None else {"method": method, "probes": probes, "steps": steps,
+                                               "top_k": top_k, "seed": seed},
+    ):
+        log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False)
+        rows.append(row)
+        if sink is not None:
+            sink.add(row)
+    emit(rows, as_json, f"collective variables ({kernel} kernel)")
