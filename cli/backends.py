@@ -6,23 +6,29 @@ from cvcore import plugins
 
 
 def backends() -> None:
-    """List every registered backend, loader and adapter and whether it can run."""
+    """List every registered backend, loader and adapter, what it needs, and whether it can run."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     reg = plugins.registry()
     table = Table(title="cvcore plugins")
-    for col in ("kind", "name", "available", "install"):
+    for col in ("kind", "name", "family", "needs", "available", "install"):
         table.add_column(col)
+
+    def add(kind: str, name: str, family: str, needs: str, plugin: object) -> None:
+        ok = getattr(plugin, "available", lambda: True)()
+        install = "" if ok or not hasattr(plugin, "extra") else plugins.install_command(plugin)
+        # Text cells: rich would read the "[adapters]" of an install command as markup.
+        table.add_row(*(Text(c) for c in (kind, name, family, needs, "yes" if ok else "no",
+                                          install)))
+
     for name, b in reg.backends.items():
-        ok = b.available()
-        table.add_row("backend", name, "yes" if ok else "no", "" if ok else plugins.install_command(b))
+        add("backend", name, "", ", ".join(getattr(b, "modules", ())), b)
     for name, ld in reg.checkpoint_loaders.items():
-        ok = ld.available()
-        table.add_row("checkpoint loader", name, "yes" if ok else "no", "" if ok else plugins.install_command(ld))
-    for name in reg.data_loaders:
-        table.add_row("data loader", name, "yes", "")
+        add("checkpoint loader", name, "", getattr(ld, "library", ""), ld)
+    for name, dl in reg.data_loaders.items():
+        add("data loader", name, "", getattr(dl, "library", ""), dl)
     for name, a in reg.adapters.items():
-        ok = getattr(a, "available", lambda: True)()
-        table.add_row("adapter", name, "yes" if ok else "no", "")
-    Console(highlight=False, width=120).print(table)
+        add("adapter", name, plugins.family_of(a), getattr(a, "library", ""), a)
+    Console(highlight=False, width=140).print(table)

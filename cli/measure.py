@@ -18,12 +18,13 @@ from cvcore.runs import ProbeSpec, measure_checkpoints
 
 def measure(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints, measured in natural order.")],
-    data: Annotated[str | None, typer.Option(help="Probe inputs: .npy, .npz, .pt, or a bundled dataset (digits, iris).")] = None,
+    data: Annotated[str | None, typer.Option(help="Probe inputs: .npy, .npz, .pt, a bundled dataset (digits, iris), or env:ID (observations rolled out by an RL policy in that Gymnasium environment).")] = None,
     key: Annotated[str | None, typer.Option(help="Array name inside an .npz data file.")] = None,
     samples: Annotated[int | None, typer.Option(help="Draw this many probe inputs at random.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the probe subset (same seed, same subset).")] = 0,
     model: Annotated[str | None, typer.Option("--model", help="package.module:factory that builds the architecture for a state_dict.")] = None,
     trust: Annotated[bool, typer.Option(help="Allow arbitrary code in a pickle you made yourself.")] = False,
+    family: Annotated[str | None, typer.Option(help="Model family: language, graph, autoencoder, rl, or none (default: from the model's type).")] = None,
     kernel: Annotated[str, typer.Option(help="traced (N×N) or full (N·O×N·O).")] = "traced",
     output: Annotated[str | None, typer.Option(help="Which output to use: an index or a key.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
@@ -45,7 +46,7 @@ def measure(
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
     request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
                            train=train, memory_budget=memory_budget,
-                           implementation=implementation)
+                           implementation=implementation, family=family)
     sink = CsvSink(csv, resume=resume) if csv is not None else None
     if resume and sink is None:
         raise InputError("expected --csv with --resume, got --resume alone")

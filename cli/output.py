@@ -28,11 +28,14 @@ def stderr() -> Console:
 def print_table(rows: Sequence[Row], title: str | None = None) -> None:
     """A rich table of the rows on stdout."""
     table = Table(title=title)
-    for col in TABLE_COLUMNS:
+    columns = TABLE_COLUMNS
+    if any(r.family or r.output for r in rows):  # which family and output each row measured
+        columns = columns[:1] + ["family", "output"] + columns[1:]
+    for col in columns:
         table.add_column(SHORT.get(col, col), justify="left" if col == "source" else "right")
     for row in rows:
         d = row.to_dict()
-        table.add_row(*(format_number(d[c]) for c in TABLE_COLUMNS))
+        table.add_row(*(format_number(d[c]) for c in columns))
     Console(highlight=False, width=max(160, Console().width)).print(table)
 
 

@@ -28,11 +28,36 @@ DTYPES = ("float32", "float64")
 
 @dataclass(frozen=True)
 class Measured:
-    """A kernel with where it came from: the backend that built it and the request."""
+    """A kernel with where it came from: the backend that built it, the request, and the
+    model family and output the adapter chose (``None`` when no adapter was used)."""
 
     result: KernelResult
     backend: str
     request: KernelRequest
+    family: str | None = None
+    output: str | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """One kernel a model gives: the request that builds it, its family and its output
+    in words (an actor-critic gives two heads, ``actor`` and ``critic``)."""
+
+    request: KernelRequest
+    family: str | None
+    output: str | None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the backend measures after the family's adapter shaped the call."""
+
+    model: Any
+    inputs: Any
+    request: KernelRequest
+    backend: Any
+    family: str | None
+    output: str | None
 
 
 def make_request(
@@ -44,6 +69,7 @@ def make_request(
     train: bool = False,
     memory_budget: str | int | None = None,
     implementation: str | Implementation = Implementation.AUTO,
+    family: str | None = None,
 ) -> KernelRequest:
     """Validate the options once, in front of every backend."""
     if kernel not in KERNELS:
@@ -60,7 +86,7 @@ def make_request(
         ) from None
     return KernelRequest(kernel=kernel, output=output, dtype=dt, device=device,  # type: ignore[arg-type]
                          train=train, memory_budget=parse_budget(memory_budget),
-                         implementation=impl)
+                         implementation=impl, family=family)
 
 
 def _is_dtype(value: object) -> bool:
@@ -71,23 +97,66 @@ def _is_dtype(value: object) -> bool:
     return True
 
 
-def resolve(model: Any, inputs: Any, request: KernelRequest, backend: str | None
-            ) -> tuple[Any, Any, KernelRequest, Any]:
-    """Apply the model family's adapter, then pick the backend (named, or by the model)."""
-    adapter = plugins.select_adapter(model)
+def output_name(output: OutputSelector | None) -> str | None:
+    """An output selector in words, for metadata (``None`` when nothing was chosen)."""
+    if output is None or isinstance(output, (int, str)):
+        return None if output is None else str(output)
+    return getattr(output, "__name__", type(output).__name__)
+
+
+def resolve_adapted(model: Any, inputs: Any, request: KernelRequest, backend: str | None
+                    ) -> Resolved:
+    """Apply the model family's adapter (by type, or the one ``request.family`` names),
+    then pick the backend (named, or by the model)."""
+    adapter = plugins.select_adapter(model, request.family)
+    family = label = None
     if adapter is not None:
-        model, inputs, output = adapter.adapt(model, inputs, request.output)
+        asked = request.output
+        adapted, adapted_inputs, output = adapter.adapt(model, inputs, asked)
         if output is not request.output:
             request = replace(request, output=output)
+        family = plugins.family_of(adapter)
+        describe = getattr(adapter, "describe", None)
+        label = describe(model, inputs, asked) if describe else output_name(output)
+        model, inputs = adapted, adapted_inputs
+    else:
+        label = output_name(request.output)
     chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
-    return model, inputs, request, chosen
+    return Resolved(model, inputs, request, chosen, family, label)
+
+
+def resolve(model: Any, inputs: Any, request: KernelRequest, backend: str | None
+            ) -> tuple[Any, Any, KernelRequest, Any]:
+    """:func:`resolve_adapted` as a tuple ``(model, inputs, request, backend)``."""
+    r = resolve_adapted(model, inputs, request, backend)
+    return r.model, r.inputs, r.request, r.backend
+
+
+def heads(model: Any, inputs: Any, request: KernelRequest) -> list[Head]:
+    """The kernels a model gives when no output is chosen: one per head of its family
+    (an actor-critic's actor and critic), else one."""
+    adapter = plugins.select_adapter(model, request.family)
+    names = getattr(adapter, "heads", None)
+    chosen = ([request] if adapter is None or request.output is not None or names is None
+              else [replace(request, output=h) for h in names(model)])
+    out = []
+    for req in chosen:
+        family, label = None, output_name(req.output)
+        if adapter is not None:
+            family = plugins.family_of(adapter)
+            describe = getattr(adapter, "describe", None)
+            label = (describe(model, inputs, req.output) if describe
+                     else output_name(adapter.adapt(model, inputs, req.output)[2]))
+        out.append(Head(req, family, label))
+    return out
 
 
 def build(model: Any, inputs: Any, *, backend: str | None = None,
           request: KernelRequest | None = None) -> Measured:
     """Build a kernel and say which backend built it (the CLI's entry point)."""
-    model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
-    result = chosen.ntk(model, inputs, req)
+    r = resolve_adapted(model, inputs, request or make_request(), backend)
+    req, chosen = r.request, r.backend
+    result = chosen.ntk(r.model, r.inputs, req)
     kernel = np.asarray(result.kernel)
     expected = result.n_samples * (result.n_outputs if req.kernel == "full" else 1)
     if kernel.shape != (expected, expected):
@@ -95,7 +164,16 @@ def build(model: Any, inputs: Any, *, backend: str | None = None,
             f"backend {chosen.name!r} returned a kernel of shape {kernel.shape}, "
             f"expected ({expected}, {expected})"
         )
-    return Measured(result=result, backend=chosen.name, request=req)
+    return Measured(result=result, backend=chosen.name, request=req, family=r.family,
+                    output=r.output)
+
+
+def build_all(model: Any, inputs: Any, *, backend: str | None = None,
+              request: KernelRequest | None = None) -> list[Measured]:
+    """One :class:`Measured` per head (see :func:`heads`): an actor-critic's actor and
+    critic kernels, side by side, when no output is chosen."""
+    return [build(model, inputs, backend=backend, request=h.request)
+            for h in heads(model, inputs, request or make_request())]
 
 
 def ntk(
@@ -110,6 +188,7 @@ def ntk(
     train: bool = False,
     memory_budget: str | int | None = None,
     implementation: str | Implementation = Implementation.AUTO,
+    family: str | None = None,
 ) -> NDArray[np.floating[Any]]:
     """The empirical NTK of ``model`` on ``inputs``, as a NumPy array.
 
@@ -128,9 +207,15 @@ def ntk(
         memory_budget: bytes (or ``"512MB"``) one Jacobian block may use; by default a
             quarter of the available memory, at most 4 GiB.
         implementation: see :class:`cvcore.Implementation`.
+        family: the model family whose adapter shapes the call: ``"language"``,
+            ``"graph"``, ``"autoencoder"``, ``"rl"`` (see docs/adapters.md for each one's
+            outputs and samples), or ``"none"`` for no adapter; by default chosen from the
+            model's type. A family with several heads (an actor-critic) gives its first
+            head here; :func:`cvcore.api.build_all` gives one kernel per head.
     """
     req = make_request(kernel=kernel, output=output, dtype=dtype, device=device, train=train,
-                       memory_budget=memory_budget, implementation=implementation)
+                       memory_budget=memory_budget, implementation=implementation,
+                       family=family)
     return build(model, inputs, backend=backend, request=req).result.kernel
 
 
@@ -179,5 +264,5 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
     return collective_variables(ntk(model, inputs, **options))
 
 
-__all__ = ["Measured", "build", "build_diagonal", "check_kernel", "make_request", "measure",
-           "ntk", "parse_variables"]
+__all__ = ["Head", "Measured", "Resolved", "build", "build_all", "build_diagonal",
+           "check_kernel", "heads", "make_request", "measure", "ntk", "parse_variables"]

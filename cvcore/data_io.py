@@ -138,12 +138,33 @@ def load_bundled(name: str) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     return x, y
 
 
-def load_data(spec: str, key: str | None = None) -> Any:
-    """Read probe inputs with the first data loader that claims ``spec``."""
+def _claiming(spec: str) -> Any | None:
+    return next((ld for ld in plugins.registry().data_loaders.values() if ld.claims(spec)), None)
+
+
+def needs_model(spec: str) -> bool:
+    """Whether the loader that claims ``spec`` makes its inputs from a model (a data
+    loader with ``needs_model = True``, such as ``env:`` policy roll-outs)."""
+    loader = _claiming(spec)
+    return bool(getattr(loader, "needs_model", False))
+
+
+def load_data(spec: str, key: str | None = None, *, model: Any = None,
+              samples: int | None = None, seed: int = 0, family: str | None = None) -> Any:
+    """Read probe inputs with the first data loader that claims ``spec``.
+
+    A loader with ``needs_model = True`` makes them from ``model`` with its
+    ``load_from_model(spec, model, samples=, seed=, family=)`` (exactly ``samples``
+    inputs, reproducible from ``seed``).
+    """
     loaders = plugins.registry().data_loaders
-    for loader in loaders.values():
-        if loader.claims(spec):
-            return loader.load(spec, key)
+    loader = _claiming(spec)
+    if loader is not None:
+        if getattr(loader, "needs_model", False):
+            if model is None:
+                raise InputError(f"{spec}: expected a model to make these inputs from, got none")
+            return loader.load_from_model(spec, model, samples=samples, seed=seed, family=family)
+        return loader.load(spec, key)
     path = Path(spec)
     if path.exists() or any(c in spec for c in "/\\."):
         read_magic(path)  # missing / empty / directory errors first

@@ -17,7 +17,14 @@ from typing import Any
 import pluggy
 
 from cvcore import hookspecs
-from cvcore.errors import BackendError, CVCoreError, MissingFrameworkError, describe
+from cvcore.errors import (
+    BackendError,
+    CVCoreError,
+    InputError,
+    MissingFrameworkError,
+    ModelError,
+    describe,
+)
 
 ENV_VAR = "CVCORE_PLUGINS"
 
@@ -166,9 +173,40 @@ def select_backend(model: object) -> Any:
     )
 
 
-def select_adapter(model: object) -> Any | None:
-    """The first adapter that accepts ``model``, or ``None``."""
-    for adapter in registry().adapters.values():
-        if adapter.accepts(model):
+#: ``family=`` value that turns every adapter off (the model is measured as called).
+NO_FAMILY = "none"
+
+
+def family_of(adapter: Any) -> str:
+    """The family name an adapter answers to (its ``family``, else its ``name``)."""
+    return str(getattr(adapter, "family", adapter.name))
+
+
+def select_adapter(model: object, family: str | None = None) -> Any | None:
+    """The adapter for ``model``: the first that accepts it by type, or, with ``family``
+    named, the first of that family that can measure it (``"none"``: no adapter).
+
+    Raises:
+        InputError: ``family`` names no registered family.
+        ModelError: no adapter of the named family can measure ``model``.
+    """
+    adapters = list(registry().adapters.values())
+    if family is None:
+        return next((a for a in adapters if a.accepts(model)), None)
+    if family == NO_FAMILY:
+        return None
+    named = [a for a in adapters if family_of(a) == family]
+    if not named:
+        known = sorted({family_of(a) for a in adapters} | {NO_FAMILY})
+        raise InputError(f"expected a family among {known}, got {family!r}")
+    for adapter in named:
+        if getattr(adapter, "available", lambda: True)() and getattr(
+                adapter, "accepts_family", adapter.accepts)(model):
             return adapter
-    return None
+    missing = [a for a in named if not getattr(a, "available", lambda: True)()]
+    if missing:
+        raise MissingFrameworkError(getattr(missing[0], "library", missing[0].name),
+                                    install_command(missing[0]))
+    wanted = "; or ".join(getattr(a, "expects", a.name) for a in named)
+    raise ModelError(f"expected a model of the {family!r} family ({wanted}), got "
+                     f"{type(model).__module__}.{type(model).__qualname__}")

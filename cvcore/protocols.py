@@ -56,6 +56,9 @@ class KernelRequest:
         train: measure in training mode (dropout, batch statistics) instead of eval mode.
         memory_budget: bytes one Jacobian block may use.
         implementation: see :class:`Implementation`.
+        family: the model family whose adapter shapes the call (``"language"``,
+            ``"graph"``, ``"autoencoder"``, ``"rl"``, or ``"none"`` for no adapter);
+            ``None`` chooses it from the model's type. Backends never read it.
     """
 
     kernel: KernelKind = "traced"
@@ -65,6 +68,7 @@ class KernelRequest:
     train: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     implementation: Implementation = Implementation.AUTO
+    family: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,15 @@ class Adapter(Protocol):
 
     ``adapt`` returns the model, inputs and output selector to hand to the backend
     (for example a Hugging Face model's ``logits`` field).
+
+    Optional: ``family`` (the name ``family=`` / ``--family`` selects, default ``name``);
+    ``library`` (the module it needs, shown by ``cv backends``) and ``extra``;
+    ``expects`` (the models it takes, in words, for errors); ``accepts_family(model)``
+    (whether it can measure ``model`` when its family is named, for models its type alone
+    does not reveal; default ``accepts``); ``heads(model)`` (the outputs measured side by
+    side, one kernel each, when no output is chosen, such as an actor-critic's
+    ``("actor", "critic")``); ``describe(model, inputs, output)`` (what is measured, in
+    words, echoed in every output's metadata).
     """
 
     name: str

@@ -16,7 +16,8 @@ from typing import Any
 from cvcore.spectrum import CollectiveVariables, DiagonalVariables, collective_variables
 
 VARIABLES = [f.name for f in fields(CollectiveVariables)]
-META = ["source", "backend", "kernel", "n_samples", "n_outputs", "dtype", "seconds"]
+META = ["source", "backend", "family", "output", "kernel", "n_samples", "n_outputs", "dtype",
+        "seconds"]
 #: Columns of the CSV table: every variable except the eigenvalue list, then the error
 #: bars of stochastic estimates (empty for exact rows).
 CSV_COLUMNS = META + [v for v in VARIABLES if v != "eigenvalues"] + [
@@ -35,6 +36,9 @@ class Row:
     dtype: str
     seconds: float
     variables: CollectiveVariables | DiagonalVariables | Any
+    #: The model family whose adapter shaped the call, and the output measured, in words.
+    family: str | None = None
+    output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Keys: every :class:`CollectiveVariables` field plus the provenance fields;

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvcore.api import build, build_diagonal, diagonal_only
+from cvcore.api import Head, build, build_diagonal, diagonal_only, heads
 from cvcore.checkpoints import load_checkpoint, natural_key
-from cvcore.data_io import batch_size, load_data, probe_subset
+from cvcore.data_io import batch_size, load_data, needs_model, probe_subset
 from cvcore.errors import InputError
 from cvcore.protocols import KernelRequest, LoadOptions
 from cvcore.report import Row
@@ -44,11 +44,24 @@ def measure_checkpoints(
     variables: tuple[str, ...] | None = None,
     estimator: dict[str, Any] | None = None,
 ) -> Iterator[Row]:
-    """Yield one :class:`Row` per checkpoint, all measured on the same probe set."""
+    """Yield one :class:`Row` per checkpoint and head (an actor-critic gives two rows,
+    actor and critic), all measured on the same probe set.
+
+    Probe inputs a data loader makes from a model (``env:CartPole-v1``: observations
+    rolled out by the policy) come from the first checkpoint, so every checkpoint is
+    measured on one probe set.
+    """
+    ordered = expand(paths)
     shared_inputs: Any = None
-    if probe.data is not None:
+    if probe.data is not None and needs_model(probe.data):
+        if ordered:
+            first = load_checkpoint(ordered[0], options).model
+            shared_inputs = load_data(probe.data, probe.key, model=first,
+                                      samples=probe.samples, seed=probe.seed,
+                                      family=request.family)
+    elif probe.data is not None:
         shared_inputs = probe_subset(load_data(probe.data, probe.key), probe.samples, probe.seed)
-    for path in expand(paths):
+    for path in ordered:
         if skip and str(path) in skip:
             continue
         started = time.perf_counter()
@@ -62,34 +75,44 @@ def measure_checkpoints(
                 )
             inputs = probe_subset(loaded.example_inputs, probe.samples, probe.seed)
         name = backend or loaded.backend
-        if estimator is not None:
-            from cvcore.estimate import estimate
+        for head in heads(loaded.model, inputs, request):
+            yield _row(path, loaded.model, inputs, head, name, variables, estimator, started)
+            started = time.perf_counter()
 
-            est = estimate(loaded.model, inputs, backend=name, **estimator,
-                           **_request_options(request))
-            n = batch_size(inputs)
-            yield Row(source=str(path), backend=name or "auto", kernel=request.kernel,
-                      n_samples=n, n_outputs=est.dim // n if request.kernel == "full" else None,
-                      dtype=request.dtype, seconds=time.perf_counter() - started, variables=est)
-            continue
-        if diagonal_only(variables):
-            diag, used = build_diagonal(loaded.model, inputs, backend=name, request=request)
-            n = batch_size(inputs)
-            yield Row(source=str(path), backend=used, kernel=request.kernel, n_samples=n,
-                      n_outputs=diag.size // n if request.kernel == "full" else None,
-                      dtype=request.dtype, seconds=time.perf_counter() - started,
-                      variables=diagonal_variables(diag))
-            continue
-        measured = build(loaded.model, inputs, backend=name, request=request)
-        res = measured.result
-        cv = collective_variables(res.kernel)
-        yield Row(source=str(path), backend=measured.backend, kernel=request.kernel,
-                  n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
-                  seconds=time.perf_counter() - started, variables=cv)
+
+def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
+         variables: tuple[str, ...] | None, estimator: dict[str, Any] | None,
+         started: float) -> Row:
+    """One row: the collective variables of one head of one checkpoint."""
+    request = head.request
+    meta = {"family": head.family, "output": head.output}
+    if estimator is not None:
+        from cvcore.estimate import estimate
+
+        est = estimate(model, inputs, backend=name, **estimator, **_request_options(request))
+        n = batch_size(inputs)
+        return Row(source=str(path), backend=name or "auto", kernel=request.kernel,
+                   n_samples=n, n_outputs=est.dim // n if request.kernel == "full" else None,
+                   dtype=request.dtype, seconds=time.perf_counter() - started, variables=est,
+                   **meta)
+    if diagonal_only(variables):
+        diag, used = build_diagonal(model, inputs, backend=name, request=request)
+        n = batch_size(inputs)
+        return Row(source=str(path), backend=used, kernel=request.kernel, n_samples=n,
+                   n_outputs=diag.size // n if request.kernel == "full" else None,
+                   dtype=request.dtype, seconds=time.perf_counter() - started,
+                   variables=diagonal_variables(diag), **meta)
+    measured = build(model, inputs, backend=name, request=request)
+    res = measured.result
+    cv = collective_variables(res.kernel)
+    return Row(source=str(path), backend=measured.backend, kernel=request.kernel,
+               n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
+               seconds=time.perf_counter() - started, variables=cv, **meta)
 
 
 def _request_options(request: KernelRequest) -> dict[str, Any]:
     """A validated request back as keyword options (for :func:`cvcore.estimate.estimate`)."""
     return {"kernel": request.kernel, "output": request.output, "dtype": request.dtype,
             "device": request.device, "train": request.train,
-            "memory_budget": request.memory_budget, "implementation": request.implementation}
+            "memory_budget": request.memory_budget, "implementation": request.implementation,
+            "family": request.family}
