@@ -10,6 +10,7 @@ from cvcore.hookspecs import hookimpl
 
 @hookimpl
 def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
+    from cvcore.adapters.autoencoders import AutoEncoderAdapter
     from cvcore.adapters.graphs import GraphAdapter
     from cvcore.adapters.huggingface import HuggingFaceAdapter
     from cvcore.adapters.policies import PolicyAdapter
@@ -17,3 +18,4 @@ def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
     register(HuggingFaceAdapter())
     register(GraphAdapter())
     register(PolicyAdapter())
+    register(AutoEncoderAdapter())
