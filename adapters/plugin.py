@@ -13,9 +13,18 @@ def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
     from cvcore.adapters.autoencoders import AutoEncoderAdapter
     from cvcore.adapters.graphs import GraphAdapter
     from cvcore.adapters.huggingface import HuggingFaceAdapter
-    from cvcore.adapters.policies import PolicyAdapter
+    from cvcore.adapters.policies import ModuleActorCriticAdapter, PolicyAdapter
 
     register(HuggingFaceAdapter())
     register(GraphAdapter())
     register(PolicyAdapter())
+    register(ModuleActorCriticAdapter())
     register(AutoEncoderAdapter())
+
+
+@hookimpl
+def cvcore_register_loaders(register: Callable[[Any], None]) -> None:
+    from cvcore.adapters.policy_loaders import EnvRolloutLoader, StableBaselinesLoader
+
+    register(StableBaselinesLoader())
+    register(EnvRolloutLoader())
