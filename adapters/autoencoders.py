@@ -86,6 +86,11 @@ def _check_deterministic(model: Any, inputs: Any) -> None:
     x = _first_sample(model, inputs)
     with torch.no_grad(), training_mode(model, False):
         first, second = model(x), model(x)
+    if not (isinstance(first, (tuple, list)) and len(first) >= 2):
+        from cvcore.outputs import output_choices
+
+        raise ModelError(f"expected {AutoEncoderAdapter.expects}, got a forward returning "
+                         f"{output_choices(first)}")
     leaves = [(a, b) for a, b in zip(first, second) if isinstance(a, torch.Tensor)] \
         if isinstance(first, (tuple, list)) else [(first, second)]
     if not all(torch.equal(a, b) for a, b in leaves):
@@ -162,6 +167,6 @@ class AutoEncoderAdapter:
         if names is None:
             return f"{which} (forward output {0 if which == RECONSTRUCTION else 1})"
         if _is_variational(model, inputs, names):
-            return ("reconstruction of the posterior mean (no sampling)" if which == RECONSTRUCTION
-                    else "latent posterior mean (no sampling)")
+            return ("reconstruction (posterior mean)" if which == RECONSTRUCTION
+                    else "latent (posterior mean)")
         return "reconstruction" if which == RECONSTRUCTION else "latent code"

@@ -134,7 +134,7 @@ class PolicyAdapter:
     def describe(self, model: Any, inputs: Any, output: OutputSelector | None) -> str:
         found = sb3_policy(model)
         if found is None or found[1] == "q":
-            return "q (Q-values, one per action)"
+            return "q (Q-values)"
         return "critic (value)" if output == CRITIC else _actor_words(found[0])
 
 

@@ -26,7 +26,7 @@ def backends() -> None:
     for name, b in reg.backends.items():
         add("backend", name, "", ", ".join(getattr(b, "modules", ())), b)
     for name, ld in reg.checkpoint_loaders.items():
-        add("checkpoint loader", name, "", getattr(ld, "library", ""), ld)
+        add("checkpoint loader", name, "", getattr(ld, "library", None) or ld.extra, ld)
     for name, dl in reg.data_loaders.items():
         add("data loader", name, "", getattr(dl, "library", ""), dl)
     for name, a in reg.adapters.items():

@@ -92,7 +92,7 @@ def test_dqn_gives_the_online_q_network_kernel(saved) -> None:
     agent = reload(saved["dqn"])
     obs = load_data("env:CartPole-v1", model=agent, samples=5, seed=1)
     [head] = build_all(agent, obs, request=make_request(kernel="full", dtype="float64"))
-    assert head.output == "q (Q-values, one per action)"
+    assert head.output == "q (Q-values)"
     q = agent.policy.q_net.double()
     params = list(q.q_net.parameters())
     assert head.result.n_params == sum(p.numel() for p in params)  # no target network
