@@ -15,6 +15,7 @@ class HuggingFaceAdapter:
     ``output=lambda out: out.logits[:, -1]`` for the last position only)."""
 
     name = "huggingface"
+    family = "language"
 
     def available(self) -> bool:
         import importlib.util
