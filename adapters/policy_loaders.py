@@ -171,14 +171,15 @@ class EnvRolloutLoader:
             raise InputError(f"{spec}: expected a Gymnasium environment id such as "
                              f"'env:CartPole-v1', got {first}") from None
         space = getattr(getattr(model, "policy", model), "observation_space", None)
-        if space is not None and tuple(space.shape) != tuple(env.observation_space.shape):
+        want, got = getattr(space, "shape", None), env.observation_space.shape
+        if want is not None and got is not None and tuple(want) != tuple(got):
+            env.close()
             raise InputError(f"{spec}: expected an environment with observations of shape "
-                             f"{tuple(space.shape)} (the policy's), got "
-                             f"{tuple(env.observation_space.shape)}")
+                             f"{tuple(want)} (the policy's), got {tuple(got)}")
         act = _actor(model)
         obs, _ = env.reset(seed=seed)
         env.action_space.seed(seed)
-        seen = []
+        seen: list[Any] = []
         try:
             while len(seen) < n:
                 seen.append(np.asarray(obs))
