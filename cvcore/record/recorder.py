@@ -1,0 +1,433 @@
+"""The Recorder: collective variables of a model during training, one line per step.
+
+Framework-neutral: the model goes through the same adapters and backends as
+:func:`cvcore.measure`; the probe is fixed at construction and reused at every step;
+each record lands in the record store in one transaction.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cvcore.api import build, build_diagonal, diagonal_only, make_request, parse_variables
+from cvcore.data_io import batch_size, take
+from cvcore.errors import CVCoreError, InputError, ModelError, describe
+from cvcore.record.guard import untouched
+from cvcore.record.store import Record, RecordStore, RunInfo, StoreError, Value
+from cvcore.spectrum import CollectiveVariables, collective_variables, diagonal_variables
+
+#: The scalar variables a record can hold (every CollectiveVariables field but the lists).
+SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("eigenvalues",))
+#: Keys that mark a dict as named probe sets rather than one model's dict of inputs.
+SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation", "eval", "holdout"})
+#: The probe set's name when a single probe is given.
+DEFAULT_SET = "probe"
+
+
+class ProbeSets(dict[str, Any]):
+    """Named probe sets, explicitly: ``Recorder(ProbeSets(a=x_a, b=x_b))``.
+
+    A plain dict is read as named probe sets when its keys are split names (``train``,
+    ``test``, ``val`` ...), when its values are themselves dicts or tuples, or when their
+    batch sizes differ; otherwise as one dict of model inputs. This class removes the
+    guess.
+    """
+
+
+@dataclass(frozen=True)
+class Part:
+    """One kernel measured at every step: a whole probe set, one subset, or one class."""
+
+    probe_set: str
+    inputs: Any
+    subset: int | None = None
+    label: str | None = None
+
+
+def split_probe(probe: Any) -> dict[str, Any]:
+    """The named probe sets of a Recorder's ``probe`` argument (see :class:`ProbeSets`)."""
+    if isinstance(probe, ProbeSets) or isinstance(probe, Mapping) and probe and (
+            set(probe) <= SPLIT_NAMES
+            or all(isinstance(v, (Mapping, tuple, list)) for v in probe.values())
+            or len({_size(v) for v in probe.values()}) > 1):
+        sets = dict(probe)
+    else:
+        sets = {DEFAULT_SET: probe}
+    if not sets:
+        raise InputError("expected a probe (an array, a tensor, or named probe sets), got an "
+                         "empty dict")
+    for name, inputs in sets.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"expected probe set names to be non-empty strings, got {name!r}")
+        if _size(inputs) == 0:
+            raise InputError(f"expected probe set {name!r} to hold at least one sample, got 0")
+    return sets
+
+
+def _size(inputs: Any) -> int:
+    try:
+        return batch_size(inputs)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - anything without a usable shape
+        raise InputError(f"expected probe inputs with a batch dimension, got "
+                         f"{describe(inputs)}") from None
+
+
+def _as_labels(labels: Any, n: int, name: str) -> NDArray[Any]:
+    """Labels as a 1-D NumPy array of length ``n`` (tensors are copied to the host)."""
+    for attr in ("detach", "cpu", "numpy"):
+        if hasattr(labels, attr) and not isinstance(labels, np.ndarray):
+            labels = getattr(labels, attr)()
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise InputError(f"expected labels of length {n} for probe set {name!r} (one per "
+                         f"sample), got shape {arr.shape}")
+    return arr
+
+
+def make_parts(sets: Mapping[str, Any], *, subsets: tuple[int, int] | None,
+               labels: Any, seed: int) -> list[Part]:
+    """The kernels of one record: per set, the whole set, K fixed subsets, or each class.
+
+    Subsets are drawn once, with a generator of their own (``numpy.random.default_rng``
+    seeded from ``seed`` and the set's position), never from a global random state.
+    """
+    if subsets is not None and labels is not None:
+        raise InputError("expected subsets= or labels=, got both (class-wise kernels are "
+                         "measured on every sample of each class)")
+    parts: list[Part] = []
+    if labels is not None and not isinstance(labels, Mapping):
+        if len(sets) != 1:
+            raise InputError(f"expected labels= as a dict keyed by probe set "
+                             f"{sorted(sets)}, got {describe(labels)}")
+        labels = {next(iter(sets)): labels}
+    if labels is not None:
+        unknown = sorted(set(labels) - set(sets))
+        if unknown:
+            raise InputError(f"expected labels for probe sets among {sorted(sets)}, got "
+                             f"labels for {unknown}")
+    for position, (name, inputs) in enumerate(sets.items()):
+        n = _size(inputs)
+        if subsets is not None:
+            k, size = _check_subsets(subsets, n, name)
+            rng = np.random.default_rng([seed, position])
+            for i in range(k):
+                index = np.sort(rng.choice(n, size=size, replace=False))
+                parts.append(Part(name, take(inputs, index), subset=i))
+        elif labels is not None and name in labels:
+            arr = _as_labels(labels[name], n, name)
+            for value in np.unique(arr):
+                index = np.flatnonzero(arr == value).astype(np.int64)
+                parts.append(Part(name, take(inputs, index), label=_label_text(value)))
+        else:
+            parts.append(Part(name, inputs))
+    return parts
+
+
+def _label_text(value: Any) -> str:
+    item = value.item() if hasattr(value, "item") else value
+    return str(item)
+
+
+def _check_subsets(subsets: Any, n: int, name: str) -> tuple[int, int]:
+    try:
+        k, size = (int(v) for v in subsets)
+        ok = (k, size) == tuple(subsets)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"expected subsets=(K, n), two integers, got {subsets!r}")
+    if k < 1 or size < 1:
+        raise InputError(f"expected subsets=(K, n) with K >= 1 and n >= 1, got ({k}, {size})")
+    if size > n:
+        raise InputError(f"expected subsets of at most {n} samples (the size of probe set "
+                         f"{name!r}), got n = {size}")
+    return k, size
+
+
+def model_description(model: Any) -> str:
+    """``module.QualName`` of the model's class."""
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Recorder:
+    """Records the collective variables of a model at chosen steps of its training.
+
+    Args:
+        probe: the probe inputs, fixed for the whole run: an array, a tensor, a dict or
+            tuple of them (a model with several inputs), or named probe sets
+            (``{"train": x_tr, "test": x_te}``, see :class:`ProbeSets`), each recorded
+            under its name.
+        every: record the steps that are multiples of ``every``; others are skipped.
+        sink: a record store path ending in ``.db``; ``None`` keeps the records in memory
+            (:attr:`store`) for this process only.
+        subsets: ``(K, n)``: K random subsets of n samples, the same at every step; each
+            subset's value and their mean and standard deviation are stored.
+        labels: one label per probe sample (or a dict of them per probe set): one kernel
+            per class.
+        seed: seed of the subsets.
+        name: the run's name in the store (default: the time it started).
+        tags: the user's metadata for the run (JSON-serialisable values).
+        resume: append to the latest run called ``name`` in ``sink`` instead of starting
+            a new one.
+        **measure_options: as for :func:`cvcore.measure`: ``variables``, ``kernel``,
+            ``dtype``, ``implementation``, ``backend``, ``output``, ``device``, ``train``,
+            ``memory_budget``.
+
+    Raises:
+        InputError: a bad option (``every < 1``, subsets larger than the probe, labels of
+            the wrong length, ...), before anything is written.
+        StoreError: ``sink`` is not a record store, is locked, or has a newer schema.
+
+    Example (inside any training loop)::
+
+        with cvcore.Recorder({"train": x_tr, "test": x_te}, sink="run.db",
+                             subsets=(20, 10), variables=["entropy", "trace"]) as rec:
+            for epoch in range(epochs):
+                rec.record(epoch, model, loss=loss)
+                ...  # one epoch of training
+    """
+
+    def __init__(self, probe: Any, *, every: int = 1, sink: str | Path | None = None,
+                 subsets: tuple[int, int] | None = None, labels: Any = None, seed: int = 0,
+                 name: str | None = None, tags: Mapping[str, Any] | None = None,
+                 resume: bool = False, **measure_options: Any) -> None:
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise InputError(f"expected every= a positive integer, got {every!r}")
+        self.every = int(every)
+        options = dict(measure_options)
+        self.variables = parse_variables(options.pop("variables", None))
+        self.backend: str | None = options.pop("backend", None)
+        unknown = sorted(set(options) - {"kernel", "output", "dtype", "device", "train",
+                                         "memory_budget", "implementation"})
+        if unknown:
+            raise InputError(f"expected measure options among kernel, variables, dtype, "
+                             f"implementation, backend, output, device, train, "
+                             f"memory_budget; got {unknown}")
+        self.request = make_request(**options)
+        self.sets = split_probe(probe)
+        self.parts = make_parts(self.sets, subsets=subsets, labels=labels, seed=seed)
+        self.subsets = None if subsets is None else tuple(int(v) for v in subsets)
+        if tags is not None and not isinstance(tags, Mapping):
+            raise InputError(f"expected tags= a dict, got {describe(tags)}")
+        self._diagonal = diagonal_only(self.variables)
+        self._covariance = self.variables is None or "covariance_entropy" in self.variables
+        self._names = SCALARS if self.variables is None else tuple(self.variables)
+        self._described = False
+        self._closed = False
+        if sink is not None and not str(sink).endswith(".db"):
+            raise StoreError(f"expected sink= a path ending in .db, got {str(sink)!r}")
+        self.store = RecordStore(":memory:" if sink is None else sink)
+        self.sink = None if sink is None else Path(sink)
+        probe_info = self._probe_info(labels)
+        run_name = name or time.strftime("run %Y-%m-%d %H:%M:%S")
+        try:
+            self.run_id = self._open_run(run_name, resume, probe_info, dict(tags or {}),
+                                         seed)
+        except BaseException:
+            self.store.close()
+            raise
+        self.name = run_name
+
+    def _probe_info(self, labels: Any) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        for name, inputs in self.sets.items():
+            classes = sorted({p.label for p in self.parts if p.probe_set == name and p.label})
+            info[name] = {"n_samples": _size(inputs),
+                          "subsets": list(self.subsets) if self.subsets else None,
+                          "classes": classes or None}
+        return info
+
+    def _open_run(self, name: str, resume: bool, probe_info: dict[str, Any],
+                  tags: dict[str, Any], seed: int) -> int:
+        from cvcore import __version__
+
+        options = {"variables": list(self._names), "every": self.every, "seed": seed,
+                   "implementation": self.request.implementation.value,
+                   "backend": self.backend, "device": self.request.device,
+                   "train": self.request.train,
+                   "output": self.request.output if isinstance(self.request.output, (int, str))
+                   else None if self.request.output is None else repr(self.request.output)}
+        if resume:
+            old = self.store.find_run(name)
+            if old is not None:
+                self._check_resume(old, probe_info)
+                self.store.reopen_run(old.id)
+                self._described = old.model_class is not None
+                return old.id
+        return self.store.create_run(name=name, source="recorder", kernel=self.request.kernel,
+                                     dtype=self.request.dtype, cvcore_version=__version__,
+                                     probe_sets=probe_info, options=options, tags=tags)
+
+    def _check_resume(self, old: RunInfo, probe_info: dict[str, Any]) -> None:
+        if old.closed is None and old.host == socket.gethostname() and old.pid \
+                and old.pid != os.getpid() and _alive(old.pid):
+            raise StoreError(f"run {old.name!r} in {self.store.path} is being written by "
+                             f"process {old.pid}; expected a finished or interrupted run")
+        mine = {"kernel": self.request.kernel, "dtype": self.request.dtype,
+                "probe_sets": probe_info}
+        theirs = {"kernel": old.kernel, "dtype": old.dtype, "probe_sets": old.probe_sets}
+        if mine != theirs:
+            raise StoreError(f"expected to resume run {old.name!r} with the same probe sets, "
+                             f"kernel and dtype {theirs}, got {mine}")
+
+    # -- recording -------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether ``record(step, ...)`` measures (``step`` a multiple of ``every``)."""
+        return int(step) % self.every == 0
+
+    def record(self, step: int, model: Any, loss: Any = None, **extra: Any) -> Record | None:
+        """Measure ``model`` on the probe and store one record for ``step``.
+
+        Training is not changed: random states (Python, NumPy, torch) are restored,
+        train/eval flags and ``.grad`` are put back, and no parameter or buffer is written.
+
+        Args:
+            step: the training step or epoch (an integer).
+            model: the model as it is now (any framework a backend accepts).
+            loss: the current training loss (a number or a scalar tensor), stored with the
+                record.
+            **extra: more JSON-serialisable numbers to keep with the record (accuracy,
+                learning rate, ...).
+
+        Returns:
+            The :class:`Record` stored, or ``None`` when ``every`` skips this step.
+        """
+        if self._closed:
+            raise InputError("expected an open Recorder, got one already closed")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise InputError(f"expected an integer step, got {describe(step)}")
+        if not self.due(step):
+            return None
+        from cvcore.record.store import _plain, _real
+
+        loss_value = _real(loss)
+        extras = _plain(extra)
+        started = time.perf_counter()
+        with untouched(model):
+            values, description = self._measure(model)
+        seconds = time.perf_counter() - started
+        record = Record(step=int(step), values=tuple(values), loss=loss_value,
+                        extras=extras, seconds=seconds, time=time.time())
+        self.store.add_record(self.run_id, record, model=description)
+        return record
+
+    def _measure(self, model: Any) -> tuple[list[Value], dict[str, Any] | None]:
+        values: list[Value] = []
+        description: dict[str, Any] | None = None
+        groups: dict[str, list[dict[str, float]]] = {}
+        for part in self.parts:
+            try:
+                numbers, used, n_params = self._measure_part(model, part.inputs)
+            except CVCoreError:
+                raise
+            except Exception as exc:  # the framework's own error for a probe that does not fit
+                raise ModelError(f"expected probe set {part.probe_set!r} to fit the model, "
+                                 f"got {type(exc).__name__}: {_first_line(exc)}") from exc
+            if not self._described and description is None:
+                description = {"model_class": model_description(model), "framework": used,
+                               "n_params": n_params if n_params is not None
+                               else _count_parameters(model)}
+            for var, val in numbers.items():
+                values.append(Value(part.probe_set, var, val, subset=part.subset,
+                                    label=part.label))
+            if part.subset is not None:
+                groups.setdefault(part.probe_set, []).append(numbers)
+        for probe_set, rows in groups.items():
+            for var in self._names:
+                column = np.asarray([r[var] for r in rows], dtype=np.float64)
+                std = float(np.std(column, ddof=1)) if column.size > 1 else None
+                values.append(Value(probe_set, var, float(np.mean(column)), std=std,
+                                    count=int(column.size)))
+        if description is not None:
+            self._described = True
+        return values, description
+
+    def _measure_part(self, model: Any, inputs: Any) -> tuple[dict[str, float], str, int | None]:
+        if self._diagonal:
+            diag, used = build_diagonal(model, inputs, backend=self.backend,
+                                        request=self.request)
+            dv = diagonal_variables(diag).to_dict()
+            return {v: float(dv[v]) for v in self._names}, used, None
+        measured = build(model, inputs, backend=self.backend, request=self.request)
+        cv = collective_variables(measured.result.kernel, covariance=self._covariance)
+        return ({v: float(getattr(cv, v)) for v in self._names}, measured.backend,
+                measured.result.n_params)
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        """Every record of this run so far (read back from the store)."""
+        return self.store.records(self.run_id)
+
+    def cost(self) -> dict[str, float]:
+        """Seconds per record: count, total, mean, median and max."""
+        return cost_summary([r.seconds for r in self.records()])
+
+    def close(self) -> None:
+        """Mark the run finished and close the store (records are already safe)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.store.close_run(self.run_id)
+        finally:
+            if self.sink is not None:
+                self.store.close()
+
+    def __enter__(self) -> Recorder:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cost_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """Count, total, mean, median and max of per-record seconds (NaN when empty)."""
+    arr = np.asarray(seconds, dtype=np.float64)
+    if arr.size == 0:
+        return {"count": 0, "total": 0.0, "mean": math.nan, "median": math.nan, "max": math.nan}
+    return {"count": int(arr.size), "total": float(arr.sum()), "mean": float(arr.mean()),
+            "median": float(np.median(arr)), "max": float(arr.max())}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _count_parameters(model: Any) -> int | None:
+    """Trainable parameters of a torch module or Keras model, when it can be told cheaply."""
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        try:
+            return int(sum(int(p.numel()) for p in params() if getattr(p, "requires_grad", True)))
+        except Exception:  # noqa: BLE001 - not a torch module after all
+            return None
+    weights = getattr(model, "trainable_weights", None)
+    if weights is not None:
+        return int(sum(int(np.prod(w.shape)) for w in weights))
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
