@@ -349,3 +349,21 @@ def test_sigkill_keeps_every_completed_record(tmp_path):
         assert len(r.values) == 16 and r.loss == pytest.approx(1.0 / (r.step + 1))
         assert r.get("entropy", "test") > 0
     assert cvcore.read_runs(path)[0]["closed"] is None
+
+
+@pytest.mark.parametrize("options", [{"kernel": "traced"}, {"kernel": "full"},
+                                     {"kernel": "full", "variables": ["trace", "self_entropy"]}])
+def test_subsets_as_union_slices_match_one_call_each(monkeypatch, options):
+    import cvcore.record.recorder as recorder
+
+    model, x = mlp(), probe(15)
+    options = {"variables": ["entropy", "trace", "effective_rank"], **options}
+    union = cvcore.Recorder(x, subsets=(5, 4), dtype="float64", **options).record(0, model)
+    monkeypatch.setattr(recorder, "UNION_FLOPS", 0.0)
+    separate = cvcore.Recorder(x, subsets=(5, 4), dtype="float64", **options)
+    got = separate.record(0, model)
+    assert separate._union_choice == {"probe": False}
+    assert len(union.values) == len(got.values) == 6 * len(options["variables"])
+    for a, b in zip(union.values, got.values):
+        assert (a.subset, a.variable) == (b.subset, b.variable)
+        assert a.value == pytest.approx(b.value, rel=1e-10)

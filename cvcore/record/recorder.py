@@ -32,6 +32,11 @@ SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("e
 SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation", "eval", "holdout"})
 #: The probe set's name when a single probe is given.
 DEFAULT_SET = "probe"
+#: Subsets are measured as slices of one kernel on their union of samples (one backend
+#: call instead of K) when ``union² × parameters`` is at most this many multiply-adds
+#: and the union has at most :data:`UNION_MAX` samples; otherwise one call per subset.
+UNION_FLOPS = 2e10
+UNION_MAX = 4096
 
 
 class ProbeSets(dict[str, Any]):
@@ -52,6 +57,20 @@ class Part:
     inputs: Any
     subset: int | None = None
     label: str | None = None
+    #: the subset's sample indices in its probe set (subsets only)
+    index: NDArray[np.int64] | None = None
+
+
+@dataclass(frozen=True)
+class UnionKernel:
+    """The kernel (or its diagonal) on the union of one probe set's subsets."""
+
+    matrix: NDArray[Any]
+    backend: str
+    n_params: int | None
+    #: per subset, where its samples sit in the union
+    positions: dict[int, NDArray[np.int64]]
+    n_samples: int
 
 
 def split_probe(probe: Any) -> dict[str, Any]:
@@ -124,7 +143,7 @@ def make_parts(sets: Mapping[str, Any], *, subsets: tuple[int, int] | None,
             rng = np.random.default_rng([seed, position])
             for i in range(k):
                 index = np.sort(rng.choice(n, size=size, replace=False))
-                parts.append(Part(name, take(inputs, index), subset=i))
+                parts.append(Part(name, take(inputs, index), subset=i, index=index))
         elif labels is not None and name in labels:
             arr = _as_labels(labels[name], n, name)
             for value in np.unique(arr):
@@ -227,6 +246,7 @@ class Recorder:
         self._names = SCALARS if self.variables is None else tuple(self.variables)
         self._described = False
         self._closed = False
+        self._union_choice: dict[str, bool] = {}
         if sink is not None and not str(sink).endswith(".db"):
             raise StoreError(f"expected sink= a path ending in .db, got {str(sink)!r}")
         self.store = RecordStore(":memory:" if sink is None else sink)
@@ -329,9 +349,15 @@ class Recorder:
         values: list[Value] = []
         description: dict[str, Any] | None = None
         groups: dict[str, list[dict[str, float]]] = {}
+        unions: dict[str, UnionKernel] = {}
         for part in self.parts:
             try:
-                numbers, used, n_params = self._measure_part(model, part.inputs)
+                if part.index is not None and self._union(model, part.probe_set):
+                    if part.probe_set not in unions:
+                        unions[part.probe_set] = self._union_kernel(model, part.probe_set)
+                    numbers, used, n_params = self._slice(unions[part.probe_set], part)
+                else:
+                    numbers, used, n_params = self._measure_part(model, part.inputs)
             except CVCoreError:
                 raise
             except Exception as exc:  # the framework's own error for a probe that does not fit
@@ -355,6 +381,48 @@ class Recorder:
         if description is not None:
             self._described = True
         return values, description
+
+    def _union_index(self, probe_set: str) -> NDArray[np.int64]:
+        chosen = [p.index for p in self.parts if p.probe_set == probe_set and p.index is not None]
+        return np.unique(np.concatenate(chosen)).astype(np.int64)
+
+    def _union(self, model: Any, probe_set: str) -> bool:
+        """Whether this probe set's subsets are cheaper as slices of one union kernel
+        (never in train mode, where the samples of a batch interact)."""
+        if self.request.train:
+            return False
+        if probe_set not in self._union_choice:
+            size = self._union_index(probe_set).size
+            params = _count_parameters(model)
+            self._union_choice[probe_set] = params is not None and size <= UNION_MAX and \
+                float(size) ** 2 * params <= UNION_FLOPS
+        return self._union_choice[probe_set]
+
+    def _union_kernel(self, model: Any, probe_set: str) -> UnionKernel:
+        """The kernel (or diagonal) on the union of a set's subsets, and where each
+        subset's samples sit in it."""
+        union = self._union_index(probe_set)
+        inputs = take(self.sets[probe_set], union)
+        positions = {p.subset: np.searchsorted(union, p.index) for p in self.parts
+                     if p.probe_set == probe_set and p.index is not None and p.subset is not None}
+        if self._diagonal:
+            diag, used = build_diagonal(model, inputs, backend=self.backend, request=self.request)
+            return UnionKernel(np.asarray(diag), used, None, positions, int(union.size))
+        measured = build(model, inputs, backend=self.backend, request=self.request)
+        return UnionKernel(np.asarray(measured.result.kernel), measured.backend,
+                           measured.result.n_params, positions, int(union.size))
+
+    def _slice(self, union: UnionKernel, part: Part) -> tuple[dict[str, float], str, int | None]:
+        matrix, used, n_params = union.matrix, union.backend, union.n_params
+        assert part.subset is not None
+        pos = union.positions[part.subset]
+        per = matrix.shape[0] // union.n_samples  # O rows per sample in a full kernel
+        rows = (pos[:, None] * per + np.arange(per)).reshape(-1)  # row i·O + o
+        if self._diagonal:
+            dv = diagonal_variables(matrix[rows]).to_dict()
+            return {v: float(dv[v]) for v in self._names}, used, n_params
+        cv = collective_variables(matrix[np.ix_(rows, rows)], covariance=self._covariance)
+        return {v: float(getattr(cv, v)) for v in self._names}, used, n_params
 
     def _measure_part(self, model: Any, inputs: Any) -> tuple[dict[str, float], str, int | None]:
         if self._diagonal:
