@@ -54,6 +54,9 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     args.out.mkdir(parents=True, exist_ok=True)
     sink = args.out / "run.db"
+    if not args.no_record:  # a fresh store for each demo run (a store can hold many runs)
+        for old in (sink, sink.with_name("run.db-wal"), sink.with_name("run.db-shm")):
+            old.unlink(missing_ok=True)
     rec = None if args.no_record else cvcore.Recorder(
         {"train": x_np[train[:200]], "test": x_np[test[:200]]}, sink=sink,
         subsets=tuple(args.subsets), variables=["entropy", "trace"], seed=args.seed,

@@ -82,11 +82,14 @@ def plot_runs(runs: Sequence[PlotRun], out: Path, *, phase: bool = False,
     order: list[str] = []
     for index, run in enumerate(runs):
         colour = colours[index % len(colours)]
-        several_sets = len({ps for ps, _ in groups(run.records)}) > 1
-        for probe_set, label in groups(run.records):
-            if label is not None:
-                continue  # class-wise kernels: see cv report / cv export
-            name = run.label + (f" · {probe_set}" if several_sets or len(runs) == 1 else "")
+        sets = [ps for ps, label in groups(run.records) if label is None]
+        for position, probe_set in enumerate(sets):
+            # one run: a colour per probe set; several: a colour per run, a style per set
+            if len(runs) == 1:
+                colour = colours[position % len(colours)]
+                name = probe_set
+            else:
+                name = run.label + (f" · {probe_set}" if len(sets) > 1 else "")
             style = _style(probe_set, order)
             ent = series(run.records, probe_set, None, "entropy")
             tr = series(run.records, probe_set, None, "trace")
@@ -98,8 +101,9 @@ def plot_runs(runs: Sequence[PlotRun], out: Path, *, phase: bool = False,
         if not phase:
             steps, loss = _loss(run.records)
             if loss.size:
-                axes[2].plot(steps, loss, color=colour, marker="." if loss.size < 30 else None,
-                             label=run.label)
+                axes[2].plot(steps, loss, color="black" if len(runs) == 1 else colours[
+                    index % len(colours)], marker="." if loss.size < 30 else None,
+                    label=run.label)
         if tick is not None:
             tick()
     if not drawn:
@@ -123,10 +127,17 @@ def plot_runs(runs: Sequence[PlotRun], out: Path, *, phase: bool = False,
     for ax in axes[:2]:
         if ax.lines:
             ax.legend(fontsize="small")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        if not phase:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     kernels = sorted({r.info.kernel for r in runs})
-    fig.suptitle(f"collective variables ({', '.join(kernels)} kernel)", fontsize="medium")
+    title = f"collective variables ({', '.join(kernels)} kernel)"
+    if len(runs) == 1:
+        title = f"{runs[0].label}: {title}"
+    fig.suptitle(title, fontsize="medium")
     out = Path(out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix or ".png",
                                dir=out.parent if str(out.parent) else ".")
