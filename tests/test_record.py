@@ -13,7 +13,7 @@ import pytest
 import cvcore
 from cvcore.errors import InputError
 from cvcore.record import ProbeSets, RecordStore, StoreError
-from cvcore.record.recorder import split_probe
+from cvcore.record.probes import split_probe
 
 torch = pytest.importorskip("torch")
 
@@ -354,7 +354,7 @@ def test_sigkill_keeps_every_completed_record(tmp_path):
 @pytest.mark.parametrize("options", [{"kernel": "traced"}, {"kernel": "full"},
                                      {"kernel": "full", "variables": ["trace", "self_entropy"]}])
 def test_subsets_as_union_slices_match_one_call_each(monkeypatch, options):
-    import cvcore.record.recorder as recorder
+    from cvcore.record import recorder
 
     model, x = mlp(), probe(15)
     options = {"variables": ["entropy", "trace", "effective_rank"], **options}
