@@ -26,12 +26,17 @@ def plot(
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise InputError(f"expected --out ending in .png, .pdf or .svg, got {str(out)!r}")
     runs: list[PlotRun] = []
+    sources: list[Path] = []
     for path in stores:
         with RecordStore(path, create=False) as store:
             infos = store.runs() if run is None else [store.run(run)]
             for info in infos:
-                label = info.name if len(stores) == 1 else f"{path.stem}: {info.name}"
-                runs.append(PlotRun(label=label, info=info, records=store.records(info.id)))
+                runs.append(PlotRun(label=info.name, info=info, records=store.records(info.id)))
+                sources.append(path)
+    names = [r.label for r in runs]
+    if len(set(names)) < len(names):  # the same name in several files: say which file
+        runs = [PlotRun(label=f"{src}: {r.label}", info=r.info, records=r.records)
+                for src, r in zip(sources, runs)]
     total = sum(len(r.records) for r in runs)
     log = stderr()
     if total >= PROGRESS_RECORDS:
