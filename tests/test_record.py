@@ -339,6 +339,8 @@ def test_sigkill_keeps_every_completed_record(tmp_path):
                             text=True)
     assert proc.stdout is not None
     done = [int(proc.stdout.readline()) for _ in range(8)]
+    live = RecordStore(path, create=False).records()  # read while the writer is running
+    assert [r.step for r in live[:8]] == done
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

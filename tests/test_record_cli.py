@@ -192,6 +192,13 @@ def test_measure_out_writes_the_checkpoint_series(tmp_path: Path) -> None:
     for rec, row in zip(records, rows):
         assert rec.get("entropy") == row["entropy"] and rec.get("trace") == row["trace"]
         assert rec.extras["source"] == row["source"]
+    bad = invoke("measure", tmp_path / "epoch_0.pt", "--data", "nodata", "--out",
+                 tmp_path / "none.db")
+    assert bad.exit_code == 2 and not (tmp_path / "none.db").exists()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"junk" * 100)
+    refused = invoke("measure", tmp_path / "epoch_0.pt", "--data", "digits", "--out", junk)
+    assert refused.exit_code == 2 and "not one" in refused.stderr
     report = json.loads(invoke("report", db, "--json").stdout)[0]
     assert report["probe_sets"][0]["variables"]["trace"]["growth_factor"] == pytest.approx(
         rows[-1]["trace"] / rows[0]["trace"])

@@ -40,7 +40,10 @@ class CheckpointSink:
                  probe: dict[str, Any] | None = None) -> None:
         if not str(path).endswith(".db"):
             raise StoreError(f"expected --out a path ending in .db, got {str(path)!r}")
-        self.store = RecordStore(path)
+        self.path = Path(path)
+        # An existing file is checked now; a new one is created with the first row, so a
+        # run that fails before measuring anything leaves no file behind.
+        self._store = RecordStore(path, create=False) if self.path.exists() else None
         self.name = name
         self.probe = dict(probe or {})
         self.run_id: int | None = None
@@ -50,8 +53,10 @@ class CheckpointSink:
         """Store one measured checkpoint as one record (one transaction)."""
         from cvcore import __version__
 
+        if self._store is None:
+            self._store = RecordStore(self.path)
         if self.run_id is None:
-            self.run_id = self.store.create_run(
+            self.run_id = self._store.create_run(
                 name=self.name or str(Path(row.source).parent),
                 source="checkpoints", kernel=row.kernel, dtype=row.dtype,
                 cvcore_version=__version__,
@@ -64,13 +69,15 @@ class CheckpointSink:
                        and not (isinstance(numbers[var], float) and math.isnan(numbers[var])))
         record = Record(step=step_of(row.source, self.count), values=values,
                         extras={"source": row.source}, seconds=row.seconds, time=time.time())
-        self.store.add_record(self.run_id, record, model={"model_class": None,
+        self._store.add_record(self.run_id, record, model={"model_class": None,
                                                           "framework": row.backend,
                                                           "n_params": None})
         self.count += 1
 
     def close(self) -> None:
         """Mark the run finished and close the file."""
+        if self._store is None:
+            return
         if self.run_id is not None:
-            self.store.close_run(self.run_id)
-        self.store.close()
+            self._store.close_run(self.run_id)
+        self._store.close()
