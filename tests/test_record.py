@@ -216,7 +216,11 @@ def test_resume_appends(tmp_path):
                          variables=["trace"]) as rec:
         assert rec.run_id == first_id
         rec.record(1, model)
-    assert [r.step for r in RecordStore(path, create=False).records("long")] == [0, 1]
+    store = RecordStore(path, create=False)
+    assert [r.step for r in store.records("long")] == [0, 1]
+    series = store.series("long", "trace")
+    assert series["step"].tolist() == [0, 1] and np.isnan(series["std"]).all()
+    assert series["value"].tolist() == [r.get("trace") for r in store.records("long")]
     with pytest.raises(StoreError, match="same probe sets"):
         cvcore.Recorder(probe(5), sink=path, name="long", resume=True, variables=["trace"])
 

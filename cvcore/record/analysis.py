@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cvcore.record.recorder import cost_summary
-from cvcore.record.store import Record, RecordStore, RunInfo
+from cvcore.record.store import Record, RecordStore, RunInfo, series_of
 
 #: How many of the last records give the scatter when there are no subsets.
 SCATTER_RECORDS = 5
@@ -52,18 +52,8 @@ def variables_of(records: Sequence[Record], probe_set: str, label: str | None) -
 
 def series(records: Sequence[Record], probe_set: str, label: str | None, variable: str
            ) -> dict[str, np.ndarray]:
-    """step, value, std, count and loss of one variable of one group (NumPy arrays)."""
-    rows: list[tuple[float, float, float, float, float]] = []
-    for rec in records:
-        for v in rec.values:
-            if (v.subset is None and v.probe_set == probe_set and v.label == label
-                    and v.variable == variable):
-                rows.append((rec.step, v.value, math.nan if v.std is None else v.std,
-                             v.count, math.nan if rec.loss is None else rec.loss))
-                break
-    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
-    return {"step": arr[:, 0].astype(np.int64), "value": arr[:, 1], "std": arr[:, 2],
-            "count": arr[:, 3].astype(np.int64), "loss": arr[:, 4]}
+    """step, value, std, count, loss and seconds of one variable of one group."""
+    return series_of(records, variable, probe_set=probe_set, label=label)
 
 
 def _stderr(s: dict[str, np.ndarray], i: int) -> float:

@@ -439,26 +439,30 @@ class RecordStore:
 
     def series(self, run: int | str | None, variable: str, *, probe_set: str | None = None,
                label: str | None = None) -> dict[str, NDArray[Any]]:
-        """One variable's summary over the steps of a run, as NumPy arrays.
+        """One variable's summary over the steps of a run (see :func:`series_of`)."""
+        return series_of(self.records(run), variable, probe_set=probe_set, label=label)
 
-        Returns:
-            ``step``, ``value``, ``std`` (NaN without subsets), ``loss`` (NaN when not
-            given) and ``seconds``, one entry per record that has the variable.
-        """
-        out: dict[str, list[float]] = {k: [] for k in ("step", "value", "std", "loss", "seconds")}
-        for rec in self.records(run):
-            for v in rec.values:
-                if v.variable == variable and v.subset is None and v.label == label and (
-                        probe_set is None or v.probe_set == probe_set):
-                    out["step"].append(rec.step)
-                    out["value"].append(v.value)
-                    out["std"].append(math.nan if v.std is None else v.std)
-                    out["loss"].append(math.nan if rec.loss is None else rec.loss)
-                    out["seconds"].append(rec.seconds)
-                    break
-        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
-        arrays["step"] = arrays["step"].astype(np.int64)
-        return arrays
+
+def series_of(records: Sequence[Record], variable: str, *, probe_set: str | None = None,
+              label: str | None = None) -> dict[str, NDArray[Any]]:
+    """One variable's summary values (subset means, or whole-probe values) over records.
+
+    Returns:
+        NumPy arrays, one entry per record that has the variable: ``step``, ``value``,
+        ``std`` (NaN without subsets), ``count`` (K, or 1), ``loss`` (NaN when not given)
+        and ``seconds``.
+    """
+    rows: list[tuple[float, ...]] = []
+    for rec in records:
+        for v in rec.values:
+            if v.variable == variable and v.subset is None and v.label == label and (
+                    probe_set is None or v.probe_set == probe_set):
+                rows.append((rec.step, v.value, math.nan if v.std is None else v.std, v.count,
+                             math.nan if rec.loss is None else rec.loss, rec.seconds))
+                break
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
+    return {"step": arr[:, 0].astype(np.int64), "value": arr[:, 1], "std": arr[:, 2],
+            "count": arr[:, 3].astype(np.int64), "loss": arr[:, 4], "seconds": arr[:, 5]}
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -483,4 +487,4 @@ def open_store(path: str | Path, *, create: bool = False) -> RecordStore:
 
 
 __all__: Sequence[str] = ["FORMAT", "SCHEMA_VERSION", "Record", "RecordStore", "RunInfo",
-                          "StoreError", "Value", "open_store", "read_runs"]
+                          "StoreError", "Value", "open_store", "read_runs", "series_of"]
