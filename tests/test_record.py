@@ -397,3 +397,18 @@ def test_recorder_on_a_jax_model():
     flat = np.concatenate([np.asarray(v).reshape(10, 3, -1) for v in jac.values()], axis=2)
     kernel = np.einsum("iop,jop->ij", flat, flat) / 3
     assert got.get("trace") == pytest.approx(np.trace(kernel), rel=1e-4)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_batch_norm_buffers_untouched(train_mode):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3))
+    model.train()
+    model(torch.randn(16, 4))  # running statistics away from their initial values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = cvcore.Recorder(probe().astype(np.float32), variables=["trace"], train=train_mode)
+    assert rec.record(0, model).get("trace") > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert before["1.num_batches_tracked"] == after["1.num_batches_tracked"]
