@@ -20,6 +20,7 @@ from cvcore.errors import (
 )
 from cvcore.estimate import EstimatedVariables, KernelOperator, estimate
 from cvcore.protocols import Backend, Implementation, KernelRequest, KernelResult
+from cvcore.record import Recorder, RecordStore, StoreError, read_runs
 from cvcore.spectrum import (
     CollectiveVariables,
     DiagonalVariables,
@@ -45,7 +46,10 @@ __all__ = [
     "KernelResult",
     "MissingFrameworkError",
     "ModelError",
+    "RecordStore",
+    "Recorder",
     "ResourceError",
+    "StoreError",
     "UntrustedFileError",
     "collective_variables",
     "diagonal_variables",
@@ -53,4 +57,5 @@ __all__ = [
     "estimate",
     "measure",
     "ntk",
+    "read_runs",
 ]

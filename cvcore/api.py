@@ -254,14 +254,17 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
         variables: the variables wanted (names of :class:`CollectiveVariables` fields). When
             they need only the diagonal (``trace``, ``normalized_trace``, ``self_entropy``,
             ``magnitude_variance``), the kernel is never formed and a
-            :class:`DiagonalVariables` is returned.
+            :class:`DiagonalVariables` is returned. The covariance entropy (a second
+            eigendecomposition) is computed only when it is among them or when
+            ``variables`` is ``None``; otherwise it is NaN.
     """
     wanted = parse_variables(variables)
     if diagonal_only(wanted):
         backend = options.pop("backend", None)
         req = make_request(**options)
         return diagonal_variables(build_diagonal(model, inputs, backend=backend, request=req)[0])
-    return collective_variables(ntk(model, inputs, **options))
+    covariance = wanted is None or "covariance_entropy" in wanted
+    return collective_variables(ntk(model, inputs, **options), covariance=covariance)
 
 
 __all__ = ["Head", "Measured", "Resolved", "build", "build_all", "build_diagonal",

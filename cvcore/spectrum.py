@@ -169,7 +169,8 @@ class CollectiveVariables:
         self_entropy: entropy of ``q_i = √K_ii / Σ_j √K_jj``.
         magnitude_variance: variance of ``D · q_i``.
         covariance_entropy: entropy of the cosine-normalized kernel
-            ``K_ij / √(K_ii K_jj)`` (rows with ``K_ii = 0`` dropped).
+            ``K_ij / √(K_ii K_jj)`` (rows with ``K_ii = 0`` dropped); NaN when it was
+            not asked for (``collective_variables(..., covariance=False)``).
         eigenvalues: all eigenvalues, descending, float64.
         n_zeroed: how many round-off negative eigenvalues were set to zero.
     """
@@ -197,13 +198,16 @@ class CollectiveVariables:
         return out
 
 
-def collective_variables(kernel: ArrayLike, *, tolerance: float | None = None
-                         ) -> CollectiveVariables:
+def collective_variables(kernel: ArrayLike, *, tolerance: float | None = None,
+                         covariance: bool = True) -> CollectiveVariables:
     """Compute every collective variable of a kernel.
 
     Args:
         kernel: an NTK (either convention), any real dtype; checked once here.
         tolerance: see :func:`eigenvalues`.
+        covariance: compute the covariance entropy, which costs a second
+            eigendecomposition; when ``False`` it is reported as NaN (not computed) and
+            every other variable is unchanged.
 
     Raises:
         KernelError: the kernel is invalid, or its trace is zero (the entropy is then
@@ -231,10 +235,7 @@ def collective_variables(kernel: ArrayLike, *, tolerance: float | None = None
     q = roots / roots.sum()
     self_entropy = _entropy(q)
     magnitude_variance = float(np.var(dim * q))
-    keep = diag > 0
-    cos = k[np.ix_(keep, keep)] / np.outer(roots[keep], roots[keep])
-    cos_lam = np.clip(np.linalg.eigvalsh(0.5 * (cos + cos.T)), 0.0, None)
-    covariance_entropy = _entropy(cos_lam)
+    covariance_entropy = _covariance_entropy(k, diag, roots) if covariance else math.nan
     return CollectiveVariables(
         trace=trace,
         normalized_trace=trace / dim,
@@ -247,6 +248,15 @@ def collective_variables(kernel: ArrayLike, *, tolerance: float | None = None
         eigenvalues=lam,
         n_zeroed=spec.n_zeroed,
     )
+
+
+def _covariance_entropy(k: NDArray[np.float64], diag: NDArray[np.float64],
+                        roots: NDArray[np.float64]) -> float:
+    """Entropy of the cosine-normalized kernel (rows with ``K_ii = 0`` dropped)."""
+    keep = diag > 0
+    cos = k[np.ix_(keep, keep)] / np.outer(roots[keep], roots[keep])
+    cos_lam = np.clip(np.linalg.eigvalsh(0.5 * (cos + cos.T)), 0.0, None)
+    return _entropy(cos_lam)
 
 
 #: The variables that need only the kernel's diagonal (no eigendecomposition).

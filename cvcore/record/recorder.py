@@ -1,0 +1,371 @@
+"""The Recorder: collective variables of a model during training, one line per step.
+
+Framework-neutral: the model goes through the same adapters and backends as
+:func:`cvcore.measure`; the probe is fixed at construction and reused at every step;
+each record lands in the record store in one transaction.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cvcore.api import build, build_diagonal, diagonal_only, make_request, parse_variables
+from cvcore.data_io import take
+from cvcore.errors import CVCoreError, InputError, ModelError, describe
+from cvcore.record.guard import untouched
+from cvcore.record.probes import Part, UnionKernel, make_parts, probe_size, split_probe
+from cvcore.record.store import Record, RecordStore, RunInfo, StoreError, Value
+from cvcore.spectrum import CollectiveVariables, collective_variables, diagonal_variables
+
+#: The scalar variables a record can hold (every CollectiveVariables field but the lists).
+SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("eigenvalues",))
+#: Subsets are measured as slices of one kernel on their union of samples (one backend
+#: call instead of K) when ``union² × parameters`` is at most this many multiply-adds
+#: and the union has at most :data:`UNION_MAX` samples; otherwise one call per subset.
+UNION_FLOPS = 2e10
+UNION_MAX = 4096
+
+
+def model_description(model: Any) -> str:
+    """``module.QualName`` of the model's class; for a JAX ``(apply_fn or module, params)``
+    pair, of its first item (a function's own name).
+
+    >>> model_description(({}, None)), model_description((len, {}))
+    ('builtins.dict', 'builtins.len')
+    """
+    if isinstance(model, tuple) and model:
+        model = model[0]
+        if callable(model) and hasattr(model, "__qualname__") and not isinstance(model, type):
+            return f"{getattr(model, '__module__', None) or 'builtins'}.{model.__qualname__}"
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Recorder:
+    """Records the collective variables of a model at chosen steps of its training.
+
+    Args:
+        probe: the probe inputs, fixed for the whole run: an array, a tensor, a dict or
+            tuple of them (a model with several inputs), or named probe sets
+            (``{"train": x_tr, "test": x_te}``, see :class:`ProbeSets`), each recorded
+            under its name.
+        every: record the steps that are multiples of ``every``; others are skipped.
+        sink: a record store path ending in ``.db``; ``None`` keeps the records in memory
+            (:attr:`store`) for this process only.
+        subsets: ``(K, n)``: K random subsets of n samples, the same at every step; each
+            subset's value and their mean and standard deviation are stored.
+        labels: one label per probe sample (or a dict of them per probe set): one kernel
+            per class.
+        seed: seed of the subsets.
+        name: the run's name in the store (default: the time it started).
+        tags: the user's metadata for the run (JSON-serialisable values).
+        resume: append to the latest run called ``name`` in ``sink`` instead of starting
+            a new one.
+        **measure_options: as for :func:`cvcore.measure`: ``variables``, ``kernel``,
+            ``dtype``, ``implementation``, ``backend``, ``output``, ``device``, ``train``,
+            ``memory_budget``.
+
+    Raises:
+        InputError: a bad option (``every < 1``, subsets larger than the probe, labels of
+            the wrong length, ...), before anything is written.
+        StoreError: ``sink`` is not a record store, is locked, or has a newer schema.
+
+    Example (inside any training loop)::
+
+        with cvcore.Recorder({"train": x_tr, "test": x_te}, sink="run.db",
+                             subsets=(20, 10), variables=["entropy", "trace"]) as rec:
+            for epoch in range(epochs):
+                rec.record(epoch, model, loss=loss)
+                ...  # one epoch of training
+    """
+
+    def __init__(self, probe: Any, *, every: int = 1, sink: str | Path | None = None,
+                 subsets: tuple[int, int] | None = None, labels: Any = None, seed: int = 0,
+                 name: str | None = None, tags: Mapping[str, Any] | None = None,
+                 resume: bool = False, **measure_options: Any) -> None:
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise InputError(f"expected every= a positive integer, got {every!r}")
+        self.every = int(every)
+        options = dict(measure_options)
+        self.variables = parse_variables(options.pop("variables", None))
+        self.backend: str | None = options.pop("backend", None)
+        unknown = sorted(set(options) - {"kernel", "output", "dtype", "device", "train",
+                                         "memory_budget", "implementation"})
+        if unknown:
+            raise InputError(f"expected measure options among kernel, variables, dtype, "
+                             f"implementation, backend, output, device, train, "
+                             f"memory_budget; got {unknown}")
+        self.request = make_request(**options)
+        self.sets = split_probe(probe)
+        self.parts = make_parts(self.sets, subsets=subsets, labels=labels, seed=seed)
+        self.subsets = None if subsets is None else tuple(int(v) for v in subsets)
+        if tags is not None and not isinstance(tags, Mapping):
+            raise InputError(f"expected tags= a dict, got {describe(tags)}")
+        self._diagonal = diagonal_only(self.variables)
+        self._covariance = self.variables is None or "covariance_entropy" in self.variables
+        self._names = SCALARS if self.variables is None else tuple(self.variables)
+        self._described = False
+        self._closed = False
+        self._union_choice: dict[str, bool] = {}
+        if sink is not None and not str(sink).endswith(".db"):
+            raise StoreError(f"expected sink= a path ending in .db, got {str(sink)!r}")
+        self.store = RecordStore(":memory:" if sink is None else sink)
+        self.sink = None if sink is None else Path(sink)
+        probe_info = self._probe_info(labels)
+        run_name = name or time.strftime("run %Y-%m-%d %H:%M:%S")
+        try:
+            self.run_id = self._open_run(run_name, resume, probe_info, dict(tags or {}),
+                                         seed)
+        except BaseException:
+            self.store.close()
+            raise
+        self.name = run_name
+
+    def _probe_info(self, labels: Any) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        for name, inputs in self.sets.items():
+            classes = sorted({p.label for p in self.parts if p.probe_set == name and p.label})
+            info[name] = {"n_samples": probe_size(inputs),
+                          "subsets": list(self.subsets) if self.subsets else None,
+                          "classes": classes or None}
+        return info
+
+    def _open_run(self, name: str, resume: bool, probe_info: dict[str, Any],
+                  tags: dict[str, Any], seed: int) -> int:
+        from cvcore import __version__
+
+        options = {"variables": list(self._names), "every": self.every, "seed": seed,
+                   "implementation": self.request.implementation.value,
+                   "backend": self.backend, "device": self.request.device,
+                   "train": self.request.train,
+                   "output": self.request.output if isinstance(self.request.output, (int, str))
+                   else None if self.request.output is None else repr(self.request.output)}
+        if resume:
+            old = self.store.find_run(name)
+            if old is not None:
+                self._check_resume(old, probe_info)
+                self.store.reopen_run(old.id)
+                self._described = old.model_class is not None
+                return old.id
+        return self.store.create_run(name=name, source="recorder", kernel=self.request.kernel,
+                                     dtype=self.request.dtype, cvcore_version=__version__,
+                                     probe_sets=probe_info, options=options, tags=tags)
+
+    def _check_resume(self, old: RunInfo, probe_info: dict[str, Any]) -> None:
+        if old.closed is None and old.host == socket.gethostname() and old.pid \
+                and old.pid != os.getpid() and _alive(old.pid):
+            raise StoreError(f"run {old.name!r} in {self.store.path} is being written by "
+                             f"process {old.pid}; expected a finished or interrupted run")
+        mine = {"kernel": self.request.kernel, "dtype": self.request.dtype,
+                "probe_sets": probe_info}
+        theirs = {"kernel": old.kernel, "dtype": old.dtype, "probe_sets": old.probe_sets}
+        if mine != theirs:
+            raise StoreError(f"expected to resume run {old.name!r} with the same probe sets, "
+                             f"kernel and dtype {theirs}, got {mine}")
+
+    # -- recording -------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether ``record(step, ...)`` measures (``step`` a multiple of ``every``)."""
+        return int(step) % self.every == 0
+
+    def record(self, step: int, model: Any, loss: Any = None, **extra: Any) -> Record | None:
+        """Measure ``model`` on the probe and store one record for ``step``.
+
+        Training is not changed: random states (Python, NumPy, torch) are restored,
+        train/eval flags and ``.grad`` are put back, and no parameter or buffer is written.
+
+        Args:
+            step: the training step or epoch (an integer).
+            model: the model as it is now (any framework a backend accepts).
+            loss: the current training loss (a number or a scalar tensor), stored with the
+                record.
+            **extra: more JSON-serialisable numbers to keep with the record (accuracy,
+                learning rate, ...).
+
+        Returns:
+            The :class:`Record` stored, or ``None`` when ``every`` skips this step.
+        """
+        if self._closed:
+            raise InputError("expected an open Recorder, got one already closed")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise InputError(f"expected an integer step, got {describe(step)}")
+        if not self.due(step):
+            return None
+        from cvcore.record.store import _plain, _real
+
+        loss_value = _real(loss)
+        extras = _plain(extra)
+        started = time.perf_counter()
+        with untouched(model):
+            values, description = self._measure(model)
+        seconds = time.perf_counter() - started
+        record = Record(step=int(step), values=tuple(values), loss=loss_value,
+                        extras=extras, seconds=seconds, time=time.time())
+        self.store.add_record(self.run_id, record, model=description)
+        return record
+
+    def _measure(self, model: Any) -> tuple[list[Value], dict[str, Any] | None]:
+        values: list[Value] = []
+        description: dict[str, Any] | None = None
+        groups: dict[str, list[dict[str, float]]] = {}
+        unions: dict[str, UnionKernel] = {}
+        for part in self.parts:
+            try:
+                if part.index is not None and self._union(model, part.probe_set):
+                    if part.probe_set not in unions:
+                        unions[part.probe_set] = self._union_kernel(model, part.probe_set)
+                    numbers, used, n_params = self._slice(unions[part.probe_set], part)
+                else:
+                    numbers, used, n_params = self._measure_part(model, part.inputs)
+            except CVCoreError:
+                raise
+            except Exception as exc:  # the framework's own error for a probe that does not fit
+                raise ModelError(f"expected probe set {part.probe_set!r} to fit the model, "
+                                 f"got {type(exc).__name__}: {_first_line(exc)}") from exc
+            if not self._described and description is None:
+                description = {"model_class": model_description(model), "framework": used,
+                               "n_params": n_params if n_params is not None
+                               else _count_parameters(model)}
+            for var, val in numbers.items():
+                values.append(Value(part.probe_set, var, val, subset=part.subset,
+                                    label=part.label))
+            if part.subset is not None:
+                groups.setdefault(part.probe_set, []).append(numbers)
+        for probe_set, rows in groups.items():
+            for var in self._names:
+                column = np.asarray([r[var] for r in rows], dtype=np.float64)
+                std = float(np.std(column, ddof=1)) if column.size > 1 else None
+                values.append(Value(probe_set, var, float(np.mean(column)), std=std,
+                                    count=int(column.size)))
+        if description is not None:
+            self._described = True
+        return values, description
+
+    def _union_index(self, probe_set: str) -> NDArray[np.int64]:
+        chosen = [p.index for p in self.parts if p.probe_set == probe_set and p.index is not None]
+        return np.unique(np.concatenate(chosen)).astype(np.int64)
+
+    def _union(self, model: Any, probe_set: str) -> bool:
+        """Whether this probe set's subsets are cheaper as slices of one union kernel
+        (never in train mode, where the samples of a batch interact)."""
+        if self.request.train:
+            return False
+        if probe_set not in self._union_choice:
+            size = self._union_index(probe_set).size
+            params = _count_parameters(model)
+            self._union_choice[probe_set] = params is not None and size <= UNION_MAX and \
+                float(size) ** 2 * params <= UNION_FLOPS
+        return self._union_choice[probe_set]
+
+    def _union_kernel(self, model: Any, probe_set: str) -> UnionKernel:
+        """The kernel (or diagonal) on the union of a set's subsets, and where each
+        subset's samples sit in it."""
+        union = self._union_index(probe_set)
+        inputs = take(self.sets[probe_set], union)
+        positions = {p.subset: np.searchsorted(union, p.index) for p in self.parts
+                     if p.probe_set == probe_set and p.index is not None and p.subset is not None}
+        if self._diagonal:
+            diag, used = build_diagonal(model, inputs, backend=self.backend, request=self.request)
+            return UnionKernel(np.asarray(diag), used, None, positions, int(union.size))
+        measured = build(model, inputs, backend=self.backend, request=self.request)
+        return UnionKernel(np.asarray(measured.result.kernel), measured.backend,
+                           measured.result.n_params, positions, int(union.size))
+
+    def _slice(self, union: UnionKernel, part: Part) -> tuple[dict[str, float], str, int | None]:
+        matrix, used, n_params = union.matrix, union.backend, union.n_params
+        assert part.subset is not None
+        pos = union.positions[part.subset]
+        per = matrix.shape[0] // union.n_samples  # O rows per sample in a full kernel
+        rows = (pos[:, None] * per + np.arange(per)).reshape(-1)  # row i·O + o
+        if self._diagonal:
+            dv = diagonal_variables(matrix[rows]).to_dict()
+            return {v: float(dv[v]) for v in self._names}, used, n_params
+        cv = collective_variables(matrix[np.ix_(rows, rows)], covariance=self._covariance)
+        return {v: float(getattr(cv, v)) for v in self._names}, used, n_params
+
+    def _measure_part(self, model: Any, inputs: Any) -> tuple[dict[str, float], str, int | None]:
+        if self._diagonal:
+            diag, used = build_diagonal(model, inputs, backend=self.backend,
+                                        request=self.request)
+            dv = diagonal_variables(diag).to_dict()
+            return {v: float(dv[v]) for v in self._names}, used, None
+        measured = build(model, inputs, backend=self.backend, request=self.request)
+        cv = collective_variables(measured.result.kernel, covariance=self._covariance)
+        return ({v: float(getattr(cv, v)) for v in self._names}, measured.backend,
+                measured.result.n_params)
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        """Every record of this run so far (read back from the store)."""
+        return self.store.records(self.run_id)
+
+    def cost(self) -> dict[str, float]:
+        """Seconds per record: count, total, mean, median and max."""
+        return cost_summary([r.seconds for r in self.records()])
+
+    def close(self) -> None:
+        """Mark the run finished and close the store (records are already safe)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.store.close_run(self.run_id)
+        finally:
+            if self.sink is not None:
+                self.store.close()
+
+    def __enter__(self) -> Recorder:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cost_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """Count, total, mean, median and max of per-record seconds (NaN when empty)."""
+    arr = np.asarray(seconds, dtype=np.float64)
+    if arr.size == 0:
+        return {"count": 0, "total": 0.0, "mean": math.nan, "median": math.nan, "max": math.nan}
+    return {"count": int(arr.size), "total": float(arr.sum()), "mean": float(arr.mean()),
+            "median": float(np.median(arr)), "max": float(arr.max())}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _count_parameters(model: Any) -> int | None:
+    """Trainable parameters of a torch module or Keras model, when it can be told cheaply."""
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        try:
+            return int(sum(int(p.numel()) for p in params() if getattr(p, "requires_grad", True)))
+        except Exception:  # noqa: BLE001 - not a torch module after all
+            return None
+    weights = getattr(model, "trainable_weights", None)
+    if weights is not None:
+        return int(sum(int(np.prod(w.shape)) for w in weights))
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
