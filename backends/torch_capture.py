@@ -10,10 +10,12 @@ too. A parameter that appears in any other call (``x @ W``, ``W.t()``, a custom 
 is *tainted* and measured by the Jacobian path instead; every use of a parameter
 therefore either has a rule or sends the whole parameter to the exact fallback.
 
-Samples are assumed to be the leading dimension of every recorded input (PyTorch's
-``batch_first`` convention); a use whose leading size is not the batch size taints its
-parameters. Calls that couple samples (batch norm with batch statistics) mark the
-capture as *coupled*, and the caller falls back to the Jacobian path.
+A use is recorded only when its input's leading size is the number of samples (PyTorch's
+``batch_first`` convention); any other use taints its parameters. A leading size equal
+to the number of samples is necessary, never sufficient: whether row r really belongs to
+sample r alone is established afterwards by :mod:`cvcore.backends.torch_rowcheck`.
+Calls that couple samples (batch norm with batch statistics) mark the capture as
+*coupled*, and the caller falls back to the Jacobian path.
 """
 
 from __future__ import annotations

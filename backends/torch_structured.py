@@ -39,6 +39,8 @@ class Block:
     features: dict[tuple[str, int], Feature]
     structured: frozenset[str]
     tainted: frozenset[str]
+    #: parameters with rules whose uses failed the row checks (measured by the Jacobian path)
+    excluded: frozenset[str] = frozenset()
 
 
 def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
@@ -56,7 +58,7 @@ def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
     return out, mode.rec.capture
 
 
-def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
+def _output_gradients(out: Any, zs: list[Any], keep_graph: bool = False) -> list[Any]:
     """``∂f_o/∂z`` for every output ``o``, stacked: each ``(n, O, *z.shape[1:])``."""
     import torch
 
@@ -66,7 +68,7 @@ def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
                 for z in zs]
     per_o: list[tuple[Any, ...]] = []
     for o in range(n_out):
-        grads = torch.autograd.grad(out[:, o].sum(), zs, retain_graph=o < n_out - 1,
+        grads = torch.autograd.grad(out[:, o].sum(), zs, retain_graph=keep_graph or o < n_out - 1,
                                     allow_unused=True)
         per_o.append(grads)
     stacked = []
@@ -76,16 +78,47 @@ def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
     return stacked
 
 
-def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None = None) -> Block:
-    """Features of every structured parameter for the samples ``x``."""
+def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None = None,
+                  check: bool = False) -> Block:
+    """Features of every structured parameter for the samples ``x``.
+
+    Only uses that belong row by row to the samples get features
+    (:mod:`cvcore.backends.torch_rowcheck`): the backward check runs on every block, the
+    forward check (a second pass on half the samples) when ``check`` is set, for the
+    first block of a measurement.
+    """
     from cvcore.backends.torch_backend import batch_of
+    from cvcore.backends.torch_rowcheck import backward_check, forward_check
 
     n = batch_of(x)
     out, cap = _forward_capture(prep, x, request.output, n)
     if cap.coupled:
         raise _Coupled()
+    excluded: set[str] = set()
     structured = _structured_names(cap)
+    if check and n >= 2 and structured:
+        coupled, excluded = forward_check(prep, x, request, out, cap, structured)
+        if coupled:
+            raise _Coupled()
+        structured = _structured_names(cap, excluded)
     wanted = structured if keep is None else structured & keep
+    uses, zs, index = _uses_of(cap, wanted)
+    grads = _output_gradients(out, zs, keep_graph=n >= 2) if zs else []
+    bad = backward_check(out, zs, grads) if zs else set()
+    if bad:
+        excluded |= {name for u in uses if index[id(u.z)] in bad for name in u.names}
+        structured = _structured_names(cap, excluded)
+        wanted = structured if keep is None else structured & keep
+    features: dict[tuple[str, int], Feature] = {}
+    for u in uses:
+        if set(u.names) <= wanted:
+            g = u.shape_g(grads[index[id(u.z)]])
+            features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
+    return Block(features, structured, frozenset(cap.tainted), frozenset(excluded))
+
+
+def _uses_of(cap: Any, wanted: frozenset[str]) -> tuple[list[Any], list[Any], dict[int, int]]:
+    """The uses of ``wanted`` parameters, their distinct outputs, and each output's index."""
     uses = [u for u in cap.uses if set(u.names) <= wanted]
     zs: list[Any] = []
     index: dict[int, int] = {}
@@ -93,21 +126,17 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
         if id(u.z) not in index:
             index[id(u.z)] = len(zs)
             zs.append(u.z)
-    grads = _output_gradients(out, zs) if zs else []
-    features: dict[tuple[str, int], Feature] = {}
-    for u in uses:
-        g = u.shape_g(grads[index[id(u.z)]])
-        features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
-    return Block(features, structured, frozenset(cap.tainted))
+    return uses, zs, index
 
 
-def _structured_names(cap: Any) -> frozenset[str]:
+def _structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
     """Parameters every use of which has a rule, consistently.
 
-    A parameter is out when it is tainted, when its uses need different rules, or when
-    it shares a use with a parameter that is out (a bias folded into a weight).
+    A parameter is out when it is tainted or ``excluded``, when its uses need different
+    rules, or when it shares a use with a parameter that is out (a bias folded into a
+    weight).
     """
-    bad = set(cap.tainted) | _mixed(cap.uses)
+    bad = set(cap.tainted) | _mixed(cap.uses) | set(excluded)
     changed = True
     while changed:
         changed = False
@@ -278,7 +307,7 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
     try:
         blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget,
                                 max_size=max(1, pair_limit))
-        first = capture_block(prep, slice_inputs(x, *blocks[0]), request)
+        first = capture_block(prep, slice_inputs(x, *blocks[0]), request, check=True)
     except _Coupled:
         return None
     if not first.structured or not _use_structured(prep, first, n, n_outputs, request):
@@ -305,7 +334,7 @@ def _capture_like(prep: Any, x: Any, request: Any, first: Block) -> Block:
         block = capture_block(prep, x, request, keep=first.structured)
     except _Coupled:
         raise _Inconsistent() from None
-    if block.structured != first.structured or block.features.keys() != first.features.keys():
+    if not first.structured <= block.structured or block.features.keys() != first.features.keys():
         raise _Inconsistent()
     return block
 
