@@ -326,13 +326,22 @@ def _functional_jacobian(prep: Prepared, names: list[str], x: Any, request: Kern
     try:
         jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
     except RuntimeError as exc:
-        if "mutate a captured Tensor" not in str(exc) and "vmap" not in str(exc):
+        if not _vmap_refusal(exc):
             raise
         # A forward with side effects (in-place buffer updates, data-dependent Python
-        # control flow) cannot run under torch.func transforms: one sample at a time.
+        # control flow) or a fused kernel that writes in place (nn.GRU / nn.RNN's
+        # ``_VF`` calls broadcast their hidden state in place) cannot run under
+        # torch.func transforms: one sample at a time, the same meaning.
         return torch.cat([_batched_jacobian(prep, fixed, theta, slice_inputs(x, i, i + 1), output)
                           for i in range(batch_of(x))])
     return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
+
+
+def _vmap_refusal(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is ``torch.func.vmap`` refusing the forward (not a user error)."""
+    text = str(exc)
+    return ("mutate a captured Tensor" in text or "vmap" in text
+            or "doesn't match the broadcast shape" in text)
 
 
 def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, Any], x: Any,
