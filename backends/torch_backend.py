@@ -239,17 +239,18 @@ class TorchBackend:
         plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
                            group_sizes=[int(p.numel()) for p in prep.params.values()],
                            itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
+        rules: dict[str, str] = {}
         with training_mode(prep.module, request.train), full_precision():
             kernel = None
             if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
                 from cvcore.backends.torch_structured import structured_kernel
 
-                kernel = structured_kernel(prep, x, request, n_outputs)
+                kernel = structured_kernel(prep, x, request, n_outputs, rules)
             if kernel is None:
                 kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
         return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
                             n_params=sum(int(p.numel()) for p in prep.params.values()),
-                            device=device)
+                            device=device, rules=rules)
 
     def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
         """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),

@@ -56,6 +56,8 @@ class Use:
     a: Any
     shape_g: Callable[[Any], Any]
     also: tuple[str, ...] = ()
+    #: the torch function whose rule recorded the use (``linear``, ``conv2d``, ...)
+    op: str = ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -86,6 +88,7 @@ class Recorder:
         self.ids = ids
         self.n = n
         self.capture = Capture()
+        self.op = ""
 
     # -- helpers used by the rules -------------------------------------------------
     def param(self, t: Any) -> str | None:
@@ -104,7 +107,7 @@ class Recorder:
 
     def add(self, name: str, kind: str, z: Any, a: Any, shape_g: Callable[[Any], Any],
             block: int = 0, also: tuple[str, ...] = ()) -> None:
-        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also))
+        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also, self.op))
 
 
 def recorder(ids: dict[int, str], n: int) -> Any:
@@ -124,6 +127,7 @@ def recorder(ids: dict[int, str], n: int) -> Any:
             kwargs = kwargs or {}
             rule = rules.get(func)
             if rule is not None:
+                self.rec.op = getattr(func, "__name__", "")
                 done, out = rule(self.rec, func, args, kwargs)
                 if done:
                     return out

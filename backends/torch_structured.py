@@ -23,6 +23,7 @@ capture is recomputed), and each identity chunks its own intermediates to the bu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ class Block:
     tainted: frozenset[str]
     #: parameters with rules whose uses failed the row checks (measured by the Jacobian path)
     excluded: frozenset[str] = frozenset()
+    #: the rule of every structured parameter: ``"<op> (<kind>)"``, e.g. ``"linear (dense)"``
+    rules: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
@@ -110,11 +113,14 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
         structured = _structured_names(cap, excluded)
         wanted = structured if keep is None else structured & keep
     features: dict[tuple[str, int], Feature] = {}
+    rules: dict[str, str] = {}
     for u in uses:
         if set(u.names) <= wanted:
             g = u.shape_g(grads[index[id(u.z)]])
             features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
-    return Block(features, structured, frozenset(cap.tainted), frozenset(excluded))
+            for name in u.names:
+                rules[name] = f"{u.op} ({u.kind})"
+    return Block(features, structured, frozenset(cap.tainted), frozenset(excluded), rules)
 
 
 def _uses_of(cap: Any, wanted: frozenset[str]) -> tuple[list[Any], list[Any], dict[int, int]]:
@@ -277,7 +283,8 @@ def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs
     return _assemble(sub, x, request, plan, _functional_jacobian, n_outputs, device, dtype)
 
 
-def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
+def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
+                      rules: dict[str, str] | None = None) -> Any:
     """The kernel from per-layer identities, or ``None`` to use the Jacobian path.
 
     Args:
@@ -285,6 +292,7 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
         x: the inputs, on the device and in the dtype of the computation.
         request: the :class:`cvcore.protocols.KernelRequest`.
         n_outputs: outputs per sample ``O``.
+        rules: filled, when given, with the rule of every parameter a rule measured.
 
     Returns:
         The kernel as a NumPy array (traced ``N × N`` divided by ``O``, or full
@@ -322,6 +330,8 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
         extra = _generic_kernel(prep, x, request, generic, n_outputs)
         kernel += torch.from_numpy(extra).to(device=kernel.device, dtype=kernel.dtype)
     _check_finite(kernel, n, width)
+    if rules is not None:
+        rules.update({k: v for k, v in first.rules.items() if k in first.structured})
     return kernel.detach().cpu().numpy()
 
 

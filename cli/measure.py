@@ -32,6 +32,7 @@ def measure(
     implementation: Annotated[Implementation, typer.Option(help="How the kernel is built.")] = Implementation.AUTO,
     memory_budget: Annotated[str | None, typer.Option(help="Bytes one block may use, e.g. 512MB.")] = None,
     train: Annotated[bool, typer.Option(help="Measure in training mode.")] = False,
+    verify: Annotated[bool, typer.Option(help="Compare the kernel with the Jacobian path on a few samples; fail on a disagreement.")] = False,
     variables: Annotated[str | None, typer.Option(help="Comma list of variables; 'trace' alone never forms the kernel.")] = None,
     method: Annotated[str | None, typer.Option(help="auto, exact or stochastic: trace and entropy with error bars (matrix-free when stochastic).")] = None,
     probes: Annotated[int, typer.Option(help="Probe vectors of a stochastic estimate.")] = 32,
@@ -45,7 +46,7 @@ def measure(
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
     request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
                            train=train, memory_budget=memory_budget,
-                           implementation=implementation)
+                           implementation=implementation, verify=verify)
     sink = CsvSink(csv, resume=resume) if csv is not None else None
     if resume and sink is None:
         raise InputError("expected --csv with --resume, got --resume alone")

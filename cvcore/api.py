@@ -10,6 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore import plugins
+from cvcore import verify as verification
 from cvcore.errors import InputError, ModelError
 from cvcore.memory import parse_budget
 from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
@@ -44,6 +45,7 @@ def make_request(
     train: bool = False,
     memory_budget: str | int | None = None,
     implementation: str | Implementation = Implementation.AUTO,
+    verify: bool = False,
 ) -> KernelRequest:
     """Validate the options once, in front of every backend."""
     if kernel not in KERNELS:
@@ -58,9 +60,12 @@ def make_request(
             f"expected implementation among {[i.value for i in Implementation]}, "
             f"got {implementation!r}"
         ) from None
+    if verify and train:
+        raise InputError("expected verify without train (it compares eval-mode kernels, where "
+                         "each sample is measured alone), got both")
     return KernelRequest(kernel=kernel, output=output, dtype=dt, device=device,  # type: ignore[arg-type]
                          train=train, memory_budget=parse_budget(memory_budget),
-                         implementation=impl)
+                         implementation=impl, verify=verify)
 
 
 def _is_dtype(value: object) -> bool:
@@ -95,6 +100,8 @@ def build(model: Any, inputs: Any, *, backend: str | None = None,
             f"backend {chosen.name!r} returned a kernel of shape {kernel.shape}, "
             f"expected ({expected}, {expected})"
         )
+    if req.verify and req.implementation != Implementation.JACOBIAN:
+        verification.check(chosen, model, inputs, req, result)
     return Measured(result=result, backend=chosen.name, request=req)
 
 
@@ -110,6 +117,7 @@ def ntk(
     train: bool = False,
     memory_budget: str | int | None = None,
     implementation: str | Implementation = Implementation.AUTO,
+    verify: bool = False,
 ) -> NDArray[np.floating[Any]]:
     """The empirical NTK of ``model`` on ``inputs``, as a NumPy array.
 
@@ -128,9 +136,13 @@ def ntk(
         memory_budget: bytes (or ``"512MB"``) one Jacobian block may use; by default a
             quarter of the available memory, at most 4 GiB.
         implementation: see :class:`cvcore.Implementation`.
+        verify: compare the kernel with the generic Jacobian path on a few random samples
+            and raise :class:`cvcore.verify.VerificationError` (naming the layer rules
+            involved) when they disagree beyond round-off.
     """
     req = make_request(kernel=kernel, output=output, dtype=dtype, device=device, train=train,
-                       memory_budget=memory_budget, implementation=implementation)
+                       memory_budget=memory_budget, implementation=implementation,
+                       verify=verify)
     return build(model, inputs, backend=backend, request=req).result.kernel
 
 

@@ -56,6 +56,8 @@ class KernelRequest:
         train: measure in training mode (dropout, batch statistics) instead of eval mode.
         memory_budget: bytes one Jacobian block may use.
         implementation: see :class:`Implementation`.
+        verify: compare the kernel with the generic Jacobian path on a few samples
+            (see :mod:`cvcore.verify`).
     """
 
     kernel: KernelKind = "traced"
@@ -65,6 +67,7 @@ class KernelRequest:
     train: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     implementation: Implementation = Implementation.AUTO
+    verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class KernelResult:
     n_outputs: int
     n_params: int
     device: str = "cpu"
+    #: parameters a layer rule measured (name -> rule), for messages; empty when every
+    #: parameter went through the generic Jacobian path or the backend does not say
+    rules: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cvcore  # noqa: E402
-from tests.test_row_soundness import Centered, per_sample_kernel, rel  # noqa: E402
+import cvcore
+from tests.test_row_soundness import Centered, per_sample_kernel, rel
 
 N = 9
 

@@ -15,9 +15,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cvcore  # noqa: E402
-from tests import torch_models as tm  # noqa: E402
-from tests.test_row_soundness import per_sample_kernel, rel  # noqa: E402
+import cvcore
+from tests import torch_models as tm
+from tests.test_row_soundness import per_sample_kernel, rel
 
 CASES = [(cell, bf, layers, bi) for cell in ("LSTM", "GRU", "RNN") for bf in (True, False)
          for layers, bi in ((1, False), (2, True))]
@@ -38,9 +38,9 @@ def test_recurrent_matches_per_sample_gradients(cell: str, batch_first: bool, la
 
 
 def test_pickled_gru_through_the_cli(tmp_path: Path) -> None:
+    from cvcore.cli.app import make_app
     from typer.testing import CliRunner
 
-    from cvcore.cli.app import make_app
     from cvcore.data_io import load_bundled
 
     torch.manual_seed(6)

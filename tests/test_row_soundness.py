@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import cvcore  # noqa: E402
+import cvcore
 
 IMPLEMENTATIONS = ("auto", "structured", "jacobian")
 RTOL = 1e-9
@@ -187,6 +187,7 @@ def test_row_local_layers_keep_their_rule() -> None:
     """Only the layer on the buffer leaves the structured path."""
     from cvcore.backends.torch_backend import prepare, to_tensors
     from cvcore.backends.torch_structured import capture_block
+
     from cvcore.protocols import Implementation, KernelRequest
 
     class Two(nn.Module):
