@@ -213,6 +213,27 @@ class TorchBackend:
 
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: str) -> KernelResult:
         torch = _torch()
+        prep, x, n, n_outputs, jac, dtype = self.setup(model, inputs, request, device)
+        plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
+                           group_sizes=[int(p.numel()) for p in prep.params.values()],
+                           itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
+        rules: dict[str, str] = {}
+        with training_mode(prep.module, request.train), full_precision():
+            kernel = None
+            if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
+                from cvcore.backends.torch_structured import structured_kernel
+
+                kernel = structured_kernel(prep, x, request, n_outputs, rules)
+            if kernel is None:
+                kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
+        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                            n_params=sum(int(p.numel()) for p in prep.params.values()),
+                            device=device, rules=rules)
+
+    def setup(self, model: Any, inputs: Any, request: KernelRequest, device: str
+              ) -> tuple[Prepared, Any, int, int, JacobianFn, Any]:
+        """The prepared model, inputs, ``N``, ``O``, the Jacobian function and the dtype."""
+        torch = _torch()
         dtype = torch.float64 if request.dtype == "float64" else torch.float32
         prep = prepare(model, dtype, device)
         x = to_tensors(inputs, dtype, device)
@@ -236,21 +257,13 @@ class TorchBackend:
             jac = _scripted_jacobian
         elif prep.export_batch is not None:
             jac = _fixed_batch_jacobian
-        plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
-                           group_sizes=[int(p.numel()) for p in prep.params.values()],
-                           itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
-        rules: dict[str, str] = {}
-        with training_mode(prep.module, request.train), full_precision():
-            kernel = None
-            if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
-                from cvcore.backends.torch_structured import structured_kernel
+        return prep, x, n, n_outputs, jac, dtype
 
-                kernel = structured_kernel(prep, x, request, n_outputs, rules)
-            if kernel is None:
-                kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
-        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
-                            n_params=sum(int(p.numel()) for p in prep.params.values()),
-                            device=device, rules=rules)
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """Each layer's (module's) kernel: ``cvcore.protocols.LayerKernels``."""
+        from cvcore.backends.torch_layers import layer_kernels
+
+        return layer_kernels(self, model, inputs, request)
 
     def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
         """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,12 +253,14 @@ def _use_structured(prep: Any, first: Block, n: int, n_outputs: int, request: An
 
 
 # ------------------------------------------------------------------------- assembly
-def _add_pair(kernel: Any, fa: Block, fb: Block, ra: tuple[int, int], rb: tuple[int, int],
-              width: int, traced: bool, budget: int) -> None:
+def _add_pair(target: Callable[[str], Any], fa: Block, fb: Block, ra: tuple[int, int],
+              rb: tuple[int, int], width: int, traced: bool, budget: int) -> None:
+    """Add every feature's kernel block to ``target(parameter name)``."""
     sa = slice(ra[0] * width, ra[1] * width)
     sb = slice(rb[0] * width, rb[1] * width)
     for key, f in fa.features.items():
         block = feature_gram(f, fb.features[key], traced, budget)
+        kernel = target(key[0])
         kernel[sa, sb] += block
         if ra != rb:
             kernel[sb, sa] += block.T
@@ -299,6 +302,15 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
         ``N·O × N·O`` with row ``i·O + o``), like the Jacobian path; ``None`` in train
         mode, when samples are coupled, or when no parameter has a rule.
     """
+    parts = structured_parts(prep, x, request, n_outputs, lambda name: "", rules)
+    return None if parts is None else parts[""]
+
+
+def structured_parts(prep: Any, x: Any, request: Any, n_outputs: int,
+                     part_of: Callable[[str], str], rules: dict[str, str] | None = None
+                     ) -> dict[str, Any] | None:
+    """The kernel split into parts (``part_of(parameter name)``, e.g. its layer), each a
+    NumPy array; the parts sum to :func:`structured_kernel`'s kernel. ``None`` as there."""
     if request.train:
         return None
     import torch
@@ -320,19 +332,28 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
         return None
     if not first.structured or not _use_structured(prep, first, n, n_outputs, request):
         return None
-    kernel = torch.zeros((n * width, n * width), dtype=ref.dtype, device=ref.device)
+    parts: dict[str, Any] = {}
+    for name in prep.params:
+        if part_of(name) not in parts:
+            parts[part_of(name)] = torch.zeros((n * width, n * width), dtype=ref.dtype,
+                                               device=ref.device)
     try:
-        _assemble_structured(kernel, prep, x, request, blocks, first, width, traced, budget)
+        _assemble_structured(lambda name: parts[part_of(name)], prep, x, request, blocks, first,
+                             width, traced, budget)
     except _Inconsistent:
         return None
-    generic = [k for k in prep.params if k not in first.structured]
-    if generic:
-        extra = _generic_kernel(prep, x, request, generic, n_outputs)
-        kernel += torch.from_numpy(extra).to(device=kernel.device, dtype=kernel.dtype)
-    _check_finite(kernel, n, width)
+    generic: dict[str, list[str]] = {}
+    for k in prep.params:
+        if k not in first.structured:
+            generic.setdefault(part_of(k), []).append(k)
+    for part, names in generic.items():
+        extra = _generic_kernel(prep, x, request, names, n_outputs)
+        parts[part] += torch.from_numpy(extra).to(device=ref.device, dtype=ref.dtype)
+    for kernel in parts.values():
+        _check_finite(kernel, n, width)
     if rules is not None:
         rules.update({k: v for k, v in first.rules.items() if k in first.structured})
-    return kernel.detach().cpu().numpy()
+    return {part: kernel.detach().cpu().numpy() for part, kernel in parts.items()}
 
 
 class _Inconsistent(Exception):
@@ -349,14 +370,14 @@ def _capture_like(prep: Any, x: Any, request: Any, first: Block) -> Block:
     return block
 
 
-def _assemble_structured(kernel: Any, prep: Any, x: Any, request: Any,
+def _assemble_structured(target: Callable[[str], Any], prep: Any, x: Any, request: Any,
                          blocks: list[tuple[int, int]], first: Block, width: int, traced: bool,
                          budget: int) -> None:
     from cvcore.backends.torch_backend import slice_inputs
 
     for i, ra in enumerate(blocks):
         fa = first if i == 0 else _capture_like(prep, slice_inputs(x, *ra), request, first)
-        _add_pair(kernel, fa, fa, ra, ra, width, traced, budget)
+        _add_pair(target, fa, fa, ra, ra, width, traced, budget)
         for rb in blocks[i + 1:]:
             fb = _capture_like(prep, slice_inputs(x, *rb), request, first)
-            _add_pair(kernel, fa, fb, ra, rb, width, traced, budget)
+            _add_pair(target, fa, fb, ra, rb, width, traced, budget)

@@ -11,16 +11,25 @@ from numpy.typing import NDArray
 
 from cvcore import plugins
 from cvcore import verify as verification
-from cvcore.errors import InputError, ModelError
+from cvcore.errors import BackendError, InputError, ModelError
 from cvcore.memory import parse_budget
-from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
+from cvcore.protocols import (
+    Implementation,
+    KernelRequest,
+    KernelResult,
+    LayerKernel,
+    OutputSelector,
+    PerLayerBackend,
+)
 from cvcore.spectrum import (
     DIAGONAL_VARIABLES,
     CollectiveVariables,
     DiagonalVariables,
+    LayerVariables,
     check_kernel,
     collective_variables,
     diagonal_variables,
+    layer_variables,
 )
 
 KERNELS = ("traced", "full")
@@ -29,11 +38,13 @@ DTYPES = ("float32", "float64")
 
 @dataclass(frozen=True)
 class Measured:
-    """A kernel with where it came from: the backend that built it and the request."""
+    """A kernel with where it came from: the backend that built it and the request; with
+    ``per_layer``, each layer's kernel too (``result.kernel`` is their sum)."""
 
     result: KernelResult
     backend: str
     request: KernelRequest
+    layers: tuple[LayerKernel, ...] = ()
 
 
 def make_request(
@@ -89,10 +100,15 @@ def resolve(model: Any, inputs: Any, request: KernelRequest, backend: str | None
 
 
 def build(model: Any, inputs: Any, *, backend: str | None = None,
-          request: KernelRequest | None = None) -> Measured:
-    """Build a kernel and say which backend built it (the CLI's entry point)."""
+          request: KernelRequest | None = None, per_layer: bool = False) -> Measured:
+    """Build a kernel and say which backend built it (the CLI's entry point); with
+    ``per_layer``, from the backend's per-layer kernels (:class:`PerLayerBackend`)."""
     model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
-    result = chosen.ntk(model, inputs, req)
+    layers: tuple[LayerKernel, ...] = ()
+    if per_layer:
+        result, layers = _by_layer(chosen, model, inputs, req)
+    else:
+        result = chosen.ntk(model, inputs, req)
     kernel = np.asarray(result.kernel)
     expected = result.n_samples * (result.n_outputs if req.kernel == "full" else 1)
     if kernel.shape != (expected, expected):
@@ -102,7 +118,23 @@ def build(model: Any, inputs: Any, *, backend: str | None = None,
         )
     if req.verify and req.implementation != Implementation.JACOBIAN:
         verification.check(chosen, model, inputs, req, result)
-    return Measured(result=result, backend=chosen.name, request=req)
+    return Measured(result=result, backend=chosen.name, request=req, layers=layers)
+
+
+def _by_layer(chosen: Any, model: Any, inputs: Any, req: KernelRequest
+              ) -> tuple[KernelResult, tuple[LayerKernel, ...]]:
+    if not isinstance(chosen, PerLayerBackend):
+        raise BackendError(f"expected a backend that splits the kernel by layer, got "
+                           f"{chosen.name!r}, which has no layer_kernels()")
+    split = chosen.layer_kernels(model, inputs, req)
+    if not split.layers:
+        raise ModelError("expected at least one layer with trainable parameters, got none")
+    kernel = np.sum([np.asarray(layer.kernel) for layer in split.layers], axis=0)
+    kernel = kernel.astype(np.asarray(split.layers[0].kernel).dtype, copy=False)
+    result = KernelResult(kernel=kernel, n_samples=split.n_samples, n_outputs=split.n_outputs,
+                          n_params=sum(layer.n_params for layer in split.layers),
+                          device=split.device)
+    return result, split.layers
 
 
 def ntk(
@@ -173,8 +205,17 @@ def build_diagonal(model: Any, inputs: Any, *, backend: str | None = None,
     return np.diag(chosen.ntk(model, inputs, req).kernel).copy(), chosen.name
 
 
+@dataclass(frozen=True)
+class PerLayer:
+    """``measure(..., per_layer=True)``: the model's variables and one row per layer."""
+
+    model: CollectiveVariables
+    layers: list[LayerVariables]
+
+
 def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = None,
-            **options: Any) -> CollectiveVariables | DiagonalVariables:
+            per_layer: bool = False, **options: Any
+            ) -> CollectiveVariables | DiagonalVariables | PerLayer:
     """The collective variables of ``model`` on ``inputs``; options as for :func:`ntk`.
 
     Args:
@@ -182,7 +223,19 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
             they need only the diagonal (``trace``, ``normalized_trace``, ``self_entropy``,
             ``magnitude_variance``), the kernel is never formed and a
             :class:`DiagonalVariables` is returned.
+        per_layer: also split the kernel by layer (module path for torch, parameter-tree
+            path for JAX, layer name for Keras): a :class:`PerLayer` with one
+            :class:`cvcore.spectrum.LayerVariables` row per layer (parameter count, trace,
+            share of the total trace, entropy and effective rank of its own kernel).
     """
+    if per_layer:
+        if variables is not None:
+            raise InputError("expected per_layer without variables, got both")
+        backend = options.pop("backend", None)
+        measured = build(model, inputs, backend=backend, request=make_request(**options),
+                         per_layer=True)
+        return PerLayer(model=collective_variables(measured.result.kernel),
+                        layers=layer_rows(measured.layers))
     wanted = parse_variables(variables)
     if diagonal_only(wanted):
         backend = options.pop("backend", None)
@@ -191,5 +244,10 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
     return collective_variables(ntk(model, inputs, **options))
 
 
-__all__ = ["Measured", "build", "build_diagonal", "check_kernel", "make_request", "measure",
+def layer_rows(layers: Sequence[LayerKernel]) -> list[LayerVariables]:
+    """The per-layer variables of a :class:`Measured`'s layers."""
+    return layer_variables([(lk.name, lk.n_params, lk.kernel) for lk in layers])
+
+
+__all__ = ["Measured", "PerLayer", "layer_rows", "build", "build_diagonal", "check_kernel", "make_request", "measure",
            "ntk", "parse_variables"]

@@ -118,6 +118,56 @@ class Backend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class LayerKernel:
+    """One layer's share ``K_l = J_l J_lᵀ`` of the kernel (``K = Σ_l K_l``).
+
+    Attributes:
+        name: the layer: a module path (torch), a parameter-tree path (JAX), a layer
+            name (Keras).
+        n_params: trainable scalars in the layer.
+        kernel: its kernel, in the request's convention, as NumPy.
+    """
+
+    name: str
+    n_params: int
+    kernel: NDArray[np.floating[Any]]
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """What :class:`PerLayerBackend.layer_kernels` returns: every layer's kernel, in model
+    order, and the shape facts of the whole kernel (their sum)."""
+
+    layers: tuple[LayerKernel, ...]
+    n_samples: int
+    n_outputs: int
+    device: str = "cpu"
+
+
+@runtime_checkable
+class PerLayerBackend(Protocol):
+    """An optional backend capability: the kernel split by layer (``per_layer=True``).
+
+    Backends only return the kernels; every variable is computed by the core
+    (:func:`cvcore.spectrum.layer_variables`).
+    """
+
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
+        """Each layer's kernel ``J_l J_lᵀ``, for the same request :meth:`Backend.ntk` takes."""
+        ...
+
+
+def layer_of(path: str, separator: str = ".") -> str:
+    """The layer a parameter belongs to: its path without the last component.
+
+    >>> layer_of("encoder.0.weight"), layer_of("scale"), layer_of("dense/kernel", "/")
+    ('encoder.0', '(root)', 'dense')
+    """
+    head, sep, _ = path.rpartition(separator)
+    return head if sep and head else "(root)"
+
+
 @dataclass
 class LoadedModel:
     """A model read from a checkpoint, ready for a backend."""
