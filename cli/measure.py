@@ -41,13 +41,18 @@ def measure(
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
     resume: Annotated[bool, typer.Option(help="Skip checkpoints already in --csv.")] = False,
+    per_layer: Annotated[bool, typer.Option(help="Also one row per layer (trace, share, entropy, effective rank of its own kernel); --csv then has one line per layer.")] = False,
 ) -> None:
     """Collective variables of checkpoints, one row each, on one probe set."""
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
     request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
                            train=train, memory_budget=memory_budget,
                            implementation=implementation, verify=verify)
-    sink = CsvSink(csv, resume=resume) if csv is not None else None
+    if per_layer and (resume or method is not None or variables is not None):
+        raise InputError("expected --per-layer without --resume, --method and --variables, got "
+                         + ", ".join(f for f, on in (("--resume", resume), ("--method", method),
+                                                     ("--variables", variables)) if on))
+    sink = CsvSink(csv, resume=resume) if csv is not None and not per_layer else None
     if resume and sink is None:
         raise InputError("expected --csv with --resume, got --resume alone")
     log = stderr()
@@ -58,9 +63,18 @@ def measure(
         skip=sink.done if sink else None, variables=parse_variables(variables),
         estimator=None if method is None else {"method": method, "probes": probes, "steps": steps,
                                                "top_k": top_k, "seed": seed},
+        per_layer=per_layer,
     ):
         log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False)
         rows.append(row)
         if sink is not None:
             sink.add(row)
+    if per_layer and csv is not None:
+        from cvcore.cli.per_layer import write_layer_csv
+
+        write_layer_csv(csv, rows)
     emit(rows, as_json, f"collective variables ({kernel} kernel)")
+    if per_layer and not as_json:
+        from cvcore.cli.per_layer import print_layers
+
+        print_layers(rows)

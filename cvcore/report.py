@@ -35,13 +35,18 @@ class Row:
     dtype: str
     seconds: float
     variables: CollectiveVariables | DiagonalVariables | Any
+    #: with ``--per-layer``: one :class:`cvcore.spectrum.LayerVariables` per layer
+    layers: list[Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Keys: every :class:`CollectiveVariables` field plus the provenance fields;
-        variables that were not computed (``--variables``) are ``None``."""
+        variables that were not computed (``--variables``) are ``None``; ``layers`` (a
+        list of per-layer dicts) when the row was measured per layer."""
         out: dict[str, Any] = {k: getattr(self, k) for k in META}
         out.update(dict.fromkeys(VARIABLES))
         out.update(self.variables.to_dict())
+        if self.layers is not None:
+            out["layers"] = [layer.as_dict() for layer in self.layers]
         return out
 
 

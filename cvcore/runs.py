@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvcore.api import build, build_diagonal, diagonal_only
+from cvcore.api import build, build_diagonal, diagonal_only, layer_rows
 from cvcore.checkpoints import load_checkpoint, natural_key
 from cvcore.data_io import batch_size, load_data, probe_subset
 from cvcore.errors import InputError
@@ -43,6 +43,7 @@ def measure_checkpoints(
     skip: set[str] | None = None,
     variables: tuple[str, ...] | None = None,
     estimator: dict[str, Any] | None = None,
+    per_layer: bool = False,
 ) -> Iterator[Row]:
     """Yield one :class:`Row` per checkpoint, all measured on the same probe set."""
     shared_inputs: Any = None
@@ -80,12 +81,13 @@ def measure_checkpoints(
                       dtype=request.dtype, seconds=time.perf_counter() - started,
                       variables=diagonal_variables(diag))
             continue
-        measured = build(loaded.model, inputs, backend=name, request=request)
+        measured = build(loaded.model, inputs, backend=name, request=request, per_layer=per_layer)
         res = measured.result
         cv = collective_variables(res.kernel)
         yield Row(source=str(path), backend=measured.backend, kernel=request.kernel,
                   n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
-                  seconds=time.perf_counter() - started, variables=cv)
+                  seconds=time.perf_counter() - started, variables=cv,
+                  layers=layer_rows(measured.layers) if per_layer else None)
 
 
 def _request_options(request: KernelRequest) -> dict[str, Any]:
