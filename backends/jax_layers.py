@@ -1,8 +1,8 @@
 """The kernel split by layer (``per_layer=True``) for JAX: one kernel per subtree.
 
-A layer is a parameter leaf's tree path without its last key (``params/Dense_0`` for
-``{'params': {'Dense_0': {'kernel', 'bias'}}}``, ``layers/0`` for an Equinox
-``layers[0].weight``). Each layer's kernel is the backend's kernel with only that layer's
+A layer is a parameter leaf's tree path without its last key, keys joined by ``/``
+(``Dense_0`` for a flax model's ``{'Dense_0': {'kernel', 'bias'}}``, ``block/mlp`` one
+level deeper, ``layers/0`` for an Equinox ``layers[0].weight``). Each layer's kernel is the backend's kernel with only that layer's
 leaves trainable (the structured path where it applies, else the Jacobian path), so a
 model with L layers costs about L kernel calls, each compiled once.
 """
