@@ -41,7 +41,7 @@ def no_row_checks() -> Iterator[None]:
         rc.forward_check, rc.backward_check = saved
 
 
-def cpu_median(fn: Callable[[], Any], reps: int) -> float:
+def cpu_least(fn: Callable[[], Any], reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
@@ -68,12 +68,18 @@ def main() -> None:
     for name in args.models.split(","):
         model, inputs = make_model(name)
         for n in (int(v) for v in args.n.split(",")):
-            x = inputs(n)
-            auto = cpu_median(lambda: build(model, x, request=plain), args.reps)
+            probe = inputs(n)
+
+            def timed(request: Any, per_layer: bool = False, model: Any = model,
+                      x: Any = probe) -> float:
+                return cpu_least(lambda: build(model, x, request=request, per_layer=per_layer),
+                                 args.reps)
+
+            auto = timed(plain)
             with no_row_checks():
-                bare = cpu_median(lambda: build(model, x, request=plain), args.reps)
-            verify = cpu_median(lambda: build(model, x, request=checked), args.reps)
-            layers = cpu_median(lambda: build(model, x, request=plain, per_layer=True), args.reps)
+                bare = timed(plain)
+            verify = timed(checked)
+            layers = timed(plain, per_layer=True)
             print(f"| {name} | {n} | {auto:.4f} | {bare:.4f} ({auto / bare:.2f}x) "
                   f"| {verify:.4f} ({verify / auto:.2f}x) | {layers:.4f} ({layers / auto:.2f}x) |",
                   flush=True)

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from cvcore.api import measure, ntk
+from cvcore.api import PerLayer, measure, ntk
 from cvcore.errors import (
     BackendError,
     CVCoreError,
@@ -23,10 +23,12 @@ from cvcore.protocols import Backend, Implementation, KernelRequest, KernelResul
 from cvcore.spectrum import (
     CollectiveVariables,
     DiagonalVariables,
+    LayerVariables,
     collective_variables,
     diagonal_variables,
     eigenvalues,
 )
+from cvcore.verify import VerificationError
 
 __version__ = "0.1.0"
 
@@ -43,10 +45,13 @@ __all__ = [
     "KernelOperator",
     "KernelRequest",
     "KernelResult",
+    "LayerVariables",
     "MissingFrameworkError",
     "ModelError",
+    "PerLayer",
     "ResourceError",
     "UntrustedFileError",
+    "VerificationError",
     "collective_variables",
     "diagonal_variables",
     "eigenvalues",

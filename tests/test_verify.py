@@ -11,8 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import cvcore
 from cvcore.backends import torch_structured
+
+import cvcore
 from cvcore.errors import InputError
 from cvcore.verify import VerificationError
 from tests import torch_models as tm
@@ -45,9 +46,8 @@ def test_a_wrong_rule_is_named() -> None:
 
 @pytest.mark.usefixtures("broken_rule")
 def test_cli_verify_fails_in_one_line(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from cvcore.cli.app import make_app
+    from typer.testing import CliRunner
 
     torch.save(tm.digits_mlp(), tmp_path / "m.pt")
     args = ["measure", str(tmp_path / "m.pt"), "--data", "digits", "--samples", "12", "--json"]
