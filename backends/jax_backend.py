@@ -615,7 +615,19 @@ class JaxBackend:
 
         return kernel_operator(model, inputs, request)
 
-    def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """Each layer's kernel (layers by parameter-tree path): ``cvcore.protocols.LayerKernels``."""
+        jax = _jax()
+        from cvcore.backends.jax_layers import layer_kernels
+
+        device = resolve_device(request.device)
+        with x64_scope(request.dtype == "float64"), jax.default_device(device), \
+                jax.default_matmul_precision("highest"):
+            return layer_kernels(self, model, inputs, request, device)
+
+    def setup(self, model: Any, inputs: Any, request: KernelRequest, device: Any
+              ) -> tuple[Prepared, Leaves, Any, int, int]:
+        """The prepared model, its leaves, the inputs, ``N`` and ``O``."""
         import jax.numpy as jnp
 
         dtype = jnp.float64 if request.dtype == "float64" else jnp.float32
@@ -627,17 +639,25 @@ class JaxBackend:
         n = batch_of(x)
         if n == 0:
             raise InputError("expected at least one input sample, got an empty batch")
-        n_outputs = probe_outputs(prep, leaves, x, request.output)
+        return prep, leaves, x, n, probe_outputs(prep, leaves, x, request.output)
+
+    def kernel_of(self, prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest,
+                  n_outputs: int) -> np.ndarray:
+        """The kernel over ``leaves.trainable``: structured when it applies, else Jacobian."""
         sizes = [int(leaves.values[i].size) for i in leaves.trainable]
         if request.implementation != Implementation.JACOBIAN:
             from cvcore.backends.jax_structured import attempt, structured_kernel
 
             kernel = attempt(structured_kernel, prep, leaves, x, request, n_outputs)
             if kernel is not None:
-                return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
-                                    n_params=sum(sizes), device=device_name(device))
-        plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=sizes,
+                return kernel
+        plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs, group_sizes=sizes,
                            itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
-        kernel = assemble(prep, leaves, x, request, plan, n_outputs)
+        return assemble(prep, leaves, x, request, plan, n_outputs)
+
+    def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
+        prep, leaves, x, n, n_outputs = self.setup(model, inputs, request, device)
+        kernel = self.kernel_of(prep, leaves, x, request, n_outputs)
         return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
-                            n_params=sum(sizes), device=device_name(device))
+                            n_params=sum(int(leaves.values[i].size) for i in leaves.trainable),
+                            device=device_name(device))

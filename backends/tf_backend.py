@@ -274,6 +274,12 @@ class KerasBackend:
             f"{type(model).__module__}.{type(model).__qualname__}"
         )
 
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """Each layer's kernel: ``cvcore.protocols.LayerKernels`` (backends/tf_per_layer.py)."""
+        from cvcore.backends.tf_per_layer import layer_kernels
+
+        return layer_kernels(model, inputs, request)
+
     def _measure(self, model: Any, x: Any, request: KernelRequest, kind: str) -> KernelResult:
         if kind == "tf.Module":
             engine = module_engine(model, request)

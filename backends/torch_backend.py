@@ -213,6 +213,27 @@ class TorchBackend:
 
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: str) -> KernelResult:
         torch = _torch()
+        prep, x, n, n_outputs, jac, dtype = self.setup(model, inputs, request, device)
+        plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
+                           group_sizes=[int(p.numel()) for p in prep.params.values()],
+                           itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
+        rules: dict[str, str] = {}
+        with training_mode(prep.module, request.train), full_precision():
+            kernel = None
+            if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
+                from cvcore.backends.torch_structured import structured_kernel
+
+                kernel = structured_kernel(prep, x, request, n_outputs, rules)
+            if kernel is None:
+                kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
+        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                            n_params=sum(int(p.numel()) for p in prep.params.values()),
+                            device=device, rules=rules)
+
+    def setup(self, model: Any, inputs: Any, request: KernelRequest, device: str
+              ) -> tuple[Prepared, Any, int, int, JacobianFn, Any]:
+        """The prepared model, inputs, ``N``, ``O``, the Jacobian function and the dtype."""
+        torch = _torch()
         dtype = torch.float64 if request.dtype == "float64" else torch.float32
         prep = prepare(model, dtype, device)
         x = to_tensors(inputs, dtype, device)
@@ -236,20 +257,13 @@ class TorchBackend:
             jac = _scripted_jacobian
         elif prep.export_batch is not None:
             jac = _fixed_batch_jacobian
-        plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
-                           group_sizes=[int(p.numel()) for p in prep.params.values()],
-                           itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
-        with training_mode(prep.module, request.train), full_precision():
-            kernel = None
-            if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
-                from cvcore.backends.torch_structured import structured_kernel
+        return prep, x, n, n_outputs, jac, dtype
 
-                kernel = structured_kernel(prep, x, request, n_outputs)
-            if kernel is None:
-                kernel = _assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
-        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
-                            n_params=sum(int(p.numel()) for p in prep.params.values()),
-                            device=device)
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """Each layer's (module's) kernel: ``cvcore.protocols.LayerKernels``."""
+        from cvcore.backends.torch_layers import layer_kernels
+
+        return layer_kernels(self, model, inputs, request)
 
     def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
         """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),
@@ -326,13 +340,22 @@ def _functional_jacobian(prep: Prepared, names: list[str], x: Any, request: Kern
     try:
         jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
     except RuntimeError as exc:
-        if "mutate a captured Tensor" not in str(exc) and "vmap" not in str(exc):
+        if not _vmap_refusal(exc):
             raise
         # A forward with side effects (in-place buffer updates, data-dependent Python
-        # control flow) cannot run under torch.func transforms: one sample at a time.
+        # control flow) or a fused kernel that writes in place (nn.GRU / nn.RNN's
+        # ``_VF`` calls broadcast their hidden state in place) cannot run under
+        # torch.func transforms: one sample at a time, the same meaning.
         return torch.cat([_batched_jacobian(prep, fixed, theta, slice_inputs(x, i, i + 1), output)
                           for i in range(batch_of(x))])
     return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
+
+
+def _vmap_refusal(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is ``torch.func.vmap`` refusing the forward (not a user error)."""
+    text = str(exc)
+    return ("mutate a captured Tensor" in text or "vmap" in text
+            or "doesn't match the broadcast shape" in text)
 
 
 def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, Any], x: Any,

@@ -10,10 +10,12 @@ too. A parameter that appears in any other call (``x @ W``, ``W.t()``, a custom 
 is *tainted* and measured by the Jacobian path instead; every use of a parameter
 therefore either has a rule or sends the whole parameter to the exact fallback.
 
-Samples are assumed to be the leading dimension of every recorded input (PyTorch's
-``batch_first`` convention); a use whose leading size is not the batch size taints its
-parameters. Calls that couple samples (batch norm with batch statistics) mark the
-capture as *coupled*, and the caller falls back to the Jacobian path.
+A use is recorded only when its input's leading size is the number of samples (PyTorch's
+``batch_first`` convention); any other use taints its parameters. A leading size equal
+to the number of samples is necessary, never sufficient: whether row r really belongs to
+sample r alone is established afterwards by :mod:`cvcore.backends.torch_rowcheck`.
+Calls that couple samples (batch norm with batch statistics) mark the capture as
+*coupled*, and the caller falls back to the Jacobian path.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Use:
     a: Any
     shape_g: Callable[[Any], Any]
     also: tuple[str, ...] = ()
+    #: the torch function whose rule recorded the use (``linear``, ``conv2d``, ...)
+    op: str = ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -84,6 +88,7 @@ class Recorder:
         self.ids = ids
         self.n = n
         self.capture = Capture()
+        self.op = ""
 
     # -- helpers used by the rules -------------------------------------------------
     def param(self, t: Any) -> str | None:
@@ -102,7 +107,7 @@ class Recorder:
 
     def add(self, name: str, kind: str, z: Any, a: Any, shape_g: Callable[[Any], Any],
             block: int = 0, also: tuple[str, ...] = ()) -> None:
-        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also))
+        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also, self.op))
 
 
 def recorder(ids: dict[int, str], n: int) -> Any:
@@ -122,6 +127,7 @@ def recorder(ids: dict[int, str], n: int) -> Any:
             kwargs = kwargs or {}
             rule = rules.get(func)
             if rule is not None:
+                self.rec.op = getattr(func, "__name__", "")
                 done, out = rule(self.rec, func, args, kwargs)
                 if done:
                     return out

@@ -147,7 +147,9 @@ def _batched(fn: Callable[[Any], Any], batch: Any) -> Any:
     try:
         return vmap(fn)(batch)
     except RuntimeError as exc:
-        if "vmap" not in str(exc) and "mutate a captured Tensor" not in str(exc):
+        from cvcore.backends.torch_backend import _vmap_refusal
+
+        if not _vmap_refusal(exc):
             raise
     leaves, spec = torch.utils._pytree.tree_flatten(batch)
     results = [fn(torch.utils._pytree.tree_unflatten([t[i] for t in leaves], spec))

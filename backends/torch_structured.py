@@ -23,7 +23,9 @@ capture is recomputed), and each identity chunks its own intermediates to the bu
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,10 @@ class Block:
     features: dict[tuple[str, int], Feature]
     structured: frozenset[str]
     tainted: frozenset[str]
+    #: parameters with rules whose uses failed the row checks (measured by the Jacobian path)
+    excluded: frozenset[str] = frozenset()
+    #: the rule of every structured parameter: ``"<op> (<kind>)"``, e.g. ``"linear (dense)"``
+    rules: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
@@ -56,7 +62,7 @@ def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
     return out, mode.rec.capture
 
 
-def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
+def _output_gradients(out: Any, zs: list[Any], keep_graph: bool = False) -> list[Any]:
     """``∂f_o/∂z`` for every output ``o``, stacked: each ``(n, O, *z.shape[1:])``."""
     import torch
 
@@ -66,7 +72,7 @@ def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
                 for z in zs]
     per_o: list[tuple[Any, ...]] = []
     for o in range(n_out):
-        grads = torch.autograd.grad(out[:, o].sum(), zs, retain_graph=o < n_out - 1,
+        grads = torch.autograd.grad(out[:, o].sum(), zs, retain_graph=keep_graph or o < n_out - 1,
                                     allow_unused=True)
         per_o.append(grads)
     stacked = []
@@ -76,16 +82,50 @@ def _output_gradients(out: Any, zs: list[Any]) -> list[Any]:
     return stacked
 
 
-def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None = None) -> Block:
-    """Features of every structured parameter for the samples ``x``."""
+def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None = None,
+                  check: bool = False) -> Block:
+    """Features of every structured parameter for the samples ``x``.
+
+    Only uses that belong row by row to the samples get features
+    (:mod:`cvcore.backends.torch_rowcheck`): the backward check runs on every block, the
+    forward check (a second pass on half the samples) when ``check`` is set, for the
+    first block of a measurement.
+    """
     from cvcore.backends.torch_backend import batch_of
+    from cvcore.backends.torch_rowcheck import backward_check, forward_check
 
     n = batch_of(x)
     out, cap = _forward_capture(prep, x, request.output, n)
     if cap.coupled:
         raise _Coupled()
+    excluded: set[str] = set()
     structured = _structured_names(cap)
+    if check and n >= 2 and structured:
+        coupled, excluded = forward_check(prep, x, request, out, cap, structured)
+        if coupled:
+            raise _Coupled()
+        structured = _structured_names(cap, excluded)
     wanted = structured if keep is None else structured & keep
+    uses, zs, index = _uses_of(cap, wanted)
+    grads = _output_gradients(out, zs, keep_graph=n >= 2) if zs else []
+    bad = backward_check(out, zs, grads) if zs else set()
+    if bad:
+        excluded |= {name for u in uses if index[id(u.z)] in bad for name in u.names}
+        structured = _structured_names(cap, excluded)
+        wanted = structured if keep is None else structured & keep
+    features: dict[tuple[str, int], Feature] = {}
+    rules: dict[str, str] = {}
+    for u in uses:
+        if set(u.names) <= wanted:
+            g = u.shape_g(grads[index[id(u.z)]])
+            features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
+            for name in u.names:
+                rules[name] = f"{u.op} ({u.kind})"
+    return Block(features, structured, frozenset(cap.tainted), frozenset(excluded), rules)
+
+
+def _uses_of(cap: Any, wanted: frozenset[str]) -> tuple[list[Any], list[Any], dict[int, int]]:
+    """The uses of ``wanted`` parameters, their distinct outputs, and each output's index."""
     uses = [u for u in cap.uses if set(u.names) <= wanted]
     zs: list[Any] = []
     index: dict[int, int] = {}
@@ -93,21 +133,17 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
         if id(u.z) not in index:
             index[id(u.z)] = len(zs)
             zs.append(u.z)
-    grads = _output_gradients(out, zs) if zs else []
-    features: dict[tuple[str, int], Feature] = {}
-    for u in uses:
-        g = u.shape_g(grads[index[id(u.z)]])
-        features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
-    return Block(features, structured, frozenset(cap.tainted))
+    return uses, zs, index
 
 
-def _structured_names(cap: Any) -> frozenset[str]:
+def _structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
     """Parameters every use of which has a rule, consistently.
 
-    A parameter is out when it is tainted, when its uses need different rules, or when
-    it shares a use with a parameter that is out (a bias folded into a weight).
+    A parameter is out when it is tainted or ``excluded``, when its uses need different
+    rules, or when it shares a use with a parameter that is out (a bias folded into a
+    weight).
     """
-    bad = set(cap.tainted) | _mixed(cap.uses)
+    bad = set(cap.tainted) | _mixed(cap.uses) | set(excluded)
     changed = True
     while changed:
         changed = False
@@ -217,12 +253,14 @@ def _use_structured(prep: Any, first: Block, n: int, n_outputs: int, request: An
 
 
 # ------------------------------------------------------------------------- assembly
-def _add_pair(kernel: Any, fa: Block, fb: Block, ra: tuple[int, int], rb: tuple[int, int],
-              width: int, traced: bool, budget: int) -> None:
+def _add_pair(target: Callable[[str], Any], fa: Block, fb: Block, ra: tuple[int, int],
+              rb: tuple[int, int], width: int, traced: bool, budget: int) -> None:
+    """Add every feature's kernel block to ``target(parameter name)``."""
     sa = slice(ra[0] * width, ra[1] * width)
     sb = slice(rb[0] * width, rb[1] * width)
     for key, f in fa.features.items():
         block = feature_gram(f, fb.features[key], traced, budget)
+        kernel = target(key[0])
         kernel[sa, sb] += block
         if ra != rb:
             kernel[sb, sa] += block.T
@@ -248,7 +286,8 @@ def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs
     return _assemble(sub, x, request, plan, _functional_jacobian, n_outputs, device, dtype)
 
 
-def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
+def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
+                      rules: dict[str, str] | None = None) -> Any:
     """The kernel from per-layer identities, or ``None`` to use the Jacobian path.
 
     Args:
@@ -256,12 +295,22 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
         x: the inputs, on the device and in the dtype of the computation.
         request: the :class:`cvcore.protocols.KernelRequest`.
         n_outputs: outputs per sample ``O``.
+        rules: filled, when given, with the rule of every parameter a rule measured.
 
     Returns:
         The kernel as a NumPy array (traced ``N × N`` divided by ``O``, or full
         ``N·O × N·O`` with row ``i·O + o``), like the Jacobian path; ``None`` in train
         mode, when samples are coupled, or when no parameter has a rule.
     """
+    parts = structured_parts(prep, x, request, n_outputs, lambda name: "", rules)
+    return None if parts is None else parts[""]
+
+
+def structured_parts(prep: Any, x: Any, request: Any, n_outputs: int,
+                     part_of: Callable[[str], str], rules: dict[str, str] | None = None
+                     ) -> dict[str, Any] | None:
+    """The kernel split into parts (``part_of(parameter name)``, e.g. its layer), each a
+    NumPy array; the parts sum to :func:`structured_kernel`'s kernel. ``None`` as there."""
     if request.train:
         return None
     import torch
@@ -278,22 +327,33 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int) -> Any:
     try:
         blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget,
                                 max_size=max(1, pair_limit))
-        first = capture_block(prep, slice_inputs(x, *blocks[0]), request)
+        first = capture_block(prep, slice_inputs(x, *blocks[0]), request, check=True)
     except _Coupled:
         return None
     if not first.structured or not _use_structured(prep, first, n, n_outputs, request):
         return None
-    kernel = torch.zeros((n * width, n * width), dtype=ref.dtype, device=ref.device)
+    parts: dict[str, Any] = {}
+    for name in prep.params:
+        if part_of(name) not in parts:
+            parts[part_of(name)] = torch.zeros((n * width, n * width), dtype=ref.dtype,
+                                               device=ref.device)
     try:
-        _assemble_structured(kernel, prep, x, request, blocks, first, width, traced, budget)
+        _assemble_structured(lambda name: parts[part_of(name)], prep, x, request, blocks, first,
+                             width, traced, budget)
     except _Inconsistent:
         return None
-    generic = [k for k in prep.params if k not in first.structured]
-    if generic:
-        extra = _generic_kernel(prep, x, request, generic, n_outputs)
-        kernel += torch.from_numpy(extra).to(device=kernel.device, dtype=kernel.dtype)
-    _check_finite(kernel, n, width)
-    return kernel.detach().cpu().numpy()
+    generic: dict[str, list[str]] = {}
+    for k in prep.params:
+        if k not in first.structured:
+            generic.setdefault(part_of(k), []).append(k)
+    for part, names in generic.items():
+        extra = _generic_kernel(prep, x, request, names, n_outputs)
+        parts[part] += torch.from_numpy(extra).to(device=ref.device, dtype=ref.dtype)
+    for kernel in parts.values():
+        _check_finite(kernel, n, width)
+    if rules is not None:
+        rules.update({k: v for k, v in first.rules.items() if k in first.structured})
+    return {part: kernel.detach().cpu().numpy() for part, kernel in parts.items()}
 
 
 class _Inconsistent(Exception):
@@ -305,19 +365,19 @@ def _capture_like(prep: Any, x: Any, request: Any, first: Block) -> Block:
         block = capture_block(prep, x, request, keep=first.structured)
     except _Coupled:
         raise _Inconsistent() from None
-    if block.structured != first.structured or block.features.keys() != first.features.keys():
+    if not first.structured <= block.structured or block.features.keys() != first.features.keys():
         raise _Inconsistent()
     return block
 
 
-def _assemble_structured(kernel: Any, prep: Any, x: Any, request: Any,
+def _assemble_structured(target: Callable[[str], Any], prep: Any, x: Any, request: Any,
                          blocks: list[tuple[int, int]], first: Block, width: int, traced: bool,
                          budget: int) -> None:
     from cvcore.backends.torch_backend import slice_inputs
 
     for i, ra in enumerate(blocks):
         fa = first if i == 0 else _capture_like(prep, slice_inputs(x, *ra), request, first)
-        _add_pair(kernel, fa, fa, ra, ra, width, traced, budget)
+        _add_pair(target, fa, fa, ra, ra, width, traced, budget)
         for rb in blocks[i + 1:]:
             fb = _capture_like(prep, slice_inputs(x, *rb), request, first)
-            _add_pair(kernel, fa, fb, ra, rb, width, traced, budget)
+            _add_pair(target, fa, fb, ra, rb, width, traced, budget)

@@ -38,10 +38,11 @@ def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
     try:
         blocks = _sample_blocks(n, _per_sample_bytes(prep, x, request, n_outputs), budget)
         for a, b in blocks:
-            block = capture_block(prep, slice_inputs(x, a, b), request, keep=structured)
+            block = capture_block(prep, slice_inputs(x, a, b), request, keep=structured,
+                                  check=structured is None)
             if structured is None:
                 structured = block.structured
-            elif block.structured != structured:
+            elif not structured <= block.structured:
                 return diag.zero_(), frozenset()
             for f in block.features.values():
                 diag[a:b] += feature_diagonal(f, budget)

@@ -34,6 +34,7 @@ def measure(
     implementation: Annotated[Implementation, typer.Option(help="How the kernel is built.")] = Implementation.AUTO,
     memory_budget: Annotated[str | None, typer.Option(help="Bytes one block may use, e.g. 512MB.")] = None,
     train: Annotated[bool, typer.Option(help="Measure in training mode.")] = False,
+    verify: Annotated[bool, typer.Option(help="Compare the kernel with the Jacobian path on a few samples; fail on a disagreement.")] = False,
     variables: Annotated[str | None, typer.Option(help="Comma list of variables; 'trace' alone never forms the kernel.")] = None,
     method: Annotated[str | None, typer.Option(help="auto, exact or stochastic: trace and entropy with error bars (matrix-free when stochastic).")] = None,
     probes: Annotated[int, typer.Option(help="Probe vectors of a stochastic estimate.")] = 32,
@@ -43,13 +44,18 @@ def measure(
     csv: CsvOpt = None,
     resume: Annotated[bool, typer.Option(help="Skip checkpoints already in --csv.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the series to a record store (.db), one run.")] = None,
+    per_layer: Annotated[bool, typer.Option(help="Also one row per layer (trace, share, entropy, effective rank of its own kernel); --csv then has one line per layer.")] = False,
 ) -> None:
     """Collective variables of checkpoints, one row each, on one probe set."""
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
     request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
                            train=train, memory_budget=memory_budget,
-                           implementation=implementation, family=family)
-    sink = CsvSink(csv, resume=resume) if csv is not None else None
+                           implementation=implementation, family=family, verify=verify)
+    if per_layer and (resume or method is not None or variables is not None):
+        raise InputError("expected --per-layer without --resume, --method and --variables, got "
+                         + ", ".join(f for f, on in (("--resume", resume), ("--method", method),
+                                                     ("--variables", variables)) if on))
+    sink = CsvSink(csv, resume=resume) if csv is not None and not per_layer else None
     if resume and sink is None:
         raise InputError("expected --csv with --resume, got --resume alone")
     store = None if out is None else CheckpointSink(
@@ -62,6 +68,7 @@ def measure(
         skip=sink.done if sink else None, variables=parse_variables(variables),
         estimator=None if method is None else {"method": method, "probes": probes, "steps": steps,
                                                "top_k": top_k, "seed": seed},
+        per_layer=per_layer,
     ):
         log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False)
         rows.append(row)
@@ -71,4 +78,12 @@ def measure(
             store.add(row)
     if store is not None:
         store.close()
+    if per_layer and csv is not None:
+        from cvcore.cli.per_layer import write_layer_csv
+
+        write_layer_csv(csv, rows)
     emit(rows, as_json, f"collective variables ({kernel} kernel)")
+    if per_layer and not as_json:
+        from cvcore.cli.per_layer import print_layers
+
+        print_layers(rows)

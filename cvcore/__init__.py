@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from cvcore.api import measure, ntk
+from cvcore.api import PerLayer, measure, ntk
 from cvcore.errors import (
     BackendError,
     CVCoreError,
@@ -24,10 +24,12 @@ from cvcore.record import Recorder, RecordStore, StoreError, read_runs
 from cvcore.spectrum import (
     CollectiveVariables,
     DiagonalVariables,
+    LayerVariables,
     collective_variables,
     diagonal_variables,
     eigenvalues,
 )
+from cvcore.verify import VerificationError
 
 __version__ = "0.1.0"
 
@@ -44,13 +46,16 @@ __all__ = [
     "KernelOperator",
     "KernelRequest",
     "KernelResult",
+    "LayerVariables",
     "MissingFrameworkError",
     "ModelError",
+    "PerLayer",
     "RecordStore",
     "Recorder",
     "ResourceError",
     "StoreError",
     "UntrustedFileError",
+    "VerificationError",
     "collective_variables",
     "diagonal_variables",
     "eigenvalues",

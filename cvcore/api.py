@@ -10,16 +10,26 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore import plugins
-from cvcore.errors import InputError, ModelError
+from cvcore import verify as verification
+from cvcore.errors import BackendError, InputError, ModelError
 from cvcore.memory import parse_budget
-from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
+from cvcore.protocols import (
+    Implementation,
+    KernelRequest,
+    KernelResult,
+    LayerKernel,
+    OutputSelector,
+    PerLayerBackend,
+)
 from cvcore.spectrum import (
     DIAGONAL_VARIABLES,
     CollectiveVariables,
     DiagonalVariables,
+    LayerVariables,
     check_kernel,
     collective_variables,
     diagonal_variables,
+    layer_variables,
 )
 
 KERNELS = ("traced", "full")
@@ -29,13 +39,15 @@ DTYPES = ("float32", "float64")
 @dataclass(frozen=True)
 class Measured:
     """A kernel with where it came from: the backend that built it, the request, and the
-    model family and output the adapter chose (``None`` when no adapter was used)."""
+    model family and output the adapter chose (``None`` when no adapter was used); with
+    ``per_layer``, each layer's kernel too (``result.kernel`` is their sum)."""
 
     result: KernelResult
     backend: str
     request: KernelRequest
     family: str | None = None
     output: str | None = None
+    layers: tuple[LayerKernel, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ def make_request(
     memory_budget: str | int | None = None,
     implementation: str | Implementation = Implementation.AUTO,
     family: str | None = None,
+    verify: bool = False,
 ) -> KernelRequest:
     """Validate the options once, in front of every backend."""
     if kernel not in KERNELS:
@@ -84,9 +97,12 @@ def make_request(
             f"expected implementation among {[i.value for i in Implementation]}, "
             f"got {implementation!r}"
         ) from None
+    if verify and train:
+        raise InputError("expected verify without train (it compares eval-mode kernels, where "
+                         "each sample is measured alone), got both")
     return KernelRequest(kernel=kernel, output=output, dtype=dt, device=device,  # type: ignore[arg-type]
                          train=train, memory_budget=parse_budget(memory_budget),
-                         implementation=impl, family=family)
+                         implementation=impl, family=family, verify=verify)
 
 
 def _is_dtype(value: object) -> bool:
@@ -152,11 +168,16 @@ def heads(model: Any, inputs: Any, request: KernelRequest) -> list[Head]:
 
 
 def build(model: Any, inputs: Any, *, backend: str | None = None,
-          request: KernelRequest | None = None) -> Measured:
-    """Build a kernel and say which backend built it (the CLI's entry point)."""
+          request: KernelRequest | None = None, per_layer: bool = False) -> Measured:
+    """Build a kernel and say which backend built it (the CLI's entry point); with
+    ``per_layer``, from the backend's per-layer kernels (:class:`PerLayerBackend`)."""
     r = resolve_adapted(model, inputs, request or make_request(), backend)
     req, chosen = r.request, r.backend
-    result = chosen.ntk(r.model, r.inputs, req)
+    layers: tuple[LayerKernel, ...] = ()
+    if per_layer:
+        result, layers = _by_layer(chosen, r.model, r.inputs, req)
+    else:
+        result = chosen.ntk(r.model, r.inputs, req)
     kernel = np.asarray(result.kernel)
     expected = result.n_samples * (result.n_outputs if req.kernel == "full" else 1)
     if kernel.shape != (expected, expected):
@@ -164,16 +185,34 @@ def build(model: Any, inputs: Any, *, backend: str | None = None,
             f"backend {chosen.name!r} returned a kernel of shape {kernel.shape}, "
             f"expected ({expected}, {expected})"
         )
+    if req.verify and req.implementation != Implementation.JACOBIAN:
+        verification.check(chosen, r.model, r.inputs, req, result)
     return Measured(result=result, backend=chosen.name, request=req, family=r.family,
-                    output=r.output)
+                    output=r.output, layers=layers)
 
 
 def build_all(model: Any, inputs: Any, *, backend: str | None = None,
-              request: KernelRequest | None = None) -> list[Measured]:
+              request: KernelRequest | None = None, per_layer: bool = False) -> list[Measured]:
     """One :class:`Measured` per head (see :func:`heads`): an actor-critic's actor and
     critic kernels, side by side, when no output is chosen."""
-    return [build(model, inputs, backend=backend, request=h.request)
+    return [build(model, inputs, backend=backend, request=h.request, per_layer=per_layer)
             for h in heads(model, inputs, request or make_request())]
+
+
+def _by_layer(chosen: Any, model: Any, inputs: Any, req: KernelRequest
+              ) -> tuple[KernelResult, tuple[LayerKernel, ...]]:
+    if not isinstance(chosen, PerLayerBackend):
+        raise BackendError(f"expected a backend that splits the kernel by layer, got "
+                           f"{chosen.name!r}, which has no layer_kernels()")
+    split = chosen.layer_kernels(model, inputs, req)
+    if not split.layers:
+        raise ModelError("expected at least one layer with trainable parameters, got none")
+    kernel = np.sum([np.asarray(layer.kernel) for layer in split.layers], axis=0)
+    kernel = kernel.astype(np.asarray(split.layers[0].kernel).dtype, copy=False)
+    result = KernelResult(kernel=kernel, n_samples=split.n_samples, n_outputs=split.n_outputs,
+                          n_params=sum(layer.n_params for layer in split.layers),
+                          device=split.device)
+    return result, split.layers
 
 
 def ntk(
@@ -189,6 +228,7 @@ def ntk(
     memory_budget: str | int | None = None,
     implementation: str | Implementation = Implementation.AUTO,
     family: str | None = None,
+    verify: bool = False,
 ) -> NDArray[np.floating[Any]]:
     """The empirical NTK of ``model`` on ``inputs``, as a NumPy array.
 
@@ -212,10 +252,13 @@ def ntk(
             outputs and samples), or ``"none"`` for no adapter; by default chosen from the
             model's type. A family with several heads (an actor-critic) gives its first
             head here; :func:`cvcore.api.build_all` gives one kernel per head.
+        verify: compare the kernel with the generic Jacobian path on a few random samples
+            and raise :class:`cvcore.verify.VerificationError` (naming the layer rules
+            involved) when they disagree beyond round-off.
     """
     req = make_request(kernel=kernel, output=output, dtype=dtype, device=device, train=train,
                        memory_budget=memory_budget, implementation=implementation,
-                       family=family)
+                       family=family, verify=verify)
     return build(model, inputs, backend=backend, request=req).result.kernel
 
 
@@ -246,8 +289,17 @@ def build_diagonal(model: Any, inputs: Any, *, backend: str | None = None,
     return np.diag(chosen.ntk(model, inputs, req).kernel).copy(), chosen.name
 
 
+@dataclass(frozen=True)
+class PerLayer:
+    """``measure(..., per_layer=True)``: the model's variables and one row per layer."""
+
+    model: CollectiveVariables
+    layers: list[LayerVariables]
+
+
 def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = None,
-            **options: Any) -> CollectiveVariables | DiagonalVariables:
+            per_layer: bool = False, **options: Any
+            ) -> CollectiveVariables | DiagonalVariables | PerLayer:
     """The collective variables of ``model`` on ``inputs``; options as for :func:`ntk`.
 
     Args:
@@ -257,7 +309,20 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
             :class:`DiagonalVariables` is returned. The covariance entropy (a second
             eigendecomposition) is computed only when it is among them or when
             ``variables`` is ``None``; otherwise it is NaN.
+            :class:`DiagonalVariables` is returned.
+        per_layer: also split the kernel by layer (module path for torch, parameter-tree
+            path for JAX, layer name for Keras): a :class:`PerLayer` with one
+            :class:`cvcore.spectrum.LayerVariables` row per layer (parameter count, trace,
+            share of the total trace, entropy and effective rank of its own kernel).
     """
+    if per_layer:
+        if variables is not None:
+            raise InputError("expected per_layer without variables, got both")
+        backend = options.pop("backend", None)
+        measured = build(model, inputs, backend=backend, request=make_request(**options),
+                         per_layer=True)
+        return PerLayer(model=collective_variables(measured.result.kernel),
+                        layers=layer_rows(measured.layers))
     wanted = parse_variables(variables)
     if diagonal_only(wanted):
         backend = options.pop("backend", None)
@@ -267,5 +332,11 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
     return collective_variables(ntk(model, inputs, **options), covariance=covariance)
 
 
-__all__ = ["Head", "Measured", "Resolved", "build", "build_all", "build_diagonal",
-           "check_kernel", "heads", "make_request", "measure", "ntk", "parse_variables"]
+def layer_rows(layers: Sequence[LayerKernel]) -> list[LayerVariables]:
+    """The per-layer variables of a :class:`Measured`'s layers."""
+    return layer_variables([(lk.name, lk.n_params, lk.kernel) for lk in layers])
+
+
+__all__ = ["Head", "Measured", "PerLayer", "Resolved", "build", "build_all", "build_diagonal",
+           "check_kernel", "heads", "layer_rows", "make_request", "measure", "ntk",
+           "parse_variables"]

@@ -59,6 +59,8 @@ class KernelRequest:
         family: the model family whose adapter shapes the call (``"language"``,
             ``"graph"``, ``"autoencoder"``, ``"rl"``, or ``"none"`` for no adapter);
             ``None`` chooses it from the model's type. Backends never read it.
+        verify: compare the kernel with the generic Jacobian path on a few samples
+            (see :mod:`cvcore.verify`).
     """
 
     kernel: KernelKind = "traced"
@@ -69,6 +71,7 @@ class KernelRequest:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     implementation: Implementation = Implementation.AUTO
     family: str | None = None
+    verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ class KernelResult:
     n_outputs: int
     n_params: int
     device: str = "cpu"
+    #: parameters a layer rule measured (name -> rule), for messages; empty when every
+    #: parameter went through the generic Jacobian path or the backend does not say
+    rules: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -114,6 +120,56 @@ class Backend(Protocol):
     def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
         """Build the kernel of ``model`` on ``inputs`` as ``request`` says."""
         ...
+
+
+@dataclass(frozen=True)
+class LayerKernel:
+    """One layer's share ``K_l = J_l J_lᵀ`` of the kernel (``K = Σ_l K_l``).
+
+    Attributes:
+        name: the layer: a module path (torch), a parameter-tree path (JAX), a layer
+            name (Keras).
+        n_params: trainable scalars in the layer.
+        kernel: its kernel, in the request's convention, as NumPy.
+    """
+
+    name: str
+    n_params: int
+    kernel: NDArray[np.floating[Any]]
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """What :class:`PerLayerBackend.layer_kernels` returns: every layer's kernel, in model
+    order, and the shape facts of the whole kernel (their sum)."""
+
+    layers: tuple[LayerKernel, ...]
+    n_samples: int
+    n_outputs: int
+    device: str = "cpu"
+
+
+@runtime_checkable
+class PerLayerBackend(Protocol):
+    """An optional backend capability: the kernel split by layer (``per_layer=True``).
+
+    Backends only return the kernels; every variable is computed by the core
+    (:func:`cvcore.spectrum.layer_variables`).
+    """
+
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
+        """Each layer's kernel ``J_l J_lᵀ``, for the same request :meth:`Backend.ntk` takes."""
+        ...
+
+
+def layer_of(path: str, separator: str = ".") -> str:
+    """The layer a parameter belongs to: its path without the last component.
+
+    >>> layer_of("encoder.0.weight"), layer_of("scale"), layer_of("dense/kernel", "/")
+    ('encoder.0', '(root)', 'dense')
+    """
+    head, sep, _ = path.rpartition(separator)
+    return head if sep and head else "(root)"
 
 
 @dataclass

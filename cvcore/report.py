@@ -39,13 +39,18 @@ class Row:
     #: The model family whose adapter shaped the call, and the output measured, in words.
     family: str | None = None
     output: str | None = None
+    #: with ``--per-layer``: one :class:`cvcore.spectrum.LayerVariables` per layer
+    layers: list[Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Keys: every :class:`CollectiveVariables` field plus the provenance fields;
-        variables that were not computed (``--variables``) are ``None``."""
+        variables that were not computed (``--variables``) are ``None``; ``layers`` (a
+        list of per-layer dicts) when the row was measured per layer."""
         out: dict[str, Any] = {k: getattr(self, k) for k in META}
         out.update(dict.fromkeys(VARIABLES))
         out.update(self.variables.to_dict())
+        if self.layers is not None:
+            out["layers"] = [layer.as_dict() for layer in self.layers]
         return out
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvcore.api import Head, build, build_diagonal, diagonal_only, heads
+from cvcore.api import Head, build, build_diagonal, diagonal_only, heads, layer_rows
 from cvcore.checkpoints import load_checkpoint, natural_key
 from cvcore.data_io import batch_size, load_data, needs_model, probe_subset
 from cvcore.errors import InputError
@@ -43,6 +43,7 @@ def measure_checkpoints(
     skip: set[str] | None = None,
     variables: tuple[str, ...] | None = None,
     estimator: dict[str, Any] | None = None,
+    per_layer: bool = False,
 ) -> Iterator[Row]:
     """Yield one :class:`Row` per checkpoint and head (an actor-critic gives two rows,
     actor and critic), all measured on the same probe set.
@@ -76,16 +77,17 @@ def measure_checkpoints(
             inputs = probe_subset(loaded.example_inputs, probe.samples, probe.seed)
         name = backend or loaded.backend
         for head in heads(loaded.model, inputs, request):
-            yield _row(path, loaded.model, inputs, head, name, variables, estimator, started)
+            yield _row(path, loaded.model, inputs, head, name, variables, estimator, started,
+                       per_layer)
             started = time.perf_counter()
 
 
 def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
          variables: tuple[str, ...] | None, estimator: dict[str, Any] | None,
-         started: float) -> Row:
+         started: float, per_layer: bool = False) -> Row:
     """One row: the collective variables of one head of one checkpoint."""
     request = head.request
-    meta = {"family": head.family, "output": head.output}
+    meta: dict[str, Any] = {"family": head.family, "output": head.output}
     if estimator is not None:
         from cvcore.estimate import estimate
 
@@ -102,12 +104,14 @@ def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
                    n_outputs=diag.size // n if request.kernel == "full" else None,
                    dtype=request.dtype, seconds=time.perf_counter() - started,
                    variables=diagonal_variables(diag), **meta)
-    measured = build(model, inputs, backend=name, request=request)
+    measured = build(model, inputs, backend=name, request=request, per_layer=per_layer)
     res = measured.result
-    cv = collective_variables(res.kernel)
+    cv = collective_variables(res.kernel, covariance=variables is None
+                              or "covariance_entropy" in variables)
     return Row(source=str(path), backend=measured.backend, kernel=request.kernel,
                n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
-               seconds=time.perf_counter() - started, variables=cv, **meta)
+               seconds=time.perf_counter() - started, variables=cv,
+               layers=layer_rows(measured.layers) if per_layer else None, **meta)
 
 
 def _request_options(request: KernelRequest) -> dict[str, Any]:

@@ -314,3 +314,56 @@ def diagonal_variables(diagonal: ArrayLike) -> DiagonalVariables:
     return DiagonalVariables(trace=trace, normalized_trace=trace / diag.size,
                              self_entropy=_entropy(q), magnitude_variance=float(np.var(diag.size * q)),
                              dim=int(diag.size))
+
+
+@dataclass(frozen=True)
+class LayerVariables:
+    """The collective variables of one layer's kernel ``K_l`` (``K = Σ_l K_l``).
+
+    Attributes:
+        layer: the layer's name (module path, parameter-tree path or Keras layer name).
+        n_params: trainable scalars in the layer.
+        trace: ``Tr K_l``.
+        share: ``Tr K_l / Tr K``: the layer's part of the model's trace (the shares sum to 1).
+        entropy: von Neumann entropy of ``K_l`` (``None`` when ``Tr K_l = 0``).
+        effective_rank: ``exp(entropy)`` (``None`` when ``Tr K_l = 0``).
+    """
+
+    layer: str
+    n_params: int
+    trace: float
+    share: float
+    entropy: float | None
+    effective_rank: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "n_params": self.n_params, "trace": self.trace,
+                "share": self.share, "entropy": self.entropy, "effective_rank": self.effective_rank}
+
+
+def layer_variables(layers: list[tuple[str, int, ArrayLike]], *, tolerance: float | None = None
+                    ) -> list[LayerVariables]:
+    """Trace, share of the total trace, entropy and effective rank of each layer's kernel.
+
+    Args:
+        layers: ``(name, n_params, kernel)`` per layer; the model's kernel is their sum.
+        tolerance: see :func:`eigenvalues`.
+
+    >>> rows = layer_variables([("a", 2, np.eye(2)), ("b", 1, np.diag([2.0, 0.0]))])
+    >>> [(r.layer, r.trace, r.share, round(r.entropy, 6)) for r in rows]
+    [('a', 2.0, 0.5, 0.693147), ('b', 2.0, 0.5, 0.0)]
+    """
+    spectra = []
+    for name, n_params, kernel in layers:
+        arr = np.asarray(kernel)
+        spectra.append((name, n_params, _spectrum(check_kernel(arr), arr.dtype, tolerance)))
+    total = sum(float(spec.eigenvalues.sum()) for _, _, spec in spectra)
+    rows = []
+    for name, n_params, spec in spectra:
+        trace = float(spec.eigenvalues.sum())
+        entropy = _entropy(spec.eigenvalues) if trace > 0.0 else None
+        rows.append(LayerVariables(
+            layer=name, n_params=int(n_params), trace=trace,
+            share=trace / total if total > 0.0 else 0.0, entropy=entropy,
+            effective_rank=math.exp(entropy) if entropy is not None else None))
+    return rows

@@ -103,3 +103,22 @@ def reference_full(model: nn.Module, inputs: tuple[torch.Tensor, ...] | torch.Te
 def traced_from_full(full: torch.Tensor, n: int) -> torch.Tensor:
     o = full.shape[0] // n
     return full.reshape(n, o, n, o).diagonal(dim1=1, dim2=3).mean(-1)
+
+
+class Recurrent(nn.Module):
+    """An ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on 64 features read as 8 steps of 8, then a
+    linear head on the last step."""
+
+    def __init__(self, cell: str = "GRU", batch_first: bool = True, layers: int = 1,
+                 bidirectional: bool = False, hidden: int = 5) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = getattr(nn, cell)(8, hidden, num_layers=layers, batch_first=batch_first,
+                                     bidirectional=bidirectional)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.reshape(x.shape[0], 8, 8)
+        y, _ = self.rnn(seq if self.batch_first else seq.transpose(0, 1))
+        last = y[:, -1] if self.batch_first else y[-1]
+        return self.head(last)
