@@ -12,7 +12,9 @@ import typer
 from cvcore.cli.backends import backends
 from cvcore.cli.common import _state, friendly
 from cvcore.cli.measure import measure
+from cvcore.cli.scaling import scaling
 from cvcore.cli.spectrum import spectrum
+from cvcore.cli.sweep import sweep
 
 from cvcore import plugins
 
@@ -29,6 +31,8 @@ def make_app() -> typer.Typer:
     app.command()(friendly(spectrum))
     app.command()(friendly(measure))
     app.command("backends")(friendly(backends))
+    app.command()(friendly(sweep))
+    app.command()(friendly(scaling))
     plugins.manager().hook.cvcore_register_commands(app=app)
     return app
 
