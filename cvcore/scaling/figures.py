@@ -135,7 +135,8 @@ def delta_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]],
         ax.set_title(name, fontsize=9)
         if col == 0:
             ax.set_ylabel(LABELS[metric])
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
@@ -170,7 +171,8 @@ def loss_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]],
         ax.set_title(name, fontsize=9)
         if col == 0:
             ax.set_ylabel("final train loss")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 

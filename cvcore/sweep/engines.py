@@ -36,7 +36,7 @@ class Engine(str, enum.Enum):
     """Where cells run.
 
     ``local``: worker processes on this machine (``--workers N``, spawned, one torch
-    thread each). The default.
+    thread each; ``--workers 1`` runs the cells in the calling process). The default.
 
     ``dask``: a Dask distributed cluster: a new local one of ``--workers`` single-threaded
     worker processes when no ``--scheduler`` is given; an existing one at
@@ -77,7 +77,12 @@ def single_threaded_children() -> Iterator[None]:
 
 def local(config: SweepConfig, cells: Sequence[Cell], sweep_dir: Path,
           workers: int) -> Iterator[dict[str, Any]]:
-    """Run cells in ``workers`` spawned processes; yield each status as it completes."""
+    """Run cells in ``workers`` spawned processes (one worker: in this process); yield
+    each status as it completes."""
+    if workers == 1:
+        for cell in cells:
+            yield run_cell(config, cell, str(sweep_dir))
+        return
     context = multiprocessing.get_context("spawn")
     with single_threaded_children(), ProcessPoolExecutor(max_workers=workers,
                                                          mp_context=context) as pool:

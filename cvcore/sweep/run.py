@@ -11,7 +11,7 @@ from typing import Any
 
 from cvcore.sweep import engines
 from cvcore.sweep.cell import STATUS_DONE, read_status, store_path, write_json
-from cvcore.sweep.config import ConfigError, SweepConfig, parse_config
+from cvcore.sweep.config import Cell, ConfigError, SweepConfig, parse_config
 
 CONFIG_NAME = "sweep.toml"
 SUMMARY_NAME = "sweep.json"
@@ -37,6 +37,14 @@ def prepare(config: SweepConfig, out: Path) -> None:
 def _comparable(config: SweepConfig) -> tuple[Any, ...]:
     return (config.family, config.model, config.grid, config.data, config.train,
             config.probe, config.record)
+
+
+def _cost(config: SweepConfig, cell: Cell) -> float:
+    """A rough cost of a cell for ordering (width² × depth × epochs when known)."""
+    model, train, _ = config.resolve(cell)
+    width, depth = model.get("width", 1), model.get("depth", 1)
+    size = width * width * depth if isinstance(width, int) and isinstance(depth, int) else 1
+    return float(size * max(train.epochs, 1))
 
 
 def load_sweep_config(out: Path) -> SweepConfig:
@@ -85,6 +93,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, engine: str = "local",
             done += 1
         else:
             pending.append(cell)
+    pending.sort(key=lambda c: -_cost(config, c))  # largest first: no lone straggler
     say = progress or (lambda _text: None)
     say(f"sweep {config.name}: {len(cells)} cells, {done} already done, {len(pending)} to run "
         f"on {chosen.value} ({workers} workers{', ' + scheduler if scheduler else ''})")
