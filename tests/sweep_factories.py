@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 
 def make(width: int, in_features: int, out_features: int, **_: object) -> nn.Module:

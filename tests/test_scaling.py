@@ -11,7 +11,7 @@ import pytest
 
 from cvcore.record import Record, RecordStore, Value
 from cvcore.scaling import analyse, load_sweep, points
-from cvcore.scaling.analysis import lines, log_fits, monotone_runs, power_law, sign_changes
+from cvcore.scaling.analysis import lines, log_fits, monotone_runs, sign_changes
 from cvcore.sweep.config import cell_id
 
 WIDTHS = [4, 16, 64, 256, 1024]
@@ -186,9 +186,8 @@ def test_sign_changes_of_one_seed_have_no_spread(tmp_path):
 
 def test_cli_scaling_writes_json_and_figures(tmp_path):
     pytest.importorskip("matplotlib")
-    from typer.testing import CliRunner
-
     from cvcore.cli.app import make_app
+    from typer.testing import CliRunner
 
     root = write_sweep(tmp_path / "s", lambda p, d, a: math.log10(p) - 3)
     res = CliRunner().invoke(make_app(), ["scaling", str(root), "--boot", "50",
@@ -203,9 +202,8 @@ def test_cli_scaling_writes_json_and_figures(tmp_path):
 
 
 def test_cli_scaling_refuses_a_directory_without_a_sweep(tmp_path):
-    from typer.testing import CliRunner
-
     from cvcore.cli.app import make_app
+    from typer.testing import CliRunner
 
     res = CliRunner().invoke(make_app(), ["scaling", str(tmp_path)])
     assert res.exit_code == 2

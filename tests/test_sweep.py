@@ -12,15 +12,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from typer.testing import CliRunner  # noqa: E402
+from cvcore.cli.app import make_app
+from typer.testing import CliRunner
 
-from cvcore.cli.app import make_app  # noqa: E402
-from cvcore.record import RecordStore  # noqa: E402
-from cvcore.sweep import ConfigError, load_config, parse_config, run_sweep  # noqa: E402
-from cvcore.sweep.cell import run_cell  # noqa: E402
-from cvcore.sweep.config import DataSpec  # noqa: E402
-from cvcore.sweep.data import load_split  # noqa: E402
-from cvcore.sweep.models import TRUNCATED_STD, build_model, initialise  # noqa: E402
+from cvcore.record import RecordStore
+from cvcore.sweep import ConfigError, load_config, parse_config, run_sweep
+from cvcore.sweep.cell import run_cell
+from cvcore.sweep.config import DataSpec
+from cvcore.sweep.data import load_split
+from cvcore.sweep.models import TRUNCATED_STD, build_model, initialise
 
 TINY = """
 name = "tiny"
