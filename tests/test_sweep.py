@@ -238,6 +238,14 @@ def test_a_cell_is_deterministic(tmp_path):
     assert series[0][0] != series[0][-1]  # it did train
 
 
+def test_a_conv_cell(tmp_path):
+    cfg = parse_config(TINY.replace('family = "dense"\ndepth = 1', 'family = "conv"\ndepth = 2')
+                       .replace("epochs = 2", "epochs = 1"))
+    status = run_cell(cfg, cfg.cells()[0], tmp_path)
+    assert status["status"] == "done", status.get("traceback")
+    assert status["n_params"] == (9 * 3 + 3) + (3 * 9 * 3 + 3) + 3 * 10 + 10
+
+
 def test_mse_and_regression_cells(tmp_path):
     text = TINY.replace('dataset = "digits"\ntrain = 120\ntest = 40',
                         'dataset = "diabetes"\ntrain = 100').replace('init = "flax"',

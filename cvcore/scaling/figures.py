@@ -51,8 +51,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 def scale_diagram(pts: Sequence[Point], grid: dict[str, list[Any]], path: Path,
                   title: str) -> Path:
-    """Heat maps over the two size axes, one column per group: ΔS, S(end) − min S,
-    Δ ln Tr and the final loss (seed means, values written in the cells)."""
+    """Heat maps over the two size axes, one column per group: ΔS, S(end) − min S, the
+    epoch of the minimum, Δ ln Tr and the final loss (seed means, values in the cells)."""
     plt = pyplot()
     size, group = axes(grid)
     xkey = size[0] if size else None
@@ -60,7 +60,7 @@ def scale_diagram(pts: Sequence[Point], grid: dict[str, list[Any]], path: Path,
     xs = grid[xkey] if xkey else [None]
     ys = grid[ykey] if ykey else [None]
     panels = _panels(pts, group)
-    metrics = ["delta_S", "delta_S_min", "delta_ln_trace", "final_loss"]
+    metrics = ["delta_S", "delta_S_min", "min_step", "delta_ln_trace", "final_loss"]
     fig, axs = plt.subplots(len(metrics), len(panels), squeeze=False,
                             figsize=(1.1 + 0.75 * len(xs) * len(panels), 1.1 * len(metrics)
                                      * max(2.0, 0.55 * len(ys) + 0.9)))

@@ -61,7 +61,7 @@ def run_cell(config: SweepConfig, cell: Cell, sweep_dir: str | Path) -> dict[str
     db = store_path(root, cell)
     for suffix in ("", "-wal", "-shm", "-journal"):  # an unfinished cell starts afresh
         Path(str(db) + suffix).unlink(missing_ok=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     status: dict[str, Any] = {"id": cell.id, "index": cell.index, "params": cell.params,
                               "host": os.uname().nodename, "pid": os.getpid()}
     try:
@@ -73,6 +73,7 @@ def run_cell(config: SweepConfig, cell: Cell, sweep_dir: str | Path) -> dict[str
         status["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         status["traceback"] = traceback.format_exc()
     status["seconds"] = time.perf_counter() - started
+    status["cpu_seconds"] = time.process_time() - cpu  # this process's CPU time: load-free
     write_json(status_path(root, cell), status)
     return status
 

@@ -69,9 +69,13 @@ def _duration(seconds: float) -> str:
 
 
 def run_sweep(config: SweepConfig, out: str | Path, *, engine: str = "local",
-              workers: int = 2, scheduler: str | None = None,
+              workers: int = 2, scheduler: str | None = None, order: str = "largest",
               progress: Callable[[str], None] | None = _line) -> dict[str, Any]:
     """Run every cell not yet done; a failed cell is reported and the others go on.
+
+    ``order="largest"`` starts the largest cells (width² × depth × epochs) first, which
+    keeps the workers busy to the end; ``"grid"`` keeps the file's order (small widths
+    first in the examples), so that a sweep stopped early has whole rows of the grid.
 
     Returns:
         The summary written to ``sweep.json``: cell counts, the failures with their
@@ -93,7 +97,10 @@ def run_sweep(config: SweepConfig, out: str | Path, *, engine: str = "local",
             done += 1
         else:
             pending.append(cell)
-    pending.sort(key=lambda c: -_cost(config, c))  # largest first: no lone straggler
+    if order not in ("largest", "grid"):
+        raise ConfigError(f"expected --order largest or grid, got {order!r}")
+    if order == "largest":  # largest first: no large cell left running alone at the end
+        pending.sort(key=lambda c: -_cost(config, c))
     say = progress or (lambda _text: None)
     say(f"sweep {config.name}: {len(cells)} cells, {done} already done, {len(pending)} to run "
         f"on {chosen.value} ({workers} workers{', ' + scheduler if scheduler else ''})")
