@@ -103,7 +103,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, engine: str = "local",
         pending.sort(key=lambda c: -_cost(config, c))
     say = progress or (lambda _text: None)
     say(f"sweep {config.name}: {len(cells)} cells, {done} already done, {len(pending)} to run "
-        f"on {chosen.value} ({workers} workers{', ' + scheduler if scheduler else ''})")
+        f"on {chosen.value} ({workers} worker{'s' if workers != 1 else ''}{', ' + scheduler if scheduler else ''})")
     started = time.perf_counter()
     failed: list[dict[str, Any]] = []
     finished = 0
