@@ -98,9 +98,11 @@ def local(config: SweepConfig, cells: Sequence[Cell], sweep_dir: Path,
 
 def _client(workers: int, scheduler: str | None) -> tuple[Any, Any]:
     try:
-        from distributed import Client, LocalCluster
+        import distributed
     except ImportError:
         raise MissingFrameworkError("Dask distributed", "sweep") from None
+    dist: Any = distributed  # untyped package
+    Client, LocalCluster = dist.Client, dist.LocalCluster
     if scheduler is None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
@@ -125,7 +127,9 @@ def _client(workers: int, scheduler: str | None) -> tuple[Any, Any]:
 def dask(config: SweepConfig, cells: Sequence[Cell], sweep_dir: Path, workers: int,
          scheduler: str | None) -> Iterator[dict[str, Any]]:
     """Run cells as Dask tasks; yield each status as it completes."""
-    from distributed import as_completed as dask_completed
+    import distributed
+
+    dask_completed: Any = distributed.as_completed  # untyped package
 
     with single_threaded_children():
         client, cluster = _client(workers, scheduler)
