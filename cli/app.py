@@ -15,7 +15,9 @@ from cvcore.cli.export import export
 from cvcore.cli.measure import measure
 from cvcore.cli.plot import plot
 from cvcore.cli.report import report
+from cvcore.cli.scaling import scaling
 from cvcore.cli.spectrum import spectrum
+from cvcore.cli.sweep import sweep
 
 from cvcore import plugins
 
@@ -35,6 +37,8 @@ def make_app() -> typer.Typer:
     app.command()(friendly(report))
     app.command()(friendly(plot))
     app.command()(friendly(export))
+    app.command()(friendly(sweep))
+    app.command()(friendly(scaling))
     plugins.manager().hook.cvcore_register_commands(app=app)
     return app
 

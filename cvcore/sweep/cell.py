@@ -1,0 +1,186 @@
+"""One cell of a sweep: train a model (PyTorch) and record it into its own store.
+
+Deterministic per cell (torch seeded with the cell's seed, batches drawn from a
+generator of its own) and single-threaded, so parallel workers do not oversubscribe the
+cores. The result is a small JSON status file next to the cell's record store, written
+last: a cell whose status says ``done`` is never redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cvcore.sweep.config import Cell, SweepConfig
+
+STATUS_DONE = "done"
+STATUS_FAILED = "failed"
+
+
+def store_path(sweep_dir: Path, cell: Cell) -> Path:
+    return sweep_dir / "cells" / f"{cell.id}.db"
+
+
+def status_path(sweep_dir: Path, cell: Cell) -> Path:
+    return sweep_dir / "cells" / f"{cell.id}.json"
+
+
+def read_status(sweep_dir: Path, cell: Cell) -> dict[str, Any] | None:
+    path = status_path(sweep_dir, cell)
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_cell(config: SweepConfig, cell: Cell, sweep_dir: str | Path) -> dict[str, Any]:
+    """Train and record one cell; never raises for the cell's own failure.
+
+    Returns:
+        The status written: ``status`` (``done`` or ``failed``), ``id``, ``params``,
+        ``seconds``, and ``n_params`` and ``final`` numbers, or ``error`` and
+        ``traceback``.
+    """
+    root = Path(sweep_dir)
+    (root / "cells").mkdir(parents=True, exist_ok=True)
+    db = store_path(root, cell)
+    for suffix in ("", "-wal", "-shm", "-journal"):  # an unfinished cell starts afresh
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    started, cpu = time.perf_counter(), time.process_time()
+    status: dict[str, Any] = {"id": cell.id, "index": cell.index, "params": cell.params,
+                              "host": os.uname().nodename, "pid": os.getpid()}
+    try:
+        with _one_thread():
+            status.update(_train(config, cell, db))
+        status["status"] = STATUS_DONE
+    except Exception as exc:  # noqa: BLE001 - a failed cell is reported, never fatal
+        status["status"] = STATUS_FAILED
+        status["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        status["traceback"] = traceback.format_exc()
+    status["seconds"] = time.perf_counter() - started
+    status["cpu_seconds"] = time.process_time() - cpu  # this process's CPU time: load-free
+    write_json(status_path(root, cell), status)
+    return status
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One BLAS / OpenMP thread for NumPy's eigensolver and torch alike, whatever the
+    engine (threadpoolctl comes with scikit-learn; without it, torch's own setting)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
+
+
+def _train(config: SweepConfig, cell: Cell, db: Path) -> dict[str, Any]:
+    import torch
+
+    from cvcore.errors import InputError
+    from cvcore.record import Recorder
+    from cvcore.sweep.data import load_split
+    from cvcore.sweep.models import build_model, initialise
+
+    torch.set_num_threads(1)
+    params, recipe, seed = config.resolve(cell)
+    split = load_split(config.data)
+    if recipe.loss == "cross_entropy" and not split.classes:
+        raise InputError(f"[train] loss: expected mse for the regression target of "
+                         f"{config.data.dataset!r}, got cross_entropy")
+    torch.manual_seed(seed)
+    model = build_model(config.family, params, in_features=split.in_features,
+                        out_features=split.out_features)
+    initialise(model, recipe.init)
+    x_tr, x_te = torch.from_numpy(split.x_train), torch.from_numpy(split.x_test)
+    y_tr, y_te = torch.from_numpy(split.y_train), torch.from_numpy(split.y_test)
+    if recipe.loss == "cross_entropy":
+        def loss_fn(out: Any, y: Any) -> Any:
+            return torch.nn.functional.cross_entropy(out, y)
+    elif split.classes:
+        def loss_fn(out: Any, y: Any) -> Any:
+            target = torch.nn.functional.one_hot(y, split.classes).to(out.dtype)
+            return torch.nn.functional.mse_loss(out, target)
+    else:
+        def loss_fn(out: Any, y: Any) -> Any:
+            return torch.nn.functional.mse_loss(out, y)
+    if recipe.optimizer == "adam":
+        opt: Any = torch.optim.Adam(model.parameters(), lr=recipe.lr,
+                                    weight_decay=recipe.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                              weight_decay=recipe.weight_decay)
+    probe: dict[str, Any] = {}
+    if config.probe.train:
+        probe["train"] = x_tr[:min(config.probe.train, len(x_tr))]
+    if config.probe.test:
+        probe["test"] = x_te[:min(config.probe.test, len(x_te))]
+    if config.probe.subsets is not None:
+        smallest = min(len(v) for v in probe.values())
+        if config.probe.subsets[1] > smallest:
+            raise InputError(f"[probe] subsets: expected subsets of at most {smallest} "
+                             f"samples (the smallest probe set), got {config.probe.subsets[1]}")
+    from cvcore.record import ProbeSets
+
+    schedule = set(config.record.schedule(recipe.epochs))
+    generator = torch.Generator().manual_seed(seed)
+    n = len(x_tr)
+    tags = {**{k: v for k, v in cell.params.items()}, "cell": cell.id, "seed": seed,
+            "family": config.family, "dataset": config.data.dataset, "loss_fn": recipe.loss,
+            "init": recipe.init, "optimizer": recipe.optimizer, "lr": recipe.lr,
+            "epochs": recipe.epochs, "batch_size": recipe.batch_size}
+    final: dict[str, float] = {}
+
+    def evaluate() -> dict[str, float]:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out_tr, out_te = model(x_tr), model(x_te)
+            numbers = {"train_loss": float(loss_fn(out_tr, y_tr)),
+                       "test_loss": float(loss_fn(out_te, y_te))}
+            if split.classes:
+                numbers["train_accuracy"] = float((out_tr.argmax(1) == y_tr).float().mean())
+                numbers["test_accuracy"] = float((out_te.argmax(1) == y_te).float().mean())
+        model.train(was)
+        return numbers
+
+    with Recorder(ProbeSets(probe), sink=db, name=cell.id, tags=tags, seed=seed,
+                  subsets=config.probe.subsets, variables=list(config.probe.variables),
+                  kernel=config.probe.kernel, dtype=config.probe.dtype,
+                  backend="torch") as rec:
+        for epoch in range(recipe.epochs + 1):
+            if epoch in schedule:
+                numbers = evaluate()
+                loss = numbers.pop("train_loss")
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"training diverged: loss {loss} at epoch {epoch}")
+                rec.record(epoch, model, loss=loss, **numbers)
+                final = {"train_loss": loss, **numbers}
+            if epoch == recipe.epochs:
+                break
+            model.train()
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, recipe.batch_size):
+                index = order[start:start + recipe.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x_tr[index]), y_tr[index]).backward()
+                opt.step()
+        n_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return {"n_params": n_params, "final": final, "store": db.name}

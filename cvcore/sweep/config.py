@@ -1,0 +1,376 @@
+"""The sweep's config file (TOML): read, checked key by key, and expanded into cells.
+
+Every mistake is one line naming the key and what it accepts. The schema, with a
+complete example, is in ``docs/sweep.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from cvcore.errors import InputError
+
+#: Built-in model families and the factory parameters each accepts.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "dense": ("width", "depth", "activation", "bias"),
+    "conv": ("width", "depth", "activation", "kernel_size", "image_shape"),
+}
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "silu", "elu", "softplus", "identity")
+DATASETS = ("digits", "iris", "diabetes", "wine")
+OPTIMIZERS = ("adam", "sgd")
+LOSSES = ("cross_entropy", "mse")
+INITS = ("default", "flax")
+KERNELS = ("traced", "full")
+DTYPES = ("float32", "float64")
+#: Keys of [train]; a grid axis with one of these names varies the recipe.
+TRAIN_KEYS = ("optimizer", "lr", "epochs", "batch_size", "loss", "init", "momentum",
+              "weight_decay")
+SECTIONS = ("name", "model", "grid", "data", "train", "probe", "record")
+
+
+class ConfigError(InputError):
+    """The sweep's config file has a wrong key or value."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 100
+    batch_size: int = 100
+    loss: str = "cross_entropy"
+    init: str = "default"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "digits"
+    train: int | None = None
+    test: int | None = None
+    seed: int = 0
+    standardize: bool | None = None
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    train: int = 200
+    test: int = 200
+    subsets: tuple[int, int] | None = None
+    variables: tuple[str, ...] = ("entropy", "trace")
+    kernel: str = "traced"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    every: int | None = 10
+    steps: tuple[int, ...] | None = None
+
+    def schedule(self, epochs: int) -> list[int]:
+        """The epochs recorded (before that epoch's updates; ``epochs`` is the end)."""
+        if self.steps is not None:
+            return sorted({s for s in self.steps if s <= epochs} | {0, epochs})
+        every = self.every or 1
+        return sorted(set(range(0, epochs + 1, every)) | {epochs})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: its id (a file name) and the grid's values there."""
+
+    index: int
+    id: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    family: str
+    model: dict[str, Any]
+    grid: dict[str, list[Any]]
+    data: DataSpec
+    train: TrainSpec
+    probe: ProbeSpec
+    record: RecordSpec
+    text: str = field(default="", repr=False, compare=False)
+
+    def cells(self) -> list[Cell]:
+        """Every combination of the grid's values, in the order of the file's axes."""
+        keys = list(self.grid)
+        out = []
+        for i, values in enumerate(itertools.product(*(self.grid[k] for k in keys))):
+            params = dict(zip(keys, values, strict=True))
+            out.append(Cell(i, cell_id(params), params))
+        return out
+
+    def resolve(self, cell: Cell) -> tuple[dict[str, Any], TrainSpec, int]:
+        """The factory's parameters, the training recipe and the seed of one cell."""
+        model = dict(self.model)
+        train = {f: getattr(self.train, f) for f in TRAIN_KEYS}
+        seed = 0
+        for key, value in cell.params.items():
+            if key == "seed":
+                seed = int(value)
+            elif key in TRAIN_KEYS:
+                train[key] = value
+            else:
+                model[key] = value
+        return model, TrainSpec(**train), seed
+
+
+def cell_id(params: dict[str, Any]) -> str:
+    """``width=4,depth=1,...`` made safe as a file name."""
+    text = ",".join(f"{k}={_short(v)}" for k, v in params.items()) or "cell"
+    return re.sub(r"[^A-Za-z0-9=,.+_-]", "_", text)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "x".join(_short(v) for v in value)
+    return str(value)
+
+
+# -- reading -------------------------------------------------------------------------
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and check a sweep config file.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or has a wrong key or value.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: expected a sweep config file (.toml), got no such file")
+    text = p.read_text(encoding="utf-8")
+    return parse_config(text, where=str(p), default_name=p.stem)
+
+
+def parse_config(text: str, *, where: str = "config", default_name: str = "sweep") -> SweepConfig:
+    """Check a config given as TOML text (see :func:`load_config`)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: expected TOML, got a syntax error: {exc}") from None
+    c = _Checker(where)
+    c.keys("", raw, SECTIONS)
+    name = raw.get("name", default_name)
+    c.type("name", name, str)
+    model_raw = c.table("model", raw.get("model"), required=True)
+    family = model_raw.get("family")
+    if family is None:
+        raise ConfigError(f"{where}: [model] family: expected {' or '.join(FAMILIES)} or a "
+                          f"factory 'package.module:function', got nothing")
+    c.type("model.family", family, str)
+    if family not in FAMILIES and not re.fullmatch(r"[\w.]+:[\w.]+", family):
+        raise ConfigError(f"{where}: [model] family: expected {' or '.join(FAMILIES)} or a "
+                          f"factory 'package.module:function', got {family!r}")
+    model = {k: v for k, v in model_raw.items() if k != "family"}
+    grid_raw = c.table("grid", raw.get("grid"), required=False)
+    grid: dict[str, list[Any]] = {}
+    for key, values in grid_raw.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: [grid] {key}: expected a non-empty list of values, "
+                              f"got {values!r}")
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"{where}: [grid] {key}: expected distinct values, got {values!r}")
+        grid[key] = list(values)
+    train = _train(c, raw.get("train"))
+    if family in FAMILIES:
+        allowed = FAMILIES[family]
+        for key in model:
+            if key not in allowed:
+                raise ConfigError(f"{where}: [model] {key}: expected a parameter of the "
+                                  f"{family} family among {', '.join(allowed)}, got {key!r}")
+        for key in grid:
+            if key not in allowed and key not in TRAIN_KEYS and key != "seed":
+                raise ConfigError(f"{where}: [grid] {key}: expected seed, a [train] key "
+                                  f"({', '.join(TRAIN_KEYS)}) or a {family} parameter "
+                                  f"({', '.join(allowed)}), got {key!r}")
+        for key in ("width", "depth"):
+            if key not in model and key not in grid:
+                raise ConfigError(f"{where}: [model] {key}: expected a positive integer "
+                                  f"(in [model] or as a [grid] axis), got nothing")
+        for key in ("width", "depth", "kernel_size"):
+            for v in ([model[key]] if key in model else []) + grid.get(key, []):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ConfigError(f"{where}: {key}: expected positive integers, got {v!r}")
+        for v in ([model["activation"]] if "activation" in model else []) \
+                + grid.get("activation", []):
+            if v not in ACTIVATIONS:
+                raise ConfigError(f"{where}: activation: expected one of "
+                                  f"{', '.join(ACTIVATIONS)}, got {v!r}")
+    for key, values in grid.items():
+        if key in TRAIN_KEYS:
+            for v in values:
+                _train(c, {**_as_dict(train), key: v})
+        if key == "seed":
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ConfigError(f"{where}: [grid] seed: expected non-negative integers, "
+                                      f"got {v!r}")
+    data = _data(c, raw.get("data"))
+    probe = _probe(c, raw.get("probe"))
+    record = _record(c, raw.get("record"))
+    return SweepConfig(name=name, family=family, model=model, grid=grid, data=data,
+                       train=train, probe=probe, record=record, text=text)
+
+
+def _as_dict(spec: TrainSpec) -> dict[str, Any]:
+    return {f: getattr(spec, f) for f in TRAIN_KEYS}
+
+
+class _Checker:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, expected: str, got: Any) -> ConfigError:
+        return ConfigError(f"{self.where}: {key}: expected {expected}, got {got!r}")
+
+    def keys(self, section: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
+        for key in table:
+            if key not in allowed:
+                label = f"[{section}] {key}" if section else key
+                where = f"keys of [{section}]" if section else "top-level keys"
+                raise ConfigError(f"{self.where}: {label}: expected one of the {where} "
+                                  f"({', '.join(allowed)}), got {key!r}")
+
+    def table(self, section: str, value: Any, *, required: bool) -> dict[str, Any]:
+        if value is None:
+            if required:
+                raise ConfigError(f"{self.where}: [{section}]: expected a table, got nothing")
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(f"[{section}]", "a table", value)
+        return value
+
+    def type(self, key: str, value: Any, kind: type | tuple[type, ...]) -> None:
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(key, " or ".join(k.__name__ for k in kinds), value)
+        if not isinstance(value, kinds):
+            raise self.fail(key, " or ".join(k.__name__ for k in kinds), value)
+
+    def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            raise self.fail(key, "one of " + ", ".join(choices), value)
+
+    def positive_int(self, key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(key, "a positive integer", value)
+        return value
+
+    def number(self, key: str, value: Any, *, positive: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                value <= 0 if positive else value < 0):
+            raise self.fail(key, "a positive number" if positive else "a number >= 0", value)
+        return float(value)
+
+
+def _train(c: _Checker, value: Any) -> TrainSpec:
+    t = c.table("train", value, required=False)
+    c.keys("train", t, TRAIN_KEYS)
+    d = TrainSpec()
+    spec = TrainSpec(
+        optimizer=t.get("optimizer", d.optimizer), lr=t.get("lr", d.lr),
+        epochs=t.get("epochs", d.epochs), batch_size=t.get("batch_size", d.batch_size),
+        loss=t.get("loss", d.loss), init=t.get("init", d.init),
+        momentum=t.get("momentum", d.momentum), weight_decay=t.get("weight_decay", d.weight_decay))
+    c.choice("[train] optimizer", spec.optimizer, OPTIMIZERS)
+    c.choice("[train] loss", spec.loss, LOSSES)
+    c.choice("[train] init", spec.init, INITS)
+    c.number("[train] lr", spec.lr, positive=True)
+    c.number("[train] momentum", spec.momentum)
+    c.number("[train] weight_decay", spec.weight_decay)
+    if isinstance(spec.epochs, bool) or not isinstance(spec.epochs, int) or spec.epochs < 0:
+        raise c.fail("[train] epochs", "an integer >= 0", spec.epochs)
+    c.positive_int("[train] batch_size", spec.batch_size)
+    return spec
+
+
+def _data(c: _Checker, value: Any) -> DataSpec:
+    t = c.table("data", value, required=False)
+    c.keys("data", t, ("dataset", "train", "test", "seed", "standardize"))
+    d = DataSpec()
+    dataset = t.get("dataset", d.dataset)
+    c.type("[data] dataset", dataset, str)
+    if dataset not in DATASETS and not dataset.endswith(".npz"):
+        raise c.fail("[data] dataset", f"one of {', '.join(DATASETS)} or a path to an .npz "
+                     "file with arrays x and y", dataset)
+    train, test = t.get("train"), t.get("test")
+    if train is not None:
+        c.positive_int("[data] train", train)
+    if test is not None:
+        c.positive_int("[data] test", test)
+    seed = t.get("seed", d.seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise c.fail("[data] seed", "an integer >= 0", seed)
+    standardize = t.get("standardize")
+    if standardize is not None:
+        c.type("[data] standardize", standardize, bool)
+    return DataSpec(dataset=dataset, train=train, test=test, seed=seed, standardize=standardize)
+
+
+def _probe(c: _Checker, value: Any) -> ProbeSpec:
+    from cvcore.api import parse_variables
+
+    t = c.table("probe", value, required=False)
+    c.keys("probe", t, ("train", "test", "subsets", "variables", "kernel", "dtype"))
+    d = ProbeSpec()
+    train, test = t.get("train", d.train), t.get("test", d.test)
+    if isinstance(train, bool) or not isinstance(train, int) or train < 0:
+        raise c.fail("[probe] train", "an integer >= 0 (0: no train probe)", train)
+    if isinstance(test, bool) or not isinstance(test, int) or test < 0:
+        raise c.fail("[probe] test", "an integer >= 0 (0: no test probe)", test)
+    if train == 0 and test == 0:
+        raise c.fail("[probe] train", "at least one probe set of size > 0", 0)
+    subsets = t.get("subsets")
+    if subsets is not None:
+        if not (isinstance(subsets, list) and len(subsets) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                        for v in subsets)):
+            raise c.fail("[probe] subsets", "[K, n], two positive integers", subsets)
+        subsets = (subsets[0], subsets[1])
+    variables = t.get("variables", list(d.variables))
+    if not isinstance(variables, list) or not all(isinstance(v, str) for v in variables):
+        raise c.fail("[probe] variables", "a list of variable names", variables)
+    try:
+        parsed = parse_variables(variables)
+    except InputError as exc:
+        raise ConfigError(f"{c.where}: [probe] variables: {exc}") from None
+    assert parsed is not None
+    if "entropy" not in parsed:
+        raise c.fail("[probe] variables", "a list that includes 'entropy' (the scaling "
+                     "analysis reads it)", variables)
+    kernel = t.get("kernel", d.kernel)
+    c.choice("[probe] kernel", kernel, KERNELS)
+    dtype = t.get("dtype", d.dtype)
+    c.choice("[probe] dtype", dtype, DTYPES)
+    return ProbeSpec(train=train, test=test, subsets=subsets, variables=parsed, kernel=kernel,
+                     dtype=dtype)
+
+
+def _record(c: _Checker, value: Any) -> RecordSpec:
+    t = c.table("record", value, required=False)
+    c.keys("record", t, ("every", "steps"))
+    if "every" in t and "steps" in t:
+        raise c.fail("[record] steps", "either every or steps, not both", t["steps"])
+    if "steps" in t:
+        steps = t["steps"]
+        if not isinstance(steps, list) or not steps or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+            raise c.fail("[record] steps", "a non-empty list of epochs (integers >= 0)", steps)
+        return RecordSpec(every=None, steps=tuple(steps))
+    every = t.get("every", 10)
+    c.positive_int("[record] every", every)
+    return RecordSpec(every=every)
