@@ -48,8 +48,10 @@ def karate() -> Data:
 NODE_MODELS = {"gcn": GCN, "gat": GAT, "gin": GIN}
 
 
+@pytest.mark.parametrize("implementation", ["jacobian", "auto", "structured"])
 @pytest.mark.parametrize("name", list(NODE_MODELS))
-def test_node_level_kernel_all_nodes_and_a_subset(karate: Data, name: str) -> None:
+def test_node_level_kernel_all_nodes_and_a_subset(karate: Data, name: str,
+                                                  implementation: str) -> None:
     torch.manual_seed(3)
     model = NODE_MODELS[name](in_channels=karate.num_features, hidden_channels=6, num_layers=2,
                               out_channels=3).double().eval()
@@ -58,12 +60,12 @@ def test_node_level_kernel_all_nodes_and_a_subset(karate: Data, name: str) -> No
     out = model(x, karate.edge_index)
     ref = full_reference([out[i] for i in range(karate.num_nodes)], params)
     measured = build(model, karate, request=make_request(kernel="full", dtype="float64",
-                                                         implementation="jacobian"))
+                                                         implementation=implementation))
     assert (measured.family, measured.output) == ("graph", "node-level output")
     assert measured.result.kernel.shape == (34 * 3, 34 * 3)
     assert rel(measured.result.kernel, ref) < 1e-10
     nodes = torch.tensor([0, 5, 11, 33])
-    sub = cvcore.ntk(model, (karate, nodes), dtype="float64", implementation="jacobian")
+    sub = cvcore.ntk(model, (karate, nodes), dtype="float64", implementation=implementation)
     blocks = ref.reshape(34, 3, 34, 3)[nodes][:, :, nodes]
     traced = np.einsum("iojo->ij", blocks) / 3
     assert rel(sub, traced) < 1e-10
@@ -82,7 +84,8 @@ class DataNodeModel(torch.nn.Module):
         return self.conv2(h, data.edge_index)
 
 
-def test_node_level_model_taking_a_data_object(karate: Data) -> None:
+@pytest.mark.parametrize("implementation", ["jacobian", "auto"])
+def test_node_level_model_taking_a_data_object(karate: Data, implementation: str) -> None:
     torch.manual_seed(4)
     model = DataNodeModel(karate.num_features).double().eval()
     params = list(model.parameters())
@@ -92,7 +95,7 @@ def test_node_level_model_taking_a_data_object(karate: Data) -> None:
     out = model(graph)
     ref = full_reference([out[i] for i in nodes], params)
     k = cvcore.ntk(model, (karate, nodes), kernel="full", dtype="float64",
-                   implementation="jacobian")
+                   implementation=implementation)
     assert rel(k, ref) < 1e-10
 
 
