@@ -18,7 +18,9 @@ same weights (``keras.utils.set_random_seed(0)``) and inputs, with
 * ``cvcore-trace``: ``cvcore.measure(model, x, variables=["trace"])``.
 
 Columns: wall time of the whole call (``tf``: after one warm-up call on one sample that
-traces the ``tf.function``; cvcore's calls include everything they build), the peak rise
+traces the ``tf.function``; cvcore's calls include everything they build), the CPU time
+of the process during it (all threads; less sensitive to other load on the machine than
+the wall time), the peak rise
 of the process's resident set during it (sampled every 2 ms), and ``rel.err``
 ``max|K − K_tf| / max|K_tf|`` against the ``tf`` method's kernel (trace: relative error of
 the trace).
@@ -81,16 +83,16 @@ def child(method: str, n: int, out: str) -> None:
     if method == "tf":
         _tf_recipe(model, x[:1])  # trace the tf.function
     with PeakRSS() as rss:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if method == "tf":
             result = _tf_recipe(model, x)
         elif method == "cvcore":
             result = np.asarray(cvcore.ntk(model, x))
         else:
             result = np.asarray([cvcore.measure(model, x, variables=["trace"]).trace])
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     np.save(out, result)
-    print(json.dumps({"seconds": seconds, "peak": rss.peak - rss.base,
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak": rss.peak - rss.base,
                       "params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}))
 
 
@@ -108,7 +110,7 @@ def main() -> None:
     kernels: dict[str, np.ndarray] = {}
     print(f"MobileNetV2 {SHAPE}, 10 classes, N = {args.n}, float32, traced, "
           f"KERAS_BACKEND={args.keras_backend}")
-    print(f"{'method':<14} {'seconds':>8} {'peak MB':>8} {'rel.err':>9}")
+    print(f"{'method':<14} {'seconds':>8} {'CPU s':>8} {'peak MB':>8} {'rel.err':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             out = os.path.join(tmp, f"{method}.npy")
@@ -124,7 +126,8 @@ def main() -> None:
                 ref = kernels["tf"] if method == "cvcore" else np.asarray([np.trace(kernels["tf"])])
                 err = f"{np.abs(kernels[method] - ref).max() / np.abs(ref).max():.1e}"
             noise = sum("while_loop" in line for line in done.stderr.splitlines())
-            print(f"{method:<14} {row['seconds']:8.1f} {row['peak'] / 2**20:8.0f} {err:>9}"
+            print(f"{method:<14} {row['seconds']:8.1f} {row['cpu']:8.1f} {row['peak'] / 2**20:8.0f} "
+                  f"{err:>9}"
                   + (f"  ({noise} while_loop warnings)" if noise else ""), flush=True)
 
 

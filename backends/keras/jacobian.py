@@ -188,7 +188,7 @@ def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> En
             raise
 
     make = {"tensorflow": _tf_jacobian, "torch": _torch_jacobian}[backend]
-    jacobian = make(apply, theta, request.train)
+    jacobian = make(apply, theta, request.train, model)
 
     def in_device(members: tuple[int, ...], batch: Any) -> Any:
         with keras.device(device):
@@ -217,13 +217,40 @@ def _torch_glue() -> tuple[Any, Any, Any, Any]:
 
 _GLUE = {"tensorflow": tf_glue, "torch": _torch_glue}
 
-#: How GradientTape Jacobians are vectorized: ``"per-sample"`` runs ``tape.jacobian``
-#: (pfor over the O outputs) inside ``tf.vectorized_map`` over samples, batch size one
-#: each; ``"batched"`` runs one ``tape.jacobian`` of the (b, O) batch output (pfor over
-#: b·O rows, each a backward pass through the whole block). Eval mode uses per-sample
-#: (measured faster, see docs/backend-tensorflow.md); train mode must use batched, since
-#: batch statistics couple the samples.
-TF_VECTORIZE = "per-sample"
+#: How GradientTape Jacobians are computed in eval mode (train mode always uses
+#: ``"batched"``, since batch statistics couple the samples):
+#:
+#: * ``"vectorized"``: ``tape.jacobian`` of one sample (pfor over the O outputs) inside
+#:   ``tf.vectorized_map`` over the samples, one ``tf.function``. Fastest for dense
+#:   models; on convolutions pfor has no vectorised rule for the filter gradient of
+#:   per-sample inputs and falls back to a ``while_loop`` whose tracing dominates (41.6 s
+#:   of 44 s for MobileNetV2 on 4 samples, see docs/backend-tensorflow.md).
+#: * ``"loop"``: the same one-sample ``tape.jacobian`` in a ``tf.function`` traced once
+#:   (batch size one), called for each sample from Python. The filter gradient keeps its
+#:   vectorised form (the O output-gradients merged into channels); 10.6 s of tracing
+#:   and 0.3 s per sample on MobileNetV2.
+#: * ``"batched"``: one ``tape.jacobian`` of the (b, O) batch output (pfor over b·O rows,
+#:   each a backward pass through the whole block: O(b²) work).
+#: * ``"auto"`` (default): ``"loop"`` for a Keras model with a convolution layer,
+#:   ``"vectorized"`` otherwise.
+TF_VECTORIZE = "auto"
+
+
+def has_convolution(model: Any) -> bool:
+    """Whether a Keras model holds a convolution layer (``Conv*``, ``DepthwiseConv*``,
+    ``SeparableConv*``, transposed ones)."""
+    from cvcore.backends.keras.recast import layers_of
+
+    return any("Conv" in type(layer).__name__ for layer in layers_of(model))
+
+
+def tf_strategy(train: bool, convolutions: bool) -> str:
+    """``"vectorized"``, ``"loop"`` or ``"batched"`` as :data:`TF_VECTORIZE` says."""
+    if train:
+        return "batched"
+    if TF_VECTORIZE != "auto":
+        return TF_VECTORIZE
+    return "loop" if convolutions else "vectorized"
 
 
 def _merge(theta: list[Any], members: tuple[int, ...], group: list[Any]) -> list[Any]:
@@ -234,11 +261,11 @@ def _merge(theta: list[Any], members: tuple[int, ...], group: list[Any]) -> list
 
 
 def tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any], Any],
-                   group_of: Callable[[tuple[int, ...]], list[Any]], train: bool,
-                   device: str | None = None) -> Callable[[tuple[int, ...], Any], Any]:
-    """GradientTape Jacobians of ``call(members, group, batch) -> (b, O)`` w.r.t. ``group``,
-    one ``tf.function`` per parameter group: per-sample ``vectorized_map`` of pfor
-    Jacobians in eval mode, one batched Jacobian in train mode (or ``TF_VECTORIZE``)."""
+                  group_of: Callable[[tuple[int, ...]], list[Any]], strategy: str,
+                  device: str | None = None) -> Callable[[tuple[int, ...], Any], Any]:
+    """GradientTape Jacobians ``(b, O, P_group)`` of ``call(members, group, batch) -> (b, O)``
+    w.r.t. ``group``, one ``tf.function`` per parameter group, computed as ``strategy``
+    (see :data:`TF_VECTORIZE`) says."""
     tf = _tf()
     cache: dict[tuple[int, ...], Any] = {}
 
@@ -261,8 +288,18 @@ def tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any], Any],
         def per_sample(xi: Any) -> Any:
             return jac(tf.nest.map_structure(lambda t: t[None], xi), 1, True)
 
-        if train or TF_VECTORIZE == "batched":
+        if strategy == "batched":
             return tf.function(lambda batch: jac(batch, 2, False), reduce_retracing=True)
+        if strategy == "loop":
+            one = tf.function(lambda xi: jac(xi, 2, False))
+
+            def loop(batch: Any) -> Any:
+                n = int(tf.nest.flatten(batch)[0].shape[0])
+                rows = [one(tf.nest.map_structure(lambda t, i=i: t[i:i + 1], batch))
+                        for i in range(n)]
+                return rows[0] if n == 1 else tf.concat(rows, axis=0)
+
+            return loop
         return tf.function(lambda batch: tf.vectorized_map(per_sample, batch),
                            reduce_retracing=True)
 
@@ -278,14 +315,15 @@ def tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any], Any],
 
 
 def _tf_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
-                 train: bool) -> Callable[[tuple[int, ...], Any], Any]:
+                 train: bool, model: Any) -> Callable[[tuple[int, ...], Any], Any]:
     """GradientTape Jacobians of a Keras model's stateless call (TensorFlow backend)."""
     return tape_jacobian(lambda members, group, batch: apply(_merge(theta, members, group), batch),
-                          lambda members: [theta[i] for i in members], train)
+                         lambda members: [theta[i] for i in members],
+                         tf_strategy(train, has_convolution(model)))
 
 
 def _torch_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
-                    train: bool) -> Callable[[tuple[int, ...], Any], Any]:
+                    train: bool, model: Any) -> Callable[[tuple[int, ...], Any], Any]:
     """``torch.func.jacrev`` on the Keras call (``functional_call`` would see no
     parameters), vmapped over samples (eval) or of the batch (train)."""
     import torch
@@ -303,9 +341,22 @@ def _torch_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
         def batched(g: list[Any]) -> Any:
             return apply(_merge(theta, members, g), batch)
 
-        js = jacrev(batched)(group) if train else vmap(jacrev(single), in_dims=(None, 0))(
-            group, batch)
-        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in js], dim=2).detach()
+        def flat(js: Any) -> Any:
+            return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in js], dim=2).detach()
+
+        if train:
+            return flat(jacrev(batched)(group))
+        try:
+            return flat(vmap(jacrev(single), in_dims=(None, 0))(group, batch))
+        except RuntimeError as exc:
+            if "vmap" not in str(exc):
+                raise
+        # Keras' torch convolutions clone in channels-last layout, which vmap does not
+        # support: one sample at a time, each a Jacobian of a batch of one.
+        n = int(torch.utils._pytree.tree_leaves(batch)[0].shape[0])
+        return torch.cat([flat(jacrev(lambda g, i=i: apply(_merge(theta, members, g),
+                                                          slice_inputs(batch, i, i + 1)))(group))
+                          for i in range(n)])
 
     return jacobian
 

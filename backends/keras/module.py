@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from cvcore.backends.keras.jacobian import Engine, tape_jacobian, tf_glue
+from cvcore.backends.keras.jacobian import Engine, tape_jacobian, tf_glue, tf_strategy
 from cvcore.backends.keras.recast import check_weights
 from cvcore.backends.keras.setup import _tf, input_error, keras_device, map_inputs, select_output
 
@@ -112,8 +112,8 @@ def module_engine(model: Any, request: KernelRequest) -> Engine:
             raise input_error(batch, exc) from exc
 
     jacobian = tape_jacobian(lambda members, group, batch: apply(batch),
-                              lambda members: [variables[i] for i in members], request.train,
-                              device)
+                             lambda members: [variables[i] for i in members],
+                             tf_strategy(request.train, False), device)
 
     def to_native(batch: Any) -> Any:
         with tf.device(device):

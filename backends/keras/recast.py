@@ -35,7 +35,8 @@ def _set_dtype(config: Any, dtype: str) -> Any:
     return out
 
 
-def _layers(model: Any) -> list[Any]:
+def layers_of(model: Any) -> list[Any]:
+    """The model and every layer inside it."""
     flatten = getattr(model, "_flatten_layers", None)
     return list(flatten(include_self=True)) if flatten is not None else [model]
 
@@ -47,7 +48,7 @@ def needs_recast(model: Any, dtype: str) -> bool:
         if keras.backend.is_float_dtype(var.dtype) and keras.backend.standardize_dtype(
                 var.dtype) != dtype:
             return True
-    return any(getattr(layer, "compute_dtype", dtype) != dtype for layer in _layers(model))
+    return any(getattr(layer, "compute_dtype", dtype) != dtype for layer in layers_of(model))
 
 
 def recast(model: Any, first: Any, dtype: str) -> Any:
