@@ -111,6 +111,31 @@ def test_conv_kernel_blocked_and_float32(ref):
     assert k32.dtype == np.float32 and 0 < rel(k32, ref["traced"]) < 1e-4
 
 
+def test_traced_functions_serve_later_calls_with_new_weights():
+    """A second call on the same model reuses the traced functions with the new weights
+    (BN statistics included); freezing a layer changes the key. The model is built under
+    a float64 dtype policy, so that it is measured as is (not a recast copy)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        model, x = conv_net(), inputs()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    jacobian.TF_FUNCTIONS.clear()
+    first = cvcore.ntk(model, x, dtype="float64")
+    (entry,) = jacobian.TF_FUNCTIONS.values()
+    functions = dict(entry[2])
+    model.set_weights([w * 1.1 for w in model.get_weights()])
+    second = cvcore.ntk(model, x, dtype="float64")
+    assert len(jacobian.TF_FUNCTIONS) == 1 and entry[2] == functions  # the very same ones
+    assert rel(second, reference(model, x.astype(np.float64))["traced"]) < 1e-10
+    assert rel(second, first) > 1e-2
+    model.layers[0].trainable = False
+    third = cvcore.ntk(model, x, dtype="float64")
+    assert len(jacobian.TF_FUNCTIONS) == 2
+    assert rel(third, reference(model, x.astype(np.float64))["traced"]) < 1e-10
+
+
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("kind", ["traced", "full"])
 def test_diagonal_is_the_kernels_diagonal(kind, train):

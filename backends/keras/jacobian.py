@@ -9,6 +9,7 @@ the kernel summed from them block by block.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -115,18 +116,25 @@ class Stateless:
     of ``stateless_call`` with the trainable weights ``theta`` (non-trainable ones fixed).
 
     Attributes:
-        call: ``call(theta, batch)``, batch as native tensors.
+        call: ``call(theta, batch, fixed=None)``, batch as native tensors; ``fixed``
+            replaces the non-trainable weights.
         theta: the trainable weights, cast to the request's dtype, in model order.
-        paths: their variable paths, for messages.
+        fixed: the non-trainable weights, cast likewise.
+        paths: the trainable variables' paths, for messages.
         device: the Keras device string the computation runs on.
         to_native: turns a NumPy batch into the Keras backend's tensors.
+        runner: the model that runs: the user's, or a copy recast to the dtype.
+        recast: whether ``runner`` is such a copy.
     """
 
-    call: Callable[[list[Any], Any], Any]
+    call: Callable[..., Any]
     theta: list[Any]
+    fixed: list[Any]
     paths: list[str]
     device: str
     to_native: Callable[[Any], Any]
+    runner: Any
+    recast: bool
 
 
 def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> Stateless:
@@ -157,12 +165,13 @@ def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> State
     paths = [v.path for v in trainable]
     check_weights(paths, theta)
 
-    def call(params: list[Any], batch: Any) -> Any:
-        raw, _ = runner.stateless_call(list(params), fixed, keras_call_inputs(batch),
-                                       training=request.train)
+    def call(params: list[Any], batch: Any, constants: list[Any] | None = None) -> Any:
+        raw, _ = runner.stateless_call(list(params), fixed if constants is None else list(constants),
+                                       keras_call_inputs(batch), training=request.train)
         return raw
 
-    return Stateless(call=call, theta=theta, paths=paths, device=device, to_native=to_native)
+    return Stateless(call=call, theta=theta, fixed=fixed, paths=paths, device=device,
+                     to_native=to_native, runner=runner, recast=runner is not model)
 
 
 def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> Engine:
@@ -172,8 +181,8 @@ def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> En
     s = stateless(model, x, request, backend)
     device, theta = s.device, s.theta
 
-    def apply(params: list[Any], batch: Any) -> Any:
-        out = select_output(s.call(params, batch), request.output)
+    def apply(params: list[Any], batch: Any, constants: list[Any] | None = None) -> Any:
+        out = select_output(s.call(params, batch, constants), request.output)
         return ops.reshape(out, (out.shape[0], -1))
 
     def forward(batch: Any) -> Any:
@@ -187,8 +196,10 @@ def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> En
                 raise input_error(batch, exc, model) from exc
             raise
 
-    make = {"tensorflow": _tf_jacobian, "torch": _torch_jacobian}[backend]
-    jacobian = make(apply, theta, request.train, model)
+    if backend == "tensorflow":
+        jacobian = _tf_jacobian(s, apply, request, model)
+    else:
+        jacobian = _torch_jacobian(apply, theta, request.train)
 
     def in_device(members: tuple[int, ...], batch: Any) -> Any:
         with keras.device(device):
@@ -260,70 +271,109 @@ def _merge(theta: list[Any], members: tuple[int, ...], group: list[Any]) -> list
     return full
 
 
-def tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any], Any],
-                  group_of: Callable[[tuple[int, ...]], list[Any]], strategy: str,
-                  device: str | None = None) -> Callable[[tuple[int, ...], Any], Any]:
-    """GradientTape Jacobians ``(b, O, P_group)`` of ``call(members, group, batch) -> (b, O)``
-    w.r.t. ``group``, one ``tf.function`` per parameter group, computed as ``strategy``
-    (see :data:`TF_VECTORIZE`) says."""
+def tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any, Any], Any],
+                  group_of: Callable[[tuple[int, ...], Any], list[Any]], strategy: str,
+                  device: str | None = None, state: Any = (),
+                  cache: dict[tuple[int, ...], Any] | None = None
+                  ) -> Callable[[tuple[int, ...], Any], Any]:
+    """GradientTape Jacobians ``(b, O, P_group)`` of ``call(members, group, state, batch)
+    -> (b, O)`` w.r.t. ``group = group_of(members, state)``, one ``tf.function`` per
+    parameter group, computed as ``strategy`` (see :data:`TF_VECTORIZE`) says.
+
+    ``state`` (tensors) is an argument of the ``tf.function`` s, not a constant in them,
+    so functions kept in ``cache`` serve later calls with other values of it."""
     tf = _tf()
-    cache: dict[tuple[int, ...], Any] = {}
+    cache = {} if cache is None else cache
 
     def flat(js: list[Any], lead: int) -> Any:
         return tf.concat([tf.reshape(j, tf.concat([tf.shape(j)[:lead], [-1]], 0)) for j in js],
                          axis=lead)
 
     def build(members: tuple[int, ...]) -> Any:
-        group = group_of(members)
-
-        def jac(batch: Any, lead: int, squeeze: bool) -> Any:
+        def jac(st: Any, batch: Any, lead: int, squeeze: bool) -> Any:
+            group = group_of(members, st)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(group)
-                out = call(members, group, batch)
+                out = call(members, group, st, batch)
                 if squeeze:
                     out = out[0]
             return flat(tape.jacobian(out, group, experimental_use_pfor=True,
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO), lead)
 
-        def per_sample(xi: Any) -> Any:
-            return jac(tf.nest.map_structure(lambda t: t[None], xi), 1, True)
-
         if strategy == "batched":
-            return tf.function(lambda batch: jac(batch, 2, False), reduce_retracing=True)
+            return tf.function(lambda st, batch: jac(st, batch, 2, False), reduce_retracing=True)
         if strategy == "loop":
-            one = tf.function(lambda xi: jac(xi, 2, False))
+            one = tf.function(lambda st, xi: jac(st, xi, 2, False))
 
-            def loop(batch: Any) -> Any:
+            def loop(st: Any, batch: Any) -> Any:
                 n = int(tf.nest.flatten(batch)[0].shape[0])
-                rows = [one(tf.nest.map_structure(lambda t, i=i: t[i:i + 1], batch))
+                rows = [one(st, tf.nest.map_structure(lambda t, i=i: t[i:i + 1], batch))
                         for i in range(n)]
                 return rows[0] if n == 1 else tf.concat(rows, axis=0)
 
             return loop
-        return tf.function(lambda batch: tf.vectorized_map(per_sample, batch),
-                           reduce_retracing=True)
+
+        def vectorized(st: Any, batch: Any) -> Any:
+            return tf.vectorized_map(
+                lambda xi: jac(st, tf.nest.map_structure(lambda t: t[None], xi), 1, True), batch)
+
+        return tf.function(vectorized, reduce_retracing=True)
 
     def jacobian(members: tuple[int, ...], batch: Any) -> Any:
         if members not in cache:
             cache[members] = build(members)
         if device is None:
-            return cache[members](batch)
+            return cache[members](state, batch)
         with tf.device(device):
-            return cache[members](batch)
+            return cache[members](state, batch)
 
     return jacobian
 
 
-def _tf_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
-                 train: bool, model: Any) -> Callable[[tuple[int, ...], Any], Any]:
-    """GradientTape Jacobians of a Keras model's stateless call (TensorFlow backend)."""
-    return tape_jacobian(lambda members, group, batch: apply(_merge(theta, members, group), batch),
-                         lambda members: [theta[i] for i in members],
-                         tf_strategy(train, has_convolution(model)))
+#: Traced Jacobian functions kept for later calls on the same Keras model (TensorFlow
+#: backend), most recent last: ``key -> (model, output selector, {members: function})``.
+#: The entries hold the model and the selector, so their ids in the key stay theirs.
+TF_FUNCTIONS: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+TF_FUNCTIONS_SIZE = 4
 
 
-def _torch_jacobian(apply: Callable[[list[Any], Any], Any], theta: list[Any],
-                    train: bool, model: Any) -> Callable[[tuple[int, ...], Any], Any]:
+def _functions_for(s: Stateless, request: KernelRequest, strategy: str
+                   ) -> dict[tuple[int, ...], Any] | None:
+    """The cache of traced functions for this model and request; ``None`` (no reuse) for a
+    recast copy, which is new in every call.
+
+    The key holds everything a traced function depends on besides the weights' values:
+    the model object, its variables' paths, shapes and dtypes (a layer frozen since
+    changes them), the strategy, train mode, output selector and device."""
+    if s.recast:
+        return None
+    output = request.output
+    selector = output if output is None or isinstance(output, (int, str)) else ("id", id(output))
+    key = (id(s.runner), tuple(s.paths),
+           tuple((tuple(t.shape), t.dtype.name) for t in [*s.theta, *s.fixed]),
+           strategy, request.train, selector, s.device)
+    if key not in TF_FUNCTIONS:
+        TF_FUNCTIONS[key] = (s.runner, output, {})
+        while len(TF_FUNCTIONS) > TF_FUNCTIONS_SIZE:
+            TF_FUNCTIONS.popitem(last=False)
+    TF_FUNCTIONS.move_to_end(key)
+    return TF_FUNCTIONS[key][2]
+
+
+def _tf_jacobian(s: Stateless, apply: Callable[..., Any], request: KernelRequest,
+                 model: Any) -> Callable[[tuple[int, ...], Any], Any]:
+    """GradientTape Jacobians of a Keras model's stateless call (TensorFlow backend), the
+    weights passed to the traced functions as arguments so that later calls on the same
+    model reuse them (see :data:`TF_FUNCTIONS`)."""
+    strategy = tf_strategy(request.train, has_convolution(model))
+    return tape_jacobian(
+        lambda members, group, st, batch: apply(_merge(st[0], members, group), batch, st[1]),
+        lambda members, st: [st[0][i] for i in members], strategy,
+        state=(s.theta, s.fixed), cache=_functions_for(s, request, strategy))
+
+
+def _torch_jacobian(apply: Callable[..., Any], theta: list[Any],
+                    train: bool) -> Callable[[tuple[int, ...], Any], Any]:
     """``torch.func.jacrev`` on the Keras call (``functional_call`` would see no
     parameters), vmapped over samples (eval) or of the batch (train)."""
     import torch

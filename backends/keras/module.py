@@ -111,8 +111,8 @@ def module_engine(model: Any, request: KernelRequest) -> Engine:
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
             raise input_error(batch, exc) from exc
 
-    jacobian = tape_jacobian(lambda members, group, batch: apply(batch),
-                             lambda members: [variables[i] for i in members],
+    jacobian = tape_jacobian(lambda members, group, state, batch: apply(batch),
+                             lambda members, state: [variables[i] for i in members],
                              tf_strategy(request.train, False), device)
 
     def to_native(batch: Any) -> Any:
