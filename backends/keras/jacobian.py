@@ -2,9 +2,12 @@
 the kernel summed from them block by block.
 
 * TensorFlow: ``tf.GradientTape.jacobian`` (pfor over the outputs) per sample, see
-  :func:`tape_jacobian`;
-* JAX: ``jax.jit(jax.vmap(jax.jacrev(f)))``; torch: ``torch.func.vmap(jacrev(f))``, both on
-  ``model.stateless_call``.
+  :data:`TF_VECTORIZE` and :func:`tape_jacobian`; traced functions are kept for later
+  calls on the same model (:data:`TF_FUNCTIONS`);
+* torch: ``torch.func.vmap(jacrev(f))`` on ``model.stateless_call``.
+
+Keras on JAX does not come here: :mod:`cvcore.backends.keras.structured` hands it to the
+JAX backend. :func:`stateless` (the model as a function of its weights) serves both.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Engine:
         gram: ``gram(a, b) -> a @ b.T`` as NumPy, for 2-D native tensors.
         to_native: turns a NumPy batch into the framework's tensors.
         device: the device the computation runs on.
+        reshape: ``reshape(t, shape)`` of a native tensor.
+        concat: concatenation of native tensors along the first axis.
         norms: ``norms(j) -> Σ_p j[..., p]²`` as NumPy, for a ``(b, O, P_group)`` tensor.
     """
 
@@ -56,7 +61,6 @@ class Engine:
     reshape: Callable[[Any, tuple[int, ...]], Any]
     concat: Callable[[list[Any]], Any]
     norms: Callable[[Any], np.ndarray[Any, Any]]
-
 
 
 def assemble(engine: Engine, x: Any, request: KernelRequest, plan: Plan,
