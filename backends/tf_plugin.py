@@ -14,14 +14,14 @@ from cvcore.hookspecs import hookimpl
 
 @hookimpl
 def cvcore_register_backends(register: Callable[[Any], None]) -> None:
-    from cvcore.backends.tf_backend import KerasBackend
+    from cvcore.backends.keras.backend import KerasBackend
 
     register(KerasBackend())
 
 
 @hookimpl
 def cvcore_register_loaders(register: Callable[[Any], None]) -> None:
-    from cvcore.backends import tf_loaders
+    from cvcore.backends.keras import loaders
 
-    for loader in tf_loaders.LOADERS:
+    for loader in loaders.LOADERS:
         register(loader)

@@ -33,7 +33,8 @@ class Implementation(str, Enum):
     STRUCTURED: per-layer identities (a dense layer's kernel is ``(A Aᵀ) ⊙ (G Gᵀ)``,
         inputs times output-gradients) that never form the Jacobian; layers without a
         rule fall back to the Jacobian path. PyTorch finds layers by the calls a module
-        makes, JAX in the jaxpr; TensorFlow has the Jacobian path only.
+        makes, JAX in the jaxpr (Keras on JAX included); Keras on TensorFlow or torch
+        and tf.Module have the Jacobian path only.
     AUTO (default): per layer, the cheaper of the two by a FLOP and memory estimate.
     """
 

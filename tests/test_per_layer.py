@@ -158,3 +158,40 @@ def test_api_refuses_per_layer_with_variables() -> None:
         cvcore.measure(tm.mlp(), torch.randn(3, 6), per_layer=True, variables=["trace"])
 
 
+
+
+KERAS_ON_JAX = """
+import numpy as np, torch, keras, cvcore
+from tests import torch_models as tm
+assert keras.backend.backend() == "jax"
+torch.manual_seed(2)
+net = tm.mlp(6, 9, 3).double()
+model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(9, activation="tanh"),
+                          keras.layers.Dense(3)])
+for dense, linear in zip(model.layers, (net[0], net[2])):
+    dense.set_weights([linear.weight.detach().numpy().T, linear.bias.detach().numpy()])
+x = np.random.default_rng(3).normal(size=(8, 6))
+ours = cvcore.measure(model, x, per_layer=True, dtype="float64")
+twin = cvcore.measure(net, x, per_layer=True, dtype="float64")
+assert [r.layer for r in ours.layers] == [layer.name for layer in model.layers], ours.layers
+assert abs(sum(r.trace for r in ours.layers) / ours.model.trace - 1) < 1e-12
+for mine, theirs in zip(ours.layers, twin.layers):
+    assert abs(mine.trace / theirs.trace - 1) < 1e-9, (mine, theirs)
+    assert abs(mine.entropy / theirs.entropy - 1) < 1e-8, (mine, theirs)
+    assert mine.n_params == theirs.n_params
+print("ok")
+"""
+
+
+def test_keras_on_jax_layers_match_the_torch_twin() -> None:
+    pytest.importorskip("keras")
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", KERAS_ON_JAX], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -1,0 +1,121 @@
+"""The TensorFlow / Keras backend: Keras 3 models on any Keras backend, ``tf.Module`` s and
+restored SavedModels.
+
+A Keras model is measured through ``model.stateless_call(trainable, non_trainable, x)``
+with the weights passed in as plain tensors, so the user's model is never modified. On
+the JAX Keras backend it is a JAX function and goes to the JAX backend, structured
+engine included (:mod:`cvcore.backends.keras.structured`); on TensorFlow and torch it is
+differentiated with ``tf.GradientTape`` or ``torch.func.jacrev``
+(:mod:`cvcore.backends.keras.jacobian`). A ``tf.Module`` or a restored SavedModel is
+differentiated with ``tf.GradientTape`` with respect to its own trainable variables
+(:mod:`cvcore.backends.keras.module`). TensorFlow's log noise is silenced while a kernel
+is built (:mod:`cvcore.backends.keras.quiet`).
+
+Importing this module imports neither TensorFlow, Keras, JAX nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import numpy as np
+from cvcore.backends.keras.jacobian import Engine, assemble, keras_engine
+from cvcore.backends.keras.quiet import quiet_tensorflow
+from cvcore.backends.keras.setup import (
+    as_arrays,
+    batch_of,
+    is_keras_layer,
+    is_tf_trackable,
+    keras_backend_name,
+    keras_float64,
+)
+
+from cvcore.blocking import plan_blocks
+from cvcore.data_io import slice_inputs
+from cvcore.errors import InputError, ModelError
+from cvcore.protocols import KernelRequest, KernelResult
+
+
+class KerasBackend:
+    """Backend for Keras 3 models and layers (on any Keras backend), ``tf.Module`` s and
+    restored SavedModels."""
+
+    name = "tensorflow"
+    extra = "tensorflow"
+    modules = ("keras", "tensorflow")
+
+    def available(self) -> bool:
+        return (importlib.util.find_spec("keras") is not None
+                or importlib.util.find_spec("tensorflow") is not None)
+
+    def accepts(self, model: object) -> bool:
+        return is_keras_layer(model) or is_tf_trackable(model)
+
+    def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
+        with quiet_tensorflow():
+            return self._run(model, inputs, request, diagonal=False)
+
+    def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray[Any, Any]:
+        """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),
+        full ``‖J_io‖²`` (N·O values, row ``i·O + o``); their sum is ``Tr K``."""
+        with quiet_tensorflow():
+            return self._run(model, inputs, request, diagonal=True)
+
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """Each layer's kernel: ``cvcore.protocols.LayerKernels`` (backends/keras/layers.py)."""
+        from cvcore.backends.keras.layers import layer_kernels
+
+        with quiet_tensorflow():
+            return layer_kernels(model, inputs, request)
+
+    def _run(self, model: Any, inputs: Any, request: KernelRequest, diagonal: bool) -> Any:
+        x = as_arrays(inputs, request.dtype)
+        if batch_of(x) == 0:
+            raise InputError("expected at least one input sample, got an empty batch")
+        if is_keras_layer(model):
+            backend = keras_backend_name()
+            with keras_float64(backend, request.dtype == "float64"):
+                if backend == "jax":
+                    return _on_jax(model, x, request, diagonal)
+                return _measure(keras_engine(model, x, request, backend), x, request, diagonal)
+        if is_tf_trackable(model):
+            from cvcore.backends.keras.module import module_engine
+
+            return _measure(module_engine(model, request), x, request, diagonal)
+        raise ModelError(
+            "expected a Keras 3 layer / model, a tf.Module or a loaded SavedModel, got "
+            f"{type(model).__module__}.{type(model).__qualname__}"
+        )
+
+
+#: The protocol's name for it; ``TFBackend`` is the same class.
+TFBackend = KerasBackend
+
+
+def _on_jax(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any:
+    """A Keras-on-JAX model measured by the JAX backend, as ``(apply_fn, theta)``."""
+    from cvcore.backends.jax_backend import JaxBackend
+    from cvcore.backends.keras.structured import jax_pair
+
+    pair = jax_pair(model, x, request)
+    if diagonal:
+        return JaxBackend().diagonal(pair, x, request)
+    return JaxBackend().ntk(pair, x, request)
+
+
+def _measure(engine: Engine, x: Any, request: KernelRequest, diagonal: bool) -> Any:
+    """The kernel (a :class:`KernelResult`) or its diagonal (NumPy) from an engine."""
+    native = engine.to_native(x)
+    n = batch_of(x)
+    probe = engine.forward(slice_inputs(native, 0, 1))
+    n_outputs = int(np.prod(probe.shape[1:]))
+    if diagonal:
+        from cvcore.backends.keras.diagonal import engine_diagonal
+
+        return engine_diagonal(engine, native, request, n, n_outputs)
+    plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=engine.sizes,
+                       itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
+    kernel = assemble(engine, native, request, plan, n_outputs)
+    return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                        n_params=sum(engine.sizes), device=engine.device)

@@ -1,0 +1,191 @@
+"""TensorFlow / Keras checkpoint loaders: ``.keras`` archives, SavedModel directories and
+HDF5 (``.h5``) files.
+
+Keras files are deserialized with ``safe_mode=True``: a ``Lambda`` layer's pickled
+bytecode is refused (nothing from it runs) unless the user passes ``--trust``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cvcore.data_io import ZIP_MAGIC
+from cvcore.errors import InputError, MissingFrameworkError, UntrustedFileError
+from cvcore.factory import resolve_factory
+from cvcore.protocols import LoadedModel, LoadOptions
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: Members every Keras 3 ``.keras`` archive has.
+KERAS_MEMBERS = ("config.json", "metadata.json")
+
+
+def _available() -> bool:
+    return importlib.util.find_spec("keras") is not None or importlib.util.find_spec(
+        "tensorflow") is not None
+
+
+def _keras() -> Any:
+    try:
+        import keras
+    except ImportError:
+        raise MissingFrameworkError("keras", "tensorflow") from None
+    return keras
+
+
+def _head(path: Path, n: int = 8) -> bytes:
+    if not path.is_file():
+        return b""
+    with path.open("rb") as fh:
+        return fh.read(n)
+
+
+def is_keras_archive(path: Path) -> bool:
+    """A Keras 3 ``.keras`` zip (``config.json`` and ``metadata.json`` inside)."""
+    if not _head(path).startswith(ZIP_MAGIC):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+    return all(m in names for m in KERAS_MEMBERS)
+
+
+def is_saved_model(path: Path) -> bool:
+    """A SavedModel directory (``saved_model.pb`` inside)."""
+    return path.is_dir() and (path / "saved_model.pb").is_file()
+
+
+def is_hdf5(path: Path) -> bool:
+    """An HDF5 file (by its 8-byte signature)."""
+    return _head(path) == HDF5_MAGIC
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_keras_model(path: Path, trust: bool, what: str) -> Any:
+    """``keras.saving.load_model`` with ``safe_mode`` unless ``trust``; one-line errors."""
+    keras = _keras()
+    try:
+        return keras.saving.load_model(str(path), compile=False, safe_mode=not trust)
+    except Exception as exc:  # noqa: BLE001 - any malformed file becomes one line
+        message = _first_line(exc)
+        if "safe_mode" in str(exc) or "unsafe" in str(exc).lower():
+            raise UntrustedFileError(
+                f"{path}: expected a {what} without arbitrary code (safe_mode), got {message}; "
+                "nothing was run. If you made this file yourself, pass --trust to load it"
+            ) from None
+        raise InputError(f"{path}: expected a readable {what}, got {message}") from None
+
+
+@dataclass(frozen=True)
+class KerasArchiveLoader:
+    """Keras 3 ``.keras`` archives (a whole model)."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = "keras"
+    extra: str = "tensorflow"
+    extensions: tuple[str, ...] = (".keras",)
+
+    def available(self) -> bool:
+        return _available()
+
+    def sniff(self, path: Path) -> bool:
+        return is_keras_archive(path)
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        if not is_keras_archive(path):
+            kind = "a directory" if path.is_dir() else "content that is not a .keras archive"
+            raise InputError(f"{path}: expected a Keras .keras archive (zip), got {kind}")
+        return LoadedModel(model=load_keras_model(path, options.trust, ".keras model"),
+                           backend="tensorflow")
+
+
+@dataclass(frozen=True)
+class SavedModelLoader:
+    """TensorFlow SavedModel directories (``tf.saved_model.save`` / ``model.export``)."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = "saved-model"
+    extra: str = "tensorflow"
+    extensions: tuple[str, ...] = ()
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("tensorflow") is not None
+
+    def sniff(self, path: Path) -> bool:
+        return is_saved_model(path)
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        if not is_saved_model(path):
+            raise InputError(f"{path}: expected a SavedModel directory with saved_model.pb, "
+                             "got none")
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise MissingFrameworkError("tensorflow", "tensorflow") from None
+        try:
+            model = tf.saved_model.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - any malformed directory becomes one line
+            raise InputError(f"{path}: expected a readable SavedModel, got "
+                             f"{_first_line(exc)}") from None
+        return LoadedModel(model=model, backend="tensorflow")
+
+
+def _h5_has_model(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        return "model_config" in fh.attrs
+
+
+@dataclass(frozen=True)
+class H5Loader:
+    """HDF5 files: a whole legacy Keras model, or weights with ``--model``."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = "keras-h5"
+    extra: str = "tensorflow"
+    extensions: tuple[str, ...] = (".h5", ".hdf5")
+
+    def available(self) -> bool:
+        return _available() and importlib.util.find_spec("h5py") is not None
+
+    def sniff(self, path: Path) -> bool:
+        return is_hdf5(path)
+
+    def load(self, path: Path, options: LoadOptions) -> LoadedModel:
+        if not is_hdf5(path):
+            raise InputError(f"{path}: expected an HDF5 file, got other content")
+        try:
+            whole = _h5_has_model(path)
+        except OSError as exc:
+            raise InputError(f"{path}: expected a readable HDF5 file, got {exc}") from None
+        if whole:
+            return LoadedModel(model=load_keras_model(path, options.trust, "Keras .h5 model"),
+                               backend="tensorflow")
+        if options.model_factory is None:
+            raise InputError(
+                f"{path}: expected --model package.module:factory to build the architecture, "
+                "got an HDF5 file with weights only and no --model"
+            )
+        model = resolve_factory(options.model_factory)
+        keras = _keras()
+        if not isinstance(model, keras.Model):
+            raise InputError(f"expected --model to build a keras.Model, got {type(model).__name__}")
+        try:
+            model.load_weights(str(path))
+        except Exception as exc:  # noqa: BLE001 - mismatched weights become one line
+            raise InputError(f"{path}: expected weights matching --model, got "
+                             f"{_first_line(exc)}") from None
+        return LoadedModel(model=model, backend="tensorflow")
+
+
+LOADERS = (KerasArchiveLoader(), SavedModelLoader(), H5Loader())
