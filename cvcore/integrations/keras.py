@@ -9,6 +9,7 @@ so ``History``, ``CSVLogger`` and ``TensorBoard`` listed after this callback rec
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from cvcore.errors import InputError
@@ -19,6 +20,7 @@ INSTALL = "keras"
 UNITS = ("epoch", "batch")
 
 
+@cache
 def _build() -> type:
     keras = require("keras", INSTALL)
 
@@ -76,7 +78,5 @@ def _build() -> type:
 
 def __getattr__(name: str) -> Any:
     if name == "RecorderCallback":
-        cls = _build()
-        globals()[name] = cls
-        return cls
+        return _build()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

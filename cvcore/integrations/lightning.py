@@ -9,6 +9,7 @@ of the trainer (CSV, TensorBoard, W&B, MLflow) as ``cv/<probe set>/<variable>``.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from cvcore.errors import InputError
@@ -20,6 +21,7 @@ INSTALL = "lightning"
 UNITS = ("epoch", "step")
 
 
+@cache
 def _build() -> type:
     pl = require("lightning.pytorch", INSTALL)
 
@@ -101,7 +103,5 @@ def _build() -> type:
 
 def __getattr__(name: str) -> Any:
     if name == "RecorderCallback":
-        cls = _build()
-        globals()[name] = cls
-        return cls
+        return _build()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
