@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from cvcore.integrations.huggingface import RecorderCallback, attach, tokenize  # noqa: E402
+from cvcore.integrations.huggingface import RecorderCallback, attach, tokenize
 
-WORDS = "the a cat dog sat ran on mat fast slow big small red blue".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "big", "small", "red", "blue"]
 PROBE = ["the cat sat on the mat", "a dog ran fast", "the big red dog", "small blue cat sat",
          "a slow cat"]
 VARS = ["entropy", "trace"]
@@ -55,7 +55,7 @@ def train(tmp_path, with_callback, every=2):
 
 
 def test_trainer_records_logs_and_leaves_training_unchanged(tmp_path):
-    model, trainer, cb, tok = train(tmp_path, True)
+    model, trainer, _, tok = train(tmp_path, True)
     plain, *_ = train(tmp_path / "plain", False)
     for a, b in zip(model.parameters(), plain.parameters()):
         assert torch.equal(a, b)

@@ -12,9 +12,9 @@ import cvcore
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-from cvcore.integrations.jax import compilations  # noqa: E402
+from cvcore.integrations.jax import compilations
 
 VARS = ["entropy", "trace"]
 G = np.random.default_rng(0)

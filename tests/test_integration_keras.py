@@ -15,7 +15,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from tests.keras_integration_run import run  # noqa: E402
+from tests.keras_integration_run import run
 
 SCRIPT = Path(__file__).with_name("keras_integration_run.py")
 

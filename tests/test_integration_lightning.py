@@ -14,7 +14,7 @@ import cvcore
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 
-from cvcore.integrations.lightning import RecorderCallback  # noqa: E402
+from cvcore.integrations.lightning import RecorderCallback
 
 VARS = ["entropy", "trace"]
 
@@ -58,13 +58,18 @@ def fit(callbacks, tmp_path, epochs=3):
     return model, trainer
 
 
+def metrics(tmp_path):
+    with open(next((tmp_path / "csv").rglob("metrics.csv"))) as f:
+        return list(csv.DictReader(f))
+
+
 PROBE = np.random.default_rng(5).normal(size=(10, 4)).astype(np.float32)
 
 
 def test_epochs_recorded_logged_and_training_unchanged(tmp_path):
     cb = RecorderCallback({"train": PROBE, "test": PROBE[:6] * 2}, sink=tmp_path / "run.db",
                           variables=VARS, loss_key="train_loss", name="pl")
-    model, trainer = fit([cb], tmp_path)
+    model, _ = fit([cb], tmp_path)
     plain, _ = fit([], tmp_path / "plain")
     for a, b in zip(model.parameters(), plain.parameters()):
         assert torch.equal(a, b)
@@ -76,7 +81,7 @@ def test_epochs_recorded_logged_and_training_unchanged(tmp_path):
     assert final[("train", "entropy")] == pytest.approx(direct.entropy, rel=1e-12)
     assert final[("train", "trace")] == pytest.approx(direct.trace, rel=1e-12)
     assert run["records"][1]["loss"] is not None
-    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    rows = metrics(tmp_path)
     logged = [float(r["cv/train/trace"]) for r in rows if r.get("cv/train/trace")]
     assert len(logged) == 4
     assert logged[-1] == pytest.approx(direct.trace, rel=1e-6)
@@ -84,13 +89,13 @@ def test_epochs_recorded_logged_and_training_unchanged(tmp_path):
 
 def test_steps_every_two(tmp_path):
     cb = RecorderCallback(PROBE, unit="step", every=2, variables=["trace"])
-    model, trainer = fit([cb], tmp_path, epochs=2)  # 4 batches per epoch: 8 optimizer steps
+    model, _ = fit([cb], tmp_path, epochs=2)  # 4 batches per epoch: 8 optimizer steps
     steps = [r.step for r in cb.recorder.store.records(cb.recorder.run_id)]
     assert steps == [0, 2, 4, 6, 8]
     trace = cb.recorder.store.records(cb.recorder.run_id)[-1].get("trace")
     assert trace == pytest.approx(cvcore.measure(model, PROBE, variables=["trace"]).trace,
                                   rel=1e-12)
-    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    rows = metrics(tmp_path)
     logged = {int(r["step"]): float(r["cv/probe/trace"]) for r in rows if r.get("cv/probe/trace")}
     assert sorted(logged) == steps
     assert logged[8] == pytest.approx(trace, rel=1e-6)

@@ -14,7 +14,7 @@ import cvcore
 torch = pytest.importorskip("torch")
 sb3 = pytest.importorskip("stable_baselines3")
 
-from cvcore.integrations.sb3 import RecorderCallback, rollout_observations  # noqa: E402
+from cvcore.integrations.sb3 import RecorderCallback, rollout_observations
 
 OBS = np.random.default_rng(3).normal(scale=0.1, size=(6, 4)).astype(np.float32)
 VARS = ["entropy", "trace"]
