@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 setup: $(VENV)/.installed
 
+# Records a training run through cvcore.Recorder, reports it and draws its figure.
 demo: setup
-	$(BIN)/python examples/digits_demo.py --out $(RUNS) --epochs 10
-	$(BIN)/cv measure $(RUNS)/epoch_*.pt --data digits --samples 200 --csv $(RUNS)/cv.csv
+	$(BIN)/python examples/digits_demo.py --out $(RUNS) --epochs 20
+	$(BIN)/cv report $(RUNS)/run.db
+	$(BIN)/cv plot $(RUNS)/run.db --out $(RUNS)/cv.png
 
 test: setup
 	$(BIN)/python -m pytest -q

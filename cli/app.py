@@ -11,7 +11,10 @@ from typing import Annotated
 import typer
 from cvcore.cli.backends import backends
 from cvcore.cli.common import _state, friendly
+from cvcore.cli.export import export
 from cvcore.cli.measure import measure
+from cvcore.cli.plot import plot
+from cvcore.cli.report import report
 from cvcore.cli.spectrum import spectrum
 
 from cvcore import plugins
@@ -29,6 +32,9 @@ def make_app() -> typer.Typer:
     app.command()(friendly(spectrum))
     app.command()(friendly(measure))
     app.command("backends")(friendly(backends))
+    app.command()(friendly(report))
+    app.command()(friendly(plot))
+    app.command()(friendly(export))
     plugins.manager().hook.cvcore_register_commands(app=app)
     return app
 

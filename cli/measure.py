@@ -12,6 +12,7 @@ from cvcore.cli.output import stderr
 from cvcore.api import make_request, parse_variables
 from cvcore.errors import InputError
 from cvcore.protocols import Implementation, LoadOptions
+from cvcore.record.checkpoints import CheckpointSink
 from cvcore.report import CsvSink, Row
 from cvcore.runs import ProbeSpec, measure_checkpoints
 
@@ -40,6 +41,7 @@ def measure(
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
     resume: Annotated[bool, typer.Option(help="Skip checkpoints already in --csv.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the series to a record store (.db), one run.")] = None,
 ) -> None:
     """Collective variables of checkpoints, one row each, on one probe set."""
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
@@ -49,6 +51,8 @@ def measure(
     sink = CsvSink(csv, resume=resume) if csv is not None else None
     if resume and sink is None:
         raise InputError("expected --csv with --resume, got --resume alone")
+    store = None if out is None else CheckpointSink(
+        out, probe={"data": data, "key": key, "samples": samples, "seed": seed})
     log = stderr()
     rows: list[Row] = []
     for row in measure_checkpoints(
@@ -62,4 +66,8 @@ def measure(
         rows.append(row)
         if sink is not None:
             sink.add(row)
+        if store is not None:
+            store.add(row)
+    if store is not None:
+        store.close()
     emit(rows, as_json, f"collective variables ({kernel} kernel)")

@@ -13,7 +13,7 @@ import pytest
 import cvcore
 from cvcore.errors import InputError
 from cvcore.record import ProbeSets, RecordStore, StoreError
-from cvcore.record.recorder import split_probe
+from cvcore.record.probes import split_probe
 
 torch = pytest.importorskip("torch")
 
@@ -349,3 +349,45 @@ def test_sigkill_keeps_every_completed_record(tmp_path):
         assert len(r.values) == 16 and r.loss == pytest.approx(1.0 / (r.step + 1))
         assert r.get("entropy", "test") > 0
     assert cvcore.read_runs(path)[0]["closed"] is None
+
+
+@pytest.mark.parametrize("options", [{"kernel": "traced"}, {"kernel": "full"},
+                                     {"kernel": "full", "variables": ["trace", "self_entropy"]}])
+def test_subsets_as_union_slices_match_one_call_each(monkeypatch, options):
+    from cvcore.record import recorder
+
+    model, x = mlp(), probe(15)
+    options = {"variables": ["entropy", "trace", "effective_rank"], **options}
+    union = cvcore.Recorder(x, subsets=(5, 4), dtype="float64", **options).record(0, model)
+    monkeypatch.setattr(recorder, "UNION_FLOPS", 0.0)
+    separate = cvcore.Recorder(x, subsets=(5, 4), dtype="float64", **options)
+    got = separate.record(0, model)
+    assert separate._union_choice == {"probe": False}
+    assert len(union.values) == len(got.values) == 6 * len(options["variables"])
+    for a, b in zip(union.values, got.values):
+        assert (a.subset, a.variable) == (b.subset, b.variable)
+        assert a.value == pytest.approx(b.value, rel=1e-10)
+
+
+def test_recorder_on_a_jax_model():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    def apply_fn(params, x):
+        return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"w1": jax.random.normal(k1, (4, 6)), "w2": jax.random.normal(k2, (6, 3))}
+    x = probe(10).astype(np.float32)
+    rec = cvcore.Recorder(x, variables=["entropy", "trace"])
+    got = rec.record(0, (apply_fn, params))
+    info = rec.store.run(rec.run_id)
+    assert info.framework == "jax" and info.model_class.endswith("<locals>.apply_fn")
+    ref = cvcore.measure((apply_fn, params), x, variables=["entropy", "trace"])
+    assert got.get("entropy") == pytest.approx(ref.entropy, rel=1e-6)
+    assert got.get("trace") == pytest.approx(ref.trace, rel=1e-6)
+    # and by hand: traced kernel from the explicit Jacobian
+    jac = jax.jacrev(lambda p: apply_fn(p, x))(params)  # leaves: N × O × ...
+    flat = np.concatenate([np.asarray(v).reshape(10, 3, -1) for v in jac.values()], axis=2)
+    kernel = np.einsum("iop,jop->ij", flat, flat) / 3
+    assert got.get("trace") == pytest.approx(np.trace(kernel), rel=1e-4)

@@ -7,7 +7,8 @@ crash-safe SQLite file the records land in; ``analysis`` summarises a run (the n
 
 from __future__ import annotations
 
-from cvcore.record.recorder import ProbeSets, Recorder, cost_summary
+from cvcore.record.probes import ProbeSets
+from cvcore.record.recorder import Recorder, cost_summary
 from cvcore.record.store import (
     SCHEMA_VERSION,
     Record,

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,144 +20,33 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore.api import build, build_diagonal, diagonal_only, make_request, parse_variables
-from cvcore.data_io import batch_size, take
+from cvcore.data_io import take
 from cvcore.errors import CVCoreError, InputError, ModelError, describe
 from cvcore.record.guard import untouched
+from cvcore.record.probes import Part, UnionKernel, make_parts, probe_size, split_probe
 from cvcore.record.store import Record, RecordStore, RunInfo, StoreError, Value
 from cvcore.spectrum import CollectiveVariables, collective_variables, diagonal_variables
 
 #: The scalar variables a record can hold (every CollectiveVariables field but the lists).
 SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("eigenvalues",))
-#: Keys that mark a dict as named probe sets rather than one model's dict of inputs.
-SPLIT_NAMES = frozenset({"train", "test", "val", "valid", "validation", "eval", "holdout"})
-#: The probe set's name when a single probe is given.
-DEFAULT_SET = "probe"
-
-
-class ProbeSets(dict[str, Any]):
-    """Named probe sets, explicitly: ``Recorder(ProbeSets(a=x_a, b=x_b))``.
-
-    A plain dict is read as named probe sets when its keys are split names (``train``,
-    ``test``, ``val`` ...), when its values are themselves dicts or tuples, or when their
-    batch sizes differ; otherwise as one dict of model inputs. This class removes the
-    guess.
-    """
-
-
-@dataclass(frozen=True)
-class Part:
-    """One kernel measured at every step: a whole probe set, one subset, or one class."""
-
-    probe_set: str
-    inputs: Any
-    subset: int | None = None
-    label: str | None = None
-
-
-def split_probe(probe: Any) -> dict[str, Any]:
-    """The named probe sets of a Recorder's ``probe`` argument (see :class:`ProbeSets`)."""
-    if isinstance(probe, ProbeSets) or isinstance(probe, Mapping) and probe and (
-            set(probe) <= SPLIT_NAMES
-            or all(isinstance(v, (Mapping, tuple, list)) for v in probe.values())
-            or len({_size(v) for v in probe.values()}) > 1):
-        sets = dict(probe)
-    else:
-        sets = {DEFAULT_SET: probe}
-    if not sets:
-        raise InputError("expected a probe (an array, a tensor, or named probe sets), got an "
-                         "empty dict")
-    for name, inputs in sets.items():
-        if not isinstance(name, str) or not name:
-            raise InputError(f"expected probe set names to be non-empty strings, got {name!r}")
-        if _size(inputs) == 0:
-            raise InputError(f"expected probe set {name!r} to hold at least one sample, got 0")
-    return sets
-
-
-def _size(inputs: Any) -> int:
-    try:
-        return batch_size(inputs)
-    except InputError:
-        raise
-    except Exception:  # noqa: BLE001 - anything without a usable shape
-        raise InputError(f"expected probe inputs with a batch dimension, got "
-                         f"{describe(inputs)}") from None
-
-
-def _as_labels(labels: Any, n: int, name: str) -> NDArray[Any]:
-    """Labels as a 1-D NumPy array of length ``n`` (tensors are copied to the host)."""
-    for attr in ("detach", "cpu", "numpy"):
-        if hasattr(labels, attr) and not isinstance(labels, np.ndarray):
-            labels = getattr(labels, attr)()
-    arr = np.asarray(labels)
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise InputError(f"expected labels of length {n} for probe set {name!r} (one per "
-                         f"sample), got shape {arr.shape}")
-    return arr
-
-
-def make_parts(sets: Mapping[str, Any], *, subsets: tuple[int, int] | None,
-               labels: Any, seed: int) -> list[Part]:
-    """The kernels of one record: per set, the whole set, K fixed subsets, or each class.
-
-    Subsets are drawn once, with a generator of their own (``numpy.random.default_rng``
-    seeded from ``seed`` and the set's position), never from a global random state.
-    """
-    if subsets is not None and labels is not None:
-        raise InputError("expected subsets= or labels=, got both (class-wise kernels are "
-                         "measured on every sample of each class)")
-    parts: list[Part] = []
-    if labels is not None and not isinstance(labels, Mapping):
-        if len(sets) != 1:
-            raise InputError(f"expected labels= as a dict keyed by probe set "
-                             f"{sorted(sets)}, got {describe(labels)}")
-        labels = {next(iter(sets)): labels}
-    if labels is not None:
-        unknown = sorted(set(labels) - set(sets))
-        if unknown:
-            raise InputError(f"expected labels for probe sets among {sorted(sets)}, got "
-                             f"labels for {unknown}")
-    for position, (name, inputs) in enumerate(sets.items()):
-        n = _size(inputs)
-        if subsets is not None:
-            k, size = _check_subsets(subsets, n, name)
-            rng = np.random.default_rng([seed, position])
-            for i in range(k):
-                index = np.sort(rng.choice(n, size=size, replace=False))
-                parts.append(Part(name, take(inputs, index), subset=i))
-        elif labels is not None and name in labels:
-            arr = _as_labels(labels[name], n, name)
-            for value in np.unique(arr):
-                index = np.flatnonzero(arr == value).astype(np.int64)
-                parts.append(Part(name, take(inputs, index), label=_label_text(value)))
-        else:
-            parts.append(Part(name, inputs))
-    return parts
-
-
-def _label_text(value: Any) -> str:
-    item = value.item() if hasattr(value, "item") else value
-    return str(item)
-
-
-def _check_subsets(subsets: Any, n: int, name: str) -> tuple[int, int]:
-    try:
-        k, size = (int(v) for v in subsets)
-        ok = (k, size) == tuple(subsets)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InputError(f"expected subsets=(K, n), two integers, got {subsets!r}")
-    if k < 1 or size < 1:
-        raise InputError(f"expected subsets=(K, n) with K >= 1 and n >= 1, got ({k}, {size})")
-    if size > n:
-        raise InputError(f"expected subsets of at most {n} samples (the size of probe set "
-                         f"{name!r}), got n = {size}")
-    return k, size
+#: Subsets are measured as slices of one kernel on their union of samples (one backend
+#: call instead of K) when ``union² × parameters`` is at most this many multiply-adds
+#: and the union has at most :data:`UNION_MAX` samples; otherwise one call per subset.
+UNION_FLOPS = 2e10
+UNION_MAX = 4096
 
 
 def model_description(model: Any) -> str:
-    """``module.QualName`` of the model's class."""
+    """``module.QualName`` of the model's class; for a JAX ``(apply_fn or module, params)``
+    pair, of its first item (a function's own name).
+
+    >>> model_description(({}, None)), model_description((len, {}))
+    ('builtins.dict', 'builtins.len')
+    """
+    if isinstance(model, tuple) and model:
+        model = model[0]
+        if callable(model) and hasattr(model, "__qualname__") and not isinstance(model, type):
+            return f"{getattr(model, '__module__', None) or 'builtins'}.{model.__qualname__}"
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -230,6 +119,7 @@ class Recorder:
         self._names = SCALARS if self.variables is None else tuple(self.variables)
         self._described = False
         self._closed = False
+        self._union_choice: dict[str, bool] = {}
         if sink is not None and not str(sink).endswith(".db"):
             raise StoreError(f"expected sink= a path ending in .db, got {str(sink)!r}")
         self._tensorboard: Any = None
@@ -253,7 +143,7 @@ class Recorder:
         info: dict[str, Any] = {}
         for name, inputs in self.sets.items():
             classes = sorted({p.label for p in self.parts if p.probe_set == name and p.label})
-            info[name] = {"n_samples": _size(inputs),
+            info[name] = {"n_samples": probe_size(inputs),
                           "subsets": list(self.subsets) if self.subsets else None,
                           "classes": classes or None}
         return info
@@ -339,9 +229,15 @@ class Recorder:
         values: list[Value] = []
         description: dict[str, Any] | None = None
         groups: dict[str, list[dict[str, float]]] = {}
+        unions: dict[str, UnionKernel] = {}
         for part in self.parts:
             try:
-                numbers, used, n_params = self._measure_part(model, part.inputs)
+                if part.index is not None and self._union(model, part.probe_set):
+                    if part.probe_set not in unions:
+                        unions[part.probe_set] = self._union_kernel(model, part.probe_set)
+                    numbers, used, n_params = self._slice(unions[part.probe_set], part)
+                else:
+                    numbers, used, n_params = self._measure_part(model, part.inputs)
             except CVCoreError:
                 raise
             except Exception as exc:  # the framework's own error for a probe that does not fit
@@ -365,6 +261,48 @@ class Recorder:
         if description is not None:
             self._described = True
         return values, description
+
+    def _union_index(self, probe_set: str) -> NDArray[np.int64]:
+        chosen = [p.index for p in self.parts if p.probe_set == probe_set and p.index is not None]
+        return np.unique(np.concatenate(chosen)).astype(np.int64)
+
+    def _union(self, model: Any, probe_set: str) -> bool:
+        """Whether this probe set's subsets are cheaper as slices of one union kernel
+        (never in train mode, where the samples of a batch interact)."""
+        if self.request.train:
+            return False
+        if probe_set not in self._union_choice:
+            size = self._union_index(probe_set).size
+            params = _count_parameters(model)
+            self._union_choice[probe_set] = params is not None and size <= UNION_MAX and \
+                float(size) ** 2 * params <= UNION_FLOPS
+        return self._union_choice[probe_set]
+
+    def _union_kernel(self, model: Any, probe_set: str) -> UnionKernel:
+        """The kernel (or diagonal) on the union of a set's subsets, and where each
+        subset's samples sit in it."""
+        union = self._union_index(probe_set)
+        inputs = take(self.sets[probe_set], union)
+        positions = {p.subset: np.searchsorted(union, p.index) for p in self.parts
+                     if p.probe_set == probe_set and p.index is not None and p.subset is not None}
+        if self._diagonal:
+            diag, used = build_diagonal(model, inputs, backend=self.backend, request=self.request)
+            return UnionKernel(np.asarray(diag), used, None, positions, int(union.size))
+        measured = build(model, inputs, backend=self.backend, request=self.request)
+        return UnionKernel(np.asarray(measured.result.kernel), measured.backend,
+                           measured.result.n_params, positions, int(union.size))
+
+    def _slice(self, union: UnionKernel, part: Part) -> tuple[dict[str, float], str, int | None]:
+        matrix, used, n_params = union.matrix, union.backend, union.n_params
+        assert part.subset is not None
+        pos = union.positions[part.subset]
+        per = matrix.shape[0] // union.n_samples  # O rows per sample in a full kernel
+        rows = (pos[:, None] * per + np.arange(per)).reshape(-1)  # row i·O + o
+        if self._diagonal:
+            dv = diagonal_variables(matrix[rows]).to_dict()
+            return {v: float(dv[v]) for v in self._names}, used, n_params
+        cv = collective_variables(matrix[np.ix_(rows, rows)], covariance=self._covariance)
+        return {v: float(getattr(cv, v)) for v in self._names}, used, n_params
 
     def _measure_part(self, model: Any, inputs: Any) -> tuple[dict[str, float], str, int | None]:
         if self._diagonal:

@@ -288,7 +288,8 @@ class RecordStore:
                                  f"(could not {what} within the timeout)") from None
             raise StoreError(f"record store {self.path}: could not {what}: {exc}") from None
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"expected a cvcore record store, got {self.path} ({exc})") from None
+            raise StoreError(f"expected a cvcore record store (SQLite), got a file that is not "
+                             f"one: {self.path} ({exc})") from None
 
     @contextmanager
     def transaction(self, what: str = "write") -> Iterator[sqlite3.Connection]:
