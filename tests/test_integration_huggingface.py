@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from cvcore.integrations.huggingface import RecorderCallback, attach, tokenize
+from tests.integration_cli import report_and_plot
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "big", "small", "red", "blue"]
 PROBE = ["the cat sat on the mat", "a dog ran fast", "the big red dog", "small blue cat sat",
@@ -71,6 +72,7 @@ def test_trainer_records_logs_and_leaves_training_unchanged(tmp_path):
     assert sorted(logged) == [0, 2, 4, 6]
     assert logged[6] == pytest.approx(direct.trace, rel=1e-12)
     assert run["records"][-1]["loss"] is not None  # the Trainer's last logged loss
+    report_and_plot(tmp_path / "hf.db", tmp_path)
 
 
 def test_probe_texts_and_errors():

@@ -15,6 +15,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp
 
 from cvcore.integrations.jax import compilations
+from tests.integration_cli import report_and_plot
 
 VARS = ["entropy", "trace"]
 G = np.random.default_rng(0)
@@ -51,19 +52,21 @@ def optax_run(rec=None, steps=6):
     return params, seen
 
 
-def test_optax_apply_fn_params():
-    rec = cvcore.Recorder(PROBE, every=2, variables=VARS)
+def test_optax_apply_fn_params(tmp_path):
+    rec = cvcore.Recorder(PROBE, every=2, variables=VARS, sink=tmp_path / "optax.db")
     params, compiled = optax_run(rec)
     plain, _ = optax_run()
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     records = rec.records()
+    rec.close()
     assert [r.step for r in records] == [0, 2, 4, 6]
     assert records[0].loss is None and records[1].loss is not None
     direct = cvcore.measure((apply_fn, params), PROBE, variables=VARS)
     assert records[-1].get("trace") == pytest.approx(direct.trace, rel=1e-12)
     assert records[-1].get("entropy") == pytest.approx(direct.entropy, rel=1e-12)
     assert compiled[0] > 0 and compiled[1:] == [0] * 6  # skipped steps compile nothing either
+    report_and_plot(tmp_path / "optax.db", tmp_path)
 
 
 def nnx_run(rec=None, steps=4):

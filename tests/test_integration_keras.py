@@ -15,6 +15,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from tests.integration_cli import report_and_plot
 from tests.keras_integration_run import run
 
 SCRIPT = Path(__file__).with_name("keras_integration_run.py")
@@ -46,6 +47,7 @@ def test_other_backends_in_subprocesses(tmp_path):
         assert result["backend"] == b
         assert result["framework"] == "tensorflow"  # cvcore's Keras backend, whatever Keras runs on
         check(result)
+        report_and_plot(tmp_path / b / "run.db", tmp_path)
 
 
 def test_tensorflow_backend_in_process(tmp_path):
@@ -53,3 +55,4 @@ def test_tensorflow_backend_in_process(tmp_path):
         pytest.skip("runs Keras on the tensorflow backend in-process")
     result = run(str(tmp_path))
     check(result)
+    report_and_plot(tmp_path / "tensorflow" / "run.db", tmp_path)

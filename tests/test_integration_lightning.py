@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 
 from cvcore.integrations.lightning import RecorderCallback
+from tests.integration_cli import report_and_plot
 
 VARS = ["entropy", "trace"]
 
@@ -85,6 +86,7 @@ def test_epochs_recorded_logged_and_training_unchanged(tmp_path):
     logged = [float(r["cv/train/trace"]) for r in rows if r.get("cv/train/trace")]
     assert len(logged) == 4
     assert logged[-1] == pytest.approx(direct.trace, rel=1e-6)
+    report_and_plot(tmp_path / "run.db", tmp_path)
 
 
 def test_steps_every_two(tmp_path):

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 sb3 = pytest.importorskip("stable_baselines3")
 
 from cvcore.integrations.sb3 import RecorderCallback, rollout_observations
+from tests.integration_cli import report_and_plot
 
 OBS = np.random.default_rng(3).normal(scale=0.1, size=(6, 4)).astype(np.float32)
 VARS = ["entropy", "trace"]
@@ -59,6 +60,8 @@ def test_fixed_observations_both_heads(tmp_path):
     logged = [float(r["cv/critic/probe/trace"]) for r in rows if r["cv/critic/probe/trace"]]
     assert logged == pytest.approx([head_values(runs["ppo critic"])[(s, "trace")]
                                     for s in range(4)], rel=1e-6)
+    reports = report_and_plot(tmp_path / "ppo.db", tmp_path)
+    assert [r["run_name"] for r in reports] == ["ppo actor", "ppo critic"]
 
 
 def test_rollout_buffer_observations():

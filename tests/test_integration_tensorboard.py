@@ -16,6 +16,8 @@ tbx = pytest.importorskip("tensorboardX")
 
 from tensorboardX.proto import event_pb2
 
+from tests.integration_cli import report_and_plot
+
 PROBE = np.random.default_rng(5).normal(size=(10, 4)).astype(np.float32)
 
 
@@ -72,6 +74,7 @@ def test_plain_loop_scalars(tmp_path):
         assert got[f"cv/{probe_set}/{var}"][step] == pytest.approx(value, rel=1e-6)
     direct = cvcore.measure(model, PROBE[:5], variables=["trace"])
     assert got["cv/test/trace"][3] == pytest.approx(direct.trace, rel=1e-6)
+    report_and_plot(tmp_path / "r.db", tmp_path)
 
 
 def test_bad_log_directory(tmp_path):

@@ -17,7 +17,8 @@ from typing import Any
 
 from cvcore.errors import InputError, describe
 from cvcore.integrations.common import PREFIX, require, scalars
-from cvcore.record.recorder import ProbeSets, Recorder
+from cvcore.record.probes import ProbeSets
+from cvcore.record.recorder import Recorder
 
 INSTALL = "transformers"
 

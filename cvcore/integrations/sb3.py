@@ -21,7 +21,8 @@ import numpy as np
 
 from cvcore.errors import InputError
 from cvcore.integrations.common import PREFIX, require, scalars
-from cvcore.record.recorder import Part, ProbeSets, Recorder
+from cvcore.record.probes import Part, ProbeSets
+from cvcore.record.recorder import Recorder
 
 INSTALL = "stable-baselines3"
 HEADS = ("actor", "critic")
@@ -108,6 +109,7 @@ def _build() -> type:
                 if not self.recorders:
                     self._open(ProbeSets({ROLLOUT: obs}))
                 for rec in self.recorders.values():  # a fresh probe, same size and name
+                    rec.sets = {ROLLOUT: obs}
                     rec.parts = [Part(ROLLOUT, obs)]
             for head, rec in self.recorders.items():
                 record = rec.record(step, self.model.policy, timesteps=int(self.num_timesteps))
