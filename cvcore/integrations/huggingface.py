@@ -85,6 +85,8 @@ def _build() -> type:
             if model is None:
                 raise InputError("expected the Trainer to pass its model to the callback, "
                                  "got none")
+            if not state.is_world_process_zero:
+                return  # distributed training: the first process writes the store
             loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
             record = self.recorder.record(int(state.global_step), model, loss=loss)
             if record is not None and self.trainer is not None:

@@ -60,8 +60,8 @@ def _build() -> type:
 
         def _record(self, step: int, trainer: Any, pl_module: Any, loss: Any = None,
                     direct: bool = False) -> Record | None:
-            if step == self._last or not self.recorder.due(step):
-                return None
+            if step == self._last or not self.recorder.due(step) or not trainer.is_global_zero:
+                return None  # one record per step, written by the first process only
             self._last = step
             if self.loss_key is not None:
                 loss = trainer.callback_metrics.get(self.loss_key, loss)
