@@ -19,7 +19,8 @@ def test_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
     assert tops == {"cvcore"}
     for expected in ("cvcore/backends/torch_backend.py", "cvcore/backends/jax_backend.py",
                      "cvcore/backends/tf_backend.py", "cvcore/adapters/plugin.py",
-                     "cvcore/cli/app.py", "cvcore/data/digits.npz", "cvcore/py.typed"):
+                     "cvcore/cli/app.py", "cvcore/data/digits.npz", "cvcore/py.typed",
+                     "cvcore/integrations/lightning.py"):
         assert expected in names, expected
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

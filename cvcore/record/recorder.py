@@ -71,6 +71,8 @@ class Recorder:
         tags: the user's metadata for the run (JSON-serialisable values).
         resume: append to the latest run called ``name`` in ``sink`` instead of starting
             a new one.
+        tensorboard: a log directory: every record's values also as TensorBoard scalars
+            (:mod:`cvcore.integrations.tensorboard`).
         **measure_options: as for :func:`cvcore.measure`: ``variables``, ``kernel``,
             ``dtype``, ``implementation``, ``backend``, ``output``, ``device``, ``train``,
             ``memory_budget``.
@@ -92,7 +94,8 @@ class Recorder:
     def __init__(self, probe: Any, *, every: int = 1, sink: str | Path | None = None,
                  subsets: tuple[int, int] | None = None, labels: Any = None, seed: int = 0,
                  name: str | None = None, tags: Mapping[str, Any] | None = None,
-                 resume: bool = False, **measure_options: Any) -> None:
+                 resume: bool = False, tensorboard: str | Path | None = None,
+                 **measure_options: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise InputError(f"expected every= a positive integer, got {every!r}")
         self.every = int(every)
@@ -119,6 +122,11 @@ class Recorder:
         self._union_choice: dict[str, bool] = {}
         if sink is not None and not str(sink).endswith(".db"):
             raise StoreError(f"expected sink= a path ending in .db, got {str(sink)!r}")
+        self._tensorboard: Any = None
+        if tensorboard is not None:
+            from cvcore.integrations.tensorboard import ScalarWriter
+
+            self._tensorboard = ScalarWriter(tensorboard)
         self.store = RecordStore(":memory:" if sink is None else sink)
         self.sink = None if sink is None else Path(sink)
         probe_info = self._probe_info(labels)
@@ -213,6 +221,8 @@ class Recorder:
         record = Record(step=int(step), values=tuple(values), loss=loss_value,
                         extras=extras, seconds=seconds, time=time.time())
         self.store.add_record(self.run_id, record, model=description)
+        if self._tensorboard is not None:
+            self._tensorboard.write(record)
         return record
 
     def _measure(self, model: Any) -> tuple[list[Value], dict[str, Any] | None]:
@@ -320,6 +330,8 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         try:
             self.store.close_run(self.run_id)
         finally:
