@@ -23,13 +23,14 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 flax = pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
-from cvcore.backends.jax_backend import JaxBackend, model_form
-from cvcore.backends.jax_loaders import (
+from cvcore.backends.jax.backend import JaxBackend
+from cvcore.backends.jax.loaders import (
     FlaxMsgpackLoader,
     OrbaxLoader,
     PickleTreeLoader,
     restricted_loads,
 )
+from cvcore.backends.jax.setup import model_form
 from flax import linen as nn
 from flax import nnx
 
@@ -352,7 +353,7 @@ def test_devices() -> None:
 def test_plugin_imports_no_framework() -> None:
     code = textwrap.dedent("""
         import sys
-        from cvcore.backends import jax_plugin
+        from cvcore.backends import jax as jax_plugin
         found = []
         jax_plugin.cvcore_register_backends(found.append)
         jax_plugin.cvcore_register_loaders(found.append)
@@ -429,7 +430,7 @@ def test_nnx_state_pickle_round_trip() -> None:
     state = nnx.state(model, nnx.Not(nnx.RngState))
     back = restricted_loads(pickle.dumps(state, protocol=4))
     template = NnxNet(nnx.Rngs(99))
-    from cvcore.backends.jax_loaders import restore
+    from cvcore.backends.jax.loaders import restore
 
     restored = restore(template, back, Path("state.pkl"))
     np.testing.assert_allclose(cvcore.ntk(restored, X, dtype="float64"),

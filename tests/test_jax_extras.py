@@ -13,8 +13,8 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 flax = pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
-from cvcore.backends import jax_backend
-from cvcore.backends.jax_backend import JaxBackend
+from cvcore.backends.jax import backend as jax_backend
+from cvcore.backends.jax.backend import JaxBackend
 from flax import linen as nn
 
 import cvcore

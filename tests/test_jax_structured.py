@@ -17,9 +17,12 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
-from cvcore.backends import jax_backend as jb
-from cvcore.backends import jax_structured as js
-from cvcore.backends.jax_backend import JaxBackend
+from cvcore.backends.jax import jacobian as jj
+from cvcore.backends.jax import jaxpr as jx
+from cvcore.backends.jax import rules as jr
+from cvcore.backends.jax import setup as jb
+from cvcore.backends.jax import structured as js
+from cvcore.backends.jax.backend import JaxBackend
 from flax import linen as nn
 from flax import nnx
 
@@ -228,7 +231,7 @@ def references() -> dict[str, np.ndarray]:
 
 def structured(model: Any, x: Any, kernel: str, force: str | None = None,
                implementation: str = "structured", budget: str | None = None,
-               dtype: str = "float64") -> tuple[np.ndarray | None, js.Analysis]:
+               dtype: str = "float64") -> tuple[np.ndarray | None, jr.Analysis]:
     """``structured_kernel`` called directly (so a silent fallback cannot pass), and the
     analysis it acted on."""
     request = make_request(kernel=kernel, dtype=dtype, implementation=implementation,
@@ -242,8 +245,8 @@ def structured(model: Any, x: Any, kernel: str, force: str | None = None,
         prep.constants = jb.cast_tree(prep.constants, jdtype, device)
         leaves = jb.flatten_params(prep.params)
         xs = jb.to_arrays(x, jdtype, device)
-        n_out = jb.probe_outputs(prep, leaves, xs, None)
-        analysis = js.analyse(js.trace(prep, leaves, xs, None).jaxpr, len(leaves.trainable))
+        n_out = jx.probe_outputs(prep, leaves, xs, None)
+        analysis = jr.analyse(jx.trace(prep, leaves, xs, None).jaxpr, len(leaves.trainable))
         return js.structured_kernel(prep, leaves, xs, request, n_out, force=force), analysis
 
 
@@ -373,10 +376,10 @@ def test_cache_reuses_compilation_but_not_weights() -> None:
 
 
 def test_auto_keeps_a_rule_only_where_pairs_is_cheaper() -> None:
-    wide = js.Site((0,), "dense", 0, 1, ("dense",), (1, 256), np.float32, (0, 1), 1, 784, 256)
-    conv = js.Site((1,), "conv", 1, 1, ("conv",), (1, 28, 28, 16), np.float32, (0, 1, 2, 3),
+    wide = jr.Site((0,), "dense", 0, 1, ("dense",), (1, 256), np.float32, (0, 1), 1, 784, 256)
+    conv = jr.Site((1,), "conv", 1, 1, ("conv",), (1, 28, 28, 16), np.float32, (0, 1, 2, 3),
                    784, 9, 16)
-    analysis = js.Analysis(sites=[wide, conv], direct={2})
+    analysis = jr.Analysis(sites=[wide, conv], direct={2})
     sizes = [784 * 256, 9 * 16, 10]
     layout = js.choose(analysis, sizes, 256, 10, False, Implementation.AUTO)
     assert layout.rules == {0: "pairs"} and layout.direct == [1, 2]
@@ -414,7 +417,7 @@ def test_diagonal_from_rules_equals_the_reference(name: str,
 
 
 def test_diagonal_uses_the_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cvcore.backends.jax_trace import _setup
+    from cvcore.backends.jax.jacobian import prepare_request as _setup
 
     model, x = make("mlp")
     request = make_request(kernel="full", dtype="float64")
@@ -438,7 +441,7 @@ def test_compile_caches_never_reuse_weights_or_closed_over_arrays(
     array their function closes over, share one compilation but not their values."""
     import collections
 
-    monkeypatch.setattr(jb, "_JITTED", collections.OrderedDict())
+    monkeypatch.setattr(jj, "_JITTED", collections.OrderedDict())
     monkeypatch.setattr(js, "_COMPILED", collections.OrderedDict())
     x = _rng(2).normal(size=(N, 3))
     kernels = []
@@ -454,7 +457,7 @@ def test_compile_caches_never_reuse_weights_or_closed_over_arrays(
         got = cvcore.ntk((apply, params), x, kernel="full", dtype="float64",
                          implementation=implementation, train=train, memory_budget="256MB")
         assert rel(got, reference((apply, params), x)) < 1e-11
-        sizes = (len(jb._JITTED), len(js._COMPILED))
+        sizes = (len(jj._JITTED), len(js._COMPILED))
         kernels.append((got, sizes))
     assert kernels[0][1] == kernels[1][1] and sum(kernels[0][1]) > 0  # a cache hit
     assert rel(kernels[0][0], kernels[1][0]) > 1e-3
@@ -466,18 +469,18 @@ def test_trace_cache_serves_new_weights_and_batch_statistics(
     with other weights and other batch statistics, reuses it and gets its own kernel."""
     import collections
 
-    monkeypatch.setattr(js, "_TRACES", collections.OrderedDict())
+    monkeypatch.setattr(jx, "_TRACES", collections.OrderedDict())
     (module, variables), x = make("norm")
     first = cvcore.ntk((module, variables), x, kernel="full", dtype="float64")
     second_vars = jax.tree_util.tree_map(lambda a: a * 1.5 + 0.2, variables)
     second = cvcore.ntk((module, second_vars), x, kernel="full", dtype="float64")
-    assert len(js._TRACES) == 1  # the second call was served from the cache
+    assert len(jx._TRACES) == 1  # the second call was served from the cache
     assert rel(first, reference((module, variables), x)) < 1e-11
     assert rel(second, reference((module, second_vars), x)) < 1e-11
     assert rel(first, second) > 1e-3
     other = Norm()  # another module object: traced on its own
     cvcore.ntk((other, variables), x, kernel="full", dtype="float64")
-    assert len(js._TRACES) == 2
+    assert len(jx._TRACES) == 2
 
 
 def test_an_unexpected_failure_of_the_rules_falls_back_with_a_warning(

@@ -217,7 +217,7 @@ SCRIPT = textwrap.dedent(inspect.getsource(build)).replace(" -> keras.Model", ""
 
     used = []
     if keras.backend.backend() == "jax":
-        from cvcore.backends import jax_structured
+        from cvcore.backends.jax import structured as jax_structured
 
         original = jax_structured.structured_kernel
 

@@ -82,7 +82,7 @@ def test_jax_layers_sum_and_match_per_sample_gradients() -> None:
             return nn.Dense(3)(jnp.tanh(nn.Dense(8)(x)))
 
     x = np.random.default_rng(0).normal(size=(7, 5))
-    from cvcore.backends.jax_backend import x64_scope
+    from cvcore.backends.jax.setup import x64_scope
 
     with x64_scope(True):
         model = M()

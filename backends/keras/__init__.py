@@ -1,5 +1,5 @@
 """The TensorFlow / Keras backend, one job per module (as ``backends/torch_*`` and
-``backends/jax_*``):
+``backends/jax/``):
 
 * ``backend``: :class:`KerasBackend`, the class the plugin registers;
 * ``setup``: frameworks, model kinds, inputs, outputs, devices, the float64 scope;

@@ -95,7 +95,7 @@ TFBackend = KerasBackend
 
 def _on_jax(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any:
     """A Keras-on-JAX model measured by the JAX backend, as ``(apply_fn, theta)``."""
-    from cvcore.backends.jax_backend import JaxBackend
+    from cvcore.backends.jax.backend import JaxBackend
     from cvcore.backends.keras.structured import jax_pair
 
     pair = jax_pair(model, x, request)

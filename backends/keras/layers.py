@@ -102,7 +102,7 @@ def _groups(names: list[str]) -> dict[str, list[int]]:
 def _on_jax(model: Any, x: Any, request: KernelRequest) -> LayerKernels:
     """Keras on JAX: the JAX backend's per-layer kernels of ``(apply_fn, theta)``, with
     ``theta`` a dict of per-layer lists so that its tree paths are the layer names."""
-    from cvcore.backends.jax_backend import JaxBackend
+    from cvcore.backends.jax.backend import JaxBackend
     from cvcore.backends.keras.structured import jax_pair
 
     apply_fn, theta = jax_pair(model, x, request)

@@ -3,8 +3,8 @@ Jacobian path.
 
 A Keras model on the JAX Keras backend is a JAX function of its weights:
 ``stateless_call(theta, fixed, x)`` traces to a jaxpr like any ``apply_fn``. It is handed
-to :class:`cvcore.backends.jax_backend.JaxBackend` as the pair ``(apply_fn, theta)``, so
-the layer rules of :mod:`cvcore.backends.jax_structured` (dense layers and convolutions,
+to :class:`cvcore.backends.jax.backend.JaxBackend` as the pair ``(apply_fn, theta)``, so
+the layer rules of :mod:`cvcore.backends.jax.structured` (dense layers and convolutions,
 read off the jaxpr), the JAX Jacobian path, ``implementation=``, the memory blocking and
 the diagonal are the JAX backend's own; nothing here computes a derivative. The weights
 come from :func:`cvcore.backends.keras.jacobian.stateless` (recast copy in the request's

@@ -1,18 +1,9 @@
-"""The JAX NTK without forming it: its diagonal ``K_ii``, and ``K @ V`` matrix-free.
+"""The JAX NTK as a matrix-free ``K @ V`` operator (``JaxBackend.operator``).
 
-* :func:`kernel_diagonal` (``JaxBackend.diagonal``): ``K_(i,o),(i,o) = ‖J_io‖²`` from the
-  same jitted, vmapped per-sample Jacobians as the kernel
-  (:func:`cvcore.backends.jax_backend.make_jacobian`), squared and summed on the device
-  one chunk of samples at a time (chunks and parameter groups from
-  :func:`cvcore.blocking.plan_blocks`, as for the kernel). Nothing of size ``N²`` is
-  formed. Traced: ``(1/O) Σ_o ‖J_io‖²`` (``N`` values); full: ``‖J_io‖²`` (``N·O``
-  values, row ``i·O + o``).
-* :func:`kernel_operator` (``JaxBackend.operator``): ``K V = J (Jᵀ V)`` with ``jax.vjp``
-  (``Jᵀ``, accumulated over sample chunks) and ``jax.jvp`` (``J``), both ``vmap``-ed over
-  the vectors and jitted once per operator (JAX caches them by shape). ``J`` is never
-  formed.
+``K V = J (Jᵀ V)`` with ``jax.vjp`` (``Jᵀ``, accumulated over sample chunks) and
+``jax.jvp`` (``J``), both ``vmap``-ed over and jitted once per operator (JAX caches them by shape). ``J`` is never formed.
 
-Conventions (``docs/concepts.md``), as in :mod:`cvcore.backends.torch_operator`:
+Conventions (``docs/concepts.md``), as in the torch backend's operator:
 
 * full: ``v ∈ R^{N·O}`` is the cotangent reshaped ``(N, O)``;
 * traced: ``K v = (1/O) Σ_o J_o (J_oᵀ v)``, one cotangent per output ``o`` (``v`` in
@@ -33,115 +24,24 @@ each later ``matvec``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from cvcore.backends import jax_backend as jb
+from cvcore.backends.jax import setup
+from cvcore.backends.jax.jacobian import Setup, prepare_request
 from numpy.typing import NDArray
 
-from cvcore.blocking import OperatorBudget, plan_blocks
-from cvcore.errors import InputError, ModelError
-from cvcore.protocols import Implementation, KernelRequest
-
-
-@contextlib.contextmanager
-def _scope(request: KernelRequest, device: Any) -> Iterator[None]:
-    """The same dtype / device / precision context as ``JaxBackend.ntk``."""
-    jax = jb._jax()
-    with jb.x64_scope(request.dtype == "float64"), jax.default_device(device), \
-            jax.default_matmul_precision("highest"):
-        yield
-
-
-@dataclasses.dataclass
-class _Setup:
-    prep: jb.Prepared
-    leaves: jb.Leaves
-    x: Any
-    n: int
-    n_outputs: int
-    sizes: list[int]
-
-
-def _setup(model: Any, inputs: Any, request: KernelRequest, device: Any, train: bool) -> _Setup:
-    """Prepare the model and inputs exactly as ``JaxBackend._ntk`` does (call in scope)."""
-    import jax.numpy as jnp
-
-    dtype = jnp.float64 if request.dtype == "float64" else jnp.float32
-    prep = jb.prepare(model, train)
-    prep.params = jb.cast_tree(prep.params, dtype, device)
-    prep.constants = jb.cast_tree(prep.constants, dtype, device)
-    leaves = jb.flatten_params(prep.params)
-    x = jb.to_arrays(inputs, dtype, device)
-    n = jb.batch_of(x)
-    if n == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
-    n_outputs = jb.probe_outputs(prep, leaves, x, request.output)
-    sizes = [int(leaves.values[i].size) for i in leaves.trainable]
-    return _Setup(prep, leaves, x, n, n_outputs, sizes)
-
-
-def _check_finite(diag: NDArray[Any], n: int) -> None:
-    """Raise naming the samples whose outputs or gradients are NaN or Inf."""
-    bad = np.flatnonzero(~np.isfinite(diag).all(axis=1))
-    if bad.size:
-        shown = ", ".join(map(str, bad[:10].tolist())) + (" ..." if bad.size > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {bad.size} of {n} "
-            f"samples (indices {shown})"
-        )
-
-
-# --------------------------------------------------------------------------- diagonal
-
-
-def kernel_diagonal(model: Any, inputs: Any, request: KernelRequest) -> NDArray[np.floating[Any]]:
-    """What ``JaxBackend.diagonal`` returns: ``K_ii`` as NumPy in the request's dtype.
-
-    Traced: ``(1/O) Σ_o ‖J_io‖²`` (``N`` values); full: ``‖J_io‖²`` in row order
-    ``i·O + o`` (``N·O`` values). ``Tr K`` is their sum.
-    """
-    device = jb.resolve_device(request.device)
-    with _scope(request, device):
-        return _diagonal(model, inputs, request, device)
-
-
-def _diagonal(model: Any, inputs: Any, request: KernelRequest, device: Any) -> NDArray[Any]:
-    import jax.numpy as jnp
-
-    s = _setup(model, inputs, request, device, request.train)
-    if request.implementation != Implementation.JACOBIAN:
-        from cvcore.backends.jax_structured import attempt, structured_diagonal
-
-        ruled = attempt(structured_diagonal, s.prep, s.leaves, s.x, request, s.n_outputs)
-        if ruled is not None:
-            _check_finite(ruled, s.n)
-            return ruled.mean(axis=1) if request.kernel == "traced" else ruled.reshape(-1)
-    plan = plan_blocks(n_samples=s.n, n_outputs=s.n_outputs, group_sizes=s.sizes,
-                       itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
-    whole_batch = request.train and s.prep.batched  # one Jacobian of the coupled batch
-    diag = np.zeros((s.n, s.n_outputs), dtype=np.dtype(request.dtype))
-    for group in plan.groups:
-        jac = jb.make_jacobian(s.prep, s.leaves, group, request, s.n_outputs)
-        chunks = [(0, s.n)] if whole_batch else plan.chunks(group, 0, s.n)
-        size = max(b - a for a, b in chunks)
-        for a, b in chunks:
-            j = jac(s.x, a, b, size)  # (b - a, O, P_group), on the device
-            diag[a:b] += np.asarray(jnp.sum(j * j, axis=2))
-    _check_finite(diag, s.n)
-    return diag.mean(axis=1) if request.kernel == "traced" else diag.reshape(-1)
-
-
-# --------------------------------------------------------------------------- operator
+from cvcore.blocking import OperatorBudget
+from cvcore.errors import InputError
+from cvcore.protocols import KernelRequest
 
 
 def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
     """Bytes of every intermediate of one sample's forward pass (nested jaxprs included):
     an upper bound on what reverse mode saves and forward mode carries per vector."""
-    jax = jb._jax()
+    jax = setup.require_jax()
 
     def walk(jaxpr: Any) -> int:
         total = 0
@@ -168,7 +68,7 @@ def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
 class _JaxKernelOperator(OperatorBudget):
     """``matvec`` state: the prepared model, padded inputs, jitted products, limits."""
 
-    setup: _Setup
+    setup: Setup
     request: KernelRequest
     device: Any
     traced: bool
@@ -190,7 +90,7 @@ class _JaxKernelOperator(OperatorBudget):
 
     def build(self) -> None:
         """Define the jitted per-chunk products (traced and compiled on first use)."""
-        jax = jb._jax()
+        jax = setup.require_jax()
         import jax.numpy as jnp
 
         prep, leaves, output = self.setup.prep, self.setup.leaves, self.request.output
@@ -199,12 +99,12 @@ class _JaxKernelOperator(OperatorBudget):
         traced = self.traced
 
         def params_of(theta: Any, values: Any) -> Any:
-            return jb.with_values(leaves, index, theta, values)
+            return setup.with_values(leaves, index, theta, values)
 
         def single(theta: Any, values: Any, consts: Any, xi: Any) -> Any:
             xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
             raw = prep.call(params_of(theta, values), consts, xb)
-            return jb.select_output(raw, output).reshape(-1)
+            return setup.select_output(raw, output).reshape(-1)
 
         def forward(values: Any, consts: Any, xs: Any) -> Callable[[Any], Any]:
             return lambda theta: jax.vmap(single, in_axes=(None, None, None, 0))(
@@ -234,13 +134,13 @@ class _JaxKernelOperator(OperatorBudget):
         self._single = single
 
     def _matvec(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
-        with _scope(self.request, self.device):
+        with setup.scope(self.request, self.device):
             return self._product(block)
 
     def _product(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
         import jax.numpy as jnp
 
-        jax = jb._jax()
+        jax = setup.require_jax()
         o, n, k = self.n_outputs, self.n, block.shape[1]
         width = 1 if self.traced else o
         total = k * (o if self.traced else 1)
@@ -248,8 +148,8 @@ class _JaxKernelOperator(OperatorBudget):
         s = self.chunk_size(g)
         starts = list(range(0, n, s))
         n_pad = len(starts) * s
-        xs_pad = jb.pad_batch(self.setup.x, n_pad)
-        chunks_x = [jb.slice_inputs(xs_pad, a, a + s) for a in starts]
+        xs_pad = setup.pad_batch(self.setup.x, n_pad)
+        chunks_x = [setup.slice_inputs(xs_pad, a, a + s) for a in starts]
         dtype = np.dtype(self.request.dtype)
         v = np.zeros((n_pad, width, k), dtype=dtype)
         v[:n] = block.reshape(n, width, k)
@@ -296,17 +196,17 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> Any:
     if request.train:
         raise InputError("expected train=False for the matrix-free operator (batch statistics "
                          "and dropout change between products), got train=True; use method='exact'")
-    device = jb.resolve_device(request.device)
-    with _scope(request, device):
-        s = _setup(model, inputs, request, device, False)
+    device = setup.resolve_device(request.device)
+    with setup.scope(request, device):
+        s = prepare_request(model, inputs, request, device, False)
         itemsize = np.dtype(request.dtype).itemsize
         op = _JaxKernelOperator(setup=s, request=request, device=device,
                                 traced=request.kernel == "traced",
                                 budget=int(request.memory_budget),
                                 param_bytes=sum(s.sizes) * itemsize, act_bytes=1)
         op.build()
-        x0 = jb.slice_inputs(s.x, 0, 1)
-        x0 = jb._jax().tree_util.tree_map(lambda a: a[0], x0)
+        x0 = setup.slice_inputs(s.x, 0, 1)
+        x0 = setup.require_jax().tree_util.tree_map(lambda a: a[0], x0)
         op.act_bytes = _activation_bytes(op._single, (op.theta, s.leaves.values,
                                                       s.prep.constants, x0))
     return KernelOperator(matvec=op.matvec, dim=op.dim, n_samples=s.n, n_outputs=s.n_outputs,

@@ -1,4 +1,4 @@
-"""The JAX backend: jitted, vmapped per-sample Jacobians, one GEMM per block.
+"""The JAX backend's ground floor: model forms, inputs, outputs, devices, dtypes, leaves.
 
 Accepted model forms (see ``docs/backend-jax.md``):
 
@@ -15,7 +15,10 @@ Accepted model forms (see ``docs/backend-jax.md``):
 * an ``equinox`` module: inexact array leaves are the parameters; Equinox models take
   one sample (no batch axis), as is the Equinox convention.
 
-Importing this module does not import JAX; every JAX import is inside a function.
+
+Also here: the compile caches' LRU helper (:func:`cached`), the finiteness check shared by
+every kernel path, and the dtype / device / precision scope of every measurement. This
+module imports nothing else of the JAX backend, and no JAX at import time.
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from typing import Any
 import numpy as np
 
 from cvcore import outputs
-from cvcore.blocking import Group, Plan, plan_blocks
-from cvcore.errors import CVCoreError, InputError, MissingFrameworkError, ModelError, describe
-from cvcore.protocols import Implementation, KernelRequest, KernelResult, OutputSelector
+from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
+from cvcore.protocols import KernelRequest, OutputSelector
 
 #: Top-level modules of objects that are callable but belong to another backend.
 FOREIGN_MODULES = ("torch", "tensorflow", "keras", "tf_keras")
@@ -43,7 +45,7 @@ TRAIN_FLAGS = ("train", "training", "is_training")
 EVAL_FLAGS = ("deterministic", "use_running_average", "inference", "eval")
 
 
-def _jax() -> Any:
+def require_jax() -> Any:
     try:
         import jax
     except ImportError:
@@ -152,7 +154,7 @@ def _mode_kwargs(module: Any, train: bool) -> dict[str, bool]:
 
 
 def _prepare_linen(module: Any, variables: Any, train: bool) -> Prepared:
-    jax = _jax()
+    jax = require_jax()
     if not isinstance(variables, Mapping) or "params" not in variables:
         got = f"collections {list(variables)}" if isinstance(variables, Mapping) else describe(variables)
         raise ModelError(f"expected flax.linen variables with a 'params' collection, got {got}")
@@ -237,7 +239,7 @@ def prepare(model: Any, train: bool) -> Prepared:
 
 def to_arrays(inputs: Any, dtype: Any, device: Any) -> Any:
     """Arrays (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
-    jax = _jax()
+    jax = require_jax()
     if isinstance(inputs, Mapping):
         return {k: to_arrays(v, dtype, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
@@ -258,7 +260,7 @@ def to_arrays(inputs: Any, dtype: Any, device: Any) -> Any:
 
 def cast_tree(tree: Any, dtype: Any, device: Any) -> Any:
     """Inexact array leaves in ``dtype`` on ``device``; other leaves unchanged."""
-    jax = _jax()
+    jax = require_jax()
 
     def cast(leaf: Any) -> Any:
         if isinstance(leaf, (np.ndarray, jax.Array)) and is_inexact(leaf):
@@ -278,7 +280,7 @@ def slice_inputs(x: Any, start: int, stop: int) -> Any:
 
 def pad_batch(x: Any, size: int) -> Any:
     """Repeat the last sample until the batch has ``size`` samples."""
-    jax = _jax()
+    jax = require_jax()
     import jax.numpy as jnp
 
     def pad(a: Any) -> Any:
@@ -298,7 +300,7 @@ def batch_of(x: Any) -> int:
 
 
 def _is_array(value: Any) -> bool:
-    jax = _jax()
+    jax = require_jax()
     return isinstance(value, (jax.Array, np.ndarray))
 
 
@@ -313,7 +315,7 @@ def select_output(raw: Any, output: OutputSelector | None) -> Any:
 def resolve_device(device: str | None) -> Any:
     """The JAX device for ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"cuda:1"``, ``"tpu:0"`` ...;
     ``None`` is JAX's default device (the accelerator when one is visible)."""
-    jax = _jax()
+    jax = require_jax()
     if device is None:
         return jax.devices()[0]
     kind, _, index = device.strip().lower().partition(":")
@@ -342,7 +344,7 @@ def device_name(device: Any) -> str:
 def x64_scope(enabled: bool) -> Iterator[None]:
     """Enable 64-bit types for the duration of the block only (thread-local), leaving the
     user's global ``jax_enable_x64`` setting as it was."""
-    jax = _jax()
+    jax = require_jax()
     if not enabled:
         yield
         return
@@ -374,7 +376,7 @@ def is_inexact(value: Any) -> bool:
 
 
 def flatten_params(params: Any) -> Leaves:
-    jax = _jax()
+    jax = require_jax()
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     values = [v for _, v in with_path]
     paths = [jax.tree_util.keystr(p) for p, _ in with_path]
@@ -387,22 +389,15 @@ def flatten_params(params: Any) -> Leaves:
     return Leaves(values=values, treedef=treedef, trainable=trainable, paths=paths)
 
 
-JacobianFn = Callable[[Any, int, int, int], Any]
-
-
 def with_values(leaves: Any, index: Any, replaced: Any, values: Any) -> Any:
     """The parameter pytree with ``values``, its leaves ``index`` replaced by ``replaced``."""
-    jax = _jax()
+    jax = require_jax()
     full = list(values)
     for k, i in enumerate(index):
         full[i] = replaced[k]
     return jax.tree_util.tree_unflatten(leaves.treedef, full)
 
 
-#: Jitted Jacobian functions of recent models, keyed by the traced forward pass's text
-#: (structure, shapes, dtypes, literals; weights, constants and closed-over arrays are
-#: arguments), so that measuring many checkpoints of one architecture compiles once.
-_JITTED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 CACHE_SIZE = 8
 
 
@@ -418,137 +413,6 @@ def cached(cache: collections.OrderedDict[Any, Any], key: Any, make: Callable[[]
     return hit
 
 
-def _jitted(key: tuple[Any, ...], closed: Any, build: Callable[[Any], Any]) -> Any:
-    """``build(jaxpr)`` for the traced ``closed`` jaxpr, from the cache when the same
-    computation was compiled recently."""
-    return cached(_JITTED, (*key, str(closed.jaxpr)), lambda: build(closed.jaxpr))
-
-
-def _as_function(jaxpr: Any) -> Callable[..., Any]:
-    """``f(jaxpr_consts, *args)``: the jaxpr's first output, its inputs given as pytrees
-    flattened in the order the jaxpr was traced with."""
-    jax = _jax()
-    from cvcore.backends.jax_structured import evaluate
-
-    def f(consts: Any, *args: Any) -> Any:
-        return evaluate(jaxpr, consts, jax.tree_util.tree_leaves(args), (), {}, {}, {})[0]
-
-    return f
-
-
-def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelRequest,
-                  n_outputs: int) -> JacobianFn:
-    """A function ``(x, start, stop, size)`` giving the Jacobian block (stop-start, O,
-    P_group) of samples ``[start, stop)`` with respect to the group's leaves.
-
-    Eval mode: per-sample ``jacrev`` (``jacfwd`` when O exceeds the group's size), vmapped
-    over samples and jitted; chunks are padded to one size so it compiles once. Train mode
-    on a batched model: rows of the Jacobian of the whole batch's call, since batch
-    statistics couple the samples (``size`` is ignored). The forward pass is traced once
-    per call and the jitted function comes from a cache keyed by its text (``_jitted``).
-    """
-    jax = _jax()
-    import jax.numpy as jnp
-
-    index = [leaves.trainable[m] for m in group.members]
-    output = request.output
-
-    def params_of(group_values: Any, values: Any) -> Any:
-        return with_values(leaves, index, group_values, values)
-
-    def stack(jac: Any, b: int) -> Any:
-        return jnp.concatenate([j.reshape(b, n_outputs, -1) for j in jac], axis=2)
-
-    group_values = tuple(leaves.values[i] for i in index)
-
-    if request.train and prep.batched:
-        def whole_batch(gv: Any, values: Any, consts: Any, x: Any) -> Any:
-            raw = prep.call(params_of(gv, values), consts, x)
-            return select_output(raw, output).reshape(batch_of(x), -1)
-
-        def build_batch(jaxpr: Any) -> Any:
-            f = _as_function(jaxpr)
-            return jax.jit(lambda jc, gv, values, consts, x: jax.jacrev(
-                lambda g: f(jc, g, values, consts, x))(gv))
-
-        def train_jac(x: Any, start: int, stop: int, size: int) -> Any:
-            closed = jax.make_jaxpr(whole_batch)(group_values, leaves.values, prep.constants, x)
-            rows = _jitted(("batch", n_outputs), closed, build_batch)
-            jac = rows(closed.consts, group_values, leaves.values, prep.constants, x)
-            return stack(tuple(j[start:stop] for j in jac), stop - start)
-
-        return train_jac
-
-    def single(gv: Any, values: Any, consts: Any, xi: Any) -> Any:
-        xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
-        raw = prep.call(params_of(gv, values), consts, xb)
-        return select_output(raw, output).reshape(-1)
-
-    diff = jax.jacfwd if n_outputs > group.size else jax.jacrev
-
-    def build(jaxpr: Any) -> Any:
-        f = _as_function(jaxpr)
-
-        def vmapped(jc: Any, gv: Any, values: Any, consts: Any, x: Any) -> Any:
-            per = jax.vmap(diff(f, argnums=1), in_axes=(None, None, None, None, 0))
-            return stack(per(jc, gv, values, consts, x), batch_of(x))
-
-        return jax.jit(vmapped)
-
-    state: dict[str, Any] = {}  # the traced forward pass and its jitted Jacobian
-
-    def eval_jac(x: Any, start: int, stop: int, size: int) -> Any:
-        if "fn" not in state:
-            sample = jax.tree_util.tree_map(lambda a: a[0], slice_inputs(x, 0, 1))
-            closed = jax.make_jaxpr(single)(group_values, leaves.values, prep.constants, sample)
-            state["fn"] = _jitted(("sample", diff.__name__, n_outputs), closed, build)
-            state["consts"] = closed.consts
-        block = pad_batch(slice_inputs(x, start, stop), size)
-        jac = state["fn"](state["consts"], group_values, leaves.values, prep.constants, block)
-        return jac[:stop - start]
-
-    return eval_jac
-
-
-def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, plan: Plan,
-             n_outputs: int) -> Any:
-    """Accumulate the kernel over parameter groups and sample blocks."""
-    import jax.numpy as jnp
-
-    n = batch_of(x)
-    traced = request.kernel == "traced"
-    width = 1 if traced else n_outputs
-    scale = 1.0 / n_outputs if traced else 1.0
-    kernel = np.zeros((n * width, n * width), dtype=np.dtype(request.dtype))
-
-    def rows(j: Any) -> Any:  # (b, O, P) -> (b, O·P) traced, (b·O, P) full
-        return j.reshape(j.shape[0], -1) if traced else j.reshape(-1, j.shape[2])
-
-    def product(a: Any, b: Any) -> Any:
-        return np.asarray(scale * jnp.matmul(a, b.T, precision="highest"))
-
-    for group in plan.groups:
-        jac = make_jacobian(prep, leaves, group, request, n_outputs)
-        chunks = plan.chunks(group, 0, n)
-        size = max(b - a for a, b in chunks)
-
-        def block_rows(a0: int, a1: int, jac: JacobianFn = jac, size: int = size,
-                       group: Group = group) -> Any:
-            parts = [jac(x, a, b, size) for a, b in plan.chunks(group, a0, a1)]
-            return rows(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
-
-        blocks = plan.sample_blocks(group)
-        for bi, (a0, a1) in enumerate(blocks):
-            ra = block_rows(a0, a1)
-            kernel[a0 * width:a1 * width, a0 * width:a1 * width] += product(ra, ra)
-            for b0, b1 in blocks[bi + 1:]:
-                block = product(ra, block_rows(b0, b1))
-                kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
-                kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
-    check_finite(kernel, n, width)
-    return kernel
-
-
 def check_finite(kernel: Any, n: int, width: int) -> None:
     """Raise naming the samples whose outputs or gradients are NaN or Inf."""
     bad = np.flatnonzero(~np.isfinite(np.diagonal(kernel)))
@@ -561,103 +425,11 @@ def check_finite(kernel: Any, n: int, width: int) -> None:
         )
 
 
-def probe_outputs(prep: Prepared, leaves: Leaves, x: Any, output: OutputSelector | None) -> int:
-    """Trace one sample's forward pass; return O, turning a failure into a one-line error.
-    The trace is cached (:func:`cvcore.backends.jax_structured.trace`) and reused by the
-    structured path."""
-    from cvcore.backends.jax_structured import trace
-
-    try:
-        return trace(prep, leaves, x, output).n_outputs
-    except CVCoreError:
-        raise
-    except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "immutable" in message:
-            raise ModelError(
-                f"expected a {prep.form} model that measures without updating its state, got "
-                f"{message}; build BatchNorm with use_running_average=True or give __call__ a "
-                "'train' argument"
-            ) from exc
-        raise InputError(f"expected inputs the model accepts, got {outputs.describe_inputs(x)}: {message}") from exc
-
-
-class JaxBackend:
-    """Backend for JAX models: ``(apply_fn, params)``, flax linen / nnx, equinox."""
-
-    name = "jax"
-    extra = "jax"
-    modules = ("jax", "flax", "equinox")
-
-    def available(self) -> bool:
-        return importlib.util.find_spec("jax") is not None
-
-    def accepts(self, model: object) -> bool:
-        return model_form(model) is not None
-
-    def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
-        jax = _jax()
-        device = resolve_device(request.device)
-        with x64_scope(request.dtype == "float64"), jax.default_device(device), \
-                jax.default_matmul_precision("highest"):
-            return self._ntk(model, inputs, request, device)
-
-    def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
-        """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),
-        full ``‖J_io‖²`` (N·O values, row ``i·O + o``); their sum is ``Tr K``."""
-        from cvcore.backends.jax_trace import kernel_diagonal
-
-        return kernel_diagonal(model, inputs, request)
-
-    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
-        """The kernel as a matrix-free ``K @ V`` operator (``cvcore.estimate.KernelOperator``)."""
-        from cvcore.backends.jax_trace import kernel_operator
-
-        return kernel_operator(model, inputs, request)
-
-    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
-        """Each layer's kernel (layers by parameter-tree path): ``cvcore.protocols.LayerKernels``."""
-        jax = _jax()
-        from cvcore.backends.jax_layers import layer_kernels
-
-        device = resolve_device(request.device)
-        with x64_scope(request.dtype == "float64"), jax.default_device(device), \
-                jax.default_matmul_precision("highest"):
-            return layer_kernels(self, model, inputs, request, device)
-
-    def setup(self, model: Any, inputs: Any, request: KernelRequest, device: Any
-              ) -> tuple[Prepared, Leaves, Any, int, int]:
-        """The prepared model, its leaves, the inputs, ``N`` and ``O``."""
-        import jax.numpy as jnp
-
-        dtype = jnp.float64 if request.dtype == "float64" else jnp.float32
-        prep = prepare(model, request.train)
-        prep.params = cast_tree(prep.params, dtype, device)
-        prep.constants = cast_tree(prep.constants, dtype, device)
-        leaves = flatten_params(prep.params)
-        x = to_arrays(inputs, dtype, device)
-        n = batch_of(x)
-        if n == 0:
-            raise InputError("expected at least one input sample, got an empty batch")
-        return prep, leaves, x, n, probe_outputs(prep, leaves, x, request.output)
-
-    def kernel_of(self, prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest,
-                  n_outputs: int) -> np.ndarray:
-        """The kernel over ``leaves.trainable``: structured when it applies, else Jacobian."""
-        sizes = [int(leaves.values[i].size) for i in leaves.trainable]
-        if request.implementation != Implementation.JACOBIAN:
-            from cvcore.backends.jax_structured import attempt, structured_kernel
-
-            kernel = attempt(structured_kernel, prep, leaves, x, request, n_outputs)
-            if kernel is not None:
-                return kernel
-        plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs, group_sizes=sizes,
-                           itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
-        return assemble(prep, leaves, x, request, plan, n_outputs)
-
-    def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
-        prep, leaves, x, n, n_outputs = self.setup(model, inputs, request, device)
-        kernel = self.kernel_of(prep, leaves, x, request, n_outputs)
-        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
-                            n_params=sum(int(leaves.values[i].size) for i in leaves.trainable),
-                            device=device_name(device))
+@contextlib.contextmanager
+def scope(request: KernelRequest, device: Any) -> Iterator[None]:
+    """The request's dtype (``jax.enable_x64`` for float64, restored afterwards), its
+    device, and ``jax.default_matmul_precision("highest")``: every measurement runs in it."""
+    jax = require_jax()
+    with x64_scope(request.dtype == "float64"), jax.default_device(device), \
+            jax.default_matmul_precision("highest"):
+        yield

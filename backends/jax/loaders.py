@@ -267,7 +267,7 @@ def fill(template: Any, state: Any, path: Path, optional: frozenset[str] = froze
 
 def restore(template: Any, state: Any, path: Path) -> Any:
     """Put a file's parameter tree into the model the factory built."""
-    from cvcore.backends.jax_backend import model_form
+    from cvcore.backends.jax.setup import model_form
 
     state = pure_tree(state)
     form = model_form(template)
@@ -431,7 +431,7 @@ class PickleTreeLoader:
         if not is_pickle(path):
             raise InputError(f"{path}: expected a pickle (protocol 2 or later), got other content")
         obj = read_pickle(path, options.trust)
-        from cvcore.backends.jax_backend import model_form
+        from cvcore.backends.jax.setup import model_form
 
         if options.model_factory is None and model_form(obj) is not None:
             return LoadedModel(model=obj, backend="jax")

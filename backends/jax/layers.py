@@ -13,6 +13,8 @@ import dataclasses
 import re
 from typing import Any
 
+from cvcore.backends.jax.setup import device_name
+
 from cvcore.protocols import KernelRequest, LayerKernel, LayerKernels
 
 _KEY = re.compile(r"\['([^']*)'\]|\[\"([^\"]*)\"\]|\[(-?\d+)\]|\.(\w+)")
@@ -35,8 +37,6 @@ def layer_name(keystr: str) -> str:
 def layer_kernels(backend: Any, model: Any, inputs: Any, request: KernelRequest,
                   device: Any) -> LayerKernels:
     """What ``JaxBackend.layer_kernels`` returns (see the module doc)."""
-    from cvcore.backends.jax_backend import device_name
-
     prep, leaves, x, n, n_outputs = backend.setup(model, inputs, request, device)
     groups: dict[str, list[int]] = {}
     for i in leaves.trainable:

@@ -1,0 +1,96 @@
+"""The JAX backend's class: :class:`JaxBackend`, what the ``jax`` plugin registers.
+
+It dispatches a request to the engines below it: the structured path
+(:mod:`cvcore.backends.jax.structured`) when its layer rules apply, else the Jacobian path
+(:mod:`cvcore.backends.jax.jacobian`); the diagonal, the matrix-free operator and the
+per-layer kernels are in :mod:`diagonal`, :mod:`operator` and :mod:`layers`. The model
+forms it accepts are described in :mod:`cvcore.backends.jax.setup`. Importing this module
+does not import JAX.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import numpy as np
+from cvcore.backends.jax.jacobian import Setup, assemble, prepare_request
+from cvcore.backends.jax.setup import (
+    Leaves,
+    Prepared,
+    batch_of,
+    device_name,
+    model_form,
+    resolve_device,
+    scope,
+)
+
+from cvcore.blocking import plan_blocks
+from cvcore.protocols import Implementation, KernelRequest, KernelResult
+
+
+class JaxBackend:
+    """Backend for JAX models: ``(apply_fn, params)``, flax linen / nnx, equinox."""
+
+    name = "jax"
+    extra = "jax"
+    modules = ("jax", "flax", "equinox")
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("jax") is not None
+
+    def accepts(self, model: object) -> bool:
+        return model_form(model) is not None
+
+    def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
+        device = resolve_device(request.device)
+        with scope(request, device):
+            return self._ntk(model, inputs, request, device)
+
+    def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
+        """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),
+        full ``‖J_io‖²`` (N·O values, row ``i·O + o``); their sum is ``Tr K``."""
+        from cvcore.backends.jax.diagonal import kernel_diagonal
+
+        return kernel_diagonal(model, inputs, request)
+
+    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """The kernel as a matrix-free ``K @ V`` operator (``cvcore.estimate.KernelOperator``)."""
+        from cvcore.backends.jax.operator import kernel_operator
+
+        return kernel_operator(model, inputs, request)
+
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+        """Each layer's kernel (layers by parameter-tree path): ``cvcore.protocols.LayerKernels``."""
+        from cvcore.backends.jax.layers import layer_kernels
+
+        device = resolve_device(request.device)
+        with scope(request, device):
+            return layer_kernels(self, model, inputs, request, device)
+
+    def setup(self, model: Any, inputs: Any, request: KernelRequest, device: Any
+              ) -> tuple[Prepared, Leaves, Any, int, int]:
+        """The prepared model, its leaves, the inputs, ``N`` and ``O``."""
+        s: Setup = prepare_request(model, inputs, request, device, request.train)
+        return s.prep, s.leaves, s.x, s.n, s.n_outputs
+
+    def kernel_of(self, prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest,
+                  n_outputs: int) -> np.ndarray:
+        """The kernel over ``leaves.trainable``: structured when it applies, else Jacobian."""
+        sizes = [int(leaves.values[i].size) for i in leaves.trainable]
+        if request.implementation != Implementation.JACOBIAN:
+            from cvcore.backends.jax.structured import attempt, structured_kernel
+
+            kernel = attempt(structured_kernel, prep, leaves, x, request, n_outputs)
+            if kernel is not None:
+                return kernel
+        plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs, group_sizes=sizes,
+                           itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
+        return assemble(prep, leaves, x, request, plan, n_outputs)
+
+    def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
+        prep, leaves, x, n, n_outputs = self.setup(model, inputs, request, device)
+        kernel = self.kernel_of(prep, leaves, x, request, n_outputs)
+        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                            n_params=sum(int(leaves.values[i].size) for i in leaves.trainable),
+                            device=device_name(device))

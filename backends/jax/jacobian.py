@@ -1,0 +1,208 @@
+"""The JAX backend's Jacobian path: jitted, vmapped per-sample Jacobians, one GEMM per block.
+
+:func:`prepare_request` prepares a model and its inputs for a request (every engine of
+the backend starts there); :func:`make_jacobian` gives the Jacobian block of a chunk of
+samples for a parameter group; :func:`assemble` accumulates the kernel over the groups
+and sample blocks of a :class:`cvcore.blocking.Plan`. Built on :mod:`setup` and
+:mod:`jaxpr` only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from cvcore.backends.jax.jaxpr import evaluate, probe_outputs
+from cvcore.backends.jax.setup import (
+    Leaves,
+    Prepared,
+    batch_of,
+    cached,
+    cast_tree,
+    check_finite,
+    flatten_params,
+    pad_batch,
+    prepare,
+    require_jax,
+    select_output,
+    slice_inputs,
+    to_arrays,
+    with_values,
+)
+
+from cvcore.blocking import Group, Plan
+from cvcore.errors import InputError
+from cvcore.protocols import KernelRequest
+
+JacobianFn = Callable[[Any, int, int, int], Any]
+
+
+#: Jitted Jacobian functions of recent models, keyed by the traced forward pass's text
+#: (structure, shapes, dtypes, literals; weights, constants and closed-over arrays are
+#: arguments), so that measuring many checkpoints of one architecture compiles once.
+_JITTED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+
+
+def _jitted(key: tuple[Any, ...], closed: Any, build: Callable[[Any], Any]) -> Any:
+    """``build(jaxpr)`` for the traced ``closed`` jaxpr, from the cache when the same
+    computation was compiled recently."""
+    return cached(_JITTED, (*key, str(closed.jaxpr)), lambda: build(closed.jaxpr))
+
+
+def _as_function(jaxpr: Any) -> Callable[..., Any]:
+    """``f(jaxpr_consts, *args)``: the jaxpr's first output, its inputs given as pytrees
+    flattened in the order the jaxpr was traced with."""
+    jax = require_jax()
+
+    def f(consts: Any, *args: Any) -> Any:
+        return evaluate(jaxpr, consts, jax.tree_util.tree_leaves(args), (), {}, {}, {})[0]
+
+    return f
+
+
+def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelRequest,
+                  n_outputs: int) -> JacobianFn:
+    """A function ``(x, start, stop, size)`` giving the Jacobian block (stop-start, O,
+    P_group) of samples ``[start, stop)`` with respect to the group's leaves.
+
+    Eval mode: per-sample ``jacrev`` (``jacfwd`` when O exceeds the group's size), vmapped
+    over samples and jitted; chunks are padded to one size so it compiles once. Train mode
+    on a batched model: rows of the Jacobian of the whole batch's call, since batch
+    statistics couple the samples (``size`` is ignored). The forward pass is traced once
+    per call and the jitted function comes from a cache keyed by its text (``_jitted``).
+    """
+    jax = require_jax()
+    import jax.numpy as jnp
+
+    index = [leaves.trainable[m] for m in group.members]
+    output = request.output
+
+    def params_of(group_values: Any, values: Any) -> Any:
+        return with_values(leaves, index, group_values, values)
+
+    def stack(jac: Any, b: int) -> Any:
+        return jnp.concatenate([j.reshape(b, n_outputs, -1) for j in jac], axis=2)
+
+    group_values = tuple(leaves.values[i] for i in index)
+
+    if request.train and prep.batched:
+        def whole_batch(gv: Any, values: Any, consts: Any, x: Any) -> Any:
+            raw = prep.call(params_of(gv, values), consts, x)
+            return select_output(raw, output).reshape(batch_of(x), -1)
+
+        def build_batch(jaxpr: Any) -> Any:
+            f = _as_function(jaxpr)
+            return jax.jit(lambda jc, gv, values, consts, x: jax.jacrev(
+                lambda g: f(jc, g, values, consts, x))(gv))
+
+        def train_jac(x: Any, start: int, stop: int, size: int) -> Any:
+            closed = jax.make_jaxpr(whole_batch)(group_values, leaves.values, prep.constants, x)
+            rows = _jitted(("batch", n_outputs), closed, build_batch)
+            jac = rows(closed.consts, group_values, leaves.values, prep.constants, x)
+            return stack(tuple(j[start:stop] for j in jac), stop - start)
+
+        return train_jac
+
+    def single(gv: Any, values: Any, consts: Any, xi: Any) -> Any:
+        xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
+        raw = prep.call(params_of(gv, values), consts, xb)
+        return select_output(raw, output).reshape(-1)
+
+    diff = jax.jacfwd if n_outputs > group.size else jax.jacrev
+
+    def build(jaxpr: Any) -> Any:
+        f = _as_function(jaxpr)
+
+        def vmapped(jc: Any, gv: Any, values: Any, consts: Any, x: Any) -> Any:
+            per = jax.vmap(diff(f, argnums=1), in_axes=(None, None, None, None, 0))
+            return stack(per(jc, gv, values, consts, x), batch_of(x))
+
+        return jax.jit(vmapped)
+
+    state: dict[str, Any] = {}  # the traced forward pass and its jitted Jacobian
+
+    def eval_jac(x: Any, start: int, stop: int, size: int) -> Any:
+        if "fn" not in state:
+            sample = jax.tree_util.tree_map(lambda a: a[0], slice_inputs(x, 0, 1))
+            closed = jax.make_jaxpr(single)(group_values, leaves.values, prep.constants, sample)
+            state["fn"] = _jitted(("sample", diff.__name__, n_outputs), closed, build)
+            state["consts"] = closed.consts
+        block = pad_batch(slice_inputs(x, start, stop), size)
+        jac = state["fn"](state["consts"], group_values, leaves.values, prep.constants, block)
+        return jac[:stop - start]
+
+    return eval_jac
+
+
+def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, plan: Plan,
+             n_outputs: int) -> Any:
+    """Accumulate the kernel over parameter groups and sample blocks."""
+    import jax.numpy as jnp
+
+    n = batch_of(x)
+    traced = request.kernel == "traced"
+    width = 1 if traced else n_outputs
+    scale = 1.0 / n_outputs if traced else 1.0
+    kernel = np.zeros((n * width, n * width), dtype=np.dtype(request.dtype))
+
+    def rows(j: Any) -> Any:  # (b, O, P) -> (b, O·P) traced, (b·O, P) full
+        return j.reshape(j.shape[0], -1) if traced else j.reshape(-1, j.shape[2])
+
+    def product(a: Any, b: Any) -> Any:
+        return np.asarray(scale * jnp.matmul(a, b.T, precision="highest"))
+
+    for group in plan.groups:
+        jac = make_jacobian(prep, leaves, group, request, n_outputs)
+        chunks = plan.chunks(group, 0, n)
+        size = max(b - a for a, b in chunks)
+
+        def block_rows(a0: int, a1: int, jac: JacobianFn = jac, size: int = size,
+                       group: Group = group) -> Any:
+            parts = [jac(x, a, b, size) for a, b in plan.chunks(group, a0, a1)]
+            return rows(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+
+        blocks = plan.sample_blocks(group)
+        for bi, (a0, a1) in enumerate(blocks):
+            ra = block_rows(a0, a1)
+            kernel[a0 * width:a1 * width, a0 * width:a1 * width] += product(ra, ra)
+            for b0, b1 in blocks[bi + 1:]:
+                block = product(ra, block_rows(b0, b1))
+                kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
+                kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
+    check_finite(kernel, n, width)
+    return kernel
+
+
+@dataclasses.dataclass
+class Setup:
+    """A model and its inputs ready to measure: the prepared model and its leaves in the
+    request's dtype on its device, the inputs as arrays, ``N``, ``O``, the leaves' sizes."""
+
+    prep: Prepared
+    leaves: Leaves
+    x: Any
+    n: int
+    n_outputs: int
+    sizes: list[int]
+
+
+def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: Any, train: bool
+                    ) -> Setup:
+    """Prepare the model and inputs for ``request`` (call inside :func:`setup.scope`)."""
+    import jax.numpy as jnp
+
+    dtype = jnp.float64 if request.dtype == "float64" else jnp.float32
+    prep = prepare(model, train)
+    prep.params = cast_tree(prep.params, dtype, device)
+    prep.constants = cast_tree(prep.constants, dtype, device)
+    leaves = flatten_params(prep.params)
+    x = to_arrays(inputs, dtype, device)
+    n = batch_of(x)
+    if n == 0:
+        raise InputError("expected at least one input sample, got an empty batch")
+    n_outputs = probe_outputs(prep, leaves, x, request.output)
+    sizes = [int(leaves.values[i].size) for i in leaves.trainable]
+    return Setup(prep, leaves, x, n, n_outputs, sizes)
