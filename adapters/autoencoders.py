@@ -62,7 +62,7 @@ def posterior_mean(code: Any) -> tuple[Any, bool]:
 def _first_sample(model: Any, inputs: Any) -> Any:
     """The first input, as a tensor of the model's dtype and device."""
     import torch
-    from cvcore.backends.torch_backend import to_tensors
+    from cvcore.backends.torch.setup import to_tensors
 
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None else torch.float32
@@ -73,7 +73,7 @@ def _first_sample(model: Any, inputs: Any) -> Any:
 
 def _is_variational(model: Any, inputs: Any, names: tuple[str, str]) -> bool:
     import torch
-    from cvcore.backends.torch_backend import training_mode
+    from cvcore.backends.torch.setup import training_mode
 
     with torch.no_grad(), training_mode(model, False):
         return posterior_mean(getattr(model, names[0])(_first_sample(model, inputs)))[1]
@@ -81,7 +81,7 @@ def _is_variational(model: Any, inputs: Any, names: tuple[str, str]) -> bool:
 
 def _check_deterministic(model: Any, inputs: Any) -> None:
     import torch
-    from cvcore.backends.torch_backend import training_mode
+    from cvcore.backends.torch.setup import training_mode
 
     x = _first_sample(model, inputs)
     with torch.no_grad(), training_mode(model, False):

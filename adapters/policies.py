@@ -140,7 +140,7 @@ class PolicyAdapter:
 
 def _first_output(model: Any, inputs: Any) -> Any:
     import torch
-    from cvcore.backends.torch_backend import to_tensors, training_mode
+    from cvcore.backends.torch.setup import to_tensors, training_mode
 
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None else torch.float32

@@ -8,7 +8,7 @@ For each model and probe size (float32, ``implementation="auto"``, one torch thr
 least CPU time of this process over ``--reps`` calls after one warm-up, of
 
 * ``auto``: ``cvcore.api.build`` as shipped (the structured path's row checks on);
-* ``no-checks``: the same with the row checks of ``backends/torch_rowcheck.py`` stubbed
+* ``no-checks``: the same with the row checks of ``backends/torch/rowcheck.py`` stubbed
   out (what the structured path cost before it checked anything);
 * ``verify``: ``build`` with ``verify=True``;
 * ``per-layer``: ``build(..., per_layer=True)``.
@@ -30,7 +30,7 @@ from run import make_model
 
 @contextlib.contextmanager
 def no_row_checks() -> Iterator[None]:
-    from cvcore.backends import torch_rowcheck as rc
+    from cvcore.backends.torch import rowcheck as rc
 
     saved = rc.forward_check, rc.backward_check
     rc.forward_check = lambda prep, x, request, out, cap, structured: (False, set())

@@ -166,7 +166,7 @@ Method = Callable[[Case], Callable[[], Any]]
 def cvcore_kernel(impl: str) -> Method:
     """``TorchBackend.ntk`` with ``implementation=impl``."""
     def setup(case: Case) -> Callable[[], Any]:
-        from cvcore.backends.torch_backend import TorchBackend
+        from cvcore.backends.torch.backend import TorchBackend
 
         from cvcore.protocols import Implementation, KernelRequest
 

@@ -10,7 +10,7 @@ round-off.
 It is not on by default: on the benchmark models (docs/benchmarks.md) the check costs
 about 60 ms of CPU time, 2-6x a whole ``auto`` call on the 784-256-256-10 MLP and about 9 %
 on the CNN, more than the 5 % a default may cost. The structured path's own row checks
-(:mod:`cvcore.backends.torch_rowcheck`) are always on.
+(:mod:`cvcore.backends.torch.rowcheck`) are always on.
 """
 
 from __future__ import annotations

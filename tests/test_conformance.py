@@ -321,7 +321,7 @@ def torch_access() -> FiniteDifferenceAccess:
 
 def test_torch_backend_conforms() -> None:
     torch = pytest.importorskip("torch")
-    from cvcore.backends.torch_backend import TorchBackend
+    from cvcore.backends.torch.backend import TorchBackend
 
     def make_model() -> Any:
         torch.manual_seed(0)

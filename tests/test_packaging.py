@@ -17,7 +17,7 @@ def test_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"cvcore"}
-    for expected in ("cvcore/backends/torch_backend.py", "cvcore/backends/jax/backend.py",
+    for expected in ("cvcore/backends/torch/backend.py", "cvcore/backends/jax/backend.py",
                      "cvcore/backends/tf_backend.py", "cvcore/adapters/plugin.py",
                      "cvcore/cli/app.py", "cvcore/data/digits.npz", "cvcore/py.typed",
                      "cvcore/integrations/lightning.py"):
@@ -25,4 +25,4 @@ def test_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "cv = cvcore.cli.app:main" in text
-    assert "torch = cvcore.backends.torch_plugin" in text
+    assert "torch = cvcore.backends.torch" in text

@@ -185,8 +185,8 @@ def test_forwards_coupling_samples_mean_each_sample_alone(make: Any) -> None:
 
 def test_row_local_layers_keep_their_rule() -> None:
     """Only the layer on the buffer leaves the structured path."""
-    from cvcore.backends.torch_backend import prepare, to_tensors
-    from cvcore.backends.torch_structured import capture_block
+    from cvcore.backends.torch.setup import prepare, to_tensors
+    from cvcore.backends.torch.structured import capture_block
 
     from cvcore.protocols import Implementation, KernelRequest
 

@@ -18,8 +18,9 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from cvcore.backends.torch_backend import TorchBackend, prepare, to_tensors  # noqa: E402
-from cvcore.backends.torch_structured import structured_kernel  # noqa: E402
+from cvcore.backends.torch.backend import TorchBackend  # noqa: E402
+from cvcore.backends.torch.setup import prepare, to_tensors  # noqa: E402
+from cvcore.backends.torch.structured import structured_kernel  # noqa: E402
 from cvcore.protocols import Implementation, KernelRequest  # noqa: E402
 
 RTOL = 1e-10

@@ -195,7 +195,7 @@ def test_measure_gives_collective_variables() -> None:
 
 
 def test_default_device_is_cpu_without_gpu() -> None:
-    from cvcore.backends.torch_backend import resolve_device
+    from cvcore.backends.torch.setup import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None) == expected

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cvcore.backends import torch_structured
+from cvcore.backends.torch import structured as torch_structured
 
 import cvcore
 from cvcore.errors import InputError

@@ -3,7 +3,7 @@
 ``K = Σ_l K_l`` over modules, each ``K_l`` the sum over that module's own parameters
 (the module path is the parameter's name without its last component). The structured
 path forms per-parameter blocks anyway, so it adds each to its module's kernel
-(:func:`cvcore.backends.torch_structured.structured_parts`); parameters without a rule,
+(:func:`cvcore.backends.torch.structured.structured_parts`); parameters without a rule,
 and every parameter under ``implementation="jacobian"``, go through the Jacobian path one
 module at a time (one forward and backward pass per module and sample block).
 """
@@ -20,7 +20,8 @@ def _restricted(prep: Any, x: Any, request: KernelRequest, names: list[str], n_o
                 jac: Any, dtype: Any, device: str) -> Any:
     """The Jacobian path's kernel over ``names`` only (the others held fixed)."""
     import torch
-    from cvcore.backends.torch_backend import _assemble, batch_of
+    from cvcore.backends.torch.jacobian import assemble
+    from cvcore.backends.torch.setup import batch_of
 
     from cvcore.blocking import plan_blocks
 
@@ -30,13 +31,13 @@ def _restricted(prep: Any, x: Any, request: KernelRequest, names: list[str], n_o
     plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs,
                        group_sizes=[int(sub.params[k].numel()) for k in names],
                        itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
-    return _assemble(sub, x, request, plan, jac, n_outputs, device, dtype)
+    return assemble(sub, x, request, plan, jac, n_outputs, device, dtype)
 
 
-def layer_kernels(backend: Any, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
+def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
     """What ``TorchBackend.layer_kernels`` returns (see the module doc)."""
-    from cvcore.backends.torch_backend import (
-        _functional_jacobian,
+    from cvcore.backends.torch.jacobian import functional_jacobian, prepare_request
+    from cvcore.backends.torch.setup import (
         full_precision,
         home_device,
         resolve_device,
@@ -47,14 +48,14 @@ def layer_kernels(backend: Any, model: Any, inputs: Any, request: KernelRequest)
     device = resolve_device(request.device)
     if backend_is_scripted(model) and request.device is None and home:
         device = home
-    prep, x, n, n_outputs, jac, dtype = backend.setup(model, inputs, request, device)
+    prep, x, n, n_outputs, jac, dtype = prepare_request(model, inputs, request, device)
     groups: dict[str, list[str]] = {}
     for name in prep.params:
         groups.setdefault(layer_of(name), []).append(name)
     with training_mode(prep.module, request.train), full_precision():
         parts = None
-        if request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian:
-            from cvcore.backends.torch_structured import structured_parts
+        if request.implementation != Implementation.JACOBIAN and jac is functional_jacobian:
+            from cvcore.backends.torch.structured import structured_parts
 
             parts = structured_parts(prep, x, request, n_outputs, layer_of)
         if parts is None:
@@ -67,6 +68,6 @@ def layer_kernels(backend: Any, model: Any, inputs: Any, request: KernelRequest)
 
 
 def backend_is_scripted(model: Any) -> bool:
-    from cvcore.backends.torch_backend import _is_scripted
+    from cvcore.backends.torch.setup import is_scripted
 
-    return bool(_is_scripted(model))
+    return bool(is_scripted(model))

@@ -13,7 +13,7 @@ therefore either has a rule or sends the whole parameter to the exact fallback.
 A use is recorded only when its input's leading size is the number of samples (PyTorch's
 ``batch_first`` convention); any other use taints its parameters. A leading size equal
 to the number of samples is necessary, never sufficient: whether row r really belongs to
-sample r alone is established afterwards by :mod:`cvcore.backends.torch_rowcheck`.
+sample r alone is established afterwards by :mod:`cvcore.backends.torch.rowcheck`.
 Calls that couple samples (batch norm with batch statistics) mark the capture as
 *coupled*, and the caller falls back to the Jacobian path.
 """
@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from cvcore.backends.torch.setup import bind_arguments, fcall, select_output
 
 #: Tensor methods and properties that only read metadata: a parameter may appear in them.
 _METADATA = frozenset({
@@ -73,14 +75,6 @@ class Capture:
     coupled: bool = False
 
 
-def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...],
-          defaults: dict[str, Any]) -> dict[str, Any]:
-    bound = dict(defaults)
-    bound.update(zip(names, args))
-    bound.update(kwargs)
-    return bound
-
-
 class Recorder:
     """A torch function mode that fills a :class:`Capture` (built by :func:`recorder`)."""
 
@@ -108,6 +102,11 @@ class Recorder:
     def add(self, name: str, kind: str, z: Any, a: Any, shape_g: Callable[[Any], Any],
             block: int = 0, also: tuple[str, ...] = ()) -> None:
         self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also, self.op))
+
+    def linear(self, x: Any, weight: Any, bias: Any) -> Any:
+        """``F.linear(x, weight, bias)``, recorded as a dense use (:func:`linear_record`);
+        how the attention decomposition records its projections."""
+        return linear_record(self, x, weight, bias)
 
 
 def recorder(ids: dict[int, str], n: int) -> Any:
@@ -201,7 +200,7 @@ def _with_ones(a: Any) -> Any:
 
 
 def _linear(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    b = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+    b = bind_arguments(args, kwargs, ("input", "weight", "bias"), {"bias": None})
     if rec.param(b["input"]) is not None:
         return _NOT_MINE
     return True, linear_record(rec, b["input"], b["weight"], b["bias"])
@@ -210,7 +209,7 @@ def _linear(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any
 def _conv(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     import torch.nn.functional as F
 
-    b = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    b = bind_arguments(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
               {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
     x, weight, bias = b["input"], b["weight"], b["bias"]
     w_name = rec.param(weight)
@@ -219,7 +218,7 @@ def _conv(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
         return _NOT_MINE
     out = func(*args, **kwargs)
     spatial = weight.dim() - 2
-    n, c_out, groups = rec.n, int(weight.shape[0]), int(b["groups"])
+    c_out, groups = int(weight.shape[0]), int(b["groups"])
     if w_name is not None:
         cols = _unfold(x.detach(), tuple(weight.shape[2:]), b["stride"], b["padding"],
                        b["dilation"], spatial)  # (n, C_in·k, L)
@@ -275,7 +274,7 @@ def _unfold(x: Any, kernel: tuple[int, ...], stride: Any, padding: Any, dilation
 
 
 def _embedding(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    b = _bind(args, kwargs, ("input", "weight", "padding_idx", "max_norm", "norm_type",
+    b = bind_arguments(args, kwargs, ("input", "weight", "padding_idx", "max_norm", "norm_type",
                              "scale_grad_by_freq", "sparse"),
               {"padding_idx": None, "max_norm": None, "scale_grad_by_freq": False})
     idx, weight = b["input"], b["weight"]
@@ -329,7 +328,7 @@ def _numel(shape: Any) -> int:
 def _layer_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     import torch.nn.functional as F
 
-    b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
+    b = bind_arguments(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
               {"weight": None, "bias": None, "eps": 1e-5})
     if not rec.batched(b["input"]):
         return _NOT_MINE
@@ -343,7 +342,7 @@ def _layer_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool,
 def _rms_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     import torch.nn.functional as F
 
-    b = _bind(args, kwargs, ("input", "normalized_shape", "weight", "eps"),
+    b = bind_arguments(args, kwargs, ("input", "normalized_shape", "weight", "eps"),
               {"weight": None, "eps": None})
     if not rec.batched(b["input"]):
         return _NOT_MINE
@@ -357,7 +356,7 @@ def _rms_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, A
 def _group_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     import torch.nn.functional as F
 
-    b = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
+    b = bind_arguments(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
               {"weight": None, "bias": None, "eps": 1e-5})
     if not rec.batched(b["input"]) or b["input"].dim() < 2:
         return _NOT_MINE
@@ -368,7 +367,7 @@ def _group_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool,
 
 
 def _batch_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    b = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias",
+    b = bind_arguments(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias",
                              "training", "momentum", "eps"),
               {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
     x = b["input"]
@@ -386,6 +385,56 @@ def _batch_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool,
 
 
 def _mha(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    from cvcore.backends.torch_attention import decomposed_mha
+    from cvcore.backends.torch.attention import decomposed_mha
 
     return decomposed_mha(rec, args, kwargs)
+
+
+# ------------------------------------------------------------------------------ capture
+def forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
+    """One batched forward pass under the recorder; returns ``(outputs (n, O), capture)``."""
+    import torch
+
+    leaves = {k: v.detach().requires_grad_(True) for k, v in prep.params.items()}
+    mode = recorder({id(t): k for k, t in leaves.items()}, n)
+    with torch.enable_grad():
+        with mode:
+            raw = fcall(prep.module, {**prep.constants, **leaves}, x)
+        out = select_output(raw, output).reshape(n, -1)
+    return out, mode.rec.capture
+
+
+def structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
+    """Parameters every use of which has a rule, consistently.
+
+    A parameter is out when it is tainted or ``excluded``, when its uses need different
+    rules, or when it shares a use with a parameter that is out (a bias folded into a
+    weight).
+    """
+    bad = set(cap.tainted) | _mixed(cap.uses) | set(excluded)
+    changed = True
+    while changed:
+        changed = False
+        for u in cap.uses:
+            names = set(u.names)
+            if names & bad and not names <= bad:
+                bad |= names
+                changed = True
+    return frozenset(n for u in cap.uses for n in u.names) - bad
+
+
+def _mixed(uses: list[Any]) -> set[str]:
+    """Parameters whose uses need different rules (a tied embedding also used by
+    ``F.linear``): the Jacobian path measures them."""
+    seen: dict[tuple[str, int], tuple[Any, ...]] = {}
+    bad: set[str] = set()
+    for u in uses:
+        sig = (u.kind, u.also) if u.a is None else (u.kind, u.also, u.a.dim(), tuple(u.a.shape[2:]))
+        if seen.setdefault(u.key, sig) != sig:
+            bad.add(u.name)
+    names_by_kind: dict[str, set[str]] = {}
+    for u in uses:
+        for name in u.names:
+            names_by_kind.setdefault(name, set()).add(u.kind + ("+" if name != u.name else ""))
+    bad.update(k for k, kinds in names_by_kind.items() if len(kinds) > 1)
+    return bad

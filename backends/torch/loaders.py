@@ -29,7 +29,7 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "
 PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 
 
-def _torch() -> Any:
+def require_torch() -> Any:
     try:
         import torch
     except ImportError:
@@ -75,7 +75,7 @@ def allowed_globals(path: Path) -> list[Any]:
     Raises:
         UntrustedFileError: the file names something else (which would run code).
     """
-    torch = _torch()
+    torch = require_torch()
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as exc:  # noqa: BLE001 - a malformed archive, reported in one line
@@ -98,7 +98,7 @@ def allowed_globals(path: Path) -> list[Any]:
 
 def load_torch_file(path: Path, trust: bool) -> Any:
     """``torch.load`` on the CPU, ``weights_only=True`` unless ``trust``."""
-    torch = _torch()
+    torch = require_torch()
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -119,7 +119,7 @@ def load_torch_file(path: Path, trust: bool) -> Any:
 
 def find_state_dict(obj: Any, path: Path) -> dict[str, Any]:
     """The tensor mapping in a loaded object: itself, or nested under a common key."""
-    torch = _torch()
+    torch = require_torch()
 
     def is_sd(d: Any) -> bool:
         return isinstance(d, dict) and bool(d) and all(
@@ -141,7 +141,7 @@ def find_state_dict(obj: Any, path: Path) -> dict[str, Any]:
 
 def load_state_into(module: Any, state: dict[str, Any], path: Path) -> Any:
     """Load a state dict into a factory-built module; missing/unexpected keys are an error."""
-    torch = _torch()
+    torch = require_torch()
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"expected --model to build a torch.nn.Module, got {type(module).__name__}")
     expected = set(module.state_dict())
@@ -182,7 +182,7 @@ class TorchSaveLoader:
         return is_torch_save(path)
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        torch = _torch()
+        torch = require_torch()
         if not is_torch_save(path):
             kind = "a directory" if path.is_dir() else "content that is not a torch.save archive"
             raise InputError(f"{path}: expected a PyTorch checkpoint (torch.save zip), got {kind}")
@@ -215,7 +215,7 @@ class ExportLoader:
         return any(n.endswith("archive_format") for n in _zip_names(path))
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        torch = _torch()
+        torch = require_torch()
         quiet = logging.getLogger("torch.export")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # torch logs a traceback before raising on bad archives

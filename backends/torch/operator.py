@@ -30,12 +30,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
+from cvcore.protocols import KernelOperator
 
 
 def _activation_bytes(prep: Any, x: Any, output: Any, n: int) -> int:
     """Bytes autograd saves per sample (the difference of a 2- and a 1-sample forward)."""
     import torch
-    from cvcore.backends.torch_backend import fcall, select_output, slice_inputs
+    from cvcore.backends.torch.setup import fcall, select_output
+
+    from cvcore.data_io import slice_inputs
 
     def saved(m: int) -> int:
         total = 0
@@ -72,7 +75,9 @@ class _TorchKernelOperator(OperatorBudget):
 
     def function(self, a: int, b: int) -> Callable[[dict[str, Any]], Any]:
         """``θ ↦ f(x[a:b]; θ)`` as a ``(b - a, O)`` tensor."""
-        from cvcore.backends.torch_backend import fcall, select_output, slice_inputs
+        from cvcore.backends.torch.setup import fcall, select_output
+
+        from cvcore.data_io import slice_inputs
 
         xs = slice_inputs(self.x, a, b)
         constants, module, output = self.prep.constants, self.prep.module, self.output
@@ -147,9 +152,9 @@ def _batched(fn: Callable[[Any], Any], batch: Any) -> Any:
     try:
         return vmap(fn)(batch)
     except RuntimeError as exc:
-        from cvcore.backends.torch_backend import _vmap_refusal
+        from cvcore.backends.torch.jacobian import vmap_refusal
 
-        if not _vmap_refusal(exc):
+        if not vmap_refusal(exc):
             raise
     leaves, spec = torch.utils._pytree.tree_flatten(batch)
     results = [fn(torch.utils._pytree.tree_unflatten([t[i] for t in leaves], spec))
@@ -157,11 +162,10 @@ def _batched(fn: Callable[[Any], Any], batch: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *results)
 
 
-def kernel_operator(backend: Any, model: Any, inputs: Any, request: Any) -> Any:
-    """What ``TorchBackend.operator`` returns: the NTK as a :class:`cvcore.estimate.KernelOperator`.
+def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
+    """What ``TorchBackend.operator`` returns: the NTK as a :class:`cvcore.protocols.KernelOperator`.
 
     Args:
-        backend: the :class:`~cvcore.backends.torch_backend.TorchBackend` (for its probe).
         model: an ``nn.Module`` or a ``torch.export`` program with a dynamic batch.
         inputs: the probe inputs, batch first.
         request: the :class:`cvcore.protocols.KernelRequest`; ``dtype`` is the precision
@@ -174,7 +178,7 @@ def kernel_operator(backend: Any, model: Any, inputs: Any, request: Any) -> Any:
             (``torch.func`` cannot transform them), or an integer output.
     """
     import torch
-    from cvcore.backends.torch_backend import (
+    from cvcore.backends.torch.setup import (
         batch_of,
         full_precision,
         prepare,
@@ -182,9 +186,9 @@ def kernel_operator(backend: Any, model: Any, inputs: Any, request: Any) -> Any:
         to_tensors,
         training_mode,
     )
+    from cvcore.backends.torch.setup import probe as probe_output
 
     from cvcore.errors import InputError, ModelError
-    from cvcore.estimate import KernelOperator
 
     if request.train:
         raise InputError("expected train=False for the matrix-free operator (batch statistics "
@@ -200,7 +204,7 @@ def kernel_operator(backend: Any, model: Any, inputs: Any, request: Any) -> Any:
     if n == 0:
         raise InputError("expected at least one input sample, got an empty batch")
     with training_mode(prep.module, False), torch.no_grad():
-        probe = backend._probe(prep, x, request.output)
+        probe = probe_output(prep, x, request.output)
     if prep.export_batch is not None:
         raise ModelError(f"expected a torch.export program with a dynamic batch for the "
                          f"matrix-free operator, got a static batch of {prep.export_batch}; "

@@ -14,14 +14,14 @@ from cvcore.hookspecs import hookimpl
 
 @hookimpl
 def cvcore_register_backends(register: Callable[[Any], None]) -> None:
-    from cvcore.backends.torch_backend import TorchBackend
+    from cvcore.backends.torch.backend import TorchBackend
 
     register(TorchBackend())
 
 
 @hookimpl
 def cvcore_register_loaders(register: Callable[[Any], None]) -> None:
-    from cvcore.backends import torch_loaders
+    from cvcore.backends.torch import loaders
 
-    for loader in torch_loaders.LOADERS:
+    for loader in loaders.LOADERS:
         register(loader)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cvcore.backends.torch.setup import bind_arguments
+
 _NAMES = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
           "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
           "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
@@ -53,9 +55,7 @@ def _merged_mask(b: dict[str, Any], n: int, heads: int, length: int, dtype: Any)
 
 def decomposed_mha(rec: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     """Recompute ``F.multi_head_attention_forward`` with recorded projections."""
-    from cvcore.backends.torch_capture import _bind, linear_record
-
-    b = _bind(args, kwargs, _NAMES, _DEFAULTS)
+    b = bind_arguments(args, kwargs, _NAMES, _DEFAULTS)
     if not _supported(b, rec.n):
         return False, None
     q = b["query"]
@@ -63,7 +63,7 @@ def decomposed_mha(rec: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     heads = int(b["num_heads"])
     hd = embed // heads
     x = q.transpose(0, 1)  # batch first for the recorded projection
-    proj = linear_record(rec, x, b["in_proj_weight"], b["in_proj_bias"])
+    proj = rec.linear(x, b["in_proj_weight"], b["in_proj_bias"])
     qq, kk, vv = (t.reshape(n, length, heads, hd).transpose(1, 2) for t in proj.chunk(3, dim=-1))
     scores = (qq * (1.0 / hd) ** 0.5) @ kk.transpose(-2, -1)
     mask = _merged_mask(b, n, heads, length, scores.dtype)
@@ -71,7 +71,7 @@ def decomposed_mha(rec: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
         scores = scores + mask
     weights = scores.softmax(dim=-1)
     mixed = (weights @ vv).transpose(1, 2).reshape(n, length, embed)
-    out = linear_record(rec, mixed, b["out_proj_weight"], b["out_proj_bias"]).transpose(0, 1)
+    out = rec.linear(mixed, b["out_proj_weight"], b["out_proj_bias"]).transpose(0, 1)
     if not b["need_weights"]:
         return True, (out, None)
     return True, (out, weights.mean(dim=1) if b["average_attn_weights"] else weights)

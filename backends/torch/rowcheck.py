@@ -1,6 +1,6 @@
 """Which recorded layer uses provably belong, row by row, to the probe samples.
 
-A layer rule of :mod:`cvcore.backends.torch_rules` builds sample r's gradient from row r
+A layer rule of :mod:`cvcore.backends.torch.rules` builds sample r's gradient from row r
 of the layer's recorded input ``a`` and of its output-gradient ``g``. That is exact only
 when, for every sample r,
 
@@ -90,12 +90,12 @@ def forward_check(prep: Any, x: Any, request: Any, out: Any, cap: Any,
         pass's (the forward couples samples), and the parameters whose uses failed.
     """
     import torch
-    from cvcore.backends.torch_structured import _forward_capture, _structured_names
+    from cvcore.backends.torch.capture import forward_capture, structured_names
 
     n = int(out.shape[0])
     index = half(n)
     try:
-        sub_out, sub = _forward_capture(prep, take_rows(x, index), request.output, len(index))
+        sub_out, sub = forward_capture(prep, take_rows(x, index), request.output, len(index))
     except Exception:  # noqa: BLE001 - a forward that fails on fewer samples proves nothing
         return True, set(structured)
     tol = tolerance(out.dtype)
@@ -103,7 +103,7 @@ def forward_check(prep: Any, x: Any, request: Any, out: Any, cap: Any,
     with torch.no_grad():
         if sub.coupled or not close(sub_out, out[rows], tol):
             return True, set(structured)
-        kept = structured & _structured_names(sub)
+        kept = structured & structured_names(sub)
         full_uses, sub_uses = _restricted(cap.uses, kept), _restricted(sub.uses, kept)
         if [(u.key, u.kind, u.also) for u in full_uses] != [(u.key, u.kind, u.also) for u in sub_uses]:
             return False, set(structured)  # other samples take other paths: no rule is safe

@@ -4,12 +4,12 @@ The kernel is a sum over parameter tensors, ``K = Σ_p J_p J_pᵀ``, so each par
 be measured its own way and the sum stays exact:
 
 * parameters whose every use is a recognised op (see
-  :mod:`cvcore.backends.torch_capture`) get a layer identity from
-  :mod:`cvcore.backends.torch_rules` built from the layer inputs ``A`` (one batched
+  :mod:`cvcore.backends.torch.capture`) get a layer identity from
+  :mod:`cvcore.backends.torch.rules` built from the layer inputs ``A`` (one batched
   forward pass) and the output-gradients ``G`` (one batched backward pass per model
   output; samples are independent in eval mode);
 * every other trainable parameter goes through the blocked Jacobian path of
-  :mod:`cvcore.backends.torch_backend`, restricted to exactly those parameters.
+  :mod:`cvcore.backends.torch.jacobian`, restricted to exactly those parameters.
 
 A module used several times (shared weights) contributes ``Σ_u A_u ⊗ G_u``: its uses are
 concatenated along the position axis before the identity is applied, which is exact.
@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cvcore.backends.torch_rules import Feature, feature_gram
+from cvcore.backends.torch.capture import forward_capture, structured_names
+from cvcore.backends.torch.rules import Feature, feature_gram
 
 from cvcore.blocking import dense_costs
 
@@ -45,21 +46,6 @@ class Block:
     excluded: frozenset[str] = frozenset()
     #: the rule of every structured parameter: ``"<op> (<kind>)"``, e.g. ``"linear (dense)"``
     rules: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def _forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
-    """One batched forward pass under the recorder; returns ``(outputs (n, O), capture)``."""
-    import torch
-    from cvcore.backends.torch_backend import fcall, select_output
-    from cvcore.backends.torch_capture import recorder
-
-    leaves = {k: v.detach().requires_grad_(True) for k, v in prep.params.items()}
-    mode = recorder({id(t): k for k, t in leaves.items()}, n)
-    with torch.enable_grad():
-        with mode:
-            raw = fcall(prep.module, {**prep.constants, **leaves}, x)
-        out = select_output(raw, output).reshape(n, -1)
-    return out, mode.rec.capture
 
 
 def _output_gradients(out: Any, zs: list[Any], keep_graph: bool = False) -> list[Any]:
@@ -87,31 +73,31 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
     """Features of every structured parameter for the samples ``x``.
 
     Only uses that belong row by row to the samples get features
-    (:mod:`cvcore.backends.torch_rowcheck`): the backward check runs on every block, the
+    (:mod:`cvcore.backends.torch.rowcheck`): the backward check runs on every block, the
     forward check (a second pass on half the samples) when ``check`` is set, for the
     first block of a measurement.
     """
-    from cvcore.backends.torch_backend import batch_of
-    from cvcore.backends.torch_rowcheck import backward_check, forward_check
+    from cvcore.backends.torch.rowcheck import backward_check, forward_check
+    from cvcore.backends.torch.setup import batch_of
 
     n = batch_of(x)
-    out, cap = _forward_capture(prep, x, request.output, n)
+    out, cap = forward_capture(prep, x, request.output, n)
     if cap.coupled:
         raise _Coupled()
     excluded: set[str] = set()
-    structured = _structured_names(cap)
+    structured = structured_names(cap)
     if check and n >= 2 and structured:
         coupled, excluded = forward_check(prep, x, request, out, cap, structured)
         if coupled:
             raise _Coupled()
-        structured = _structured_names(cap, excluded)
+        structured = structured_names(cap, excluded)
     wanted = structured if keep is None else structured & keep
     uses, zs, index = _uses_of(cap, wanted)
     grads = _output_gradients(out, zs, keep_graph=n >= 2) if zs else []
     bad = backward_check(out, zs, grads) if zs else set()
     if bad:
         excluded |= {name for u in uses if index[id(u.z)] in bad for name in u.names}
-        structured = _structured_names(cap, excluded)
+        structured = structured_names(cap, excluded)
         wanted = structured if keep is None else structured & keep
     features: dict[tuple[str, int], Feature] = {}
     rules: dict[str, str] = {}
@@ -136,42 +122,6 @@ def _uses_of(cap: Any, wanted: frozenset[str]) -> tuple[list[Any], list[Any], di
     return uses, zs, index
 
 
-def _structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
-    """Parameters every use of which has a rule, consistently.
-
-    A parameter is out when it is tainted or ``excluded``, when its uses need different
-    rules, or when it shares a use with a parameter that is out (a bias folded into a
-    weight).
-    """
-    bad = set(cap.tainted) | _mixed(cap.uses) | set(excluded)
-    changed = True
-    while changed:
-        changed = False
-        for u in cap.uses:
-            names = set(u.names)
-            if names & bad and not names <= bad:
-                bad |= names
-                changed = True
-    return frozenset(n for u in cap.uses for n in u.names) - bad
-
-
-def _mixed(uses: list[Any]) -> set[str]:
-    """Parameters whose uses need different rules (a tied embedding also used by
-    ``F.linear``): the Jacobian path measures them."""
-    seen: dict[tuple[str, int], tuple[Any, ...]] = {}
-    bad: set[str] = set()
-    for u in uses:
-        sig = (u.kind, u.also) if u.a is None else (u.kind, u.also, u.a.dim(), tuple(u.a.shape[2:]))
-        if seen.setdefault(u.key, sig) != sig:
-            bad.add(u.name)
-    names_by_kind: dict[str, set[str]] = {}
-    for u in uses:
-        for name in u.names:
-            names_by_kind.setdefault(name, set()).add(u.kind + ("+" if name != u.name else ""))
-    bad.update(k for k, kinds in names_by_kind.items() if len(kinds) > 1)
-    return bad
-
-
 class _Coupled(Exception):
     """A recorded call couples the samples of a batch."""
 
@@ -191,10 +141,12 @@ def _merge(old: Feature | None, new: Feature) -> Feature:
 def _per_sample_bytes(prep: Any, x: Any, request: Any, n_outputs: int) -> int:
     """Bytes one sample's captured inputs and output-gradients take (from a pass on at
     most two samples); raises ``_Coupled`` when a call couples the samples."""
-    from cvcore.backends.torch_backend import batch_of, slice_inputs
+    from cvcore.backends.torch.setup import batch_of
+
+    from cvcore.data_io import slice_inputs
 
     m = min(2, batch_of(x))
-    out, cap = _forward_capture(prep, slice_inputs(x, 0, m), request.output, m)
+    out, cap = forward_capture(prep, slice_inputs(x, 0, m), request.output, m)
     if cap.coupled:
         raise _Coupled()
     seen: set[int] = set()
@@ -271,7 +223,8 @@ def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs
     import dataclasses
 
     import torch
-    from cvcore.backends.torch_backend import _assemble, _functional_jacobian, batch_of
+    from cvcore.backends.torch.jacobian import assemble, functional_jacobian
+    from cvcore.backends.torch.setup import batch_of
 
     from cvcore.blocking import plan_blocks
 
@@ -283,7 +236,7 @@ def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs
                        group_sizes=[int(sub.params[k].numel()) for k in names],
                        itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
     device = str(next(iter(prep.params.values())).device)
-    return _assemble(sub, x, request, plan, _functional_jacobian, n_outputs, device, dtype)
+    return assemble(sub, x, request, plan, functional_jacobian, n_outputs, device, dtype)
 
 
 def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
@@ -291,7 +244,7 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
     """The kernel from per-layer identities, or ``None`` to use the Jacobian path.
 
     Args:
-        prep: the prepared model (``torch_backend.Prepared``).
+        prep: the prepared model (``cvcore.backends.torch.setup.Prepared``).
         x: the inputs, on the device and in the dtype of the computation.
         request: the :class:`cvcore.protocols.KernelRequest`.
         n_outputs: outputs per sample ``O``.
@@ -314,7 +267,9 @@ def structured_parts(prep: Any, x: Any, request: Any, n_outputs: int,
     if request.train:
         return None
     import torch
-    from cvcore.backends.torch_backend import _check_finite, batch_of, slice_inputs
+    from cvcore.backends.torch.setup import batch_of, check_finite
+
+    from cvcore.data_io import slice_inputs
 
     n = batch_of(x)
     traced = request.kernel == "traced"
@@ -350,7 +305,7 @@ def structured_parts(prep: Any, x: Any, request: Any, n_outputs: int,
         extra = _generic_kernel(prep, x, request, names, n_outputs)
         parts[part] += torch.from_numpy(extra).to(device=ref.device, dtype=ref.dtype)
     for kernel in parts.values():
-        _check_finite(kernel, n, width)
+        check_finite(kernel, n, width)
     if rules is not None:
         rules.update({k: v for k, v in first.rules.items() if k in first.structured})
     return {part: kernel.detach().cpu().numpy() for part, kernel in parts.items()}
@@ -373,7 +328,7 @@ def _capture_like(prep: Any, x: Any, request: Any, first: Block) -> Block:
 def _assemble_structured(target: Callable[[str], Any], prep: Any, x: Any, request: Any,
                          blocks: list[tuple[int, int]], first: Block, width: int, traced: bool,
                          budget: int) -> None:
-    from cvcore.backends.torch_backend import slice_inputs
+    from cvcore.data_io import slice_inputs
 
     for i, ra in enumerate(blocks):
         fa = first if i == 0 else _capture_like(prep, slice_inputs(x, *ra), request, first)

@@ -2,7 +2,7 @@
 
 ``K_(i,o),(i,o) = ‖J_io‖²`` is a per-sample quantity: for a parameter with a layer rule
 it comes from the same captured inputs and output-gradients as the structured kernel
-(:func:`cvcore.backends.torch_rules.feature_diagonal`, for a dense layer
+(:func:`cvcore.backends.torch.rules.feature_diagonal`, for a dense layer
 ``‖a_i‖²·‖g_io‖²``), for every other parameter from per-sample Jacobians, squared and
 summed, one chunk of samples at a time. Nothing of size ``N²`` is ever formed.
 """
@@ -19,14 +19,16 @@ def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
                          ) -> tuple[Any, frozenset[str]]:
     """``‖J_io‖²`` summed over parameters with a rule, and the names of those parameters."""
     import torch
-    from cvcore.backends.torch_backend import batch_of, slice_inputs
-    from cvcore.backends.torch_rules import feature_diagonal
-    from cvcore.backends.torch_structured import (
+    from cvcore.backends.torch.rules import feature_diagonal
+    from cvcore.backends.torch.setup import batch_of
+    from cvcore.backends.torch.structured import (
         _Coupled,
         _per_sample_bytes,
         _sample_blocks,
         capture_block,
     )
+
+    from cvcore.data_io import slice_inputs
 
     n = batch_of(x)
     ref = next(iter(prep.params.values()))
@@ -55,9 +57,10 @@ def _jacobian_diagonal(prep: Any, x: Any, request: Any, names: list[str], n_outp
                        jac: Any) -> Any:
     """``‖J_io‖²`` over ``names`` from per-sample Jacobians, in memory-bounded chunks."""
     import torch
-    from cvcore.backends.torch_backend import batch_of, slice_inputs
+    from cvcore.backends.torch.setup import batch_of
 
     from cvcore.blocking import plan_blocks
+    from cvcore.data_io import slice_inputs
 
     n = batch_of(x)
     ref = next(iter(prep.params.values()))
@@ -78,18 +81,18 @@ def diagonal_of(prep: Any, x: Any, request: Any, n_outputs: int, jac: Any) -> An
     """``K_ii`` as a torch tensor: ``N`` values (traced) or ``N·O`` values (full).
 
     Args:
-        prep: the prepared model (``torch_backend.Prepared``).
+        prep: the prepared model (``cvcore.backends.torch.setup.Prepared``).
         x: inputs on the device, in the computation's dtype.
         request: the :class:`cvcore.protocols.KernelRequest`; ``implementation="jacobian"``
             skips the layer rules.
         n_outputs: outputs per sample ``O``.
         jac: the backend's per-sample Jacobian function for parameters without a rule.
     """
-    from cvcore.backends.torch_backend import _functional_jacobian
+    from cvcore.backends.torch.jacobian import functional_jacobian
 
     from cvcore.protocols import Implementation
 
-    use_rules = request.implementation != Implementation.JACOBIAN and jac is _functional_jacobian
+    use_rules = request.implementation != Implementation.JACOBIAN and jac is functional_jacobian
     if use_rules:
         diag, done = _structured_diagonal(prep, x, request, n_outputs)
     else:
@@ -101,19 +104,19 @@ def diagonal_of(prep: Any, x: Any, request: Any, n_outputs: int, jac: Any) -> An
     return diag.mean(dim=1) if request.kernel == "traced" else diag.reshape(-1)
 
 
-def kernel_diagonal(backend: Any, model: Any, inputs: Any, request: Any) -> NDArray[np.floating[Any]]:
+def kernel_diagonal(model: Any, inputs: Any, request: Any) -> NDArray[np.floating[Any]]:
     """What ``TorchBackend.diagonal`` returns: ``K_ii`` as NumPy, without the kernel.
 
     Traced convention: ``(1/O) Σ_o ‖J_io‖²`` (``N`` values); full: ``‖J_io‖²`` in row
     order ``i·O + o`` (``N·O`` values). ``Tr K`` is their sum.
     """
     import torch
-    from cvcore.backends.torch_backend import (
-        _fixed_batch_jacobian,
-        _functional_jacobian,
-        _scripted_jacobian,
+    from cvcore.backends.torch.jacobian import choose_jacobian
+    from cvcore.backends.torch.setup import (
         batch_of,
+        forward,
         prepare,
+        probe,
         resolve_device,
         to_tensors,
         training_mode,
@@ -128,13 +131,8 @@ def kernel_diagonal(backend: Any, model: Any, inputs: Any, request: Any) -> NDAr
     if batch_of(x) == 0:
         raise InputError("expected at least one input sample, got an empty batch")
     with training_mode(prep.module, request.train), torch.no_grad():
-        probe = (backend._forward(prep, x, request.output)[0] if request.train
-                 else backend._probe(prep, x, request.output))
-    jac: Any = _functional_jacobian
-    if prep.scripted:
-        jac = _scripted_jacobian
-    elif prep.export_batch is not None:
-        jac = _fixed_batch_jacobian
+        probed = (forward(prep, x, request.output)[0] if request.train
+                  else probe(prep, x, request.output))
     with training_mode(prep.module, request.train):
-        diag = diagonal_of(prep, x, request, int(probe.numel()), jac)
+        diag = diagonal_of(prep, x, request, int(probed.numel()), choose_jacobian(prep))
     return diag.detach().cpu().numpy()

@@ -1,0 +1,125 @@
+"""The PyTorch backend's class: :class:`TorchBackend`, what the ``torch`` plugin registers.
+
+It dispatches a request: the structured path (:mod:`cvcore.backends.torch.structured`)
+when its layer rules apply, else the Jacobian path (:mod:`cvcore.backends.torch.jacobian`);
+the diagonal, the matrix-free operator and the per-layer kernels are in
+:mod:`diagonal`, :mod:`operator` and :mod:`layers`. Importing this module does not import
+torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+from cvcore.backends.torch.jacobian import (
+    JacobianFn,
+    assemble,
+    functional_jacobian,
+    prepare_request,
+)
+from cvcore.backends.torch.setup import (
+    Prepared,
+    full_precision,
+    home_device,
+    is_scripted,
+    require_torch,
+    resolve_device,
+    training_mode,
+)
+
+from cvcore.blocking import plan_blocks
+from cvcore.errors import InputError
+from cvcore.protocols import (
+    Implementation,
+    KernelOperator,
+    KernelRequest,
+    KernelResult,
+    LayerKernels,
+)
+
+
+class TorchBackend:
+    """Backend for ``torch.nn.Module``, ``torch.export`` programs and TorchScript modules."""
+
+    name = "torch"
+    extra = "torch"
+    modules: tuple[str, ...] = ("torch",)
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("torch") is not None
+
+    def accepts(self, model: object) -> bool:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        keras = sys.modules.get("keras")
+        if keras is not None and isinstance(model, keras.layers.Layer):
+            # A Keras 3 model on the torch backend is an nn.Module too, but
+            # functional_call gives it all-zero Jacobians: the tensorflow backend
+            # (Keras' stateless_call) measures it.
+            return False
+        return isinstance(model, (torch.nn.Module, torch.export.ExportedProgram))
+
+    def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
+        home = home_device(model)
+        device = home if is_scripted(model) and request.device is None and home else \
+            resolve_device(request.device)
+        try:
+            return self._ntk(model, inputs, request, device)
+        except InputError as exc:
+            # A model that keeps plain (unregistered) tensors on its own device cannot run
+            # elsewhere: measure it where it lives rather than on the default GPU.
+            if request.device is None and home and home != device and "device" in str(exc):
+                warnings.warn(f"cvcore: the model does not run on {device} ({exc}); measuring "
+                              f"it on {home}, where its parameters are", stacklevel=2)
+                return self._ntk(model, inputs, request, home)
+            raise
+
+    def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: str) -> KernelResult:
+        torch = require_torch()
+        prep, x, n, n_outputs, jac, dtype = prepare_request(model, inputs, request, device)
+        plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
+                           group_sizes=[int(p.numel()) for p in prep.params.values()],
+                           itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
+        rules: dict[str, str] = {}
+        with training_mode(prep.module, request.train), full_precision():
+            kernel = None
+            if request.implementation != Implementation.JACOBIAN and jac is functional_jacobian:
+                from cvcore.backends.torch.structured import structured_kernel
+
+                kernel = structured_kernel(prep, x, request, n_outputs, rules)
+            if kernel is None:
+                kernel = assemble(prep, x, request, plan, jac, n_outputs, device, dtype)
+        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
+                            n_params=sum(int(p.numel()) for p in prep.params.values()),
+                            device=device, rules=rules)
+
+
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
+        """Each layer's (module's) kernel: ``cvcore.protocols.LayerKernels``."""
+        from cvcore.backends.torch.layers import layer_kernels
+
+        return layer_kernels(model, inputs, request)
+
+    def diagonal(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
+        """``K_ii`` without building the kernel: traced ``(1/O) Σ_o ‖J_io‖²`` (N values),
+        full ``‖J_io‖²`` (N·O values, row ``i·O + o``); their sum is ``Tr K``."""
+        from cvcore.backends.torch.diagonal import kernel_diagonal
+
+        with full_precision():
+            return kernel_diagonal(model, inputs, request)
+
+    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
+        """The kernel as a matrix-free ``K @ V`` operator (:class:`cvcore.protocols.KernelOperator`)."""
+        from cvcore.backends.torch.operator import kernel_operator
+
+        return kernel_operator(model, inputs, request)
+
+    def setup(self, model: Any, inputs: Any, request: KernelRequest, device: str
+              ) -> tuple[Prepared, Any, int, int, JacobianFn, Any]:
+        """The prepared model, inputs, ``N``, ``O``, the Jacobian function and the dtype."""
+        return prepare_request(model, inputs, request, device)
