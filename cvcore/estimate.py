@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -29,9 +28,8 @@ from numpy.typing import NDArray
 
 from cvcore.api import resolve
 from cvcore.errors import BackendError, InputError, KernelError
+from cvcore.protocols import KernelOperator, MatVec
 
-#: ``matvec(V) -> K @ V`` for ``V`` of shape ``(D, k)``, float64 in and out.
-MatVec = Callable[[NDArray[np.float64]], NDArray[np.float64]]
 #: Anything :func:`numpy.random.default_rng` accepts: a seed, a ``Generator`` or ``None``.
 Seed = Any
 
@@ -88,25 +86,6 @@ class SLQEstimate:
     trace_stderr: float
     probes: int
     steps: int
-
-
-@dataclass(frozen=True)
-class KernelOperator:
-    """A kernel as a matrix-free operator, what a backend's ``operator`` returns.
-
-    Attributes:
-        matvec: ``K @ V`` for float64 ``V`` of shape ``(dim, k)`` (or ``(dim,)``).
-        dim: ``D``: ``N`` (traced) or ``N·O`` (full, row ``i·O + o``).
-        n_samples: ``N``.
-        n_outputs: ``O``.
-        n_params: trainable parameters ``P``, when the backend knows it.
-    """
-
-    matvec: MatVec
-    dim: int
-    n_samples: int
-    n_outputs: int
-    n_params: int | None = None
 
 
 @dataclass(frozen=True)

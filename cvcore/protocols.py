@@ -1,6 +1,10 @@
-"""The contracts a plugin fulfils: backends, loaders and adapters.
+"""The contracts a plugin fulfils: backends, their optional capabilities, loaders, adapters.
 
-Every built-in backend is checked against :class:`Backend` by mypy; a third-party
+A backend implements :class:`Backend`; each optional capability is a Protocol of its
+own: :class:`DiagonalBackend` (``K_ii`` without the kernel), :class:`OperatorBackend`
+(the kernel as a matrix-free :class:`KernelOperator`) and :class:`PerLayerBackend` (the
+kernel split by layer). mypy checks every built-in backend class against each Protocol
+it implements (``tests/typecheck_backends.py``, part of ``make lint``); a third-party
 backend can run :func:`cvcore.testing.run_backend_conformance` to check its behaviour.
 """
 
@@ -100,10 +104,8 @@ class Backend(Protocol):
             the backend when one of them is already in ``sys.modules``.
 
     Optional: ``install`` (a whole ``pip install ...`` command, for third-party backends
-    whose framework is not a cvcore extra); ``diagonal(model, inputs, request)`` returning
-    ``K_ii`` without forming the kernel (used for ``variables=("trace",)``);
-    ``operator(model, inputs, request)`` returning a matrix-free
-    :class:`cvcore.estimate.KernelOperator` (used for stochastic estimates).
+    whose framework is not a cvcore extra), and the capabilities :class:`DiagonalBackend`,
+    :class:`OperatorBackend` and :class:`PerLayerBackend`.
     """
 
     name: str
@@ -120,6 +122,51 @@ class Backend(Protocol):
 
     def ntk(self, model: Any, inputs: Any, request: KernelRequest) -> KernelResult:
         """Build the kernel of ``model`` on ``inputs`` as ``request`` says."""
+        ...
+
+
+#: ``K @ V`` for float64 ``V`` of shape ``(dim, k)`` (or ``(dim,)``).
+MatVec = Callable[[NDArray[np.float64]], NDArray[np.float64]]
+
+
+@dataclass(frozen=True)
+class KernelOperator:
+    """A kernel as a matrix-free operator, what a backend's ``operator`` returns.
+
+    Attributes:
+        matvec: ``K @ V`` for float64 ``V`` of shape ``(dim, k)`` (or ``(dim,)``).
+        dim: ``D``: ``N`` (traced) or ``N·O`` (full, row ``i·O + o``).
+        n_samples: ``N``.
+        n_outputs: ``O``.
+        n_params: trainable parameters ``P``, when the backend knows it.
+    """
+
+    matvec: MatVec
+    dim: int
+    n_samples: int
+    n_outputs: int
+    n_params: int | None = None
+
+
+@runtime_checkable
+class DiagonalBackend(Protocol):
+    """An optional backend capability: the kernel's diagonal without forming the kernel
+    (``variables=("trace", ...)`` and the trace of the stochastic estimates)."""
+
+    def diagonal(self, model: Any, inputs: Any, request: KernelRequest
+                 ) -> NDArray[np.floating[Any]]:
+        """``K_ii`` as NumPy in the request's dtype: traced ``(1/O) Σ_o ‖J_io‖²`` (``N``
+        values), full ``‖J_io‖²`` (``N·O`` values, row ``i·O + o``); their sum is ``Tr K``."""
+        ...
+
+
+@runtime_checkable
+class OperatorBackend(Protocol):
+    """An optional backend capability: the kernel as a matrix-free ``K @ V`` operator
+    (stochastic estimates, ``method="stochastic"``)."""
+
+    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
+        """The kernel of ``model`` on ``inputs`` as :class:`KernelOperator`, never formed."""
         ...
 
 

@@ -26,7 +26,13 @@ from cvcore.backends.jax.setup import (
 )
 
 from cvcore.blocking import plan_blocks
-from cvcore.protocols import Implementation, KernelRequest, KernelResult
+from cvcore.protocols import (
+    Implementation,
+    KernelOperator,
+    KernelRequest,
+    KernelResult,
+    LayerKernels,
+)
 
 
 class JaxBackend:
@@ -34,7 +40,7 @@ class JaxBackend:
 
     name = "jax"
     extra = "jax"
-    modules = ("jax", "flax", "equinox")
+    modules: tuple[str, ...] = ("jax", "flax", "equinox")
 
     def available(self) -> bool:
         return importlib.util.find_spec("jax") is not None
@@ -54,13 +60,13 @@ class JaxBackend:
 
         return kernel_diagonal(model, inputs, request)
 
-    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
-        """The kernel as a matrix-free ``K @ V`` operator (``cvcore.estimate.KernelOperator``)."""
+    def operator(self, model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
+        """The kernel as a matrix-free ``K @ V`` operator (:class:`cvcore.protocols.KernelOperator`)."""
         from cvcore.backends.jax.operator import kernel_operator
 
         return kernel_operator(model, inputs, request)
 
-    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
         """Each layer's kernel (layers by parameter-tree path): ``cvcore.protocols.LayerKernels``."""
         from cvcore.backends.jax.layers import layer_kernels
 

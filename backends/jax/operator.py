@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
 from cvcore.errors import InputError
-from cvcore.protocols import KernelRequest
+from cvcore.protocols import KernelOperator, KernelRequest
 
 
 def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
@@ -178,8 +178,8 @@ class _JaxKernelOperator(OperatorBudget):
         return out.reshape(n * width, k)
 
 
-def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> Any:
-    """What ``JaxBackend.operator`` returns: the NTK as a :class:`cvcore.estimate.KernelOperator`.
+def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
+    """What ``JaxBackend.operator`` returns: the NTK as a :class:`cvcore.protocols.KernelOperator`.
 
     Args:
         model: a model in one of the JAX backend's forms.
@@ -191,7 +191,6 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> Any:
     Raises:
         InputError: empty inputs, or ``train=True`` (the operator measures eval mode).
     """
-    from cvcore.estimate import KernelOperator
 
     if request.train:
         raise InputError("expected train=False for the matrix-free operator (batch statistics "

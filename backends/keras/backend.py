@@ -34,7 +34,7 @@ from cvcore.backends.keras.setup import (
 from cvcore.blocking import plan_blocks
 from cvcore.data_io import slice_inputs
 from cvcore.errors import InputError, ModelError
-from cvcore.protocols import KernelRequest, KernelResult
+from cvcore.protocols import KernelRequest, KernelResult, LayerKernels
 
 
 class KerasBackend:
@@ -43,7 +43,7 @@ class KerasBackend:
 
     name = "tensorflow"
     extra = "tensorflow"
-    modules = ("keras", "tensorflow")
+    modules: tuple[str, ...] = ("keras", "tensorflow")
 
     def available(self) -> bool:
         return (importlib.util.find_spec("keras") is not None
@@ -62,7 +62,7 @@ class KerasBackend:
         with quiet_tensorflow():
             return self._run(model, inputs, request, diagonal=True)
 
-    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> Any:
+    def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
         """Each layer's kernel: ``cvcore.protocols.LayerKernels`` (backends/keras/layers.py)."""
         from cvcore.backends.keras.layers import layer_kernels
 

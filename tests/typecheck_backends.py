@@ -1,0 +1,27 @@
+"""Static contract check: every built-in backend class against each Protocol it implements.
+
+mypy reads this module (``make lint``; ``[tool.mypy] files`` in ``pyproject.toml``): each
+assignment below fails to type-check when a backend's method is missing or its signature
+drifts from the Protocol in :mod:`cvcore.protocols`. The backends are imported from the
+source folders (``backends.*``, what the wheel installs as ``cvcore.backends.*``) and only
+for the type checker, so importing this module imports no framework and runs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backends.jax.backend import JaxBackend
+    from backends.keras.backend import KerasBackend
+    from backends.torch.backend import TorchBackend
+    from cvcore.protocols import Backend, DiagonalBackend, OperatorBackend, PerLayerBackend
+
+
+def contracts(torch: TorchBackend, jax: JaxBackend, keras: KerasBackend) -> None:
+    """Each built-in backend as each capability it offers (never called)."""
+    backends: list[Backend] = [torch, jax, keras]
+    diagonals: list[DiagonalBackend] = [torch, jax, keras]
+    operators: list[OperatorBackend] = [torch, jax]
+    per_layer: list[PerLayerBackend] = [torch, jax, keras]
+    del backends, diagonals, operators, per_layer
