@@ -1,54 +1,36 @@
-"""A conformance suite for cvcore backends, to run from a backend's own tests.
-
-:func:`run_backend_conformance` checks that a :class:`cvcore.protocols.Backend` keeps the
-contract every part of cvcore relies on: its attributes, model selection, both kernel
-conventions (``traced`` N × N, ``full`` N·O × N·O with row ``i·O + o``), symmetry and
-positive semi-definiteness, blocking and implementation invariance, float32 / float64
-handling, odd batch sizes, errors that are :class:`cvcore.errors.CVCoreError` subclasses,
-and agreement with a Jacobian built by central finite differences in float64 (the one
-reference that needs nothing from the backend under test).
-
-The module imports only NumPy and cvcore, never a framework: a backend's test imports its
-own framework and hands the suite factories for a model and its inputs.
-"""
+"""The conformance suite's checks, one function per name in
+:data:`cvcore.testing.conformance.CHECKS`, each given the run's state (:class:`_Run`)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cvcore.errors import CVCoreError, InputError, KernelError, describe
+from cvcore.errors import CVCoreError, KernelError, describe
 from cvcore.protocols import Backend, Implementation, KernelKind, KernelRequest, KernelResult
 from cvcore.spectrum import collective_variables
-
-#: Every check, in the order the suite runs them.
-CHECKS = (
-    "attributes",
-    "available",
-    "accepts",
-    "registry",
-    "shapes",
-    "symmetric-psd",
-    "traced-vs-full",
-    "repeatable",
-    "dtype",
-    "blocking",
-    "implementations",
-    "finite-difference",
-    "single-sample",
-    "errors",
-    "model-unchanged",
+from cvcore.testing.reference import (
+    FiniteDifferenceAccess,
+    finite_difference_jacobian,
+    kernel_from_jacobian,
+    relative_error,
+    traced_from_full,
 )
+
 #: Objects no backend may accept (a backend's own foreign objects are added to these).
 FOREIGN = (object(), "a string", None, 3.5, np.zeros((2, 2)))
+
+
 #: Memory budgets (bytes) the blocking check uses: one sample and one tensor at a time,
 #: and a few samples at a time.
 TINY_BUDGETS = (64, 4096)
+
+
 KINDS: tuple[KernelKind, ...] = ("traced", "full")
 
 
@@ -59,167 +41,6 @@ class ConformanceFailure(AssertionError):
         super().__init__(f"backend {backend!r} failed conformance check {check!r}: {detail}")
         self.backend = backend
         self.check = check
-
-
-@dataclass(frozen=True)
-class FiniteDifferenceAccess:
-    """How the suite reaches a model's trainable parameters to difference its outputs.
-
-    Attributes:
-        get_params: ``get_params(model)`` returns every trainable parameter of the model
-            as one flat vector, in any fixed order (its length must equal the backend's
-            ``n_params``).
-        forward: ``forward(model, params, inputs)`` evaluates the model in float64 with
-            its trainable parameters replaced by the flat vector ``params`` and returns
-            the outputs as an array of shape ``(N, ...)`` (flattened per sample to
-            ``(N, O)`` in the backend's output order). It must not modify ``model``.
-        step: relative step of the central differences: parameter ``θ_p`` moves by
-            ``± step · max(1, |θ_p|)``.
-    """
-
-    get_params: Callable[[Any], Any]
-    forward: Callable[[Any, NDArray[np.float64], Any], Any]
-    step: float = 1e-5
-
-    @classmethod
-    def from_setter(cls, get_params: Callable[[Any], Any],
-                    set_params: Callable[[Any, NDArray[np.float64]], None],
-                    apply: Callable[[Any, Any], Any], step: float = 1e-5
-                    ) -> FiniteDifferenceAccess:
-        """An access for models whose parameters are set in place.
-
-        Args:
-            get_params: as for the class.
-            set_params: ``set_params(model, params)`` writes a flat float64 vector into
-                the model (the model must then compute in float64).
-            apply: ``apply(model, inputs)`` returns the model's outputs, ``(N, ...)``.
-            step: as for the class.
-
-        Returns:
-            An access whose ``forward`` sets the parameters, applies the model and puts
-            the original parameters back.
-        """
-
-        def forward(model: Any, params: NDArray[np.float64], inputs: Any) -> Any:
-            saved = np.array(get_params(model), dtype=np.float64, copy=True)
-            set_params(model, params)
-            try:
-                return apply(model, inputs)
-            finally:
-                set_params(model, saved)
-
-        return cls(get_params=get_params, forward=forward, step=step)
-
-
-@dataclass(frozen=True)
-class ConformanceReport:
-    """What :func:`run_backend_conformance` checked.
-
-    Attributes:
-        backend: the backend's name.
-        passed: the checks that passed, in the order they ran.
-        skipped: checks that did not run, each with the reason.
-    """
-
-    backend: str
-    passed: tuple[str, ...]
-    skipped: Mapping[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        text = f"backend {self.backend!r}: {len(self.passed)} checks passed ({', '.join(self.passed)})"
-        if self.skipped:
-            text += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
-        return text
-
-
-def relative_error(actual: Any, expected: Any) -> float:
-    """``max |actual - expected| / max |expected|`` (the absolute error if ``expected`` is 0).
-
-    >>> relative_error([1.0, 2.0], [1.0, 2.5])
-    0.2
-    """
-    a = np.asarray(actual, dtype=np.float64)
-    b = np.asarray(expected, dtype=np.float64)
-    if a.size == 0 and b.size == 0:
-        return 0.0
-    diff = float(np.abs(a - b).max())
-    scale = float(np.abs(b).max())
-    return diff / scale if scale > 0 else diff
-
-
-def finite_difference_jacobian(access: FiniteDifferenceAccess, model: Any, inputs: Any
-                               ) -> NDArray[np.float64]:
-    """The per-sample Jacobian ``J[i, o, p] = ∂f_o(x_i)/∂θ_p`` by central differences.
-
-    Args:
-        access: how to read the parameters and run the forward pass.
-        model: the model.
-        inputs: the probe inputs, batch first, as the model takes them.
-
-    Returns:
-        ``J`` in float64, shape ``(N, O, P)``.
-
-    Raises:
-        AssertionError: ``get_params`` or ``forward`` return something unusable.
-
-    >>> access = FiniteDifferenceAccess(get_params=lambda m: m,
-    ...                                 forward=lambda m, p, x: p[0] * x + p[1])
-    >>> jac = finite_difference_jacobian(access, np.array([2.0, 0.5]), np.array([[1.0], [3.0]]))
-    >>> jac.shape, np.round(jac[:, 0, :], 6).tolist()
-    ((2, 1, 2), [[1.0, 1.0], [3.0, 1.0]])
-    """
-    theta = np.array(access.get_params(model), dtype=np.float64, copy=True).ravel()
-    if theta.size == 0:
-        raise AssertionError("expected get_params(model) to return at least one parameter, got none")
-    base = _outputs(access, model, theta, inputs)
-    jac = np.empty((base.shape[0], base.shape[1], theta.size), dtype=np.float64)
-    for p in range(theta.size):
-        h = access.step * max(1.0, abs(float(theta[p])))
-        plus, minus = theta.copy(), theta.copy()
-        plus[p] += h
-        minus[p] -= h
-        f_plus = _outputs(access, model, plus, inputs)
-        f_minus = _outputs(access, model, minus, inputs)
-        jac[:, :, p] = (f_plus - f_minus) / (plus[p] - minus[p])
-    return jac
-
-
-def _outputs(access: FiniteDifferenceAccess, model: Any, params: NDArray[np.float64],
-             inputs: Any) -> NDArray[np.float64]:
-    out = np.asarray(access.forward(model, params, inputs), dtype=np.float64)
-    if out.ndim == 0:
-        raise AssertionError(f"expected forward() to return outputs with a batch axis, got {describe(out)}")
-    return out.reshape(out.shape[0], -1)
-
-
-def kernel_from_jacobian(jac: NDArray[np.float64], kernel: KernelKind) -> NDArray[np.float64]:
-    """The NTK of a per-sample Jacobian ``(N, O, P)`` in either convention.
-
-    >>> jac = np.array([[[1.0, 0.0], [0.0, 2.0]]])  # one sample, two outputs
-    >>> kernel_from_jacobian(jac, "traced").tolist(), kernel_from_jacobian(jac, "full").tolist()
-    ([[2.5]], [[1.0, 0.0], [0.0, 4.0]])
-    """
-    n, o, p = jac.shape
-    if kernel == "traced":
-        rows = jac.reshape(n, o * p)
-        out: NDArray[np.float64] = rows @ rows.T / o
-        return out
-    rows = jac.reshape(n * o, p)
-    full: NDArray[np.float64] = rows @ rows.T
-    return full
-
-
-def traced_from_full(full: NDArray[Any], n_samples: int) -> NDArray[np.float64]:
-    """The traced kernel as the mean of a full kernel's output-diagonal blocks.
-
-    >>> traced_from_full(np.array([[1.0, 9.0], [9.0, 3.0]]), 1).tolist()
-    [[2.0]]
-    """
-    dim = full.shape[0]
-    o = dim // n_samples
-    blocks = np.asarray(full, dtype=np.float64).reshape(n_samples, o, n_samples, o)
-    out: NDArray[np.float64] = np.einsum("iojo->ij", blocks) / o
-    return out
 
 
 @dataclass
@@ -574,116 +395,3 @@ _CHECK_FUNCTIONS: dict[str, Callable[[_Run], str | None]] = {
     "model-unchanged": _check_model_unchanged,
 }
 
-
-def run_backend_conformance(
-    backend: Any,
-    *,
-    make_model: Callable[[], Any],
-    make_inputs: Callable[[int], Any],
-    reference: FiniteDifferenceAccess | None,
-    foreign: Sequence[object] = (),
-    bad_inputs: Mapping[str, Any] | None = None,
-    n_samples: int = 7,
-    rtol: float = 1e-6,
-    exact_rtol: float = 1e-10,
-    float32_rtol: float = 1e-4,
-    skip: Collection[str] = (),
-) -> ConformanceReport:
-    """Check that a backend keeps the contract of :class:`cvcore.protocols.Backend`.
-
-    The checks run in the order of :data:`CHECKS` and stop at the first failure. Kernels
-    are compared by :func:`relative_error`; float64 is used wherever two computations of
-    one kernel are compared. The model should be small (the finite-difference reference
-    costs two forward passes per parameter) with generic, non-integer values.
-
-    Args:
-        backend: the backend instance under test (not necessarily registered; when it is,
-            the ``registry`` check also asks :func:`cvcore.plugins.select_backend`).
-        make_model: builds the model to measure, once.
-        make_inputs: ``make_inputs(n)`` returns a batch of ``n`` valid inputs, in any
-            form the backend takes; it is called with ``n_samples``, 1 and 0.
-        reference: how to difference the model's outputs for the reference Jacobian;
-            ``None`` skips the ``finite-difference`` and ``model-unchanged`` checks.
-        foreign: objects of other frameworks the backend must not accept, added to
-            :data:`FOREIGN`.
-        bad_inputs: more invalid inputs, by description (a wrong feature count, a wrong
-            dtype ...), for which ``ntk`` must raise a :class:`cvcore.errors.CVCoreError`;
-            a string, ``None`` and an empty batch are always tried.
-        n_samples: N for the main checks; odd, so that no block size divides it.
-        rtol: tolerance against the finite-difference reference.
-        exact_rtol: tolerance between two float64 computations of one kernel (blocking,
-            implementations, conventions, repeated calls).
-        float32_rtol: tolerance between the float32 and the float64 kernel.
-        skip: names from :data:`CHECKS` not to run.
-
-    Returns:
-        A report naming every check that passed and every check skipped, with why.
-
-    Raises:
-        ConformanceFailure: an ``AssertionError`` naming the failed check, what was
-            expected and what the backend gave.
-        InputError: ``skip`` names an unknown check or ``n_samples`` is below 2.
-
-    Example:
-        In a plugin's ``tests/test_backend.py``::
-
-            from cvcore.testing import FiniteDifferenceAccess, run_backend_conformance
-
-            def test_conformance():
-                access = FiniteDifferenceAccess(
-                    get_params=lambda m: m.flat_params(),
-                    forward=lambda m, p, x: m.with_params(p).forward(x))
-                report = run_backend_conformance(
-                    MyBackend(), make_model=lambda: MyModel(seed=0),
-                    make_inputs=lambda n: np.random.default_rng(n).normal(size=(n, 4)),
-                    reference=access, bad_inputs={"3 features": np.ones((2, 3))})
-                assert "finite-difference" in report.passed
-    """
-    unknown = sorted(set(skip) - set(CHECKS))
-    if unknown:
-        raise InputError(f"expected skip= names among {list(CHECKS)}, got {unknown}")
-    if n_samples < 2:
-        raise InputError(f"expected n_samples of at least 2 (1 is checked separately), got {n_samples}")
-    run = _Run(backend=backend, name=str(getattr(backend, "name", type(backend).__name__)),
-               make_model=make_model, make_inputs=make_inputs, reference=reference,
-               foreign=tuple(foreign), bad_inputs=dict(bad_inputs or {}), n_samples=n_samples,
-               rtol=rtol, exact_rtol=exact_rtol, float32_rtol=float32_rtol)
-    passed: list[str] = []
-    skipped: dict[str, str] = {}
-    for name in CHECKS:
-        if name in skip:
-            skipped[name] = "skipped by the caller"
-            continue
-        if run.model is None and name not in ("attributes", "available"):
-            _start(run, name)
-        reason = _CHECK_FUNCTIONS[name](run)
-        if reason is None:
-            passed.append(name)
-        else:
-            skipped[name] = reason
-    return ConformanceReport(backend=run.name, passed=tuple(passed), skipped=skipped)
-
-
-def _start(run: _Run, check: str) -> None:
-    """Build the model once, and remember its parameters to check they stay unchanged."""
-    try:
-        run.model = run.make_model()
-    except Exception as exc:  # the author's factory failed
-        raise run.fail(check, f"expected make_model() to build a model, got "
-                                  f"{type(exc).__name__}: {exc}") from exc
-    if run.reference is not None:
-        run.params_before = np.array(run.reference.get_params(run.model), dtype=np.float64,
-                                     copy=True).ravel()
-
-
-__all__ = [
-    "CHECKS",
-    "ConformanceFailure",
-    "ConformanceReport",
-    "FiniteDifferenceAccess",
-    "finite_difference_jacobian",
-    "kernel_from_jacobian",
-    "relative_error",
-    "run_backend_conformance",
-    "traced_from_full",
-]
