@@ -17,3 +17,11 @@ def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
     register(HuggingFaceAdapter())
     register(GraphAdapter())
     register(PolicyAdapter())
+
+
+@hookimpl
+def cvcore_register_loaders(register: Callable[[Any], None]) -> None:
+    from cvcore.adapters.huggingface_loaders import HuggingFaceLoader, TextDataLoader
+
+    register(HuggingFaceLoader())
+    register(TextDataLoader())

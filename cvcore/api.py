@@ -33,6 +33,21 @@ class Measured:
     result: KernelResult
     backend: str
     request: KernelRequest
+    #: Which output was measured, in words (an adapter's choice and its defaults).
+    output: str | None = None
+
+
+def describe_output(model: Any, output: OutputSelector | None) -> str | None:
+    """Which output a kernel is of: an adapter's description (``cvcore_output`` on the
+    model it hands over), else the ``output=`` selector, else ``None`` (the only output)."""
+    told = getattr(model, "cvcore_output", None)
+    if isinstance(told, str):
+        return told
+    if output is None:
+        return None
+    if callable(output):
+        return getattr(output, "__name__", type(output).__name__)
+    return repr(output)
 
 
 def make_request(
@@ -95,7 +110,8 @@ def build(model: Any, inputs: Any, *, backend: str | None = None,
             f"backend {chosen.name!r} returned a kernel of shape {kernel.shape}, "
             f"expected ({expected}, {expected})"
         )
-    return Measured(result=result, backend=chosen.name, request=req)
+    return Measured(result=result, backend=chosen.name, request=req,
+                    output=describe_output(model, req.output))
 
 
 def ntk(
@@ -179,5 +195,6 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
     return collective_variables(ntk(model, inputs, **options))
 
 
-__all__ = ["Measured", "build", "build_diagonal", "check_kernel", "make_request", "measure",
+__all__ = ["Measured", "build", "build_diagonal", "check_kernel", "describe_output",
+           "make_request", "measure",
            "ntk", "parse_variables"]

@@ -16,11 +16,11 @@ from typing import Any
 from cvcore.spectrum import CollectiveVariables, DiagonalVariables, collective_variables
 
 VARIABLES = [f.name for f in fields(CollectiveVariables)]
-META = ["source", "backend", "kernel", "n_samples", "n_outputs", "dtype", "seconds"]
+META = ["source", "backend", "kernel", "n_samples", "n_outputs", "dtype", "seconds", "output"]
 #: Columns of the CSV table: every variable except the eigenvalue list, then the error
 #: bars of stochastic estimates (empty for exact rows).
 CSV_COLUMNS = META + [v for v in VARIABLES if v != "eigenvalues"] + [
-    "method", "trace_stderr", "entropy_stderr"]
+    "method", "trace_stderr", "entropy_stderr", "projections", "kernel_stderr"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Row:
     dtype: str
     seconds: float
     variables: CollectiveVariables | DiagonalVariables | Any
+    #: Which output was measured (an adapter's choice, with its default), when known.
+    output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Keys: every :class:`CollectiveVariables` field plus the provenance fields;

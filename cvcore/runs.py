@@ -43,8 +43,13 @@ def measure_checkpoints(
     skip: set[str] | None = None,
     variables: tuple[str, ...] | None = None,
     estimator: dict[str, Any] | None = None,
+    sketch: dict[str, Any] | None = None,
 ) -> Iterator[Row]:
-    """Yield one :class:`Row` per checkpoint, all measured on the same probe set."""
+    """Yield one :class:`Row` per checkpoint, all measured on the same probe set.
+
+    ``sketch`` (``projections``, ``target_error``, ``seed``, ``progress``) measures the
+    sketched traced kernel (:func:`cvcore.sketch.sketched_kernel`) instead of the exact one.
+    """
     shared_inputs: Any = None
     if probe.data is not None:
         shared_inputs = probe_subset(load_data(probe.data, probe.key), probe.samples, probe.seed)
@@ -72,6 +77,15 @@ def measure_checkpoints(
                       n_samples=n, n_outputs=est.dim // n if request.kernel == "full" else None,
                       dtype=request.dtype, seconds=time.perf_counter() - started, variables=est)
             continue
+        if sketch is not None:
+            from cvcore.sketch import sketched_kernel
+
+            sk = sketched_kernel(loaded.model, inputs, backend=name, request=request, **sketch)
+            yield Row(source=str(path), backend=sk.backend, kernel="traced",
+                      n_samples=sk.statistics.kernel.shape[0], n_outputs=sk.n_outputs,
+                      dtype=request.dtype, seconds=time.perf_counter() - started,
+                      variables=sk.variables(), output=sk.output)
+            continue
         if diagonal_only(variables):
             diag, used = build_diagonal(loaded.model, inputs, backend=name, request=request)
             n = batch_size(inputs)
@@ -85,7 +99,7 @@ def measure_checkpoints(
         cv = collective_variables(res.kernel)
         yield Row(source=str(path), backend=measured.backend, kernel=request.kernel,
                   n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
-                  seconds=time.perf_counter() - started, variables=cv)
+                  seconds=time.perf_counter() - started, variables=cv, output=measured.output)
 
 
 def _request_options(request: KernelRequest) -> dict[str, Any]:
