@@ -81,7 +81,15 @@ class LanguageHead(torch.nn.Module):
         params = inspect.signature(model.forward).parameters
         self.counts_positions = causal and "position_ids" in params
 
-    def forward(self, **inputs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **inputs: Any) -> torch.Tensor:
+        if args:  # an image or audio model called on one array: no mask, no positions
+            raw = self.model(*args, **inputs)
+            if self.kind == "custom":
+                assert self.custom is not None
+                return self.custom(raw, {"args": args, **inputs})  # type: ignore[no-any-return]
+            if self.kind == "cls":
+                return raw.last_hidden_state[:, 0]  # type: ignore[no-any-return]
+            return raw.pooler_output if self.kind == "pooled" else raw.logits  # type: ignore[no-any-return]
         position = inputs.pop(POSITION_KEY, None)
         ids = inputs.get("input_ids")
         mask = inputs.get("attention_mask")
