@@ -80,6 +80,8 @@ class LanguageHead(torch.nn.Module):
         self.cvcore_output = description
         params = inspect.signature(model.forward).parameters
         self.counts_positions = causal and "position_ids" in params
+        #: Whether the model can run its LM head on chosen positions only (``logits_to_keep``).
+        self.keeps_logits = "logits_to_keep" in params
 
     def forward(self, *args: Any, **inputs: Any) -> torch.Tensor:
         if args:  # an image or audio model called on one array: no mask, no positions
@@ -98,8 +100,23 @@ class LanguageHead(torch.nn.Module):
             inputs["attention_mask"] = mask
         if self.counts_positions and mask is not None and "position_ids" not in inputs:
             inputs["position_ids"] = (mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)
-        raw = self.model(**inputs)
         kind = self.kind
+        keep = None  # the one position whose logits are needed (the LM head runs there only)
+        if self.keeps_logits and ids is not None and mask is not None:
+            if kind == "last":
+                keep = last_index(mask)
+            elif kind == "positions" and position is not None:
+                keep = position.reshape(-1)
+            elif kind == "next-token":
+                keep = last_index(mask) - 1
+        if keep is not None:
+            logits = self.model(**inputs, logits_to_keep=keep.reshape(-1, 1)).logits[:, 0]
+            if kind != "next-token":
+                return logits
+            assert ids is not None and mask is not None
+            target = at(ids.unsqueeze(-1), last_index(mask))
+            return torch.log_softmax(logits, dim=-1).gather(1, target).reshape(-1, 1)
+        raw = self.model(**inputs)
         if kind == "custom":
             assert self.custom is not None
             return self.custom(raw, inputs)  # type: ignore[no-any-return]
@@ -107,11 +124,10 @@ class LanguageHead(torch.nn.Module):
             return raw.logits  # type: ignore[no-any-return]
         if kind == "pooled":
             return raw.pooler_output  # type: ignore[no-any-return]
-        hidden = raw.logits if hasattr(raw, "logits") and raw.logits is not None \
-            else raw.last_hidden_state
         if kind == "cls":
             hidden = raw.last_hidden_state
             return hidden[:, 0] if mask is None else at(hidden, first_index(mask))
+        hidden = raw.logits if getattr(raw, "logits", None) is not None else raw.last_hidden_state
         assert mask is not None and ids is not None
         if kind == "last":
             return at(hidden, last_index(mask))
