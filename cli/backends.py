@@ -24,5 +24,10 @@ def backends() -> None:
         table.add_row("data loader", name, "yes", "")
     for name, a in reg.adapters.items():
         ok = getattr(a, "available", lambda: True)()
-        table.add_row("adapter", name, "yes" if ok else "no", "")
+        family, needs = getattr(a, "family", None), getattr(a, "library", "")
+        label = f"{name} (family {family})" if family else name
+        hint = f"needs {needs}" if needs else ""
+        if not ok:
+            hint = f"{hint}: {plugins.install_command(a)}" if hint else plugins.install_command(a)
+        table.add_row("adapter", label, "yes" if ok else "no", hint)
     Console(highlight=False, width=120).print(table)
