@@ -73,9 +73,9 @@ def main() -> None:
                                                          "trace", "entropy")}))
 
     import numpy as np
+    from cvcore.adapters.huggingface_loaders import HuggingFaceLoader, TextDataLoader
 
     import cvcore
-    from cvcore.adapters.huggingface_loaders import HuggingFaceLoader, TextDataLoader
     from cvcore.protocols import LoadOptions
     from cvcore.sketch import sketched_kernel
 

@@ -15,10 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import cvcore  # noqa: E402
-from cvcore.errors import InputError  # noqa: E402
-from cvcore.api import make_request  # noqa: E402
-from cvcore.sketch import Projection, sketch_statistics, sketched_kernel  # noqa: E402
+import cvcore
+from cvcore.api import make_request
+from cvcore.errors import InputError
+from cvcore.sketch import Projection, sketch_statistics, sketched_kernel
 
 transformers.logging.set_verbosity_error()
 VOCAB = 23
@@ -365,6 +365,6 @@ def test_language_example_runs(tmp_path) -> None:
 
     script = Path(__file__).parents[1] / "examples" / "language_model.py"
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+                          check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "language:last (default)" in done.stdout and "sketched (m=16)" in done.stdout
