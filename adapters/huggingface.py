@@ -144,9 +144,11 @@ def model_inputs(model: Any, inputs: Any) -> Any:
             out["attention_mask"] = np.ones(tuple(out["input_ids"].shape), dtype=np.int64)
         return out
     if hasattr(inputs, "dtype") and hasattr(inputs, "shape") and len(inputs.shape) == 2:
-        kind = np.dtype(str(inputs.dtype).replace("torch.", "")).kind \
-            if not isinstance(inputs, np.ndarray) else inputs.dtype.kind
-        if kind in "iu":
+        if isinstance(inputs, np.ndarray):
+            integer = inputs.dtype.kind in "iu"
+        else:  # a torch tensor
+            integer = not inputs.is_floating_point() and not inputs.is_complex()
+        if integer:
             return {"input_ids": inputs, "attention_mask": np.ones(tuple(inputs.shape), np.int64)}
     return inputs
 

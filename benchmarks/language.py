@@ -7,7 +7,7 @@ Two parts, each printing one JSON line per measurement on stdout (progress on st
   (one output per sample, exact), then the sketched last-position logits kernel for
   ``m`` projections (time only: the exact kernel over 50257 outputs is out of reach).
 * ``--part error``: the sketch's error against the exact traced kernel on a small
-  vocabulary (a 2-layer, width-64 GPT-2 with 512 tokens), for each ``m`` and seed: the
+  vocabulary (a 2-layer, width-32 GPT-2, ``--vocab`` tokens, float64), for each ``m`` and seed: the
   kernel's actual relative error (Frobenius) next to the standard error it reported.
 
 Usage::
@@ -83,8 +83,8 @@ def part_error(args: argparse.Namespace) -> None:
     from cvcore.api import make_request
     from cvcore.sketch import sketched_kernel
 
-    vocab = 512
-    model = gpt2(2, 64, 4, vocab)
+    vocab = args.vocab
+    model = gpt2(2, 32, 4, vocab)
     x = tokens(vocab, args.n, args.length)
     started, cpu = time.perf_counter(), time.process_time()
     exact = cvcore.ntk(model, x, dtype="float64")
@@ -118,8 +118,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--budget", default="6GB")
+    parser.add_argument("--vocab", type=int, default=256)
     args = parser.parse_args()
-    args.projections = [int(m) for m in args.projections.split(",")]
+    args.projections = [int(m) for m in args.projections.split(",") if m]
     (part_gpt2 if args.part == "gpt2" else part_error)(args)
 
 
