@@ -27,7 +27,10 @@ def measure(
     trust: Annotated[bool, typer.Option(help="Allow arbitrary code in a pickle you made yourself.")] = False,
     family: Annotated[str | None, typer.Option(help="Model family: language, graph, autoencoder, rl, or none (default: from the model's type).")] = None,
     kernel: Annotated[str, typer.Option(help="traced (N×N) or full (N·O×N·O).")] = "traced",
-    output: Annotated[str | None, typer.Option(help="Which output to use: an index or a key.")] = None,
+    output: Annotated[str | None, typer.Option(help="Which output to use: an index or a key; language models: last, positions, next-token, sequence, pooled, cls, logits (docs/adapters.md).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Longest token sequence kept when texts are tokenized.")] = None,
+    projections: Annotated[int | None, typer.Option(help="Sketched traced kernel from this many random projections of the outputs (unbiased, with standard errors).")] = None,
+    target_error: Annotated[float | None, typer.Option(help="Sketched traced kernel: as many projections as reach this relative standard error.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: GPU if visible).")] = None,
     backend: Annotated[str | None, typer.Option(help="Backend name (default: from the model).")] = None,
@@ -55,6 +58,13 @@ def measure(
         raise InputError("expected --per-layer without --resume, --method and --variables, got "
                          + ", ".join(f for f, on in (("--resume", resume), ("--method", method),
                                                      ("--variables", variables)) if on))
+    sketch = None
+    if projections is not None or target_error is not None:
+        if kernel != "traced" or method is not None:
+            raise InputError("expected --projections / --target-error with the traced kernel and "
+                             f"no --method, got --kernel {kernel} and --method {method}")
+        sketch = {"projections": projections, "target_error": target_error, "seed": seed,
+                  "progress": lambda line: stderr().print(line, markup=False)}
     sink = CsvSink(csv, resume=resume) if csv is not None and not per_layer else None
     if resume and sink is None:
         raise InputError("expected --csv with --resume, got --resume alone")
@@ -64,7 +74,8 @@ def measure(
     rows: list[Row] = []
     for row in measure_checkpoints(
         checkpoints, probe=ProbeSpec(data, key, samples, seed), request=request,
-        options=LoadOptions(model_factory=model, trust=trust, key=None), backend=backend,
+        options=LoadOptions(model_factory=model, trust=trust, key=None, max_length=max_length),
+        backend=backend, sketch=sketch,
         skip=sink.done if sink else None, variables=parse_variables(variables),
         estimator=None if method is None else {"method": method, "probes": probes, "steps": steps,
                                                "top_k": top_k, "seed": seed},

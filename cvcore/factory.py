@@ -35,4 +35,16 @@ def resolve_factory(spec: str) -> Any:
     factory = getattr(module, attr, None)
     if factory is None:
         raise InputError(f"expected {module_name!r} to define {attr!r}, got no such attribute")
-    return factory() if callable(factory) else factory
+    if not callable(factory):
+        return factory
+    try:
+        return factory()
+    except TypeError as exc:
+        needs = "a transformers class needs its config: pass the save_pretrained directory, " \
+            "or --model transformers:ClassName with a config.json beside the weights; " \
+            if module_name == "transformers" else ""
+        raise InputError(
+            f"expected --model {spec!r} to build the model with no arguments, got "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            f"{needs}or name a factory function that builds it"
+        ) from None

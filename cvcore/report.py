@@ -21,7 +21,7 @@ META = ["source", "backend", "family", "output", "kernel", "n_samples", "n_outpu
 #: Columns of the CSV table: every variable except the eigenvalue list, then the error
 #: bars of stochastic estimates (empty for exact rows).
 CSV_COLUMNS = META + [v for v in VARIABLES if v != "eigenvalues"] + [
-    "method", "trace_stderr", "entropy_stderr"]
+    "method", "trace_stderr", "entropy_stderr", "projections", "kernel_stderr"]
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def measure_checkpoints(
     variables: tuple[str, ...] | None = None,
     estimator: dict[str, Any] | None = None,
     per_layer: bool = False,
+    sketch: dict[str, Any] | None = None,
 ) -> Iterator[Row]:
     """Yield one :class:`Row` per checkpoint and head (an actor-critic gives two rows,
     actor and critic), all measured on the same probe set.
@@ -51,6 +52,9 @@ def measure_checkpoints(
     Probe inputs a data loader makes from a model (``env:CartPole-v1``: observations
     rolled out by the policy) come from the first checkpoint, so every checkpoint is
     measured on one probe set.
+
+    ``sketch`` (``projections``, ``target_error``, ``seed``, ``progress``) measures the
+    sketched traced kernel (:func:`cvcore.sketch.sketched_kernel`) instead of the exact one.
     """
     ordered = expand(paths)
     shared_inputs: Any = None
@@ -78,13 +82,14 @@ def measure_checkpoints(
         name = backend or loaded.backend
         for head in heads(loaded.model, inputs, request):
             yield _row(path, loaded.model, inputs, head, name, variables, estimator, started,
-                       per_layer)
+                       per_layer, sketch)
             started = time.perf_counter()
 
 
 def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
          variables: tuple[str, ...] | None, estimator: dict[str, Any] | None,
-         started: float, per_layer: bool = False) -> Row:
+         started: float, per_layer: bool = False,
+         sketch: dict[str, Any] | None = None) -> Row:
     """One row: the collective variables of one head of one checkpoint."""
     request = head.request
     meta: dict[str, Any] = {"family": head.family, "output": head.output}
@@ -97,6 +102,14 @@ def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
                    n_samples=n, n_outputs=est.dim // n if request.kernel == "full" else None,
                    dtype=request.dtype, seconds=time.perf_counter() - started, variables=est,
                    **meta)
+    if sketch is not None:
+        from cvcore.sketch import sketched_kernel
+
+        sk = sketched_kernel(model, inputs, backend=name, request=request, **sketch)
+        return Row(source=str(path), backend=sk.backend, kernel="traced",
+                   n_samples=sk.statistics.kernel.shape[0], n_outputs=sk.n_outputs,
+                   dtype=request.dtype, seconds=time.perf_counter() - started,
+                   variables=sk.variables(), family=head.family, output=sk.output)
     if diagonal_only(variables):
         diag, used = build_diagonal(model, inputs, backend=name, request=request)
         n = batch_size(inputs)
