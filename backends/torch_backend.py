@@ -340,6 +340,13 @@ def _functional_jacobian(prep: Prepared, names: list[str], x: Any, request: Kern
     try:
         jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
     except RuntimeError as exc:
+        if "random operation" in str(exc):
+            raise ModelError(
+                "expected a forward that draws no random numbers in eval mode, got one that "
+                "does (torch.randn_like or similar): its kernel changes with every draw; "
+                "measure a deterministic output (family='autoencoder' measures a VAE's "
+                "posterior mean) or make the sampling conditional on self.training"
+            ) from None
         if not _vmap_refusal(exc):
             raise
         # A forward with side effects (in-place buffer updates, data-dependent Python

@@ -118,6 +118,8 @@ def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
                    dtype=request.dtype, seconds=time.perf_counter() - started,
                    variables=diagonal_variables(diag), **meta)
     measured = build(model, inputs, backend=name, request=request, per_layer=per_layer)
+    if measured.output is not None:  # the adapted model's own words (a language model's)
+        meta["output"] = measured.output
     res = measured.result
     cv = collective_variables(res.kernel, covariance=variables is None
                               or "covariance_entropy" in variables)
