@@ -23,7 +23,10 @@ def make_app() -> typer.Typer:
                       no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
     @app.callback()
-    def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+             version: Annotated[bool, typer.Option("--version", callback=_print_version,
+                                                   is_eager=True, help="Print the version and exit.")] = False,
+             ) -> None:
         _state["debug"] = debug
 
     app.command()(friendly(spectrum))
@@ -31,6 +34,18 @@ def make_app() -> typer.Typer:
     app.command("backends")(friendly(backends))
     plugins.manager().hook.cvcore_register_commands(app=app)
     return app
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("cvcore")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            text = "unknown (not installed)"
+        typer.echo(f"cvcore {text}")
+        raise typer.Exit()
 
 
 def main() -> None:

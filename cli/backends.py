@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cvcore.cli.output import plain
+
 from cvcore import plugins
 
 
@@ -16,10 +18,11 @@ def backends() -> None:
         table.add_column(col)
     for name, b in reg.backends.items():
         ok = b.available()
-        table.add_row("backend", name, "yes" if ok else "no", "" if ok else plugins.install_command(b))
+        table.add_row("backend", name, "yes" if ok else "no", "" if ok else plain(plugins.install_command(b)))
     for name, ld in reg.checkpoint_loaders.items():
         ok = ld.available()
-        table.add_row("checkpoint loader", name, "yes" if ok else "no", "" if ok else plugins.install_command(ld))
+        table.add_row("checkpoint loader", name, "yes" if ok else "no",
+                      "" if ok else plain(plugins.install_command(ld)))
     for name in reg.data_loaders:
         table.add_row("data loader", name, "yes", "")
     for name, a in reg.adapters.items():

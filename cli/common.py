@@ -40,8 +40,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON list to stdo
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write a CSV table here.")]
 
 
-def emit(rows: list[Row], as_json: bool, title: str) -> None:
+def emit(rows: list[Row], as_json: bool, title: str, notes: list[str] | None = None) -> None:
     if as_json:
         print_json(rows)
     else:
-        print_table(rows, title=title)
+        print_table(rows, title=title, notes=notes or ())

@@ -129,6 +129,8 @@ class LoadOptions:
     model_factory: str | None = None
     trust: bool = False
     key: str | None = None
+    #: Keyword arguments for the ``model_factory`` call (``--model-args`` JSON).
+    model_args: dict[str, Any] | None = None
 
 
 @runtime_checkable
