@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 from cvcore.cli.backends import backends
-from cvcore.cli.common import _state, friendly
+from cvcore.cli.common import OneLineErrors, _state, friendly
 from cvcore.cli.measure import measure
 from cvcore.cli.spectrum import spectrum
 
@@ -20,7 +20,8 @@ from cvcore import plugins
 def make_app() -> typer.Typer:
     """Build the ``cv`` application, with commands from every plugin."""
     app = typer.Typer(name="cv", help="Collective variables (NTK trace, entropy, ...) of neural networks.",
-                      no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                      no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                      cls=OneLineErrors)
 
     @app.callback()
     def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,

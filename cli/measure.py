@@ -101,7 +101,7 @@ def _log_row(log: Any, row: Row, quiet: bool) -> None:
     if row.error is not None:  # errors are shown even with --quiet
         log.print(f"error: {failure_text(row)}", markup=False, soft_wrap=True)
     elif not quiet:
-        log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False)
+        log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False, soft_wrap=True)
 
 
 def _probe_notes(probe: ProbeSpec, rows: list[Row]) -> list[str]:

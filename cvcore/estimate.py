@@ -509,15 +509,34 @@ def _stochastic(op: KernelOperator, trace: float | None, probes: int, steps: int
                 oversample: int, power_iters: int, deflate: bool, rng: np.random.Generator
                 ) -> EstimatedVariables:
     k = min(top_k, op.dim)
-    top = (randomized_topk(op.matvec, op.dim, k, oversample, power_iters, rng) if k > 0
+    matvec = _counted(op.matvec, (power_iters + 2 if k > 0 else 0) + min(steps, op.dim))
+    top = (randomized_topk(matvec, op.dim, k, oversample, power_iters, rng) if k > 0
            else TopK(np.zeros(0), np.zeros(0)))
-    slq = slq_entropy(op.matvec, op.dim, probes, steps, rng, trace=trace,
+    slq = slq_entropy(matvec, op.dim, probes, steps, rng, trace=trace,
                       deflation=top if deflate and k > 0 else None)
     return EstimatedVariables(
         trace=slq.trace, trace_stderr=slq.trace_stderr, normalized_trace=slq.trace / op.dim,
         entropy=slq.entropy, entropy_stderr=slq.stderr, effective_rank=math.exp(slq.entropy),
         top_eigenvalues=top.eigenvalues, top_residuals=top.residuals, dim=op.dim,
         probes=slq.probes, steps=slq.steps, method="stochastic")
+
+
+def _counted(matvec: MatVec, total: int) -> MatVec:
+    """``matvec`` that reports each batched product to :mod:`cvcore.progress`."""
+    from cvcore import progress
+
+    if not progress.active():
+        return matvec
+    done = 0
+
+    def counted(v: NDArray[np.float64]) -> NDArray[np.float64]:
+        nonlocal done
+        out = matvec(v)
+        done += 1
+        progress.advance("estimator products", min(done, total), total)
+        return out
+
+    return counted
 
 
 def _check_choices(method: str, trace_estimator: str, top_k: int) -> None:
