@@ -110,8 +110,9 @@ def _probe_notes(probe: ProbeSpec, rows: list[Row]) -> list[str]:
         return []
     n = max(r.n_samples for r in rows)
     source = probe.data or "the example inputs"
-    return [f"probe set: all {n} samples of {source}; --samples N draws a fixed random "
-            "subset of N (--seed chooses which)"]
+    note = (f"probe set: all {n} samples of {source}; --samples N draws a fixed random "
+            "subset of N (--seed chooses which)")
+    return [note]
 
 
 def _exit_on_failures(rows: list[Row]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -124,7 +125,7 @@ BAD = [
     ("unknown-command", ["measurr"], "measurr"),
 ] + [
     # every checkpoint loader given a file of another format under its own extension
-    (f"loader-{name}", ["measure", "{%s}" % name, "--data", "digits"], "fake")
+    (f"loader-{name}", ["measure", "{" + name + "}", "--data", "digits"], "fake")
     for name in ("fake_pt", "fake_npy", "fake_st", "fake_pt2", "fake_keras", "fake_h5", "fake_msgpack")
 ]
 
@@ -336,7 +337,8 @@ def test_no_progress_bar_when_quiet_or_not_a_terminal() -> None:
 
     assert progress_wanted(False, Tty())  # type: ignore[arg-type]
     assert not progress_wanted(True, Tty())  # type: ignore[arg-type]
-    assert not progress_wanted(False, open("/dev/null", "w"))
+    with open(os.devnull, "w") as devnull:
+        assert not progress_wanted(False, devnull)
 
 
 def test_seed_makes_dropout_under_train_reproducible(tmp_path: Path) -> None:

@@ -13,13 +13,13 @@ import cvcore
 from cvcore import plugins
 from cvcore.errors import BackendError, InputError, KernelError
 from cvcore.estimate import (
-    t_factor,
     EstimatedVariables,
     choose_method,
     estimate,
     hutchinson_trace,
     randomized_topk,
     slq_entropy,
+    t_factor,
 )
 from cvcore.hookspecs import hookimpl
 from cvcore.protocols import KernelRequest, KernelResult
