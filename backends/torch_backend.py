@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cvcore import outputs
+from cvcore import outputs, progress
 from cvcore.data_io import slice_inputs
 from cvcore.blocking import Plan, plan_blocks
 from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
@@ -481,6 +481,7 @@ def _assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: J
                 if traced and second[1] != first[1]:
                     continue  # the traced kernel pairs each output with itself only
                 _add_block(k4, j1, jacobian(second), first, second, traced, scale, mirror=True)
+            progress.advance("sample blocks", index + 1, len(blocks))
     _check_finite(kernel, n, width)
     return kernel.detach().cpu().numpy()
 

@@ -192,6 +192,8 @@ class LoadOptions:
     key: str | None = None
     #: Longest token sequence kept when texts are tokenized (``None``: the model's limit).
     max_length: int | None = None
+    #: Keyword arguments for the ``model_factory`` call (``--model-args`` JSON).
+    model_args: dict[str, Any] | None = None
 
 
 @runtime_checkable
