@@ -152,6 +152,11 @@ def resolve_adapted(model: Any, inputs: Any, request: KernelRequest, backend: st
         model, inputs = adapted, adapted_inputs
     else:
         label = output_name(request.output)
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO":
+        raise InputError(
+            f"expected numeric probe inputs for a {type(model).__name__}, got text "
+            f"({inputs.shape[0] if inputs.ndim else 1} strings): texts are for a language "
+            "model saved with its tokenizer (a save_pretrained directory)")
     chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
     return Resolved(model, inputs, request, chosen, family, label)
 

@@ -147,12 +147,17 @@ def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: K
         inputs = probe_subset(loaded.example_inputs, probe.samples, probe.seed)
     name = backend or loaded.backend
     rows = []
-    for head in heads(loaded.model, inputs, request):
-        if request.train:
-            seed_frameworks(probe.seed)
-        rows.append(_row(path, loaded.model, inputs, head, name, variables, estimator, started,
-                         per_layer, sketch))
-        started = time.perf_counter()
+    try:
+        for head in heads(loaded.model, inputs, request):
+            if request.train:
+                seed_frameworks(probe.seed)
+            rows.append(_row(path, loaded.model, inputs, head, name, variables, estimator,
+                             started, per_layer, sketch))
+            started = time.perf_counter()
+    except InputError as exc:
+        if probe.data is not None and str(exc).startswith("expected numeric probe inputs"):
+            raise InputError(f"{probe.data}: {exc}") from None  # name the file of texts
+        raise
     return rows
 
 
