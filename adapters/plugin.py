@@ -24,7 +24,10 @@ def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
 
 @hookimpl
 def cvcore_register_loaders(register: Callable[[Any], None]) -> None:
+    from cvcore.adapters.huggingface_loaders import HuggingFaceLoader, TextDataLoader
     from cvcore.adapters.policy_loaders import EnvRolloutLoader, StableBaselinesLoader
 
+    register(HuggingFaceLoader())
+    register(TextDataLoader())
     register(StableBaselinesLoader())
     register(EnvRolloutLoader())

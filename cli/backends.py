@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 from cvcore import plugins
 
 

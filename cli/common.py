@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -36,12 +37,38 @@ def friendly(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class OneLineErrors(typer.core.TyperGroup):
+    """The ``cv`` group: a usage error (unknown option, a value of the wrong type) is one
+    line on stderr and exit status 2, like every other mistake, not a boxed panel."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("interrupted", err=True)
+            rv = 130
+        except typer.TyperException as exc:  # typer's click: usage errors, bad values
+            text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `cv` alone: the help
+                typer.echo(text)
+                return 0 if not standalone_mode else sys.exit(0)
+            ctx = getattr(exc, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            typer.echo(f"error: {where}{' '.join(text.split())} (see --help)", err=True)
+            rv = getattr(exc, "exit_code", 2)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON list to stdout.")]
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Write a CSV table here.")]
 
 
-def emit(rows: list[Row], as_json: bool, title: str) -> None:
+def emit(rows: list[Row], as_json: bool, title: str, notes: list[str] | None = None) -> None:
     if as_json:
         print_json(rows)
     else:
-        print_table(rows, title=title)
+        print_table(rows, title=title, notes=notes or ())

@@ -7,14 +7,15 @@ from typing import Annotated, Any
 
 import typer
 from cvcore.cli.common import CsvOpt, JsonOpt, emit
-from cvcore.cli.output import stderr
+from cvcore.cli.output import failure_text, progress_bar, progress_wanted, stderr
 
 from cvcore.api import make_request, parse_variables
 from cvcore.errors import InputError
+from cvcore.factory import parse_model_args
 from cvcore.protocols import Implementation, LoadOptions
 from cvcore.record.checkpoints import CheckpointSink
 from cvcore.report import CsvSink, Row
-from cvcore.runs import ProbeSpec, measure_checkpoints
+from cvcore.runs import ProbeSpec, measure_checkpoints, run_settings
 
 
 def measure(
@@ -22,12 +23,16 @@ def measure(
     data: Annotated[str | None, typer.Option(help="Probe inputs: .npy, .npz, .pt, a bundled dataset (digits, iris), or env:ID (observations rolled out by an RL policy in that Gymnasium environment).")] = None,
     key: Annotated[str | None, typer.Option(help="Array name inside an .npz data file.")] = None,
     samples: Annotated[int | None, typer.Option(help="Draw this many probe inputs at random.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the probe subset (same seed, same subset).")] = 0,
-    model: Annotated[str | None, typer.Option("--model", help="package.module:factory that builds the architecture for a state_dict.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the probe subset, the stochastic estimator and, with --train, dropout (same seed, same numbers).")] = 0,
+    model: Annotated[str | None, typer.Option("--model", help="package.module:factory (or file.py:factory) that builds the architecture for a state_dict; called without arguments unless --model-args.")] = None,
+    model_args: Annotated[str | None, typer.Option("--model-args", help='Keyword arguments for the --model factory as a JSON object, e.g. \'{"width": 32}\'.')] = None,
     trust: Annotated[bool, typer.Option(help="Allow arbitrary code in a pickle you made yourself.")] = False,
     family: Annotated[str | None, typer.Option(help="Model family: language, graph, autoencoder, rl, or none (default: from the model's type).")] = None,
     kernel: Annotated[str, typer.Option(help="traced (N×N) or full (N·O×N·O).")] = "traced",
-    output: Annotated[str | None, typer.Option(help="Which output to use: an index or a key.")] = None,
+    output: Annotated[str | None, typer.Option(help="Which output to use: an index or a key; language models: last, positions, next-token, sequence, pooled, cls, logits (docs/adapters.md).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Longest token sequence kept when texts are tokenized.")] = None,
+    projections: Annotated[int | None, typer.Option(help="Sketched traced kernel from this many random projections of the outputs (unbiased, with standard errors).")] = None,
+    target_error: Annotated[float | None, typer.Option(help="Sketched traced kernel: as many projections as reach this relative standard error.")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: GPU if visible).")] = None,
     backend: Annotated[str | None, typer.Option(help="Backend name (default: from the model).")] = None,
@@ -42,11 +47,15 @@ def measure(
     top_k: Annotated[int, typer.Option(help="Largest eigenvalues to report with --method.")] = 10,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
-    resume: Annotated[bool, typer.Option(help="Skip checkpoints already in --csv.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue --csv: skip checkpoints already in it (refused if they were measured with other settings).")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --csv table.")] = False,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first checkpoint that fails (default: report it as a failed row and go on).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-checkpoint lines on stderr.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the series to a record store (.db), one run.")] = None,
     per_layer: Annotated[bool, typer.Option(help="Also one row per layer (trace, share, entropy, effective rank of its own kernel); --csv then has one line per layer.")] = False,
 ) -> None:
     """Collective variables of checkpoints, one row each, on one probe set."""
+    _check_series_options(csv, resume, force)
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
     request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
                            train=train, memory_budget=memory_budget,
@@ -55,35 +64,96 @@ def measure(
         raise InputError("expected --per-layer without --resume, --method and --variables, got "
                          + ", ".join(f for f, on in (("--resume", resume), ("--method", method),
                                                      ("--variables", variables)) if on))
-    sink = CsvSink(csv, resume=resume) if csv is not None and not per_layer else None
-    if resume and sink is None:
-        raise InputError("expected --csv with --resume, got --resume alone")
+    sketch = None
+    if projections is not None or target_error is not None:
+        if kernel != "traced" or method is not None:
+            raise InputError("expected --projections / --target-error with the traced kernel and "
+                             f"no --method, got --kernel {kernel} and --method {method}")
+        sketch = {"projections": projections, "target_error": target_error, "seed": seed,
+                  "progress": lambda line: stderr().print(line, markup=False)}
+    probe = ProbeSpec(data, key, samples, seed)
+    options = LoadOptions(model_factory=model, trust=trust, key=None, max_length=max_length,
+                          model_args=parse_model_args(model_args))
+    if model_args is not None and model is None:
+        raise InputError("expected --model with --model-args, got --model-args alone")
+    wanted = parse_variables(variables)
+    estimator = _estimator(method, probes, steps, top_k, seed)
+    settings = run_settings(probe, request, options, backend=backend, variables=wanted,
+                            estimator=estimator, sketch=sketch)
+    sink = (CsvSink(csv, resume=resume, force=force, settings=settings)
+            if csv is not None and not per_layer else None)
     store = None if out is None else CheckpointSink(
         out, probe={"data": data, "key": key, "samples": samples, "seed": seed})
     log = stderr()
     rows: list[Row] = []
-    for row in measure_checkpoints(
-        checkpoints, probe=ProbeSpec(data, key, samples, seed), request=request,
-        options=LoadOptions(model_factory=model, trust=trust, key=None), backend=backend,
-        skip=sink.done if sink else None, variables=parse_variables(variables),
-        estimator=None if method is None else {"method": method, "probes": probes, "steps": steps,
-                                               "top_k": top_k, "seed": seed},
-        per_layer=per_layer,
-    ):
-        log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False)
-        rows.append(row)
-        if sink is not None:
-            sink.add(row)
+    try:
+        with progress_bar(progress_wanted(quiet)):
+            for row in measure_checkpoints(
+                checkpoints, probe=probe, request=request, options=options, backend=backend,
+                skip=sink.done if sink else None, variables=wanted, estimator=estimator,
+                per_layer=per_layer, sketch=sketch, fail_fast=fail_fast,
+            ):
+                _log_row(log, row, quiet)
+                rows.append(row)
+                if sink is not None:
+                    sink.add(row)
+                if store is not None and row.error is None:
+                    store.add(row)
+    finally:
         if store is not None:
-            store.add(row)
-    if store is not None:
-        store.close()
+            store.close()
+    if rows and all(r.error is not None for r in rows):
+        raise typer.Exit(2)  # every checkpoint failed: the errors are already on stderr
     if per_layer and csv is not None:
         from cvcore.cli.per_layer import write_layer_csv
 
-        write_layer_csv(csv, rows)
-    emit(rows, as_json, f"collective variables ({kernel} kernel)")
+        write_layer_csv(csv, [r for r in rows if r.error is None])
+    emit(rows, as_json, f"collective variables ({kernel} kernel)", notes=_probe_notes(probe, rows))
     if per_layer and not as_json:
         from cvcore.cli.per_layer import print_layers
 
-        print_layers(rows)
+        print_layers([r for r in rows if r.error is None])
+    _exit_on_failures(rows)
+
+
+def _check_series_options(csv: Path | None, resume: bool, force: bool) -> None:
+    if resume and csv is None:
+        raise InputError("expected --csv with --resume, got --resume alone")
+    if force and csv is None:
+        raise InputError("expected --csv with --force, got --force alone")
+    if resume and force:
+        raise InputError("expected one of --resume (continue the table) and --force "
+                         "(overwrite it), got both")
+
+
+def _estimator(method: str | None, probes: int, steps: int, top_k: int, seed: int
+               ) -> dict[str, Any] | None:
+    if method is None:
+        return None
+    return {"method": method, "probes": probes, "steps": steps, "top_k": top_k, "seed": seed}
+
+
+def _log_row(log: Any, row: Row, quiet: bool) -> None:
+    if row.error is not None:  # errors are shown even with --quiet
+        log.print(f"error: {failure_text(row)}", markup=False, soft_wrap=True)
+    elif not quiet:
+        log.print(f"measured {row.source} ({row.seconds:.2f} s)", markup=False, soft_wrap=True)
+
+
+def _probe_notes(probe: ProbeSpec, rows: list[Row]) -> list[str]:
+    """Say how many samples were used when the user did not choose, and how to change it."""
+    if probe.samples is not None or not rows:
+        return []
+    n = max(r.n_samples for r in rows)
+    source = probe.data or "the example inputs"
+    note = (f"probe set: all {n} samples of {source}; --samples N draws a fixed random "
+            "subset of N (--seed chooses which)")
+    return [note]
+
+
+def _exit_on_failures(rows: list[Row]) -> None:
+    failed = [r.source for r in rows if r.error is not None]
+    if failed:
+        stderr().print(f"{len(failed)} of {len(rows)} checkpoints failed: {', '.join(failed)}",
+                       markup=False, soft_wrap=True)
+        raise typer.Exit(1)

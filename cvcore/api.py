@@ -72,6 +72,19 @@ class Resolved:
     output: str | None
 
 
+def describe_output(model: Any, output: OutputSelector | None) -> str | None:
+    """Which output a kernel is of: an adapter's description (``cvcore_output`` on the
+    model it hands over), else the ``output=`` selector, else ``None`` (the only output)."""
+    told = getattr(model, "cvcore_output", None)
+    if isinstance(told, str):
+        return told
+    if output is None:
+        return None
+    if callable(output):
+        return getattr(output, "__name__", type(output).__name__)
+    return repr(output)
+
+
 def make_request(
     *,
     kernel: str = "traced",
@@ -133,10 +146,17 @@ def resolve_adapted(model: Any, inputs: Any, request: KernelRequest, backend: st
             request = replace(request, output=output)
         family = plugins.family_of(adapter)
         describe = getattr(adapter, "describe", None)
-        label = describe(model, inputs, asked) if describe else output_name(output)
+        told = describe_output(adapted, None)  # the adapted model's own words, if any
+        label = (describe(model, inputs, asked) if describe
+                 else told if told is not None else output_name(output))
         model, inputs = adapted, adapted_inputs
     else:
         label = output_name(request.output)
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO":
+        raise InputError(
+            f"expected numeric probe inputs for a {type(model).__name__}, got text "
+            f"({inputs.shape[0] if inputs.ndim else 1} strings): texts are for a language "
+            "model saved with its tokenizer (a save_pretrained directory)")
     chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
     return Resolved(model, inputs, request, chosen, family, label)
 
@@ -338,5 +358,5 @@ def layer_rows(layers: Sequence[LayerKernel]) -> list[LayerVariables]:
 
 
 __all__ = ["Head", "Measured", "PerLayer", "Resolved", "build", "build_all", "build_diagonal",
-           "check_kernel", "heads", "layer_rows", "make_request", "measure", "ntk",
+           "check_kernel", "describe_output", "heads", "layer_rows", "make_request", "measure", "ntk",
            "parse_variables"]

@@ -27,7 +27,10 @@ def load_checkpoint(path: Path, options: LoadOptions) -> LoadedModel:
     if path.is_file() and path.stat().st_size == 0:
         raise InputError(f"{path}: expected a checkpoint, got an empty file")
     loaders = list(plugins.registry().checkpoint_loaders.values())
-    chosen = next((ld for ld in loaders if ld.available() and ld.sniff(path)), None)
+    chosen = next((ld for ld in loaders if ld.available() and hasattr(ld, "prefers")
+                   and ld.prefers(path, options)), None)
+    if chosen is None:
+        chosen = next((ld for ld in loaders if ld.available() and ld.sniff(path)), None)
     if chosen is None:
         suffix = path.suffix.lower()
         by_ext = [ld for ld in loaders if suffix in ld.extensions]

@@ -237,11 +237,19 @@ class LoadOptions:
     model_factory: str | None = None
     trust: bool = False
     key: str | None = None
+    #: Longest token sequence kept when texts are tokenized (``None``: the model's limit).
+    max_length: int | None = None
+    #: Keyword arguments for the ``model_factory`` call (``--model-args`` JSON).
+    model_args: dict[str, Any] | None = None
 
 
 @runtime_checkable
 class CheckpointLoader(Protocol):
     """Reads a model from a checkpoint file or directory.
+
+    Optional: ``prefers(path, options) -> bool``, asked before any content test, for a
+    loader that must read a file another loader's content test also matches (the
+    Hugging Face loader for a safetensors file with ``--model transformers:Class``).
 
     Attributes:
         kind: always ``"checkpoint"``.

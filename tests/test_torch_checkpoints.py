@@ -131,9 +131,9 @@ def test_time_series_natural_order_and_one_probe_set(tmp_path: Path) -> None:
     with out.open() as fh:
         table = list(csv.DictReader(fh))
     assert [Path(t["source"]).name for t in table] == ["epoch_1.pt", "epoch_2.pt", "epoch_10.pt"]
-    # --resume skips what is already in the table.
+    # --resume skips what is already in the table (same settings: the dtype too).
     again = cv("measure", *sorted(run.glob("epoch_*.pt")), "--data", "digits", "--samples", "30",
-               "--seed", "7", "--csv", out, "--resume", "--json")
+               "--seed", "7", "--dtype", "float64", "--csv", out, "--resume", "--json")
     assert json.loads(again.stdout) == []
     with out.open() as fh:
         assert len(list(csv.DictReader(fh))) == 3

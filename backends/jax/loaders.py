@@ -302,7 +302,7 @@ def _factory_model(path: Path, options: LoadOptions, what: str) -> Any:
             f"{path}: expected --model module:factory to build the architecture for {what}, "
             "got no --model"
         )
-    return resolve_factory(options.model_factory)
+    return resolve_factory(options.model_factory, options.model_args)
 
 
 def _require_jax() -> None:

@@ -176,7 +176,7 @@ class H5Loader:
                 f"{path}: expected --model package.module:factory to build the architecture, "
                 "got an HDF5 file with weights only and no --model"
             )
-        model = resolve_factory(options.model_factory)
+        model = resolve_factory(options.model_factory, options.model_args)
         keras = _keras()
         if not isinstance(model, keras.Model):
             raise InputError(f"expected --model to build a keras.Model, got {type(model).__name__}")

@@ -29,6 +29,7 @@ from cvcore.backends.torch.setup import (
     training_mode,
 )
 
+from cvcore import progress
 from cvcore.blocking import Plan
 from cvcore.data_io import slice_inputs
 from cvcore.errors import InputError, ModelError
@@ -57,6 +58,13 @@ def functional_jacobian(prep: Prepared, names: list[str], x: Any, request: Kerne
     try:
         jac = vmap(jacrev(single), in_dims=(None, 0))(theta, x)
     except RuntimeError as exc:
+        if "random operation" in str(exc):
+            raise ModelError(
+                "expected a forward that draws no random numbers in eval mode, got one that "
+                "does (torch.randn_like or similar): its kernel changes with every draw; "
+                "measure a deterministic output (family='autoencoder' measures a VAE's "
+                "posterior mean) or make the sampling conditional on self.training"
+            ) from None
         if not vmap_refusal(exc):
             raise
         # A forward with side effects (in-place buffer updates, data-dependent Python
@@ -182,6 +190,7 @@ def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: Ja
                 if traced and second[1] != first[1]:
                     continue  # the traced kernel pairs each output with itself only
                 _add_block(k4, j1, jacobian(second), first, second, traced, scale, mirror=True)
+            progress.advance("sample blocks", index + 1, len(blocks))
     check_finite(kernel, n, width)
     return kernel.detach().cpu().numpy()
 

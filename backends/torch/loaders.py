@@ -56,6 +56,33 @@ def is_torch_save(path: Path) -> bool:
     return any(n.endswith("/data.pkl") or n == "data.pkl" for n in _zip_names(path))
 
 
+def is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` archive (``<name>/constants.pkl`` and compiled ``code/``)."""
+    names = _zip_names(path)
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _missing_module(name: str) -> str | None:
+    """The top-level module of ``package.module.Class`` when it cannot be found, else ``None``."""
+    top = name.rpartition(".")[0].split(".")[0]
+    if not top:
+        return None
+    try:
+        return top if importlib.util.find_spec(top) is None else None
+    except (ImportError, ValueError):
+        return top
+
+
+def _not_importable(path: Path, module: str, trust: bool) -> InputError:
+    """The error for a pickle whose classes live in a module that is not on the path."""
+    cause = "" if trust else " (this is not a matter of --trust)"
+    return InputError(
+        f"{path}: expected the module {module!r} that defines the pickled model to be importable, "
+        f"got no module named {module!r}{cause}; add the folder that contains it to PYTHONPATH, "
+        "or save a state_dict and pass --model package.module:factory"
+    )
+
+
 def _resolve(name: str) -> Any:
     module, _, qual = name.rpartition(".")
     if not module or importlib.util.find_spec(module.split(".")[0]) is None:
@@ -85,6 +112,8 @@ def allowed_globals(path: Path) -> list[Any]:
         obj = _resolve(name)
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             resolved.append(obj)
+        elif obj is None and (missing := _missing_module(name)) is not None:
+            raise _not_importable(path, missing, trust=False)
         else:
             refused.append(name)
     if refused:
@@ -99,6 +128,12 @@ def allowed_globals(path: Path) -> list[Any]:
 def load_torch_file(path: Path, trust: bool) -> Any:
     """``torch.load`` on the CPU, ``weights_only=True`` unless ``trust``."""
     torch = require_torch()
+    if not trust and is_torchscript(path):
+        raise UntrustedFileError(
+            f"{path}: expected a torch.save checkpoint, got a TorchScript archive, whose "
+            "compiled code would run on loading; nothing was run. If you made this file "
+            "yourself, pass --trust to load it"
+        )
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -106,6 +141,8 @@ def load_torch_file(path: Path, trust: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except (UntrustedFileError, InputError):
         raise
+    except ModuleNotFoundError as exc:
+        raise _not_importable(path, (exc.name or str(exc)).split(".")[0], trust=True) from None
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "an unpickling error"
         raise UntrustedFileError(
@@ -195,7 +232,7 @@ class TorchSaveLoader:
                 f"{path}: expected --model package.module:factory to build the architecture, "
                 f"got a state_dict ({len(state)} tensors) and no --model"
             )
-        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory), state, path),
+        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory, options.model_args), state, path),
                            backend="torch")
 
 
@@ -275,7 +312,7 @@ class SafetensorsLoader:
             raise InputError(
                 f"{path}: expected --model package.module:factory with safetensors weights, got none"
             )
-        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory), state, path),
+        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory, options.model_args), state, path),
                            backend="torch")
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from cvcore.backends.torch.capture import forward_capture, structured_names
 from cvcore.backends.torch.rules import Feature, feature_gram
 
+from cvcore import progress
 from cvcore.blocking import dense_costs
 
 
@@ -336,3 +337,4 @@ def _assemble_structured(target: Callable[[str], Any], prep: Any, x: Any, reques
         for rb in blocks[i + 1:]:
             fb = _capture_like(prep, slice_inputs(x, *rb), request, first)
             _add_pair(target, fa, fb, ra, rb, width, traced, budget)
+        progress.advance("sample blocks", i + 1, len(blocks))
