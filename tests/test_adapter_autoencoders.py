@@ -13,22 +13,7 @@ from cvcore import plugins
 from cvcore.api import build, make_request
 from cvcore.data_io import load_bundled
 from cvcore.errors import ModelError
-
-
-def full_reference(fn, x: torch.Tensor, params) -> np.ndarray:
-    rows = []
-    for i in range(x.shape[0]):
-        out = fn(x[i:i + 1]).reshape(-1)
-        for o in range(out.numel()):
-            grads = torch.autograd.grad(out[o], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                   for g, p in zip(grads, params)]))
-    j = torch.stack(rows)
-    return (j @ j.T).numpy()
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from tests.references import full_reference, rel
 
 
 class DenseAE(torch.nn.Module):

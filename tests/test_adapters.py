@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import cvcore  # noqa: E402
-from cvcore import plugins  # noqa: E402
-
-
-def reference(fn, n: int, params) -> np.ndarray:
-    """Full kernel of ``fn(i) -> outputs of sample i`` by autograd loops."""
-    rows = []
-    for i in range(n):
-        out = fn(i).reshape(-1)
-        for o in range(out.numel()):
-            grads = torch.autograd.grad(out[o], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                   for g, p in zip(grads, params)]))
-    j = torch.stack(rows)
-    return (j @ j.T).numpy()
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
+import cvcore
+from cvcore import plugins
+from tests.references import autograd_kernel as reference
+from tests.references import rel
 
 
 def test_huggingface_sequence_classifier_logits() -> None:
