@@ -106,13 +106,7 @@ def delta_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]],
                     metric: str = "delta_S") -> Path:
     """ΔS against parameter count: seed means ± std along the first size axis, each seed
     as a dot, one panel per group; sign changes as vertical bands (95 % bootstrap)."""
-    plt = pyplot()
-    size, group = axes(grid)
-    along = size[0] if size else next(k for k in grid if k != SEED)
-    panels = _panels(pts, group)
-    fig, axs = plt.subplots(1, len(panels), squeeze=False, figsize=(4.2 * len(panels), 3.3),
-                            sharey=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    along, group, panels, fig, axs, colors = _against_params(pts, grid)
     for col, (name, members) in enumerate(panels):
         ax = axs[0][col]
         for k, (fixed, line) in enumerate(lines(members, along)):
@@ -144,13 +138,7 @@ def delta_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]],
 def loss_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]],
                    fits: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """Final loss against parameter count (log-log) with each line's power-law fit."""
-    plt = pyplot()
-    size, group = axes(grid)
-    along = size[0] if size else next(k for k in grid if k != SEED)
-    panels = _panels(pts, group)
-    fig, axs = plt.subplots(1, len(panels), squeeze=False, figsize=(4.2 * len(panels), 3.3),
-                            sharey=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    along, group, panels, fig, axs, colors = _against_params(pts, grid)
     for col, (name, members) in enumerate(panels):
         ax = axs[0][col]
         for k, (fixed, line) in enumerate(lines(members, along)):
@@ -265,3 +253,16 @@ def contrast_name(selection: dict[str, list[str]]) -> str:
 
 __all__ = ["contrast", "contrast_name", "delta_vs_params", "loss_vs_params",
            "parse_contrast", "scale_diagram"]
+
+
+def _against_params(pts: Sequence[Point], grid: dict[str, list[Any]]) -> tuple[Any, ...]:
+    """What both parameter-count figures share: the size axis a line runs along, the
+    grouping axes, one panel per group, the figure, its axes and the colour cycle."""
+    plt = pyplot()
+    size, group = axes(grid)
+    along = size[0] if size else next(k for k in grid if k != SEED)
+    panels = _panels(pts, group)
+    fig, axs = plt.subplots(1, len(panels), squeeze=False, figsize=(4.2 * len(panels), 3.3),
+                            sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return along, group, panels, fig, axs, colors
