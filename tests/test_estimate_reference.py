@@ -35,7 +35,7 @@ def _kernel(d: int = 60) -> np.ndarray:
 
 def _numpy_core() -> dict[str, list[float]]:
     k = _kernel()
-    mv = lambda v: k @ v  # noqa: E731
+    mv = lambda v: k @ v
     d = k.shape[0]
     hut = hutchinson_trace(mv, d, probes=16, rng=3)
     top = randomized_topk(mv, d, k=6, oversample=5, power_iters=2, rng=4)

@@ -200,7 +200,7 @@ def test_empty_batch_message_is_identical_for_every_backend_called_directly() ->
 
 @pytest.mark.parametrize("framework", ["torch", "jax", "keras"])
 def test_empty_batch_is_refused_in_front(framework: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend, model, empty = _backends()[framework] if framework in _backends() else (None,) * 3
+    backend, model, empty = _backends().get(framework, (None,) * 3)
     if backend is None:
         pytest.skip(f"{framework} is not installed")
     methods = [m for m in ("ntk", "diagonal", "operator", "layer_kernels") if hasattr(backend, m)]
@@ -222,7 +222,7 @@ def test_empty_batch_is_refused_in_front(framework: str, monkeypatch: pytest.Mon
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_operator_in_train_mode_is_refused_in_front_and_directly(
         framework: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend, model, _ = _backends()[framework] if framework in _backends() else (None,) * 3
+    backend, model, _ = _backends().get(framework, (None,) * 3)
     if backend is None:
         pytest.skip(f"{framework} is not installed")
     x = np.ones((3, 4), dtype=np.float32)
@@ -253,6 +253,7 @@ def test_request_and_settings_travel_unchanged_to_the_backend(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from cvcore.backends.torch.backend import TorchBackend
+
     from cvcore.protocols import LoadOptions
     from cvcore.runs import ProbeSpec, measure_checkpoints, run_settings
 
