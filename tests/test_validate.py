@@ -304,3 +304,20 @@ def test_estimate_resolves_the_backend_once(method: str, monkeypatch: pytest.Mon
                            EstimatorOptions(method=method, probes=4, steps=3, top_k=2))
     assert est.method == ("exact" if method == "auto" else method)  # auto: D = 6 fits
     assert len(calls) == 1
+
+
+def test_estimators_import_numpy_and_the_lowest_floors_only() -> None:
+    import ast
+
+    allowed = {"__future__", "math", "dataclasses", "typing", "numpy", "numpy.typing",
+               "cvcore", "cvcore.errors", "cvcore.protocols", "cvcore.spectrum"}
+    folder = Path(__file__).resolve().parents[1] / "cvcore" / "estimators"
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name in allowed or name.startswith("cvcore.estimators"), (path.name, name)
+    # `from cvcore import progress` is the only name taken from the package itself
+    text = (folder / "variables.py").read_text()
+    assert "from cvcore import progress\n" in text
