@@ -5,7 +5,8 @@ diagonal, the per-layer kernels, the Recorder) and in :func:`cvcore.estimate.est
 (the operator), after the model family's adapter shaped the call and before the backend
 sees it, whatever the backend:
 
-* an empty batch is refused (:func:`require_samples`);
+* an empty batch is refused (:func:`require_samples`, defined in :mod:`cvcore.data_io`
+  beside ``batch_size``, which the probe subset uses too);
 * the matrix-free operator is refused in train mode (:func:`require_eval`);
 * a kernel that cannot fit in memory is refused (:func:`cvcore.memory.ensure_fits`): the
   traced kernel's size is known from ``N`` alone; the full kernel's (``N·O``) needs the
@@ -22,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cvcore.data_io import batch_size
+from cvcore.data_io import batch_size, require_samples
 from cvcore.errors import InputError
 from cvcore.memory import ensure_fits
 from cvcore.protocols import KernelRequest
@@ -40,18 +41,6 @@ def sample_count(inputs: Any) -> int | None:
         return batch_size(inputs)
     except InputError:
         return None
-
-
-def require_samples(n: int) -> None:
-    """Refuse an empty batch.
-
-    >>> require_samples(0)
-    Traceback (most recent call last):
-    ...
-    cvcore.errors.InputError: expected at least one input sample, got an empty batch
-    """
-    if n == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
 
 
 def require_eval(request: KernelRequest) -> None:
