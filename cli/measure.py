@@ -11,6 +11,7 @@ from cvcore.cli.output import failure_text, progress_bar, progress_wanted, stder
 
 from cvcore.api import make_request, parse_variables
 from cvcore.errors import InputError
+from cvcore.estimate import EstimatorOptions
 from cvcore.factory import parse_model_args
 from cvcore.protocols import Implementation, LoadOptions
 from cvcore.record.checkpoints import CheckpointSink
@@ -127,10 +128,10 @@ def _check_series_options(csv: Path | None, resume: bool, force: bool) -> None:
 
 
 def _estimator(method: str | None, probes: int, steps: int, top_k: int, seed: int
-               ) -> dict[str, Any] | None:
+               ) -> EstimatorOptions | None:
     if method is None:
         return None
-    return {"method": method, "probes": probes, "steps": steps, "top_k": top_k, "seed": seed}
+    return EstimatorOptions(method=method, probes=probes, steps=steps, top_k=top_k, seed=seed)
 
 
 def _log_row(log: Any, row: Row, quiet: bool) -> None:

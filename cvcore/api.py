@@ -31,6 +31,7 @@ from cvcore.spectrum import (
     diagonal_variables,
     layer_variables,
 )
+from cvcore.validate import check_call
 
 KERNELS = ("traced", "full")
 DTYPES = ("float32", "float64")
@@ -191,8 +192,15 @@ def build(model: Any, inputs: Any, *, backend: str | None = None,
           request: KernelRequest | None = None, per_layer: bool = False) -> Measured:
     """Build a kernel and say which backend built it (the CLI's entry point); with
     ``per_layer``, from the backend's per-layer kernels (:class:`PerLayerBackend`)."""
-    r = resolve_adapted(model, inputs, request or make_request(), backend)
+    return build_resolved(resolve_adapted(model, inputs, request or make_request(), backend),
+                          per_layer=per_layer)
+
+
+def build_resolved(r: Resolved, *, per_layer: bool = False) -> Measured:
+    """:func:`build` for a call already resolved (:func:`resolve_adapted`): the front
+    checks (:func:`cvcore.validate.check_call`), then the backend."""
     req, chosen = r.request, r.backend
+    check_call(r.inputs, req, "layers" if per_layer else "ntk")
     layers: tuple[LayerKernel, ...] = ()
     if per_layer:
         result, layers = _by_layer(chosen, r.model, r.inputs, req)
@@ -304,6 +312,7 @@ def build_diagonal(model: Any, inputs: Any, *, backend: str | None = None,
     """``K_ii`` from the backend's ``diagonal`` method when it has one (no kernel is
     formed), else from the kernel; returns the diagonal and the backend's name."""
     model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
+    check_call(inputs, req, "diagonal" if hasattr(chosen, "diagonal") else "ntk")
     if hasattr(chosen, "diagonal"):
         return np.asarray(chosen.diagonal(model, inputs, req)), chosen.name
     return np.diag(chosen.ntk(model, inputs, req).kernel).copy(), chosen.name
@@ -358,5 +367,5 @@ def layer_rows(layers: Sequence[LayerKernel]) -> list[LayerVariables]:
 
 
 __all__ = ["Head", "Measured", "PerLayer", "Resolved", "build", "build_all", "build_diagonal",
-           "check_kernel", "describe_output", "heads", "layer_rows", "make_request", "measure", "ntk",
-           "parse_variables"]
+           "build_resolved", "check_kernel", "describe_output", "heads", "layer_rows",
+           "make_request", "measure", "ntk", "parse_variables"]

@@ -195,6 +195,18 @@ def batch_size(inputs: Any) -> int:
     return sizes.pop()
 
 
+def require_samples(n: int) -> None:
+    """Refuse an empty batch (every backend and the probe subset say it this way).
+
+    >>> require_samples(0)
+    Traceback (most recent call last):
+    ...
+    cvcore.errors.InputError: expected at least one input sample, got an empty batch
+    """
+    if n == 0:
+        raise InputError("expected at least one input sample, got an empty batch")
+
+
 def take(inputs: Any, index: NDArray[np.int64]) -> Any:
     """Select samples ``index`` (along the first axis) from every array in ``inputs``."""
     if isinstance(inputs, dict):
@@ -223,8 +235,7 @@ def probe_subset(inputs: Any, samples: int | None, seed: int = 0) -> Any:
     checkpoint of a run is measured on one probe set.
     """
     n = batch_size(inputs)
-    if n == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
+    require_samples(n)
     if samples is None:
         return inputs
     if samples < 1 or samples > n:

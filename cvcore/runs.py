@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from cvcore.api import Head, build, build_diagonal, diagonal_only, heads, layer_
 from cvcore.checkpoints import load_checkpoint, natural_key
 from cvcore.data_io import batch_size, load_data, needs_model, probe_subset
 from cvcore.errors import CVCoreError, InputError
+from cvcore.estimate import EstimatorOptions, estimate_request
 from cvcore.protocols import KernelRequest, LoadOptions
 from cvcore.report import Row, settings_text
 from cvcore.spectrum import collective_variables, diagonal_variables
@@ -35,19 +36,26 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return [unique[k] for k in sorted(unique, key=natural_key)]
 
 
+#: The estimator's settings: an :class:`EstimatorOptions`, or a mapping of its fields.
+Estimator = EstimatorOptions | Mapping[str, Any]
+
+
 def run_settings(probe: ProbeSpec, request: KernelRequest, options: LoadOptions, *,
                  backend: str | None = None, variables: tuple[str, ...] | None = None,
-                 estimator: dict[str, Any] | None = None,
+                 estimator: Estimator | None = None,
                  sketch: dict[str, Any] | None = None) -> str:
     """The settings that decide a row's numbers, as canonical JSON (stored with each row,
     compared by ``--resume``). Device, memory budget and implementation only change
     round-off and are left out."""
+    if isinstance(estimator, EstimatorOptions):
+        estimator = estimator.settings()
     return settings_text({
         "data": probe.data, "key": probe.key, "samples": probe.samples, "seed": probe.seed,
         "kernel": request.kernel, "output": request.output, "dtype": request.dtype,
         "train": request.train, "model": options.model_factory,
         "model_args": options.model_args, "backend": backend,
-        "variables": list(variables) if variables else None, "estimator": estimator,
+        "variables": list(variables) if variables else None,
+        "estimator": None if estimator is None else dict(estimator),
         "family": request.family, "max_length": options.max_length,
         "sketch": None if sketch is None else {k: sketch.get(k) for k in ("projections",
                                                                           "target_error")},
@@ -77,7 +85,7 @@ def measure_checkpoints(
     backend: str | None = None,
     skip: set[str] | None = None,
     variables: tuple[str, ...] | None = None,
-    estimator: dict[str, Any] | None = None,
+    estimator: Estimator | None = None,
     per_layer: bool = False,
     sketch: dict[str, Any] | None = None,
     fail_fast: bool = True,
@@ -100,6 +108,8 @@ def measure_checkpoints(
     """
     settings = run_settings(probe, request, options, backend=backend, variables=variables,
                             estimator=estimator, sketch=sketch)
+    if estimator is not None and not isinstance(estimator, EstimatorOptions):
+        estimator = EstimatorOptions.from_mapping(estimator)
     ordered = expand(paths)
     shared_inputs: Any = None
     if probe.data is not None and needs_model(probe.data):
@@ -133,7 +143,7 @@ def measure_checkpoints(
 
 def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: KernelRequest,
                  options: LoadOptions, backend: str | None, variables: tuple[str, ...] | None,
-                 estimator: dict[str, Any] | None, started: float, per_layer: bool,
+                 estimator: EstimatorOptions | None, started: float, per_layer: bool,
                  sketch: dict[str, Any] | None) -> list[Row]:
     """One checkpoint's rows, one per head (errors propagate)."""
     loaded = load_checkpoint(path, options)
@@ -162,16 +172,14 @@ def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: K
 
 
 def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
-         variables: tuple[str, ...] | None, estimator: dict[str, Any] | None,
+         variables: tuple[str, ...] | None, estimator: EstimatorOptions | None,
          started: float, per_layer: bool = False,
          sketch: dict[str, Any] | None = None) -> Row:
     """One row: the collective variables of one head of one checkpoint."""
     request = head.request
     meta: dict[str, Any] = {"family": head.family, "output": head.output}
     if estimator is not None:
-        from cvcore.estimate import estimate
-
-        est = estimate(model, inputs, backend=name, **estimator, **_request_options(request))
+        est = estimate_request(model, inputs, request, estimator, backend=name)
         n = batch_size(inputs)
         return Row(source=str(path), backend=name or "auto", kernel=request.kernel,
                    n_samples=n, n_outputs=est.dim // n if request.kernel == "full" else None,
@@ -203,10 +211,3 @@ def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
                seconds=time.perf_counter() - started, variables=cv,
                layers=layer_rows(measured.layers) if per_layer else None, **meta)
 
-
-def _request_options(request: KernelRequest) -> dict[str, Any]:
-    """A validated request back as keyword options (for :func:`cvcore.estimate.estimate`)."""
-    return {"kernel": request.kernel, "output": request.output, "dtype": request.dtype,
-            "device": request.device, "train": request.train,
-            "memory_budget": request.memory_budget, "implementation": request.implementation,
-            "family": request.family}

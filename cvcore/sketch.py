@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from cvcore.errors import InputError, describe
 from cvcore.protocols import KernelRequest, OutputSelector
+from cvcore.validate import check_call
 
 #: Projections of the pilot run when only a target error is given.
 PILOT_PROJECTIONS = 8
@@ -251,6 +252,7 @@ def sketched_kernel(model: Any, inputs: Any, *, projections: int | None = None,
     with warnings.catch_warnings():  # the adapter's advice to sketch is followed here
         warnings.filterwarnings("ignore", message="cvcore: .* backward passes")
         model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
+    check_call(inputs, replace(req, kernel="traced"), "ntk")  # the result is N × N
     first = Projection(req.output, m, seed, 0)
     kernels, result = _measure_block(model, inputs, req, chosen, first)
     n_outputs = next(iter(first._matrices), 0)

@@ -26,6 +26,7 @@ from cvcore.backends.jax.setup import (
 )
 
 from cvcore.blocking import plan_blocks
+from cvcore.memory import ensure_fits
 from cvcore.protocols import (
     Implementation,
     KernelOperator,
@@ -96,6 +97,7 @@ class JaxBackend:
 
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
         prep, leaves, x, n, n_outputs = self.setup(model, inputs, request, device)
+        ensure_fits(n, n_outputs, request.kernel, np.dtype(request.dtype).itemsize)
         kernel = self.kernel_of(prep, leaves, x, request, n_outputs)
         return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
                             n_params=sum(int(leaves.values[i].size) for i in leaves.trainable),

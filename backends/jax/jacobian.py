@@ -34,8 +34,8 @@ from cvcore.backends.jax.setup import (
 )
 
 from cvcore.blocking import Group, Plan
-from cvcore.errors import InputError
 from cvcore.protocols import KernelRequest
+from cvcore.validate import require_samples
 
 JacobianFn = Callable[[Any, int, int, int], Any]
 
@@ -201,8 +201,7 @@ def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: Any
     leaves = flatten_params(prep.params)
     x = to_arrays(inputs, dtype, device)
     n = batch_of(x)
-    if n == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
+    require_samples(n)
     n_outputs = probe_outputs(prep, leaves, x, request.output)
     sizes = [int(leaves.values[i].size) for i in leaves.trainable]
     return Setup(prep, leaves, x, n, n_outputs, sizes)

@@ -34,8 +34,8 @@ from cvcore.backends.jax.jacobian import Setup, prepare_request
 from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
-from cvcore.errors import InputError
 from cvcore.protocols import KernelOperator, KernelRequest
+from cvcore.validate import require_eval
 
 
 def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
@@ -192,9 +192,7 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
         InputError: empty inputs, or ``train=True`` (the operator measures eval mode).
     """
 
-    if request.train:
-        raise InputError("expected train=False for the matrix-free operator (batch statistics "
-                         "and dropout change between products), got train=True; use method='exact'")
+    require_eval(request)
     device = setup.resolve_device(request.device)
     with setup.scope(request, device):
         s = prepare_request(model, inputs, request, device, False)

@@ -33,8 +33,10 @@ from cvcore.backends.keras.setup import (
 
 from cvcore.blocking import plan_blocks
 from cvcore.data_io import slice_inputs
-from cvcore.errors import InputError, ModelError
+from cvcore.errors import ModelError
+from cvcore.memory import ensure_fits
 from cvcore.protocols import KernelRequest, KernelResult, LayerKernels
+from cvcore.validate import require_samples
 
 
 class KerasBackend:
@@ -71,8 +73,7 @@ class KerasBackend:
 
     def _run(self, model: Any, inputs: Any, request: KernelRequest, diagonal: bool) -> Any:
         x = as_arrays(inputs, request.dtype)
-        if batch_of(x) == 0:
-            raise InputError("expected at least one input sample, got an empty batch")
+        require_samples(batch_of(x))
         if is_keras_layer(model):
             backend = keras_backend_name()
             with keras_float64(backend, request.dtype == "float64"):
@@ -114,6 +115,7 @@ def _measure(engine: Engine, x: Any, request: KernelRequest, diagonal: bool) -> 
         from cvcore.backends.keras.diagonal import engine_diagonal
 
         return engine_diagonal(engine, native, request, n, n_outputs)
+    ensure_fits(n, n_outputs, request.kernel, np.dtype(request.dtype).itemsize)
     plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=engine.sizes,
                        itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
     kernel = assemble(engine, native, request, plan, n_outputs)

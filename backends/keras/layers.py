@@ -28,8 +28,9 @@ from cvcore.backends.keras.setup import (
 
 from cvcore.blocking import plan_blocks
 from cvcore.data_io import slice_inputs
-from cvcore.errors import InputError, ModelError
+from cvcore.errors import ModelError
 from cvcore.protocols import KernelRequest, LayerKernel, LayerKernels, layer_of
+from cvcore.validate import require_samples
 
 
 def _layer_engine(engine: Any, members: list[int]) -> Any:
@@ -57,8 +58,7 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
 
     x = as_arrays(inputs, request.dtype)
     n = batch_of(x)
-    if n == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
+    require_samples(n)
     if is_keras_layer(model):
         kind = keras_backend_name()
         scope: Any = keras_float64(kind, request.dtype == "float64")

@@ -122,14 +122,13 @@ def kernel_diagonal(model: Any, inputs: Any, request: Any) -> NDArray[np.floatin
         training_mode,
     )
 
-    from cvcore.errors import InputError
+    from cvcore.validate import require_samples
 
     device = resolve_device(request.device)
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
     prep = prepare(model, dtype, device)
     x = to_tensors(inputs, dtype, device)
-    if batch_of(x) == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
+    require_samples(batch_of(x))
     with training_mode(prep.module, request.train), torch.no_grad():
         probed = (forward(prep, x, request.output)[0] if request.train
                   else probe(prep, x, request.output))

@@ -32,9 +32,10 @@ from cvcore.backends.torch.setup import (
 from cvcore import progress
 from cvcore.blocking import Plan
 from cvcore.data_io import slice_inputs
-from cvcore.errors import InputError, ModelError
+from cvcore.errors import ModelError
 from cvcore.memory import ensure_fits
 from cvcore.protocols import KernelRequest, OutputSelector
+from cvcore.validate import require_samples
 
 JacobianFn = Callable[[Prepared, list[str], Any, KernelRequest], Any]
 
@@ -231,8 +232,7 @@ def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: str
     prep = prepare(model, dtype, device)
     x = to_tensors(inputs, dtype, device)
     n = batch_of(x)
-    if n == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
+    require_samples(n)
     with training_mode(prep.module, request.train), torch.no_grad():
         # In train mode the samples of a batch interact: probe with all of them.
         probed = (forward(prep, x, request.output)[0] if request.train

@@ -188,11 +188,10 @@ def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
     )
     from cvcore.backends.torch.setup import probe as probe_output
 
-    from cvcore.errors import InputError, ModelError
+    from cvcore.errors import ModelError
+    from cvcore.validate import require_eval, require_samples
 
-    if request.train:
-        raise InputError("expected train=False for the matrix-free operator (batch statistics "
-                         "and dropout change between products), got train=True; use method='exact'")
+    require_eval(request)
     device = resolve_device(request.device)
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
     prep = prepare(model, dtype, device)
@@ -201,8 +200,7 @@ def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
                          "operator, got a TorchScript module; use method='exact'")
     x = to_tensors(inputs, dtype, device)
     n = batch_of(x)
-    if n == 0:
-        raise InputError("expected at least one input sample, got an empty batch")
+    require_samples(n)
     with training_mode(prep.module, False), torch.no_grad():
         probe = probe_output(prep, x, request.output)
     if prep.export_batch is not None:
