@@ -26,7 +26,6 @@ from cvcore.backends.jax.setup import (
     flatten_params,
     pad_batch,
     prepare,
-    require_jax,
     select_output,
     slice_inputs,
     to_arrays,
@@ -35,6 +34,7 @@ from cvcore.backends.jax.setup import (
 
 from cvcore.blocking import Group, Plan
 from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.protocols import KernelRequest
 
 JacobianFn = Callable[[Any, int, int, int], Any]
@@ -55,7 +55,7 @@ def _jitted(key: tuple[Any, ...], closed: Any, build: Callable[[Any], Any]) -> A
 def _as_function(jaxpr: Any) -> Callable[..., Any]:
     """``f(jaxpr_consts, *args)``: the jaxpr's first output, its inputs given as pytrees
     flattened in the order the jaxpr was traced with."""
-    jax = require_jax()
+    jax = require("jax")
 
     def f(consts: Any, *args: Any) -> Any:
         return evaluate(jaxpr, consts, jax.tree_util.tree_leaves(args), (), {}, {}, {})[0]
@@ -74,7 +74,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     statistics couple the samples (``size`` is ignored). The forward pass is traced once
     per call and the jitted function comes from a cache keyed by its text (``_jitted``).
     """
-    jax = require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     index = [leaves.trainable[m] for m in group.members]

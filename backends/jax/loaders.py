@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cvcore.errors import InputError, MissingFrameworkError, UntrustedFileError
+from cvcore.errors import InputError, UntrustedFileError
 from cvcore.factory import resolve_factory
+from cvcore.imports import require
 from cvcore.protocols import LoadedModel, LoadOptions
 
 #: The first object of a legacy (non-zip) ``torch.save`` file.
@@ -306,9 +307,7 @@ def _factory_model(path: Path, options: LoadOptions, what: str) -> Any:
 
 
 def _require_jax() -> None:
-    if not _available("jax"):
-        raise MissingFrameworkError("jax", "jax")
-    import jax  # noqa: F401 - model_form looks for jax in sys.modules
+    require("jax")  # model_form looks for jax in sys.modules
 
 
 # --------------------------------------------------------------------------- loaders
@@ -395,10 +394,7 @@ class OrbaxLoader:
         item = orbax_item(path)
         if item is None:
             raise InputError(f"{path}: expected an Orbax checkpoint directory, got no Orbax metadata")
-        try:
-            import orbax.checkpoint as ocp
-        except ImportError:
-            raise MissingFrameworkError("orbax-checkpoint", "jax") from None
+        ocp = require("orbax.checkpoint", "jax", name="orbax-checkpoint")
         try:
             state = ocp.StandardCheckpointer().restore(item.resolve())
         except Exception as exc:  # noqa: BLE001 - a malformed checkpoint becomes one line

@@ -35,13 +35,14 @@ from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
 from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.protocols import KernelOperator, KernelRequest
 
 
 def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
     """Bytes of every intermediate of one sample's forward pass (nested jaxprs included):
     an upper bound on what reverse mode saves and forward mode carries per vector."""
-    jax = setup.require_jax()
+    jax = require("jax")
 
     def walk(jaxpr: Any) -> int:
         total = 0
@@ -90,7 +91,7 @@ class _JaxKernelOperator(OperatorBudget):
 
     def build(self) -> None:
         """Define the jitted per-chunk products (traced and compiled on first use)."""
-        jax = setup.require_jax()
+        jax = require("jax")
         import jax.numpy as jnp
 
         prep, leaves, output = self.setup.prep, self.setup.leaves, self.request.output
@@ -140,7 +141,7 @@ class _JaxKernelOperator(OperatorBudget):
     def _product(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
         import jax.numpy as jnp
 
-        jax = setup.require_jax()
+        jax = require("jax")
         o, n, k = self.n_outputs, self.n, block.shape[1]
         width = 1 if self.traced else o
         total = k * (o if self.traced else 1)
@@ -205,7 +206,7 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
                                 param_bytes=sum(s.sizes) * itemsize, act_bytes=1)
         op.build()
         x0 = setup.slice_inputs(s.x, 0, 1)
-        x0 = setup.require_jax().tree_util.tree_map(lambda a: a[0], x0)
+        x0 = require("jax").tree_util.tree_map(lambda a: a[0], x0)
         op.act_bytes = _activation_bytes(op._single, (op.theta, s.leaves.values,
                                                       s.prep.constants, x0))
     return KernelOperator(matvec=op.matvec, dim=op.dim, n_samples=s.n, n_outputs=s.n_outputs,

@@ -50,6 +50,7 @@ from cvcore.backends.jax.jaxpr import Traced, evaluate, trace
 from cvcore.backends.jax.rules import Analysis, Site, activation, analyse
 
 from cvcore.blocking import dense_costs
+from cvcore.imports import require
 from cvcore.protocols import Implementation, KernelRequest
 
 
@@ -158,7 +159,7 @@ def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
     block of samples, the formed
     gradient rows ``(b, O, P_rows)`` (direct and ``jac`` leaves) and the ``(a, g)`` of
     every ``pairs`` leaf, keyed by leaf."""
-    jax = setup.require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     by_path = {s.path: s for s in layout.perturbed}
@@ -234,7 +235,7 @@ def _pairs_gram(f1: tuple[Any, Any], f2: tuple[Any, Any], embedding: bool, trace
 
 def make_pair(layout: Layout, n_outputs: int, traced: bool, chunk: int) -> Any:
     """A jitted ``pair(features_a, features_b)``: their kernel block."""
-    jax = setup.require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
@@ -257,7 +258,7 @@ def make_pair(layout: Layout, n_outputs: int, traced: bool, chunk: int) -> Any:
 
 def make_diag(layout: Layout) -> Any:
     """A jitted ``diag(features)``: ``‖J_io‖²`` ``(b, O)`` of a block of samples."""
-    jax = setup.require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
@@ -298,7 +299,7 @@ def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: in
 
 def _on_cpu(x: Any) -> bool:
     """Whether the inputs live on a CPU device."""
-    jax = setup.require_jax()
+    jax = require("jax")
     first = jax.tree_util.tree_leaves(x)[0]
     return all(d.platform == "cpu" for d in first.devices())
 

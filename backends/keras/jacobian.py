@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 from cvcore.backends.keras.recast import check_weights, needs_recast, recast
 from cvcore.backends.keras.setup import (
-    _keras,
-    _tf,
     batch_of,
     input_error,
     keras_device,
@@ -32,6 +30,7 @@ from cvcore.backends.keras.setup import (
 from cvcore.blocking import Plan
 from cvcore.data_io import slice_inputs
 from cvcore.errors import ModelError
+from cvcore.imports import require
 from cvcore.protocols import KernelRequest
 
 
@@ -144,7 +143,7 @@ class Stateless:
 def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> Stateless:
     """``model`` ready for ``stateless_call`` in the request's dtype and on its device (a
     recast copy when the model's own dtype differs; the user's model is untouched)."""
-    keras = _keras()
+    keras = require("keras", "tensorflow")
     ops = keras.ops
     dtype = request.dtype
     device = keras_device(request.device, backend)
@@ -180,7 +179,7 @@ def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> State
 
 def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> Engine:
     """An engine for a Keras 3 model on the TensorFlow or torch Keras backend."""
-    keras = _keras()
+    keras = require("keras", "tensorflow")
     ops = keras.ops
     s = stateless(model, x, request, backend)
     device, theta = s.device, s.theta
@@ -217,7 +216,7 @@ def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> En
 
 def tf_glue() -> tuple[Any, Any, Any, Any]:
     """``gram``, ``reshape``, ``concat`` and ``norms`` of an :class:`Engine` on TensorFlow."""
-    tf = _tf()
+    tf = require("tensorflow")
     return (lambda a, b: tf.matmul(a, b, transpose_b=True).numpy(),
             lambda t, s: tf.reshape(t, s), lambda ts: tf.concat(ts, axis=0),
             lambda j: tf.reduce_sum(j * j, axis=-1).numpy())
@@ -286,7 +285,7 @@ def tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any, Any], Any],
 
     ``state`` (tensors) is an argument of the ``tf.function`` s, not a constant in them,
     so functions kept in ``cache`` serve later calls with other values of it."""
-    tf = _tf()
+    tf = require("tensorflow")
     cache = {} if cache is None else cache
 
     def flat(js: list[Any], lead: int) -> Any:

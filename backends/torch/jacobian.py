@@ -23,7 +23,6 @@ from cvcore.backends.torch.setup import (
     pad_batch,
     prepare,
     probe,
-    require_torch,
     select_output,
     to_tensors,
     training_mode,
@@ -33,6 +32,7 @@ from cvcore import progress
 from cvcore.blocking import Plan
 from cvcore.data_io import slice_inputs
 from cvcore.errors import InputError, ModelError
+from cvcore.imports import require
 from cvcore.memory import ensure_fits
 from cvcore.protocols import KernelRequest, OutputSelector
 
@@ -41,7 +41,7 @@ JacobianFn = Callable[[Prepared, list[str], Any, KernelRequest], Any]
 
 def functional_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """Per-sample Jacobians of the selected output w.r.t. ``names``: (b, O, P_group)."""
-    torch = require_torch()
+    torch = require("torch")
     from torch.func import jacrev, vmap
 
     fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
@@ -87,7 +87,7 @@ def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, An
                       output: OutputSelector | None) -> Any:
     """Jacobian of one batched forward (train mode: batch statistics couple the samples,
     and the forward may update buffers in place, which ``torch.func`` transforms refuse)."""
-    torch = require_torch()
+    torch = require("torch")
     leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     with torch.enable_grad():
         out = select_output(fcall(prep.module, {**fixed, **leaves}, x), output)
@@ -104,7 +104,7 @@ def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, An
 def fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """Jacobians for an exported program with a static batch size: pad the block to that
     size and differentiate the batched call (samples do not interact in eval mode)."""
-    torch = require_torch()
+    torch = require("torch")
     from torch.func import jacrev
 
     size = prep.export_batch or 1
@@ -128,7 +128,7 @@ def fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: Kern
 def scripted_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """The slow path for TorchScript modules (``torch.func`` refuses them): one
     ``autograd.grad`` per sample and output, on the module's own parameter leaves."""
-    torch = require_torch()
+    torch = require("torch")
     module = prep.module
     leaves = dict(module.named_parameters())
     wanted = [leaves[k] for k in names]
@@ -158,7 +158,7 @@ def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: Ja
               n_outputs: int, device: str, dtype: Any) -> Any:
     """Accumulate the kernel over parameter groups and pairs of row blocks (samples ×
     outputs), on the device; each block's Jacobian is computed in chunks of samples."""
-    torch = require_torch()
+    torch = require("torch")
     names = list(prep.params)
     n = batch_of(x)
     traced = request.kernel == "traced"
@@ -226,7 +226,7 @@ def choose_jacobian(prep: Prepared) -> JacobianFn:
 def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: str
                     ) -> tuple[Prepared, Any, int, int, JacobianFn, Any]:
     """The prepared model, inputs, ``N``, ``O``, the Jacobian function and the dtype."""
-    torch = require_torch()
+    torch = require("torch")
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
     prep = prepare(model, dtype, device)
     x = to_tensors(inputs, dtype, device)
