@@ -19,22 +19,21 @@ from cvcore.backends.jax.jaxpr import evaluate, probe_outputs
 from cvcore.backends.jax.setup import (
     Leaves,
     Prepared,
-    batch_of,
+    as_inputs,
     cached,
     cast_tree,
-    check_finite,
     flatten_params,
     pad_batch,
     prepare,
     select_output,
-    slice_inputs,
-    to_arrays,
     with_values,
 )
 
 from cvcore.blocking import Group, Plan
+from cvcore.data_io import batch_size, slice_inputs
 from cvcore.errors import InputError
 from cvcore.imports import require
+from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
 
 JacobianFn = Callable[[Any, int, int, int], Any]
@@ -91,7 +90,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     if request.train and prep.batched:
         def whole_batch(gv: Any, values: Any, consts: Any, x: Any) -> Any:
             raw = prep.call(params_of(gv, values), consts, x)
-            return select_output(raw, output).reshape(batch_of(x), -1)
+            return select_output(raw, output).reshape(batch_size(x), -1)
 
         def build_batch(jaxpr: Any) -> Any:
             f = _as_function(jaxpr)
@@ -118,7 +117,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
 
         def vmapped(jc: Any, gv: Any, values: Any, consts: Any, x: Any) -> Any:
             per = jax.vmap(diff(f, argnums=1), in_axes=(None, None, None, None, 0))
-            return stack(per(jc, gv, values, consts, x), batch_of(x))
+            return stack(per(jc, gv, values, consts, x), batch_size(x))
 
         return jax.jit(vmapped)
 
@@ -142,7 +141,7 @@ def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, pla
     """Accumulate the kernel over parameter groups and sample blocks."""
     import jax.numpy as jnp
 
-    n = batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     width = 1 if traced else n_outputs
     scale = 1.0 / n_outputs if traced else 1.0
@@ -172,7 +171,7 @@ def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, pla
                 block = product(ra, block_rows(b0, b1))
                 kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
                 kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
-    check_finite(kernel, n, width)
+    check_finite(np.diagonal(kernel), n, width)
     return kernel
 
 
@@ -199,8 +198,8 @@ def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: Any
     prep.params = cast_tree(prep.params, dtype, device)
     prep.constants = cast_tree(prep.constants, dtype, device)
     leaves = flatten_params(prep.params)
-    x = to_arrays(inputs, dtype, device)
-    n = batch_of(x)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
     if n == 0:
         raise InputError("expected at least one input sample, got an empty batch")
     n_outputs = probe_outputs(prep, leaves, x, request.output)

@@ -21,6 +21,7 @@ import numpy as np
 from cvcore.backends.jax import setup
 
 from cvcore import outputs
+from cvcore.data_io import slice_inputs
 from cvcore.errors import CVCoreError, InputError, ModelError
 from cvcore.imports import require
 
@@ -145,7 +146,7 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
         xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
         return setup.select_output(prep.call(params, constants, xb), output).reshape(-1)
 
-    first = jax.tree_util.tree_map(lambda a: a[0], setup.slice_inputs(x, 0, 1))
+    first = jax.tree_util.tree_map(lambda a: a[0], slice_inputs(x, 0, 1))
     seen = (id(output), _avals(first), _avals(values), _avals(dynamic))
     if prep.traced is not None and prep.traced[0] == seen:  # this call traced it already
         return prep.traced[1]

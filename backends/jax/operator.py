@@ -34,6 +34,7 @@ from cvcore.backends.jax.jacobian import Setup, prepare_request
 from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
+from cvcore.data_io import slice_inputs
 from cvcore.errors import InputError
 from cvcore.imports import require
 from cvcore.protocols import KernelOperator, KernelRequest
@@ -150,7 +151,7 @@ class _JaxKernelOperator(OperatorBudget):
         starts = list(range(0, n, s))
         n_pad = len(starts) * s
         xs_pad = setup.pad_batch(self.setup.x, n_pad)
-        chunks_x = [setup.slice_inputs(xs_pad, a, a + s) for a in starts]
+        chunks_x = [slice_inputs(xs_pad, a, a + s) for a in starts]
         dtype = np.dtype(self.request.dtype)
         v = np.zeros((n_pad, width, k), dtype=dtype)
         v[:n] = block.reshape(n, width, k)
@@ -205,7 +206,7 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
                                 budget=int(request.memory_budget),
                                 param_bytes=sum(s.sizes) * itemsize, act_bytes=1)
         op.build()
-        x0 = setup.slice_inputs(s.x, 0, 1)
+        x0 = slice_inputs(s.x, 0, 1)
         x0 = require("jax").tree_util.tree_map(lambda a: a[0], x0)
         op.act_bytes = _activation_bytes(op._single, (op.theta, s.leaves.values,
                                                       s.prep.constants, x0))

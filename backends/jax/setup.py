@@ -231,13 +231,13 @@ def prepare(model: Any, train: bool) -> Prepared:
 # --------------------------------------------------------------------------- inputs
 
 
-def to_arrays(inputs: Any, dtype: Any, device: Any) -> Any:
+def as_inputs(inputs: Any, dtype: Any, device: Any) -> Any:
     """Arrays (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
     jax = require("jax")
     if isinstance(inputs, Mapping):
-        return {k: to_arrays(v, dtype, device) for k, v in inputs.items()}
+        return {k: as_inputs(v, dtype, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return tuple(to_arrays(v, dtype, device) for v in inputs)
+        return tuple(as_inputs(v, dtype, device) for v in inputs)
     if not isinstance(inputs, jax.Array):
         if not hasattr(inputs, "__array__") and not isinstance(inputs, np.ndarray):
             raise InputError(
@@ -264,14 +264,6 @@ def cast_tree(tree: Any, dtype: Any, device: Any) -> Any:
     return jax.tree_util.tree_map(cast, tree)
 
 
-def slice_inputs(x: Any, start: int, stop: int) -> Any:
-    if isinstance(x, Mapping):
-        return {k: slice_inputs(v, start, stop) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(slice_inputs(v, start, stop) for v in x)
-    return x[start:stop]
-
-
 def pad_batch(x: Any, size: int) -> Any:
     """Repeat the last sample until the batch has ``size`` samples."""
     jax = require("jax")
@@ -283,11 +275,6 @@ def pad_batch(x: Any, size: int) -> Any:
 
     return jax.tree_util.tree_map(pad, x)
 
-
-def batch_of(x: Any) -> int:
-    from cvcore.data_io import batch_size
-
-    return batch_size(x)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -405,18 +392,6 @@ def cached(cache: collections.OrderedDict[Any, Any], key: Any, make: Callable[[]
             cache.popitem(last=False)
     cache.move_to_end(key)
     return hit
-
-
-def check_finite(kernel: Any, n: int, width: int) -> None:
-    """Raise naming the samples whose outputs or gradients are NaN or Inf."""
-    bad = np.flatnonzero(~np.isfinite(np.diagonal(kernel)))
-    if bad.size:
-        samples = sorted({int(i) // width for i in bad})
-        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
-            f"samples (indices {shown})"
-        )
 
 
 @contextlib.contextmanager

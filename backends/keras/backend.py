@@ -23,8 +23,7 @@ import numpy as np
 from cvcore.backends.keras.jacobian import Engine, assemble, keras_engine
 from cvcore.backends.keras.quiet import quiet_tensorflow
 from cvcore.backends.keras.setup import (
-    as_arrays,
-    batch_of,
+    as_inputs,
     is_keras_layer,
     is_tf_trackable,
     keras_backend_name,
@@ -32,7 +31,7 @@ from cvcore.backends.keras.setup import (
 )
 
 from cvcore.blocking import plan_blocks
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, slice_inputs
 from cvcore.errors import InputError, ModelError
 from cvcore.protocols import KernelRequest, KernelResult, LayerKernels
 
@@ -70,8 +69,8 @@ class KerasBackend:
             return layer_kernels(model, inputs, request)
 
     def _run(self, model: Any, inputs: Any, request: KernelRequest, diagonal: bool) -> Any:
-        x = as_arrays(inputs, request.dtype)
-        if batch_of(x) == 0:
+        x = as_inputs(inputs, request.dtype)
+        if batch_size(x) == 0:
             raise InputError("expected at least one input sample, got an empty batch")
         if is_keras_layer(model):
             backend = keras_backend_name()
@@ -107,13 +106,13 @@ def _on_jax(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any:
 def _measure(engine: Engine, x: Any, request: KernelRequest, diagonal: bool) -> Any:
     """The kernel (a :class:`KernelResult`) or its diagonal (NumPy) from an engine."""
     native = engine.to_native(x)
-    n = batch_of(x)
+    n = batch_size(x)
     probe = engine.forward(slice_inputs(native, 0, 1))
     n_outputs = int(np.prod(probe.shape[1:]))
     if diagonal:
-        from cvcore.backends.keras.diagonal import engine_diagonal
+        from cvcore.backends.keras.diagonal import diagonal_of
 
-        return engine_diagonal(engine, native, request, n, n_outputs)
+        return diagonal_of(engine, native, request, n, n_outputs)
     plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=engine.sizes,
                        itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
     kernel = assemble(engine, native, request, plan, n_outputs)

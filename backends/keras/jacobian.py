@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 from cvcore.backends.keras.recast import check_weights, needs_recast, recast
 from cvcore.backends.keras.setup import (
-    batch_of,
     input_error,
     keras_device,
     map_inputs,
@@ -28,9 +27,10 @@ from cvcore.backends.keras.setup import (
 )
 
 from cvcore.blocking import Plan
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, slice_inputs
 from cvcore.errors import ModelError
 from cvcore.imports import require
+from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
 
 
@@ -66,7 +66,7 @@ def assemble(engine: Engine, x: Any, request: KernelRequest, plan: Plan,
              n_outputs: int) -> np.ndarray[Any, Any]:
     """Sum ``J_g J_gᵀ`` over parameter groups and pairs of sample blocks (NumPy kernel,
     products on the framework's device)."""
-    n = batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     width = 1 if traced else n_outputs
     kernel = np.zeros((n * width, n * width), dtype=request.dtype)
@@ -88,24 +88,12 @@ def assemble(engine: Engine, x: Any, request: KernelRequest, plan: Plan,
                 block = scale * engine.gram(ja, rows(group.members, b0, b1))
                 kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
                 kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
-    check_finite(kernel, n, width)
+    check_finite(np.diagonal(kernel), n, width)
     return kernel
 
 
 def _group(plan: Plan, members: tuple[int, ...]) -> Any:
     return next(g for g in plan.groups if g.members == members)
-
-
-def check_finite(kernel: np.ndarray[Any, Any], n: int, width: int) -> None:
-    """Raise naming the samples whose outputs or gradients are NaN / Inf."""
-    bad = ~np.isfinite(np.diagonal(kernel))
-    if bad.any():
-        samples = sorted({int(i) // width for i in np.flatnonzero(bad)})
-        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
-            f"samples (indices {shown})"
-        )
 
 
 def keras_call_inputs(x: Any) -> Any:

@@ -46,12 +46,12 @@ def to_numpy(value: Any) -> np.ndarray[Any, Any]:
     return np.asarray(value)
 
 
-def as_arrays(inputs: Any, dtype: str) -> Any:
+def as_inputs(inputs: Any, dtype: str) -> Any:
     """Inputs as NumPy (nested dict / tuple kept); floating arrays cast to ``dtype``."""
     if isinstance(inputs, Mapping):
-        return {k: as_arrays(v, dtype) for k, v in inputs.items()}
+        return {k: as_inputs(v, dtype) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return tuple(as_arrays(v, dtype) for v in inputs)
+        return tuple(as_inputs(v, dtype) for v in inputs)
     try:
         array = to_numpy(inputs)
     except (TypeError, ValueError, RuntimeError):
@@ -81,11 +81,6 @@ def shapes(x: Any) -> str:
         return "(" + ", ".join(shapes(v) for v in x) + ")"
     return f"a batch of per-sample shape {tuple(x.shape[1:])} ({getattr(x.dtype, 'name', x.dtype)})"
 
-
-def batch_of(inputs: Any) -> int:
-    from cvcore.data_io import batch_size
-
-    return batch_size(inputs)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -15,25 +15,24 @@ from typing import Any
 
 from cvcore.backends.torch.setup import (
     Prepared,
-    batch_of,
+    as_inputs,
     call,
-    check_finite,
     fcall,
     forward,
     pad_batch,
     prepare,
     probe,
     select_output,
-    to_tensors,
     training_mode,
 )
 
 from cvcore import progress
 from cvcore.blocking import Plan
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, slice_inputs
 from cvcore.errors import InputError, ModelError
 from cvcore.imports import require
 from cvcore.memory import ensure_fits
+from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest, OutputSelector
 
 JacobianFn = Callable[[Prepared, list[str], Any, KernelRequest], Any]
@@ -72,7 +71,7 @@ def functional_jacobian(prep: Prepared, names: list[str], x: Any, request: Kerne
         # ``_VF`` calls broadcast their hidden state in place) cannot run under
         # torch.func transforms: one sample at a time, the same meaning.
         return torch.cat([_batched_jacobian(prep, fixed, theta, slice_inputs(x, i, i + 1), output)
-                          for i in range(batch_of(x))])
+                          for i in range(batch_size(x))])
     return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
 
 
@@ -91,7 +90,7 @@ def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, An
     leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     with torch.enable_grad():
         out = select_output(fcall(prep.module, {**fixed, **leaves}, x), output)
-        out = out.reshape(batch_of(x), -1)
+        out = out.reshape(batch_size(x), -1)
         b, o = out.shape
         eye = torch.eye(b * o, dtype=out.dtype, device=out.device).reshape(b * o, b, o)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=eye,
@@ -109,11 +108,11 @@ def fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: Kern
 
     size = prep.export_batch or 1
     fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
-    n = batch_of(x)
+    n = batch_size(x)
     pieces = []
     for start in range(0, n, size):
         block = slice_inputs(x, start, min(start + size, n))
-        b = batch_of(block)
+        b = batch_size(block)
         padded = pad_batch(block, size)
 
         def batched(th: dict[str, Any], inp: Any = padded) -> Any:
@@ -133,7 +132,7 @@ def scripted_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelR
     leaves = dict(module.named_parameters())
     wanted = [leaves[k] for k in names]
     rows = []
-    for i in range(batch_of(x)):
+    for i in range(batch_size(x)):
         out = select_output(call(module, slice_inputs(x, i, i + 1)), request.output).reshape(-1)
         per_out = []
         for o in range(out.numel()):
@@ -160,7 +159,7 @@ def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: Ja
     outputs), on the device; each block's Jacobian is computed in chunks of samples."""
     torch = require("torch")
     names = list(prep.params)
-    n = batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     width = 1 if traced else n_outputs
     kernel = torch.zeros((n * width, n * width), dtype=dtype, device=device)
@@ -191,8 +190,9 @@ def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: Ja
                     continue  # the traced kernel pairs each output with itself only
                 _add_block(k4, j1, jacobian(second), first, second, traced, scale, mirror=True)
             progress.advance("sample blocks", index + 1, len(blocks))
-    check_finite(kernel, n, width)
-    return kernel.detach().cpu().numpy()
+    out = kernel.detach().cpu().numpy()
+    check_finite(out.diagonal(), n, width)
+    return out
 
 
 def _add_block(k4: Any, j1: Any, j2: Any, first: Any, second: Any, traced: bool, scale: float,
@@ -229,8 +229,8 @@ def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: str
     torch = require("torch")
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
     prep = prepare(model, dtype, device)
-    x = to_tensors(inputs, dtype, device)
-    n = batch_of(x)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
     if n == 0:
         raise InputError("expected at least one input sample, got an empty batch")
     with training_mode(prep.module, request.train), torch.no_grad():

@@ -179,15 +179,15 @@ def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
     """
     import torch
     from cvcore.backends.torch.setup import (
-        batch_of,
+        as_inputs,
         full_precision,
         prepare,
         resolve_device,
-        to_tensors,
         training_mode,
     )
     from cvcore.backends.torch.setup import probe as probe_output
 
+    from cvcore.data_io import batch_size
     from cvcore.errors import InputError, ModelError
 
     if request.train:
@@ -199,8 +199,8 @@ def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
     if prep.scripted:
         raise ModelError("expected an nn.Module or a torch.export program for the matrix-free "
                          "operator, got a TorchScript module; use method='exact'")
-    x = to_tensors(inputs, dtype, device)
-    n = batch_of(x)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
     if n == 0:
         raise InputError("expected at least one input sample, got an empty batch")
     with training_mode(prep.module, False), torch.no_grad():

@@ -1,9 +1,9 @@
 """The PyTorch backend's ground floor: devices, dtypes, inputs, the prepared model, the probe.
 
 Everything the engines above share: :func:`prepare` (parameters and buffers in the
-request's dtype on its device), :func:`to_tensors`, :func:`fcall` (``functional_call``),
+request's dtype on its device), :func:`as_inputs`, :func:`fcall` (``functional_call``),
 :func:`forward` and :func:`probe` (one sample's output, and whether an exported
-program's batch is static), :func:`check_finite`. It imports nothing else of the torch
+program's batch is static). It imports nothing else of the torch
 backend, and no torch at import time.
 """
 
@@ -72,13 +72,13 @@ def full_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def to_tensors(inputs: Any, dtype: Any, device: str) -> Any:
+def as_inputs(inputs: Any, dtype: Any, device: str) -> Any:
     """NumPy arrays / tensors (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
     torch = require("torch")
     if isinstance(inputs, Mapping):
-        return {k: to_tensors(v, dtype, device) for k, v in inputs.items()}
+        return {k: as_inputs(v, dtype, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return tuple(to_tensors(v, dtype, device) for v in inputs)
+        return tuple(as_inputs(v, dtype, device) for v in inputs)
     if isinstance(inputs, np.ndarray):
         if inputs.dtype == object:
             raise InputError(f"expected a numeric array as inputs, got {describe(inputs)}")
@@ -100,11 +100,6 @@ def call(module: Any, inputs: Any) -> Any:
         return module(*inputs)
     return module(inputs)
 
-
-def batch_of(inputs: Any) -> int:
-    from cvcore.data_io import batch_size
-
-    return batch_size(inputs)
 
 
 @dataclasses.dataclass
@@ -185,19 +180,6 @@ def fcall(module: Any, tensors: dict[str, Any], x: Any) -> Any:
     if isinstance(x, Mapping):
         return functional_call(module, tensors, (), dict(x), strict=False)
     return functional_call(module, tensors, x if isinstance(x, tuple) else (x,), strict=False)
-
-
-def check_finite(kernel: Any, n: int, width: int) -> None:
-    torch = require("torch")
-    diag = torch.diagonal(kernel)
-    bad = ~torch.isfinite(diag)
-    if bad.any():
-        samples = sorted({int(i) // width for i in torch.nonzero(bad).flatten().tolist()})
-        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
-            f"samples (indices {shown})"
-        )
 
 
 def forward(prep: Prepared, x: Any, output: OutputSelector | None) -> Any:
