@@ -306,10 +306,6 @@ def _factory_model(path: Path, options: LoadOptions, what: str) -> Any:
     return resolve_factory(options.model_factory, options.model_args)
 
 
-def _require_jax() -> None:
-    require("jax")  # model_form looks for jax in sys.modules
-
-
 # --------------------------------------------------------------------------- loaders
 
 
@@ -349,7 +345,7 @@ class FlaxMsgpackLoader:
         return is_msgpack_map(path)
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        _require_jax()
+        require("jax")  # model_form looks for jax in sys.modules
         if not path.is_file():
             raise InputError(f"{path}: expected a flax msgpack file, got a directory")
         from flax import serialization
@@ -390,7 +386,7 @@ class OrbaxLoader:
         return orbax_item(path) is not None
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        _require_jax()
+        require("jax")  # model_form looks for jax in sys.modules
         item = orbax_item(path)
         if item is None:
             raise InputError(f"{path}: expected an Orbax checkpoint directory, got no Orbax metadata")
@@ -423,7 +419,7 @@ class PickleTreeLoader:
         return is_pickle(path)
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        _require_jax()
+        require("jax")  # model_form looks for jax in sys.modules
         if not is_pickle(path):
             raise InputError(f"{path}: expected a pickle (protocol 2 or later), got other content")
         obj = read_pickle(path, options.trust)
