@@ -62,12 +62,12 @@ def posterior_mean(code: Any) -> tuple[Any, bool]:
 def _first_sample(model: Any, inputs: Any) -> Any:
     """The first input, as a tensor of the model's dtype and device."""
     import torch
-    from cvcore.backends.torch.setup import to_tensors
+    from cvcore.backends.torch.setup import as_inputs
 
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None else torch.float32
     device = str(ref.device) if ref is not None else "cpu"
-    x = to_tensors(inputs, dtype, device)
+    x = as_inputs(inputs, dtype, device)
     return x[:1]
 
 

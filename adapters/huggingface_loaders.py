@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cvcore.errors import InputError, MissingFrameworkError
+from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.protocols import LoadedModel, LoadOptions
 
 #: Files a saved tokenizer leaves in its directory.
@@ -26,13 +27,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 #: The ``--model`` prefix that names a transformers class.
 PREFIX = "transformers:"
 
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise MissingFrameworkError("transformers", "adapters") from None
-    return transformers
 
 
 def _quiet(transformers: Any) -> None:
@@ -69,7 +63,7 @@ def load_pretrained(directory: Path, cls_name: str | None, weights: Path | None 
                     ) -> Any:
     """``cls.from_pretrained(directory)`` offline, without remote code; with ``weights``,
     the tensors of that safetensors file instead of the directory's own."""
-    transformers = _transformers()
+    transformers = require("transformers", "adapters")
     _quiet(transformers)
     config = read_config(directory)
     if cls_name is None:
@@ -96,7 +90,7 @@ def load_tokenizer(directory: Path) -> Any | None:
     """The tokenizer saved in ``directory``, or ``None`` when there is none."""
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         return None
-    transformers = _transformers()
+    transformers = require("transformers", "adapters")
     try:
         return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                                           trust_remote_code=False)

@@ -140,11 +140,11 @@ class PolicyAdapter:
 
 def _first_output(model: Any, inputs: Any) -> Any:
     import torch
-    from cvcore.backends.torch.setup import to_tensors, training_mode
+    from cvcore.backends.torch.setup import as_inputs, training_mode
 
     ref = next(iter(model.parameters()), None)
     dtype = ref.dtype if ref is not None else torch.float32
-    x = to_tensors(inputs, dtype, str(ref.device) if ref is not None else "cpu")[:1]
+    x = as_inputs(inputs, dtype, str(ref.device) if ref is not None else "cpu")[:1]
     with torch.no_grad(), training_mode(model, False):
         return model(x)
 

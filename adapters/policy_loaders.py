@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cvcore.errors import InputError, ModelError, UntrustedFileError
+from cvcore.imports import require
 from cvcore.protocols import LoadedModel, LoadOptions
 
 #: Algorithms the loader picks from the saved hyper-parameters (keys of ``data``).
@@ -86,8 +87,7 @@ class StableBaselinesLoader:
                 f"{path}: expected --trust to read a Stable-Baselines3 archive, got none; SB3's "
                 "loader unpickles the saved policy class, spaces and schedules, which can run "
                 "code: pass --trust only for a file you made yourself")
-        import stable_baselines3
-
+        stable_baselines3 = require("stable_baselines3", "adapters", name="stable-baselines3")
         cls = getattr(stable_baselines3, algorithm)
         try:
             agent = cls.load(str(path), device="cpu")
@@ -155,11 +155,7 @@ class EnvRolloutLoader:
 
     def load_from_model(self, spec: str, model: Any, *, samples: int | None, seed: int,
                         family: str | None = None) -> Any:
-        if not self.available():
-            from cvcore.errors import MissingFrameworkError
-
-            raise MissingFrameworkError("gymnasium", "pip install 'cvcore[adapters]'")
-        import gymnasium
+        gymnasium = require("gymnasium", "adapters")
 
         n = DEFAULT_ROLLOUT if samples is None else samples
         if n < 1:

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import typer
 from cvcore.cli.output import stderr
 
-from cvcore.errors import InputError, MissingFrameworkError
+from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.record.store import RecordStore
 from cvcore.report import write_atomic
 
@@ -51,11 +52,8 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def _pyarrow() -> Any:
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise MissingFrameworkError("pyarrow", "parquet") from None
+    pyarrow = require("pyarrow", "parquet")
+    require("pyarrow.parquet", "parquet", name="pyarrow")
     return pyarrow
 
 

@@ -1,10 +1,14 @@
-"""Choosing one output of a model that returns several, the same way in every backend."""
+"""Choosing one output of a model that returns several, and refusing outputs or gradients
+that are not finite, the same way in every backend."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
 
 from cvcore.errors import ModelError, describe
 from cvcore.protocols import OutputSelector
@@ -83,3 +87,31 @@ def describe_inputs(x: Any) -> str:
     if isinstance(x, (tuple, list)):
         return "(" + ", ".join(describe_inputs(v) for v in x) + ")"
     return f"a batch of per-sample shape {tuple(x.shape[1:])} ({x.dtype})"
+
+
+def check_finite(diagonal: ArrayLike, n: int, width: int) -> None:
+    """Raise naming the samples whose outputs or gradients are NaN or Inf.
+
+    Args:
+        diagonal: the kernel's diagonal as NumPy, ``n · width`` values in row order
+            (``width`` is 1 for the traced kernel, ``O`` for the full one), any shape.
+        n: the number of samples.
+        width: rows per sample.
+
+    Raises:
+        ModelError: some value is NaN or Inf.
+
+    >>> check_finite([1.0, 2.0, 3.0, 4.0], n=2, width=2)
+    >>> check_finite([1.0, 2.0, float("nan"), 4.0], n=2, width=2)
+    Traceback (most recent call last):
+    ...
+    cvcore.errors.ModelError: expected finite outputs and gradients, got NaN/Inf for 1 of 2 samples (indices 1)
+    """
+    bad = np.flatnonzero(~np.isfinite(np.asarray(diagonal).reshape(-1)))
+    if bad.size:
+        samples = sorted({int(i) // width for i in bad})
+        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
+        raise ModelError(
+            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
+            f"samples (indices {shown})"
+        )

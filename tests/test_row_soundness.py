@@ -185,7 +185,7 @@ def test_forwards_coupling_samples_mean_each_sample_alone(make: Any) -> None:
 
 def test_row_local_layers_keep_their_rule() -> None:
     """Only the layer on the buffer leaves the structured path."""
-    from cvcore.backends.torch.setup import prepare, to_tensors
+    from cvcore.backends.torch.setup import as_inputs, prepare
     from cvcore.backends.torch.structured import capture_block
 
     from cvcore.protocols import Implementation, KernelRequest
@@ -200,7 +200,7 @@ def test_row_local_layers_keep_their_rule() -> None:
             return self.a(x) + self.b(self.B).mean(0)
 
     prep = prepare(Two(), torch.float64, "cpu")
-    x = to_tensors(torch.randn(20, 4), torch.float64, "cpu")
+    x = as_inputs(torch.randn(20, 4), torch.float64, "cpu")
     req = KernelRequest(dtype="float64", implementation=Implementation.STRUCTURED)
     block = capture_block(prep, x, req, check=True)
     assert block.structured == {"a.weight", "a.bias"}

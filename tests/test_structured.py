@@ -19,8 +19,9 @@ nn = torch.nn
 F = torch.nn.functional
 
 from cvcore.backends.torch.backend import TorchBackend  # noqa: E402
-from cvcore.backends.torch.setup import prepare, to_tensors  # noqa: E402
+from cvcore.backends.torch.setup import as_inputs, prepare  # noqa: E402
 from cvcore.backends.torch.structured import structured_kernel  # noqa: E402
+
 from cvcore.protocols import Implementation, KernelRequest  # noqa: E402
 
 RTOL = 1e-10
@@ -68,7 +69,7 @@ def uses_rules(model: Any, x: Any) -> bool:
     """Whether the structured path handles the model (it did not hand back ``None``)."""
     request = KernelRequest(dtype="float64", implementation=Implementation.STRUCTURED)
     prep = prepare(model, torch.float64, "cpu")
-    return structured_kernel(prep, to_tensors(x, torch.float64, "cpu"), request, 1) is not None
+    return structured_kernel(prep, as_inputs(x, torch.float64, "cpu"), request, 1) is not None
 
 
 # ---------------------------------------------------------------------------- models
@@ -269,7 +270,7 @@ def test_train_mode_and_batch_statistics_fall_back() -> None:
                           nn.Linear(4, 2)).eval()
     x = torch.randn(6, 3, generator=_gen(12))
     prep = prepare(model, torch.float64, "cpu")
-    xs = to_tensors(x, torch.float64, "cpu")
+    xs = as_inputs(x, torch.float64, "cpu")
     coupled = KernelRequest(dtype="float64", implementation=Implementation.STRUCTURED)
     assert structured_kernel(prep, xs, coupled, 2) is None
     train = KernelRequest(dtype="float64", train=True, implementation=Implementation.STRUCTURED)

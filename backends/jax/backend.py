@@ -14,21 +14,16 @@ import importlib.util
 from typing import Any
 
 import numpy as np
-from cvcore.backends.jax.jacobian import Setup, assemble, prepare_request
+from cvcore.backends.jax.jacobian import prepare_request
 from cvcore.backends.jax.setup import (
-    Leaves,
-    Prepared,
-    batch_of,
     device_name,
     model_form,
     resolve_device,
     scope,
 )
 
-from cvcore.blocking import plan_blocks
 from cvcore.memory import ensure_fits
 from cvcore.protocols import (
-    Implementation,
     KernelOperator,
     KernelRequest,
     KernelResult,
@@ -71,34 +66,14 @@ class JaxBackend:
         """Each layer's kernel (layers by parameter-tree path): ``cvcore.protocols.LayerKernels``."""
         from cvcore.backends.jax.layers import layer_kernels
 
-        device = resolve_device(request.device)
-        with scope(request, device):
-            return layer_kernels(self, model, inputs, request, device)
-
-    def setup(self, model: Any, inputs: Any, request: KernelRequest, device: Any
-              ) -> tuple[Prepared, Leaves, Any, int, int]:
-        """The prepared model, its leaves, the inputs, ``N`` and ``O``."""
-        s: Setup = prepare_request(model, inputs, request, device, request.train)
-        return s.prep, s.leaves, s.x, s.n, s.n_outputs
-
-    def kernel_of(self, prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest,
-                  n_outputs: int) -> np.ndarray:
-        """The kernel over ``leaves.trainable``: structured when it applies, else Jacobian."""
-        sizes = [int(leaves.values[i].size) for i in leaves.trainable]
-        if request.implementation != Implementation.JACOBIAN:
-            from cvcore.backends.jax.structured import attempt, structured_kernel
-
-            kernel = attempt(structured_kernel, prep, leaves, x, request, n_outputs)
-            if kernel is not None:
-                return kernel
-        plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs, group_sizes=sizes,
-                           itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
-        return assemble(prep, leaves, x, request, plan, n_outputs)
+        return layer_kernels(model, inputs, request)
 
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
-        prep, leaves, x, n, n_outputs = self.setup(model, inputs, request, device)
-        ensure_fits(n, n_outputs, request.kernel, np.dtype(request.dtype).itemsize)
-        kernel = self.kernel_of(prep, leaves, x, request, n_outputs)
-        return KernelResult(kernel=kernel, n_samples=n, n_outputs=n_outputs,
-                            n_params=sum(int(leaves.values[i].size) for i in leaves.trainable),
+        from cvcore.backends.jax.structured import kernel_of
+
+        s = prepare_request(model, inputs, request, device, request.train)
+        ensure_fits(s.n, s.n_outputs, request.kernel, np.dtype(request.dtype).itemsize)
+        kernel = kernel_of(s.prep, s.leaves, s.x, request, s.n_outputs)
+        return KernelResult(kernel=kernel, n_samples=s.n, n_outputs=s.n_outputs,
+                            n_params=sum(int(s.leaves.values[i].size) for i in s.leaves.trainable),
                             device=device_name(device))

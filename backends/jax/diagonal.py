@@ -19,19 +19,8 @@ from cvcore.backends.jax.jacobian import make_jacobian, prepare_request
 from numpy.typing import NDArray
 
 from cvcore.blocking import plan_blocks
-from cvcore.errors import ModelError
+from cvcore.outputs import check_finite
 from cvcore.protocols import Implementation, KernelRequest
-
-
-def _check_finite(diag: NDArray[Any], n: int) -> None:
-    """Raise naming the samples whose outputs or gradients are NaN or Inf."""
-    bad = np.flatnonzero(~np.isfinite(diag).all(axis=1))
-    if bad.size:
-        shown = ", ".join(map(str, bad[:10].tolist())) + (" ..." if bad.size > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {bad.size} of {n} "
-            f"samples (indices {shown})"
-        )
 
 
 def kernel_diagonal(model: Any, inputs: Any, request: KernelRequest) -> NDArray[np.floating[Any]]:
@@ -54,7 +43,7 @@ def _diagonal(model: Any, inputs: Any, request: KernelRequest, device: Any) -> N
 
         ruled = attempt(structured_diagonal, s.prep, s.leaves, s.x, request, s.n_outputs)
         if ruled is not None:
-            _check_finite(ruled, s.n)
+            check_finite(ruled, s.n, s.n_outputs)
             return ruled.mean(axis=1) if request.kernel == "traced" else ruled.reshape(-1)
     plan = plan_blocks(n_samples=s.n, n_outputs=s.n_outputs, group_sizes=s.sizes,
                        itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
@@ -67,5 +56,5 @@ def _diagonal(model: Any, inputs: Any, request: KernelRequest, device: Any) -> N
         for a, b in chunks:
             j = jac(s.x, a, b, size)  # (b - a, O, P_group), on the device
             diag[a:b] += np.asarray(jnp.sum(j * j, axis=2))
-    _check_finite(diag, s.n)
+    check_finite(diag, s.n, s.n_outputs)
     return diag.mean(axis=1) if request.kernel == "traced" else diag.reshape(-1)

@@ -19,23 +19,21 @@ from cvcore.backends.jax.jaxpr import evaluate, probe_outputs
 from cvcore.backends.jax.setup import (
     Leaves,
     Prepared,
-    batch_of,
+    as_inputs,
     cached,
     cast_tree,
-    check_finite,
     flatten_params,
     pad_batch,
     prepare,
-    require_jax,
     select_output,
-    slice_inputs,
-    to_arrays,
     with_values,
 )
 
 from cvcore.blocking import Group, Plan
+from cvcore.data_io import batch_size, require_samples, slice_inputs
+from cvcore.imports import require
+from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
-from cvcore.validate import require_samples
 
 JacobianFn = Callable[[Any, int, int, int], Any]
 
@@ -55,7 +53,7 @@ def _jitted(key: tuple[Any, ...], closed: Any, build: Callable[[Any], Any]) -> A
 def _as_function(jaxpr: Any) -> Callable[..., Any]:
     """``f(jaxpr_consts, *args)``: the jaxpr's first output, its inputs given as pytrees
     flattened in the order the jaxpr was traced with."""
-    jax = require_jax()
+    jax = require("jax")
 
     def f(consts: Any, *args: Any) -> Any:
         return evaluate(jaxpr, consts, jax.tree_util.tree_leaves(args), (), {}, {}, {})[0]
@@ -74,7 +72,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     statistics couple the samples (``size`` is ignored). The forward pass is traced once
     per call and the jitted function comes from a cache keyed by its text (``_jitted``).
     """
-    jax = require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     index = [leaves.trainable[m] for m in group.members]
@@ -91,7 +89,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     if request.train and prep.batched:
         def whole_batch(gv: Any, values: Any, consts: Any, x: Any) -> Any:
             raw = prep.call(params_of(gv, values), consts, x)
-            return select_output(raw, output).reshape(batch_of(x), -1)
+            return select_output(raw, output).reshape(batch_size(x), -1)
 
         def build_batch(jaxpr: Any) -> Any:
             f = _as_function(jaxpr)
@@ -118,7 +116,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
 
         def vmapped(jc: Any, gv: Any, values: Any, consts: Any, x: Any) -> Any:
             per = jax.vmap(diff(f, argnums=1), in_axes=(None, None, None, None, 0))
-            return stack(per(jc, gv, values, consts, x), batch_of(x))
+            return stack(per(jc, gv, values, consts, x), batch_size(x))
 
         return jax.jit(vmapped)
 
@@ -142,7 +140,7 @@ def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, pla
     """Accumulate the kernel over parameter groups and sample blocks."""
     import jax.numpy as jnp
 
-    n = batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     width = 1 if traced else n_outputs
     scale = 1.0 / n_outputs if traced else 1.0
@@ -172,7 +170,7 @@ def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, pla
                 block = product(ra, block_rows(b0, b1))
                 kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
                 kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
-    check_finite(kernel, n, width)
+    check_finite(np.diagonal(kernel), n, width)
     return kernel
 
 
@@ -199,8 +197,8 @@ def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: Any
     prep.params = cast_tree(prep.params, dtype, device)
     prep.constants = cast_tree(prep.constants, dtype, device)
     leaves = flatten_params(prep.params)
-    x = to_arrays(inputs, dtype, device)
-    n = batch_of(x)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
     require_samples(n)
     n_outputs = probe_outputs(prep, leaves, x, request.output)
     sizes = [int(leaves.values[i].size) for i in leaves.trainable]

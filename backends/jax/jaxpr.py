@@ -21,7 +21,9 @@ import numpy as np
 from cvcore.backends.jax import setup
 
 from cvcore import outputs
+from cvcore.data_io import slice_inputs
 from cvcore.errors import CVCoreError, InputError, ModelError
+from cvcore.imports import require
 
 #: Primitives whose sub-jaxpr is evaluated equation by equation (call boundaries only).
 INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat",
@@ -116,7 +118,7 @@ _TRACES: collections.OrderedDict[Any, tuple[Any, Any, list[Any]]] = collections.
 
 
 def _avals(tree: Any) -> tuple[Any, ...]:
-    jax = setup.require_jax()
+    jax = require("jax")
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return (treedef, tuple((tuple(np.shape(v)), str(v.dtype)) for v in leaves))
 
@@ -124,7 +126,7 @@ def _avals(tree: Any) -> tuple[Any, ...]:
 def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
     """The one-sample forward pass as a :class:`Traced` jaxpr (from the cache when the
     same function was traced on the same shapes)."""
-    jax = setup.require_jax()
+    jax = require("jax")
     trainable = set(leaves.trainable)
     values = [leaves.values[i] for i in leaves.trainable]
     others = [v for i, v in enumerate(leaves.values) if i not in trainable]
@@ -144,7 +146,7 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
         xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
         return setup.select_output(prep.call(params, constants, xb), output).reshape(-1)
 
-    first = jax.tree_util.tree_map(lambda a: a[0], setup.slice_inputs(x, 0, 1))
+    first = jax.tree_util.tree_map(lambda a: a[0], slice_inputs(x, 0, 1))
     seen = (id(output), _avals(first), _avals(values), _avals(dynamic))
     if prep.traced is not None and prep.traced[0] == seen:  # this call traced it already
         return prep.traced[1]

@@ -13,7 +13,9 @@ import dataclasses
 import re
 from typing import Any
 
-from cvcore.backends.jax.setup import device_name
+from cvcore.backends.jax.jacobian import prepare_request
+from cvcore.backends.jax.setup import device_name, resolve_device, scope
+from cvcore.backends.jax.structured import kernel_of
 
 from cvcore.protocols import KernelRequest, LayerKernel, LayerKernels
 
@@ -34,10 +36,16 @@ def layer_name(keystr: str) -> str:
     return "/".join(keys[:-1]) if len(keys) > 1 else "(root)"
 
 
-def layer_kernels(backend: Any, model: Any, inputs: Any, request: KernelRequest,
-                  device: Any) -> LayerKernels:
+def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
     """What ``JaxBackend.layer_kernels`` returns (see the module doc)."""
-    prep, leaves, x, n, n_outputs = backend.setup(model, inputs, request, device)
+    device = resolve_device(request.device)
+    with scope(request, device):
+        return _layer_kernels(model, inputs, request, device)
+
+
+def _layer_kernels(model: Any, inputs: Any, request: KernelRequest, device: Any) -> LayerKernels:
+    s = prepare_request(model, inputs, request, device, request.train)
+    prep, leaves, x, n, n_outputs = s.prep, s.leaves, s.x, s.n, s.n_outputs
     groups: dict[str, list[int]] = {}
     for i in leaves.trainable:
         groups.setdefault(layer_name(leaves.paths[i]), []).append(i)
@@ -45,7 +53,7 @@ def layer_kernels(backend: Any, model: Any, inputs: Any, request: KernelRequest,
     for name, index in groups.items():
         sub = dataclasses.replace(leaves, trainable=index)
         prep.traced = None  # the trace depends on which leaves are trainable
-        kernel = backend.kernel_of(prep, sub, x, request, n_outputs)
+        kernel = kernel_of(prep, sub, x, request, n_outputs)
         layers.append(LayerKernel(name=name, kernel=kernel,
                                   n_params=sum(int(leaves.values[i].size) for i in index)))
     return LayerKernels(layers=tuple(layers), n_samples=n, n_outputs=n_outputs,

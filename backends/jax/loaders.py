@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cvcore.errors import InputError, MissingFrameworkError, UntrustedFileError
+from cvcore.errors import InputError, UntrustedFileError
 from cvcore.factory import resolve_factory
+from cvcore.imports import require
 from cvcore.protocols import LoadedModel, LoadOptions
 
 #: The first object of a legacy (non-zip) ``torch.save`` file.
@@ -305,12 +306,6 @@ def _factory_model(path: Path, options: LoadOptions, what: str) -> Any:
     return resolve_factory(options.model_factory, options.model_args)
 
 
-def _require_jax() -> None:
-    if not _available("jax"):
-        raise MissingFrameworkError("jax", "jax")
-    import jax  # noqa: F401 - model_form looks for jax in sys.modules
-
-
 # --------------------------------------------------------------------------- loaders
 
 
@@ -350,7 +345,7 @@ class FlaxMsgpackLoader:
         return is_msgpack_map(path)
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        _require_jax()
+        require("jax")  # model_form looks for jax in sys.modules
         if not path.is_file():
             raise InputError(f"{path}: expected a flax msgpack file, got a directory")
         from flax import serialization
@@ -391,14 +386,11 @@ class OrbaxLoader:
         return orbax_item(path) is not None
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        _require_jax()
+        require("jax")  # model_form looks for jax in sys.modules
         item = orbax_item(path)
         if item is None:
             raise InputError(f"{path}: expected an Orbax checkpoint directory, got no Orbax metadata")
-        try:
-            import orbax.checkpoint as ocp
-        except ImportError:
-            raise MissingFrameworkError("orbax-checkpoint", "jax") from None
+        ocp = require("orbax.checkpoint", "jax", name="orbax-checkpoint")
         try:
             state = ocp.StandardCheckpointer().restore(item.resolve())
         except Exception as exc:  # noqa: BLE001 - a malformed checkpoint becomes one line
@@ -427,7 +419,7 @@ class PickleTreeLoader:
         return is_pickle(path)
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        _require_jax()
+        require("jax")  # model_form looks for jax in sys.modules
         if not is_pickle(path):
             raise InputError(f"{path}: expected a pickle (protocol 2 or later), got other content")
         obj = read_pickle(path, options.trust)

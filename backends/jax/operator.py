@@ -34,6 +34,8 @@ from cvcore.backends.jax.jacobian import Setup, prepare_request
 from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
+from cvcore.data_io import slice_inputs
+from cvcore.imports import require
 from cvcore.protocols import KernelOperator, KernelRequest
 from cvcore.validate import require_eval
 
@@ -41,7 +43,7 @@ from cvcore.validate import require_eval
 def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
     """Bytes of every intermediate of one sample's forward pass (nested jaxprs included):
     an upper bound on what reverse mode saves and forward mode carries per vector."""
-    jax = setup.require_jax()
+    jax = require("jax")
 
     def walk(jaxpr: Any) -> int:
         total = 0
@@ -90,7 +92,7 @@ class _JaxKernelOperator(OperatorBudget):
 
     def build(self) -> None:
         """Define the jitted per-chunk products (traced and compiled on first use)."""
-        jax = setup.require_jax()
+        jax = require("jax")
         import jax.numpy as jnp
 
         prep, leaves, output = self.setup.prep, self.setup.leaves, self.request.output
@@ -140,7 +142,7 @@ class _JaxKernelOperator(OperatorBudget):
     def _product(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
         import jax.numpy as jnp
 
-        jax = setup.require_jax()
+        jax = require("jax")
         o, n, k = self.n_outputs, self.n, block.shape[1]
         width = 1 if self.traced else o
         total = k * (o if self.traced else 1)
@@ -149,7 +151,7 @@ class _JaxKernelOperator(OperatorBudget):
         starts = list(range(0, n, s))
         n_pad = len(starts) * s
         xs_pad = setup.pad_batch(self.setup.x, n_pad)
-        chunks_x = [setup.slice_inputs(xs_pad, a, a + s) for a in starts]
+        chunks_x = [slice_inputs(xs_pad, a, a + s) for a in starts]
         dtype = np.dtype(self.request.dtype)
         v = np.zeros((n_pad, width, k), dtype=dtype)
         v[:n] = block.reshape(n, width, k)
@@ -202,8 +204,8 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
                                 budget=int(request.memory_budget),
                                 param_bytes=sum(s.sizes) * itemsize, act_bytes=1)
         op.build()
-        x0 = setup.slice_inputs(s.x, 0, 1)
-        x0 = setup.require_jax().tree_util.tree_map(lambda a: a[0], x0)
+        x0 = slice_inputs(s.x, 0, 1)
+        x0 = require("jax").tree_util.tree_map(lambda a: a[0], x0)
         op.act_bytes = _activation_bytes(op._single, (op.theta, s.leaves.values,
                                                       s.prep.constants, x0))
     return KernelOperator(matvec=op.matvec, dim=op.dim, n_samples=s.n, n_outputs=s.n_outputs,

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from cvcore import outputs
-from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
+from cvcore.errors import InputError, ModelError, describe
+from cvcore.imports import require
 from cvcore.protocols import KernelRequest, OutputSelector
 
 #: Top-level modules of objects that are callable but belong to another backend.
@@ -44,13 +45,6 @@ FOREIGN_MODULES = ("torch", "tensorflow", "keras", "tf_keras")
 TRAIN_FLAGS = ("train", "training", "is_training")
 EVAL_FLAGS = ("deterministic", "use_running_average", "inference", "eval")
 
-
-def require_jax() -> Any:
-    try:
-        import jax
-    except ImportError:
-        raise MissingFrameworkError("jax", "jax") from None
-    return jax
 
 
 # --------------------------------------------------------------------------- forms
@@ -154,7 +148,7 @@ def _mode_kwargs(module: Any, train: bool) -> dict[str, bool]:
 
 
 def _prepare_linen(module: Any, variables: Any, train: bool) -> Prepared:
-    jax = require_jax()
+    jax = require("jax")
     if not isinstance(variables, Mapping) or "params" not in variables:
         got = f"collections {list(variables)}" if isinstance(variables, Mapping) else describe(variables)
         raise ModelError(f"expected flax.linen variables with a 'params' collection, got {got}")
@@ -237,13 +231,13 @@ def prepare(model: Any, train: bool) -> Prepared:
 # --------------------------------------------------------------------------- inputs
 
 
-def to_arrays(inputs: Any, dtype: Any, device: Any) -> Any:
+def as_inputs(inputs: Any, dtype: Any, device: Any) -> Any:
     """Arrays (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
-    jax = require_jax()
+    jax = require("jax")
     if isinstance(inputs, Mapping):
-        return {k: to_arrays(v, dtype, device) for k, v in inputs.items()}
+        return {k: as_inputs(v, dtype, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return tuple(to_arrays(v, dtype, device) for v in inputs)
+        return tuple(as_inputs(v, dtype, device) for v in inputs)
     if not isinstance(inputs, jax.Array):
         if not hasattr(inputs, "__array__") and not isinstance(inputs, np.ndarray):
             raise InputError(
@@ -260,7 +254,7 @@ def to_arrays(inputs: Any, dtype: Any, device: Any) -> Any:
 
 def cast_tree(tree: Any, dtype: Any, device: Any) -> Any:
     """Inexact array leaves in ``dtype`` on ``device``; other leaves unchanged."""
-    jax = require_jax()
+    jax = require("jax")
 
     def cast(leaf: Any) -> Any:
         if isinstance(leaf, (np.ndarray, jax.Array)) and is_inexact(leaf):
@@ -270,17 +264,9 @@ def cast_tree(tree: Any, dtype: Any, device: Any) -> Any:
     return jax.tree_util.tree_map(cast, tree)
 
 
-def slice_inputs(x: Any, start: int, stop: int) -> Any:
-    if isinstance(x, Mapping):
-        return {k: slice_inputs(v, start, stop) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(slice_inputs(v, start, stop) for v in x)
-    return x[start:stop]
-
-
 def pad_batch(x: Any, size: int) -> Any:
     """Repeat the last sample until the batch has ``size`` samples."""
-    jax = require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     def pad(a: Any) -> Any:
@@ -290,17 +276,12 @@ def pad_batch(x: Any, size: int) -> Any:
     return jax.tree_util.tree_map(pad, x)
 
 
-def batch_of(x: Any) -> int:
-    from cvcore.data_io import batch_size
-
-    return batch_size(x)
-
 
 # --------------------------------------------------------------------------- outputs
 
 
 def _is_array(value: Any) -> bool:
-    jax = require_jax()
+    jax = require("jax")
     return isinstance(value, (jax.Array, np.ndarray))
 
 
@@ -315,7 +296,7 @@ def select_output(raw: Any, output: OutputSelector | None) -> Any:
 def resolve_device(device: str | None) -> Any:
     """The JAX device for ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"cuda:1"``, ``"tpu:0"`` ...;
     ``None`` is JAX's default device (the accelerator when one is visible)."""
-    jax = require_jax()
+    jax = require("jax")
     if device is None:
         return jax.devices()[0]
     kind, _, index = device.strip().lower().partition(":")
@@ -344,7 +325,7 @@ def device_name(device: Any) -> str:
 def x64_scope(enabled: bool) -> Iterator[None]:
     """Enable 64-bit types for the duration of the block only (thread-local), leaving the
     user's global ``jax_enable_x64`` setting as it was."""
-    jax = require_jax()
+    jax = require("jax")
     if not enabled:
         yield
         return
@@ -376,7 +357,7 @@ def is_inexact(value: Any) -> bool:
 
 
 def flatten_params(params: Any) -> Leaves:
-    jax = require_jax()
+    jax = require("jax")
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     values = [v for _, v in with_path]
     paths = [jax.tree_util.keystr(p) for p, _ in with_path]
@@ -391,7 +372,7 @@ def flatten_params(params: Any) -> Leaves:
 
 def with_values(leaves: Any, index: Any, replaced: Any, values: Any) -> Any:
     """The parameter pytree with ``values``, its leaves ``index`` replaced by ``replaced``."""
-    jax = require_jax()
+    jax = require("jax")
     full = list(values)
     for k, i in enumerate(index):
         full[i] = replaced[k]
@@ -413,23 +394,11 @@ def cached(cache: collections.OrderedDict[Any, Any], key: Any, make: Callable[[]
     return hit
 
 
-def check_finite(kernel: Any, n: int, width: int) -> None:
-    """Raise naming the samples whose outputs or gradients are NaN or Inf."""
-    bad = np.flatnonzero(~np.isfinite(np.diagonal(kernel)))
-    if bad.size:
-        samples = sorted({int(i) // width for i in bad})
-        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
-            f"samples (indices {shown})"
-        )
-
-
 @contextlib.contextmanager
 def scope(request: KernelRequest, device: Any) -> Iterator[None]:
     """The request's dtype (``jax.enable_x64`` for float64, restored afterwards), its
     device, and ``jax.default_matmul_precision("highest")``: every measurement runs in it."""
-    jax = require_jax()
+    jax = require("jax")
     with x64_scope(request.dtype == "float64"), jax.default_device(device), \
             jax.default_matmul_precision("highest"):
         yield

@@ -46,10 +46,14 @@ from typing import Any
 
 import numpy as np
 from cvcore.backends.jax import setup
+from cvcore.backends.jax.jacobian import assemble
 from cvcore.backends.jax.jaxpr import Traced, evaluate, trace
 from cvcore.backends.jax.rules import Analysis, Site, activation, analyse
 
-from cvcore.blocking import dense_costs
+from cvcore.blocking import dense_costs, plan_blocks
+from cvcore.data_io import batch_size, slice_inputs
+from cvcore.imports import require
+from cvcore.outputs import check_finite
 from cvcore.protocols import Implementation, KernelRequest
 
 
@@ -158,7 +162,7 @@ def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
     block of samples, the formed
     gradient rows ``(b, O, P_rows)`` (direct and ``jac`` leaves) and the ``(a, g)`` of
     every ``pairs`` leaf, keyed by leaf."""
-    jax = setup.require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     by_path = {s.path: s for s in layout.perturbed}
@@ -234,7 +238,7 @@ def _pairs_gram(f1: tuple[Any, Any], f2: tuple[Any, Any], embedding: bool, trace
 
 def make_pair(layout: Layout, n_outputs: int, traced: bool, chunk: int) -> Any:
     """A jitted ``pair(features_a, features_b)``: their kernel block."""
-    jax = setup.require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
@@ -257,7 +261,7 @@ def make_pair(layout: Layout, n_outputs: int, traced: bool, chunk: int) -> Any:
 
 def make_diag(layout: Layout) -> Any:
     """A jitted ``diag(features)``: ``‖J_io‖²`` ``(b, O)`` of a block of samples."""
-    jax = setup.require_jax()
+    jax = require("jax")
     import jax.numpy as jnp
 
     embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
@@ -298,7 +302,7 @@ def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: in
 
 def _on_cpu(x: Any) -> bool:
     """Whether the inputs live on a CPU device."""
-    jax = setup.require_jax()
+    jax = require("jax")
     first = jax.tree_util.tree_leaves(x)[0]
     return all(d.platform == "cpu" for d in first.devices())
 
@@ -335,7 +339,7 @@ def _plan(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int
     analysis = analyse(traced_fn.jaxpr, len(values))
     if not analysis.sites:
         return None
-    layout = choose(analysis, [int(v.size) for v in values], setup.batch_of(x), n_outputs, traced,
+    layout = choose(analysis, [int(v.size) for v in values], batch_size(x), n_outputs, traced,
                     request.implementation, force, diagonal=diagonal, patches=_on_cpu(x))
     if not layout.rules:
         return None
@@ -379,7 +383,7 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
         ``N·O × N·O`` with row ``i·O + o``); ``None`` in train mode, when no leaf is
         measured by a rule, or when one sample's features exceed half the budget.
     """
-    n = setup.batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     planned = _plan(prep, leaves, x, request, n_outputs, traced, force=force)
     if planned is None:
@@ -402,7 +406,7 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
 
     def block_features(a0: int, a1: int) -> Any:
         return features(values, fn.dynamic, fn.consts,
-                        setup.pad_batch(setup.slice_inputs(x, a0, a1), size))
+                        setup.pad_batch(slice_inputs(x, a0, a1), size))
 
     for i, (a0, a1) in enumerate(blocks):
         fa = block_features(a0, a1)
@@ -414,7 +418,7 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
                                                                   :(b1 - b0) * width]
             kernel[ra, rb] = block
             kernel[rb, ra] = block.T
-    setup.check_finite(kernel, n, width)
+    check_finite(np.diagonal(kernel), n, width)
     return kernel
 
 
@@ -427,7 +431,7 @@ def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
     ``‖a_i‖² ‖g_io‖²``), the others the squared norms of their formed gradients; nothing
     of size ``N²`` is formed.
     """
-    n = setup.batch_of(x)
+    n = batch_size(x)
     planned = _plan(prep, leaves, x, request, n_outputs, False, diagonal=True)
     if planned is None:
         return None
@@ -441,6 +445,21 @@ def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
     out = np.zeros((n, n_outputs), dtype=np.dtype(request.dtype))
     for a0 in range(0, n, size):
         a1 = min(a0 + size, n)
-        block = setup.pad_batch(setup.slice_inputs(x, a0, a1), size)
+        block = setup.pad_batch(slice_inputs(x, a0, a1), size)
         out[a0:a1] = np.asarray(diag(features(values, fn.dynamic, fn.consts, block)))[:a1 - a0]
     return out
+
+
+def kernel_of(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int
+              ) -> np.ndarray[Any, Any]:
+    """The kernel over ``leaves.trainable``: by the layer rules when they apply (and
+    ``implementation`` allows), else by the Jacobian path
+    (:func:`cvcore.backends.jax.jacobian.assemble`)."""
+    if request.implementation != Implementation.JACOBIAN:
+        kernel = attempt(structured_kernel, prep, leaves, x, request, n_outputs)
+        if kernel is not None:
+            return np.asarray(kernel)
+    sizes = [int(leaves.values[i].size) for i in leaves.trainable]
+    plan = plan_blocks(n_samples=batch_size(x), n_outputs=n_outputs, group_sizes=sizes,
+                       itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
+    return assemble(prep, leaves, x, request, plan, n_outputs)

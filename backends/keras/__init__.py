@@ -1,16 +1,41 @@
-"""The TensorFlow / Keras backend, one job per module (as ``backends/torch_*`` and
-``backends/jax/``):
+"""The TensorFlow / Keras backend and its checkpoint loaders (``.keras``, SavedModel, ``.h5``).
 
-* ``backend``: :class:`KerasBackend`, the class the plugin registers;
-* ``setup``: frameworks, model kinds, inputs, outputs, devices, the float64 scope;
+This package's ``__init__`` holds the plugin's hooks (the ``tensorflow`` entry point; the
+backend's registry name is ``tensorflow``, as in ``--backend tensorflow``); importing it
+imports neither TensorFlow, Keras, JAX nor torch. One job per module, the ground floor
+first:
+
+* ``setup``: model kinds, inputs, outputs, devices, the float64 scope;
 * ``recast``: a Keras model re-created in another dtype;
 * ``jacobian``: per-sample Jacobians (GradientTape, ``torch.func``) and the kernel;
 * ``module``: ``tf.Module`` and SavedModel engines;
-* ``diagonal``: ``K_ii`` without the kernel;
 * ``structured``: Keras on JAX through the JAX backend's engines;
+* ``diagonal``: ``K_ii`` without the kernel; ``layers``: each layer's kernel;
 * ``quiet``: TensorFlow's log noise silenced during a measurement;
+* ``backend``: :class:`KerasBackend`, which dispatches;
 * ``loaders``: ``.keras``, SavedModel and ``.h5`` checkpoint loaders.
 
-Importing this package imports neither TensorFlow nor Keras; the plugin's hooks are in
-``cvcore.backends.tf_plugin`` (the ``tensorflow`` entry point).
+``setup`` and ``jacobian`` never import ``backend``.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cvcore.hookspecs import hookimpl
+
+
+@hookimpl
+def cvcore_register_backends(register: Callable[[Any], None]) -> None:
+    from cvcore.backends.keras.backend import KerasBackend
+
+    register(KerasBackend())
+
+
+@hookimpl
+def cvcore_register_loaders(register: Callable[[Any], None]) -> None:
+    from cvcore.backends.keras import loaders
+
+    for loader in loaders.LOADERS:
+        register(loader)

@@ -23,8 +23,7 @@ import numpy as np
 from cvcore.backends.keras.jacobian import Engine, assemble, keras_engine
 from cvcore.backends.keras.quiet import quiet_tensorflow
 from cvcore.backends.keras.setup import (
-    as_arrays,
-    batch_of,
+    as_inputs,
     is_keras_layer,
     is_tf_trackable,
     keras_backend_name,
@@ -32,11 +31,10 @@ from cvcore.backends.keras.setup import (
 )
 
 from cvcore.blocking import plan_blocks
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, require_samples, slice_inputs
 from cvcore.errors import ModelError
 from cvcore.memory import ensure_fits
 from cvcore.protocols import KernelRequest, KernelResult, LayerKernels
-from cvcore.validate import require_samples
 
 
 class KerasBackend:
@@ -72,8 +70,8 @@ class KerasBackend:
             return layer_kernels(model, inputs, request)
 
     def _run(self, model: Any, inputs: Any, request: KernelRequest, diagonal: bool) -> Any:
-        x = as_arrays(inputs, request.dtype)
-        require_samples(batch_of(x))
+        x = as_inputs(inputs, request.dtype)
+        require_samples(batch_size(x))
         if is_keras_layer(model):
             backend = keras_backend_name()
             with keras_float64(backend, request.dtype == "float64"):
@@ -108,13 +106,13 @@ def _on_jax(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any:
 def _measure(engine: Engine, x: Any, request: KernelRequest, diagonal: bool) -> Any:
     """The kernel (a :class:`KernelResult`) or its diagonal (NumPy) from an engine."""
     native = engine.to_native(x)
-    n = batch_of(x)
+    n = batch_size(x)
     probe = engine.forward(slice_inputs(native, 0, 1))
     n_outputs = int(np.prod(probe.shape[1:]))
     if diagonal:
-        from cvcore.backends.keras.diagonal import engine_diagonal
+        from cvcore.backends.keras.diagonal import diagonal_of
 
-        return engine_diagonal(engine, native, request, n, n_outputs)
+        return diagonal_of(engine, native, request, n, n_outputs)
     ensure_fits(n, n_outputs, request.kernel, np.dtype(request.dtype).itemsize)
     plan = plan_blocks(n_samples=n, n_outputs=n_outputs, group_sizes=engine.sizes,
                        itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)

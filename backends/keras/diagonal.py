@@ -14,14 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from cvcore.backends.keras.jacobian import Engine, check_finite
+from cvcore.backends.keras.jacobian import Engine
 
 from cvcore.blocking import plan_blocks
 from cvcore.data_io import slice_inputs
+from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
 
 
-def engine_diagonal(engine: Engine, x: Any, request: KernelRequest, n: int,
+def diagonal_of(engine: Engine, x: Any, request: KernelRequest, n: int,
                     n_outputs: int) -> np.ndarray[Any, Any]:
     """``K_ii`` as NumPy: traced ``(1/O) Σ_o ‖J_io‖²`` (``N`` values), full ``‖J_io‖²`` in
     row order ``i·O + o`` (``N·O`` values).
@@ -41,5 +42,5 @@ def engine_diagonal(engine: Engine, x: Any, request: KernelRequest, n: int,
         for a, b in chunks:
             diag[a:b] += engine.norms(engine.jacobian(group.members, slice_inputs(x, a, b)))
     out = diag.mean(axis=1) if request.kernel == "traced" else diag.reshape(-1)
-    check_finite(np.diag(out), n, 1 if request.kernel == "traced" else n_outputs)
+    check_finite(out, n, 1 if request.kernel == "traced" else n_outputs)
     return out.astype(request.dtype)

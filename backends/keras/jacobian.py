@@ -20,9 +20,6 @@ from typing import Any
 import numpy as np
 from cvcore.backends.keras.recast import check_weights, needs_recast, recast
 from cvcore.backends.keras.setup import (
-    _keras,
-    _tf,
-    batch_of,
     input_error,
     keras_device,
     map_inputs,
@@ -30,8 +27,10 @@ from cvcore.backends.keras.setup import (
 )
 
 from cvcore.blocking import Plan
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, slice_inputs
 from cvcore.errors import ModelError
+from cvcore.imports import require
+from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
 
 
@@ -67,7 +66,7 @@ def assemble(engine: Engine, x: Any, request: KernelRequest, plan: Plan,
              n_outputs: int) -> np.ndarray[Any, Any]:
     """Sum ``J_g J_gᵀ`` over parameter groups and pairs of sample blocks (NumPy kernel,
     products on the framework's device)."""
-    n = batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     width = 1 if traced else n_outputs
     kernel = np.zeros((n * width, n * width), dtype=request.dtype)
@@ -89,24 +88,12 @@ def assemble(engine: Engine, x: Any, request: KernelRequest, plan: Plan,
                 block = scale * engine.gram(ja, rows(group.members, b0, b1))
                 kernel[a0 * width:a1 * width, b0 * width:b1 * width] += block
                 kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
-    check_finite(kernel, n, width)
+    check_finite(np.diagonal(kernel), n, width)
     return kernel
 
 
 def _group(plan: Plan, members: tuple[int, ...]) -> Any:
     return next(g for g in plan.groups if g.members == members)
-
-
-def check_finite(kernel: np.ndarray[Any, Any], n: int, width: int) -> None:
-    """Raise naming the samples whose outputs or gradients are NaN / Inf."""
-    bad = ~np.isfinite(np.diagonal(kernel))
-    if bad.any():
-        samples = sorted({int(i) // width for i in np.flatnonzero(bad)})
-        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
-            f"samples (indices {shown})"
-        )
 
 
 def keras_call_inputs(x: Any) -> Any:
@@ -144,7 +131,7 @@ class Stateless:
 def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> Stateless:
     """``model`` ready for ``stateless_call`` in the request's dtype and on its device (a
     recast copy when the model's own dtype differs; the user's model is untouched)."""
-    keras = _keras()
+    keras = require("keras", "tensorflow")
     ops = keras.ops
     dtype = request.dtype
     device = keras_device(request.device, backend)
@@ -180,7 +167,7 @@ def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> State
 
 def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> Engine:
     """An engine for a Keras 3 model on the TensorFlow or torch Keras backend."""
-    keras = _keras()
+    keras = require("keras", "tensorflow")
     ops = keras.ops
     s = stateless(model, x, request, backend)
     device, theta = s.device, s.theta
@@ -217,7 +204,7 @@ def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> En
 
 def tf_glue() -> tuple[Any, Any, Any, Any]:
     """``gram``, ``reshape``, ``concat`` and ``norms`` of an :class:`Engine` on TensorFlow."""
-    tf = _tf()
+    tf = require("tensorflow")
     return (lambda a, b: tf.matmul(a, b, transpose_b=True).numpy(),
             lambda t, s: tf.reshape(t, s), lambda ts: tf.concat(ts, axis=0),
             lambda j: tf.reduce_sum(j * j, axis=-1).numpy())
@@ -286,7 +273,7 @@ def tape_jacobian(call: Callable[[tuple[int, ...], list[Any], Any, Any], Any],
 
     ``state`` (tensors) is an argument of the ``tf.function`` s, not a constant in them,
     so functions kept in ``cache`` serve later calls with other values of it."""
-    tf = _tf()
+    tf = require("tensorflow")
     cache = {} if cache is None else cache
 
     def flat(js: list[Any], lead: int) -> Any:

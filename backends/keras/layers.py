@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 from cvcore.backends.keras.jacobian import assemble, keras_engine
 from cvcore.backends.keras.setup import (
-    as_arrays,
-    batch_of,
+    as_inputs,
     is_keras_layer,
     is_tf_trackable,
     keras_backend_name,
@@ -27,10 +26,9 @@ from cvcore.backends.keras.setup import (
 )
 
 from cvcore.blocking import plan_blocks
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, require_samples, slice_inputs
 from cvcore.errors import ModelError
 from cvcore.protocols import KernelRequest, LayerKernel, LayerKernels, layer_of
-from cvcore.validate import require_samples
 
 
 def _layer_engine(engine: Any, members: list[int]) -> Any:
@@ -56,8 +54,8 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
     """What ``KerasBackend.layer_kernels`` returns (see the module doc)."""
     import contextlib
 
-    x = as_arrays(inputs, request.dtype)
-    n = batch_of(x)
+    x = as_inputs(inputs, request.dtype)
+    n = batch_size(x)
     require_samples(n)
     if is_keras_layer(model):
         kind = keras_backend_name()

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cvcore.data_io import ZIP_MAGIC
-from cvcore.errors import InputError, MissingFrameworkError, UntrustedFileError
+from cvcore.errors import InputError, UntrustedFileError
 from cvcore.factory import resolve_factory
+from cvcore.imports import require
 from cvcore.protocols import LoadedModel, LoadOptions
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -27,13 +28,6 @@ def _available() -> bool:
     return importlib.util.find_spec("keras") is not None or importlib.util.find_spec(
         "tensorflow") is not None
 
-
-def _keras() -> Any:
-    try:
-        import keras
-    except ImportError:
-        raise MissingFrameworkError("keras", "tensorflow") from None
-    return keras
 
 
 def _head(path: Path, n: int = 8) -> bytes:
@@ -72,7 +66,7 @@ def _first_line(exc: BaseException) -> str:
 
 def load_keras_model(path: Path, trust: bool, what: str) -> Any:
     """``keras.saving.load_model`` with ``safe_mode`` unless ``trust``; one-line errors."""
-    keras = _keras()
+    keras = require("keras", "tensorflow")
     try:
         return keras.saving.load_model(str(path), compile=False, safe_mode=not trust)
     except Exception as exc:  # noqa: BLE001 - any malformed file becomes one line
@@ -127,10 +121,7 @@ class SavedModelLoader:
         if not is_saved_model(path):
             raise InputError(f"{path}: expected a SavedModel directory with saved_model.pb, "
                              "got none")
-        try:
-            import tensorflow as tf
-        except ImportError:
-            raise MissingFrameworkError("tensorflow", "tensorflow") from None
+        tf = require("tensorflow")
         try:
             model = tf.saved_model.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any malformed directory becomes one line
@@ -177,7 +168,7 @@ class H5Loader:
                 "got an HDF5 file with weights only and no --model"
             )
         model = resolve_factory(options.model_factory, options.model_args)
-        keras = _keras()
+        keras = require("keras", "tensorflow")
         if not isinstance(model, keras.Model):
             raise InputError(f"expected --model to build a keras.Model, got {type(model).__name__}")
         try:

@@ -10,16 +10,17 @@ from typing import Any
 import numpy as np
 from cvcore.backends.keras.jacobian import Engine, tape_jacobian, tf_glue, tf_strategy
 from cvcore.backends.keras.recast import check_weights
-from cvcore.backends.keras.setup import _tf, input_error, keras_device, map_inputs, select_output
+from cvcore.backends.keras.setup import input_error, keras_device, map_inputs, select_output
 
 from cvcore.errors import InputError, ModelError
+from cvcore.imports import require
 from cvcore.protocols import KernelRequest
 
 
 def trainable_variables(obj: Any) -> list[tuple[str, Any]]:
     """Trainable ``tf.Variable`` s of a tf.Module or restored SavedModel, with paths,
     each once, in tracking order."""
-    tf = _tf()
+    tf = require("tensorflow")
     if isinstance(obj, tf.Module) and not hasattr(obj, "_trackable_saved_model_saver"):
         return [(v.name, v) for v in obj.trainable_variables]
     found: list[tuple[str, Any]] = []
@@ -80,7 +81,7 @@ def _call(fn: Any, x: Any) -> Any:
 def module_engine(model: Any, request: KernelRequest) -> Engine:
     """An engine for a tf.Module or a restored SavedModel: GradientTape with respect to
     its own trainable variables, in their dtype."""
-    tf = _tf()
+    tf = require("tensorflow")
     found = trainable_variables(model)
     if not found:
         raise ModelError(

@@ -8,9 +8,10 @@ import warnings
 from typing import Any
 
 import numpy as np
-from cvcore.backends.keras.setup import _first_line, _keras, to_numpy
+from cvcore.backends.keras.setup import _first_line, to_numpy
 
 from cvcore.errors import ModelError
+from cvcore.imports import require
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64", "mixed_float16", "mixed_bfloat16")
 
@@ -43,7 +44,7 @@ def layers_of(model: Any) -> list[Any]:
 
 def needs_recast(model: Any, dtype: str) -> bool:
     """Whether the model computes or stores its floating weights in another dtype."""
-    keras = _keras()
+    keras = require("keras", "tensorflow")
     for var in model.weights:
         if keras.backend.is_float_dtype(var.dtype) and keras.backend.standardize_dtype(
                 var.dtype) != dtype:
@@ -54,7 +55,7 @@ def needs_recast(model: Any, dtype: str) -> bool:
 def recast(model: Any, first: Any, dtype: str) -> Any:
     """A fresh copy of ``model`` built in ``dtype`` from its config (the user's model is
     untouched); its weights are never used, only its variables' order and shapes."""
-    keras = _keras()
+    keras = require("keras", "tensorflow")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Keras warns about serializing a lambda

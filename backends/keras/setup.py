@@ -14,24 +14,9 @@ from typing import Any
 import numpy as np
 
 from cvcore import outputs
-from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
+from cvcore.errors import InputError, ModelError, describe
+from cvcore.imports import require
 from cvcore.protocols import OutputSelector
-
-
-def _tf() -> Any:
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise MissingFrameworkError("tensorflow", "tensorflow") from None
-    return tf
-
-
-def _keras() -> Any:
-    try:
-        import keras
-    except ImportError:
-        raise MissingFrameworkError("keras", "tensorflow") from None
-    return keras
 
 
 def is_keras_layer(model: object) -> bool:
@@ -61,12 +46,12 @@ def to_numpy(value: Any) -> np.ndarray[Any, Any]:
     return np.asarray(value)
 
 
-def as_arrays(inputs: Any, dtype: str) -> Any:
+def as_inputs(inputs: Any, dtype: str) -> Any:
     """Inputs as NumPy (nested dict / tuple kept); floating arrays cast to ``dtype``."""
     if isinstance(inputs, Mapping):
-        return {k: as_arrays(v, dtype) for k, v in inputs.items()}
+        return {k: as_inputs(v, dtype) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return tuple(as_arrays(v, dtype) for v in inputs)
+        return tuple(as_inputs(v, dtype) for v in inputs)
     try:
         array = to_numpy(inputs)
     except (TypeError, ValueError, RuntimeError):
@@ -96,11 +81,6 @@ def shapes(x: Any) -> str:
         return "(" + ", ".join(shapes(v) for v in x) + ")"
     return f"a batch of per-sample shape {tuple(x.shape[1:])} ({getattr(x.dtype, 'name', x.dtype)})"
 
-
-def batch_of(inputs: Any) -> int:
-    from cvcore.data_io import batch_size
-
-    return batch_size(inputs)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -142,7 +122,7 @@ def _declared_shape(model: Any) -> str | None:
 
 def keras_backend_name() -> str:
     """The running Keras backend: ``"tensorflow"``, ``"jax"`` or ``"torch"``."""
-    return str(_keras().backend.backend())
+    return str(require("keras", "tensorflow").backend.backend())
 
 
 def keras_device(device: str | None, backend: str) -> str:
@@ -168,7 +148,7 @@ def _gpu_visible(backend: str) -> bool:
         import torch
 
         return bool(torch.cuda.is_available())
-    return bool(_tf().config.list_logical_devices("GPU"))
+    return bool(require("tensorflow").config.list_logical_devices("GPU"))
 
 
 @contextlib.contextmanager
@@ -190,7 +170,8 @@ def keras_float64(backend: str, wanted: bool) -> Iterator[None]:
     except (ImportError, AttributeError):
         raise ModelError(
             f"expected a Keras version whose float64 promotion cvcore can lift on the "
-            f"{backend} backend, got keras {_keras().__version__}; use KERAS_BACKEND=tensorflow "
+            f"{backend} backend, got keras {require('keras', 'tensorflow').__version__}; use "
+            "KERAS_BACKEND=tensorflow "
             "or dtype='float32'"
         ) from None
     saved = table.get("float64")

@@ -1,7 +1,22 @@
-"""The PyTorch plugin: backend, checkpoint loaders and a tensor data loader.
+"""The PyTorch backend and its checkpoint loaders (``torch.save``, ``torch.export``,
+safetensors) and tensor data loader.
 
-Registered through the ``cvcore`` entry point like any third-party plugin. Importing this
-module does not import torch.
+This package's ``__init__`` holds the plugin's hooks (the ``torch`` entry point); importing
+it does not import torch. One job per module, the ground floor first:
+
+* ``setup``: devices, dtypes, inputs (``as_inputs``), the prepared model, ``forward`` and
+  ``probe``;
+* ``jacobian``: per-sample Jacobians (``torch.func``), ``prepare_request`` and the kernel
+  assembled from them;
+* ``capture``: the ``TorchFunctionMode`` recording the layer uses; ``attention``:
+  ``nn.MultiheadAttention`` as recorded projections; ``rules``: the layer identities;
+  ``rowcheck``: the checks that a recorded row is one sample's;
+* ``structured``: the kernel from those rules;
+* ``diagonal``: ``K_ii`` without the kernel; ``operator``: ``K @ V`` matrix-free;
+* ``layers``: each layer's kernel; ``backend``: :class:`TorchBackend`, which dispatches;
+* ``loaders``: the checkpoint and data loaders.
+
+``setup`` and ``jacobian`` never import ``backend``.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ from cvcore.backends.torch.setup import (
     full_precision,
     home_device,
     is_scripted,
-    require_torch,
     resolve_device,
     training_mode,
 )
 
 from cvcore.blocking import plan_blocks
 from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.protocols import (
     Implementation,
     KernelOperator,
@@ -80,7 +80,7 @@ class TorchBackend:
             raise
 
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: str) -> KernelResult:
-        torch = require_torch()
+        torch = require("torch")
         prep, x, n, n_outputs, jac, dtype = prepare_request(model, inputs, request, device)
         plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
                            group_sizes=[int(p.numel()) for p in prep.params.values()],

@@ -20,7 +20,6 @@ def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
     """``‖J_io‖²`` summed over parameters with a rule, and the names of those parameters."""
     import torch
     from cvcore.backends.torch.rules import feature_diagonal
-    from cvcore.backends.torch.setup import batch_of
     from cvcore.backends.torch.structured import (
         _Coupled,
         _per_sample_bytes,
@@ -28,9 +27,9 @@ def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
         capture_block,
     )
 
-    from cvcore.data_io import slice_inputs
+    from cvcore.data_io import batch_size, slice_inputs
 
-    n = batch_of(x)
+    n = batch_size(x)
     ref = next(iter(prep.params.values()))
     diag = torch.zeros((n, n_outputs), dtype=ref.dtype, device=ref.device)
     if request.train:
@@ -57,12 +56,11 @@ def _jacobian_diagonal(prep: Any, x: Any, request: Any, names: list[str], n_outp
                        jac: Any) -> Any:
     """``‖J_io‖²`` over ``names`` from per-sample Jacobians, in memory-bounded chunks."""
     import torch
-    from cvcore.backends.torch.setup import batch_of
 
     from cvcore.blocking import plan_blocks
-    from cvcore.data_io import slice_inputs
+    from cvcore.data_io import batch_size, slice_inputs
 
-    n = batch_of(x)
+    n = batch_size(x)
     ref = next(iter(prep.params.values()))
     diag = torch.zeros((n, n_outputs), dtype=ref.dtype, device=ref.device)
     sizes = [int(prep.params[k].numel()) for k in names]
@@ -113,22 +111,21 @@ def kernel_diagonal(model: Any, inputs: Any, request: Any) -> NDArray[np.floatin
     import torch
     from cvcore.backends.torch.jacobian import choose_jacobian
     from cvcore.backends.torch.setup import (
-        batch_of,
+        as_inputs,
         forward,
         prepare,
         probe,
         resolve_device,
-        to_tensors,
         training_mode,
     )
 
-    from cvcore.validate import require_samples
+    from cvcore.data_io import batch_size, require_samples
 
     device = resolve_device(request.device)
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
     prep = prepare(model, dtype, device)
-    x = to_tensors(inputs, dtype, device)
-    require_samples(batch_of(x))
+    x = as_inputs(inputs, dtype, device)
+    require_samples(batch_size(x))
     with training_mode(prep.module, request.train), torch.no_grad():
         probed = (forward(prep, x, request.output)[0] if request.train
                   else probe(prep, x, request.output))

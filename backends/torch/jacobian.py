@@ -15,34 +15,32 @@ from typing import Any
 
 from cvcore.backends.torch.setup import (
     Prepared,
-    batch_of,
+    as_inputs,
     call,
-    check_finite,
     fcall,
     forward,
     pad_batch,
     prepare,
     probe,
-    require_torch,
     select_output,
-    to_tensors,
     training_mode,
 )
 
 from cvcore import progress
 from cvcore.blocking import Plan
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, require_samples, slice_inputs
 from cvcore.errors import ModelError
+from cvcore.imports import require
 from cvcore.memory import ensure_fits
+from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest, OutputSelector
-from cvcore.validate import require_samples
 
 JacobianFn = Callable[[Prepared, list[str], Any, KernelRequest], Any]
 
 
 def functional_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """Per-sample Jacobians of the selected output w.r.t. ``names``: (b, O, P_group)."""
-    torch = require_torch()
+    torch = require("torch")
     from torch.func import jacrev, vmap
 
     fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
@@ -73,7 +71,7 @@ def functional_jacobian(prep: Prepared, names: list[str], x: Any, request: Kerne
         # ``_VF`` calls broadcast their hidden state in place) cannot run under
         # torch.func transforms: one sample at a time, the same meaning.
         return torch.cat([_batched_jacobian(prep, fixed, theta, slice_inputs(x, i, i + 1), output)
-                          for i in range(batch_of(x))])
+                          for i in range(batch_size(x))])
     return torch.cat([jac[k].reshape(jac[k].shape[0], jac[k].shape[1], -1) for k in names], dim=2)
 
 
@@ -88,11 +86,11 @@ def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, An
                       output: OutputSelector | None) -> Any:
     """Jacobian of one batched forward (train mode: batch statistics couple the samples,
     and the forward may update buffers in place, which ``torch.func`` transforms refuse)."""
-    torch = require_torch()
+    torch = require("torch")
     leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     with torch.enable_grad():
         out = select_output(fcall(prep.module, {**fixed, **leaves}, x), output)
-        out = out.reshape(batch_of(x), -1)
+        out = out.reshape(batch_size(x), -1)
         b, o = out.shape
         eye = torch.eye(b * o, dtype=out.dtype, device=out.device).reshape(b * o, b, o)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=eye,
@@ -105,16 +103,16 @@ def _batched_jacobian(prep: Prepared, fixed: dict[str, Any], theta: dict[str, An
 def fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """Jacobians for an exported program with a static batch size: pad the block to that
     size and differentiate the batched call (samples do not interact in eval mode)."""
-    torch = require_torch()
+    torch = require("torch")
     from torch.func import jacrev
 
     size = prep.export_batch or 1
     fixed = {**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}}
-    n = batch_of(x)
+    n = batch_size(x)
     pieces = []
     for start in range(0, n, size):
         block = slice_inputs(x, start, min(start + size, n))
-        b = batch_of(block)
+        b = batch_size(block)
         padded = pad_batch(block, size)
 
         def batched(th: dict[str, Any], inp: Any = padded) -> Any:
@@ -129,12 +127,12 @@ def fixed_batch_jacobian(prep: Prepared, names: list[str], x: Any, request: Kern
 def scripted_jacobian(prep: Prepared, names: list[str], x: Any, request: KernelRequest) -> Any:
     """The slow path for TorchScript modules (``torch.func`` refuses them): one
     ``autograd.grad`` per sample and output, on the module's own parameter leaves."""
-    torch = require_torch()
+    torch = require("torch")
     module = prep.module
     leaves = dict(module.named_parameters())
     wanted = [leaves[k] for k in names]
     rows = []
-    for i in range(batch_of(x)):
+    for i in range(batch_size(x)):
         out = select_output(call(module, slice_inputs(x, i, i + 1)), request.output).reshape(-1)
         per_out = []
         for o in range(out.numel()):
@@ -159,9 +157,9 @@ def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: Ja
               n_outputs: int, device: str, dtype: Any) -> Any:
     """Accumulate the kernel over parameter groups and pairs of row blocks (samples ×
     outputs), on the device; each block's Jacobian is computed in chunks of samples."""
-    torch = require_torch()
+    torch = require("torch")
     names = list(prep.params)
-    n = batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     width = 1 if traced else n_outputs
     kernel = torch.zeros((n * width, n * width), dtype=dtype, device=device)
@@ -192,8 +190,9 @@ def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: Ja
                     continue  # the traced kernel pairs each output with itself only
                 _add_block(k4, j1, jacobian(second), first, second, traced, scale, mirror=True)
             progress.advance("sample blocks", index + 1, len(blocks))
-    check_finite(kernel, n, width)
-    return kernel.detach().cpu().numpy()
+    out = kernel.detach().cpu().numpy()
+    check_finite(out.diagonal(), n, width)
+    return out
 
 
 def _add_block(k4: Any, j1: Any, j2: Any, first: Any, second: Any, traced: bool, scale: float,
@@ -227,11 +226,11 @@ def choose_jacobian(prep: Prepared) -> JacobianFn:
 def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: str
                     ) -> tuple[Prepared, Any, int, int, JacobianFn, Any]:
     """The prepared model, inputs, ``N``, ``O``, the Jacobian function and the dtype."""
-    torch = require_torch()
+    torch = require("torch")
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
     prep = prepare(model, dtype, device)
-    x = to_tensors(inputs, dtype, device)
-    n = batch_of(x)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
     require_samples(n)
     with training_mode(prep.module, request.train), torch.no_grad():
         # In train mode the samples of a batch interact: probe with all of them.

@@ -21,14 +21,14 @@ def _restricted(prep: Any, x: Any, request: KernelRequest, names: list[str], n_o
     """The Jacobian path's kernel over ``names`` only (the others held fixed)."""
     import torch
     from cvcore.backends.torch.jacobian import assemble
-    from cvcore.backends.torch.setup import batch_of
 
     from cvcore.blocking import plan_blocks
+    from cvcore.data_io import batch_size
 
     sub = dataclasses.replace(
         prep, params={k: prep.params[k] for k in names},
         constants={**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}})
-    plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs,
+    plan = plan_blocks(n_samples=batch_size(x), n_outputs=n_outputs,
                        group_sizes=[int(sub.params[k].numel()) for k in names],
                        itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
     return assemble(sub, x, request, plan, jac, n_outputs, device, dtype)

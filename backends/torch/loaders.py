@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cvcore.data_io import ZIP_MAGIC, read_magic
-from cvcore.errors import InputError, MissingFrameworkError, UntrustedFileError
+from cvcore.errors import InputError, UntrustedFileError
 from cvcore.factory import resolve_factory
+from cvcore.imports import require
 from cvcore.protocols import LoadedModel, LoadOptions
 
 #: Keys under which training scripts nest a state dict.
@@ -28,13 +29,6 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "
 #: Prefixes wrappers add to parameter names (DataParallel, Lightning, ...).
 PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 
-
-def require_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise MissingFrameworkError("torch", "torch") from None
-    return torch
 
 
 def _available() -> bool:
@@ -102,7 +96,7 @@ def allowed_globals(path: Path) -> list[Any]:
     Raises:
         UntrustedFileError: the file names something else (which would run code).
     """
-    torch = require_torch()
+    torch = require("torch")
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as exc:  # noqa: BLE001 - a malformed archive, reported in one line
@@ -127,7 +121,7 @@ def allowed_globals(path: Path) -> list[Any]:
 
 def load_torch_file(path: Path, trust: bool) -> Any:
     """``torch.load`` on the CPU, ``weights_only=True`` unless ``trust``."""
-    torch = require_torch()
+    torch = require("torch")
     if not trust and is_torchscript(path):
         raise UntrustedFileError(
             f"{path}: expected a torch.save checkpoint, got a TorchScript archive, whose "
@@ -156,7 +150,7 @@ def load_torch_file(path: Path, trust: bool) -> Any:
 
 def find_state_dict(obj: Any, path: Path) -> dict[str, Any]:
     """The tensor mapping in a loaded object: itself, or nested under a common key."""
-    torch = require_torch()
+    torch = require("torch")
 
     def is_sd(d: Any) -> bool:
         return isinstance(d, dict) and bool(d) and all(
@@ -178,7 +172,7 @@ def find_state_dict(obj: Any, path: Path) -> dict[str, Any]:
 
 def load_state_into(module: Any, state: dict[str, Any], path: Path) -> Any:
     """Load a state dict into a factory-built module; missing/unexpected keys are an error."""
-    torch = require_torch()
+    torch = require("torch")
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"expected --model to build a torch.nn.Module, got {type(module).__name__}")
     expected = set(module.state_dict())
@@ -219,7 +213,7 @@ class TorchSaveLoader:
         return is_torch_save(path)
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        torch = require_torch()
+        torch = require("torch")
         if not is_torch_save(path):
             kind = "a directory" if path.is_dir() else "content that is not a torch.save archive"
             raise InputError(f"{path}: expected a PyTorch checkpoint (torch.save zip), got {kind}")
@@ -252,7 +246,7 @@ class ExportLoader:
         return any(n.endswith("archive_format") for n in _zip_names(path))
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
-        torch = require_torch()
+        torch = require("torch")
         quiet = logging.getLogger("torch.export")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # torch logs a traceback before raising on bad archives

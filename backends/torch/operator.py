@@ -179,17 +179,17 @@ def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
     """
     import torch
     from cvcore.backends.torch.setup import (
-        batch_of,
+        as_inputs,
         full_precision,
         prepare,
         resolve_device,
-        to_tensors,
         training_mode,
     )
     from cvcore.backends.torch.setup import probe as probe_output
 
+    from cvcore.data_io import batch_size, require_samples
     from cvcore.errors import ModelError
-    from cvcore.validate import require_eval, require_samples
+    from cvcore.validate import require_eval
 
     require_eval(request)
     device = resolve_device(request.device)
@@ -198,8 +198,8 @@ def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
     if prep.scripted:
         raise ModelError("expected an nn.Module or a torch.export program for the matrix-free "
                          "operator, got a TorchScript module; use method='exact'")
-    x = to_tensors(inputs, dtype, device)
-    n = batch_of(x)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
     require_samples(n)
     with training_mode(prep.module, False), torch.no_grad():
         probe = probe_output(prep, x, request.output)

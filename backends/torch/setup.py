@@ -1,9 +1,9 @@
 """The PyTorch backend's ground floor: devices, dtypes, inputs, the prepared model, the probe.
 
 Everything the engines above share: :func:`prepare` (parameters and buffers in the
-request's dtype on its device), :func:`to_tensors`, :func:`fcall` (``functional_call``),
+request's dtype on its device), :func:`as_inputs`, :func:`fcall` (``functional_call``),
 :func:`forward` and :func:`probe` (one sample's output, and whether an exported
-program's batch is static), :func:`check_finite`. It imports nothing else of the torch
+program's batch is static). It imports nothing else of the torch
 backend, and no torch at import time.
 """
 
@@ -20,21 +20,14 @@ import numpy as np
 
 from cvcore import outputs
 from cvcore.data_io import slice_inputs
-from cvcore.errors import InputError, MissingFrameworkError, ModelError, describe
+from cvcore.errors import InputError, ModelError, describe
+from cvcore.imports import require
 from cvcore.protocols import OutputSelector
-
-
-def require_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise MissingFrameworkError("torch", "torch") from None
-    return torch
 
 
 def resolve_device(device: str | None) -> str:
     """``device`` as given, or ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    torch = require_torch()
+    torch = require("torch")
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -48,7 +41,7 @@ def resolve_device(device: str | None) -> str:
 
 def select_output(raw: Any, output: OutputSelector | None) -> Any:
     """Pick one tensor out of a model's raw output (see :func:`cvcore.outputs.select_output`)."""
-    torch = require_torch()
+    torch = require("torch")
     return outputs.select_output(raw, output, is_leaf=lambda v: isinstance(v, torch.Tensor))
 
 
@@ -69,7 +62,7 @@ def training_mode(module: Any, train: bool) -> Iterator[None]:
 def full_precision() -> Iterator[None]:
     """Turn off TF32 for matrix products and convolutions while a kernel is measured
     (PyTorch lets cuDNN use TF32 by default, which loses float32's last 13 bits)."""
-    torch = require_torch()
+    torch = require("torch")
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -79,13 +72,13 @@ def full_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def to_tensors(inputs: Any, dtype: Any, device: str) -> Any:
+def as_inputs(inputs: Any, dtype: Any, device: str) -> Any:
     """NumPy arrays / tensors (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
-    torch = require_torch()
+    torch = require("torch")
     if isinstance(inputs, Mapping):
-        return {k: to_tensors(v, dtype, device) for k, v in inputs.items()}
+        return {k: as_inputs(v, dtype, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return tuple(to_tensors(v, dtype, device) for v in inputs)
+        return tuple(as_inputs(v, dtype, device) for v in inputs)
     if isinstance(inputs, np.ndarray):
         if inputs.dtype == object:
             raise InputError(f"expected a numeric array as inputs, got {describe(inputs)}")
@@ -108,11 +101,6 @@ def call(module: Any, inputs: Any) -> Any:
     return module(inputs)
 
 
-def batch_of(inputs: Any) -> int:
-    from cvcore.data_io import batch_size
-
-    return batch_size(inputs)
-
 
 @dataclasses.dataclass
 class Prepared:
@@ -128,7 +116,7 @@ class Prepared:
 
 def prepare(model: Any, dtype: Any, device: str) -> Prepared:
     """Unwrap an exported program; split trainable parameters from everything else."""
-    torch = require_torch()
+    torch = require("torch")
     export_batch = None
     if isinstance(model, torch.export.ExportedProgram):
         args, kwargs = model.example_inputs or ((), {})
@@ -162,7 +150,7 @@ def prepare(model: Any, dtype: Any, device: str) -> Prepared:
 
 def home_device(model: Any) -> str | None:
     """The device of a model's first parameter (``None`` without parameters)."""
-    torch = require_torch()
+    torch = require("torch")
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
@@ -170,13 +158,13 @@ def home_device(model: Any) -> str | None:
 
 
 def is_scripted(model: Any) -> bool:
-    torch = require_torch()
+    torch = require("torch")
     return isinstance(model, torch.jit.ScriptModule)
 
 
 def pad_batch(x: Any, size: int) -> Any:
     """Repeat the last sample until the batch has ``size`` samples."""
-    torch = require_torch()
+    torch = require("torch")
 
     def pad(t: Any) -> Any:
         missing = size - t.shape[0]
@@ -192,19 +180,6 @@ def fcall(module: Any, tensors: dict[str, Any], x: Any) -> Any:
     if isinstance(x, Mapping):
         return functional_call(module, tensors, (), dict(x), strict=False)
     return functional_call(module, tensors, x if isinstance(x, tuple) else (x,), strict=False)
-
-
-def check_finite(kernel: Any, n: int, width: int) -> None:
-    torch = require_torch()
-    diag = torch.diagonal(kernel)
-    bad = ~torch.isfinite(diag)
-    if bad.any():
-        samples = sorted({int(i) // width for i in torch.nonzero(bad).flatten().tolist()})
-        shown = ", ".join(map(str, samples[:10])) + (" ..." if len(samples) > 10 else "")
-        raise ModelError(
-            f"expected finite outputs and gradients, got NaN/Inf for {len(samples)} of {n} "
-            f"samples (indices {shown})"
-        )
 
 
 def forward(prep: Prepared, x: Any, output: OutputSelector | None) -> Any:

@@ -34,6 +34,7 @@ from cvcore.backends.torch.rules import Feature, feature_gram
 
 from cvcore import progress
 from cvcore.blocking import dense_costs
+from cvcore.outputs import check_finite
 
 
 @dataclass
@@ -79,9 +80,10 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
     first block of a measurement.
     """
     from cvcore.backends.torch.rowcheck import backward_check, forward_check
-    from cvcore.backends.torch.setup import batch_of
 
-    n = batch_of(x)
+    from cvcore.data_io import batch_size
+
+    n = batch_size(x)
     out, cap = forward_capture(prep, x, request.output, n)
     if cap.coupled:
         raise _Coupled()
@@ -142,11 +144,9 @@ def _merge(old: Feature | None, new: Feature) -> Feature:
 def _per_sample_bytes(prep: Any, x: Any, request: Any, n_outputs: int) -> int:
     """Bytes one sample's captured inputs and output-gradients take (from a pass on at
     most two samples); raises ``_Coupled`` when a call couples the samples."""
-    from cvcore.backends.torch.setup import batch_of
+    from cvcore.data_io import batch_size, slice_inputs
 
-    from cvcore.data_io import slice_inputs
-
-    m = min(2, batch_of(x))
+    m = min(2, batch_size(x))
     out, cap = forward_capture(prep, slice_inputs(x, 0, m), request.output, m)
     if cap.coupled:
         raise _Coupled()
@@ -225,15 +225,15 @@ def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs
 
     import torch
     from cvcore.backends.torch.jacobian import assemble, functional_jacobian
-    from cvcore.backends.torch.setup import batch_of
 
     from cvcore.blocking import plan_blocks
+    from cvcore.data_io import batch_size
 
     sub = dataclasses.replace(
         prep, params={k: prep.params[k] for k in names},
         constants={**prep.constants, **{k: v for k, v in prep.params.items() if k not in names}})
     dtype = next(iter(prep.params.values())).dtype
-    plan = plan_blocks(n_samples=batch_of(x), n_outputs=n_outputs,
+    plan = plan_blocks(n_samples=batch_size(x), n_outputs=n_outputs,
                        group_sizes=[int(sub.params[k].numel()) for k in names],
                        itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
     device = str(next(iter(prep.params.values())).device)
@@ -268,11 +268,10 @@ def structured_parts(prep: Any, x: Any, request: Any, n_outputs: int,
     if request.train:
         return None
     import torch
-    from cvcore.backends.torch.setup import batch_of, check_finite
 
-    from cvcore.data_io import slice_inputs
+    from cvcore.data_io import batch_size, slice_inputs
 
-    n = batch_of(x)
+    n = batch_size(x)
     traced = request.kernel == "traced"
     budget = int(request.memory_budget)
     width = 1 if traced else n_outputs
@@ -305,11 +304,12 @@ def structured_parts(prep: Any, x: Any, request: Any, n_outputs: int,
     for part, names in generic.items():
         extra = _generic_kernel(prep, x, request, names, n_outputs)
         parts[part] += torch.from_numpy(extra).to(device=ref.device, dtype=ref.dtype)
-    for kernel in parts.values():
-        check_finite(kernel, n, width)
+    out = {part: kernel.detach().cpu().numpy() for part, kernel in parts.items()}
+    for kernel in out.values():
+        check_finite(kernel.diagonal(), n, width)
     if rules is not None:
         rules.update({k: v for k, v in first.rules.items() if k in first.structured})
-    return {part: kernel.detach().cpu().numpy() for part, kernel in parts.items()}
+    return out
 
 
 class _Inconsistent(Exception):

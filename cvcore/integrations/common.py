@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 
-from cvcore.errors import MissingFrameworkError
+from cvcore import imports
 from cvcore.record.store import Record
 
 #: The prefix of every scalar an integration hands to a library's logger.
@@ -14,11 +13,9 @@ PREFIX = "cv"
 
 
 def require(module: str, install: str) -> ModuleType:
-    """``module`` imported, or a one-line :class:`MissingFrameworkError` naming ``install``."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingFrameworkError(module.split(".")[0], f"pip install {install}") from None
+    """``module`` imported, or a one-line :class:`MissingFrameworkError` naming
+    ``pip install <install>`` (:func:`cvcore.imports.require`)."""
+    return imports.require(module, install=f"pip install {install}")
 
 
 def scalars(record: Record, prefix: str = PREFIX) -> dict[str, float]:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from cvcore.errors import InputError, MissingFrameworkError
+from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.record.analysis import groups, series
 from cvcore.record.store import Record, RunInfo
 
@@ -34,10 +35,7 @@ class PlotRun:
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingFrameworkError("matplotlib", "plot") from None
+    matplotlib = require("matplotlib", "plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

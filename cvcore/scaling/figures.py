@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cvcore.errors import MissingFrameworkError
+from cvcore.imports import require
 from cvcore.scaling.analysis import SEED, Point, axes, lines
 from cvcore.scaling.load import CellData, SweepData
 
@@ -22,10 +22,7 @@ LABELS = {"delta_S": "ΔS = S(end) − S(start)", "delta_S_min": "S(end) − min
 
 
 def pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingFrameworkError("matplotlib", "plot") from None
+    matplotlib = require("matplotlib", "plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cvcore.errors import InputError, MissingFrameworkError
+from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.sweep.config import DataSpec
 
 
@@ -41,10 +42,7 @@ def _raw(dataset: str) -> tuple[NDArray[Any], NDArray[Any], bool]:
         x, y = load_bundled(dataset)
         return x, y, True
     if dataset in ("diabetes", "wine"):
-        try:
-            from sklearn import datasets
-        except ImportError:
-            raise MissingFrameworkError("scikit-learn", "data") from None
+        datasets = require("sklearn.datasets", "data", name="scikit-learn")
         bunch = datasets.load_diabetes() if dataset == "diabetes" else datasets.load_wine()
         return (np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target),
                 dataset == "wine")

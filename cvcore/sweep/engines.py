@@ -23,7 +23,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from cvcore.errors import InputError, MissingFrameworkError
+from cvcore.errors import InputError
+from cvcore.imports import require
 from cvcore.sweep.cell import STATUS_FAILED, run_cell, status_path, write_json
 from cvcore.sweep.config import Cell, SweepConfig
 
@@ -97,21 +98,14 @@ def local(config: SweepConfig, cells: Sequence[Cell], sweep_dir: Path,
 
 
 def _client(workers: int, scheduler: str | None) -> tuple[Any, Any]:
-    try:
-        import distributed
-    except ImportError:
-        raise MissingFrameworkError("Dask distributed", "sweep") from None
-    dist: Any = distributed  # untyped package
+    dist: Any = require("distributed", "sweep", name="Dask distributed")  # untyped package
     Client, LocalCluster = dist.Client, dist.LocalCluster
     if scheduler is None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
         return Client(cluster), cluster
     if scheduler in JOBQUEUE:
-        try:
-            import dask_jobqueue
-        except ImportError:
-            raise MissingFrameworkError("dask-jobqueue", "sweep") from None
+        dask_jobqueue = require("dask_jobqueue", "sweep", name="dask-jobqueue")
         cluster = getattr(dask_jobqueue, JOBQUEUE[scheduler])()
         cluster.scale(jobs=workers)
         return Client(cluster), cluster

@@ -3,6 +3,7 @@ checkpoint format and ``cv measure`` end to end."""
 
 from __future__ import annotations
 
+import ast
 import doctest
 import importlib.metadata
 import json
@@ -18,7 +19,7 @@ from cvcore.checkpoints import load_checkpoint
 from cvcore.cli.app import make_app
 from cvcore.data_io import load_bundled, probe_subset
 from cvcore.errors import InputError, ModelError
-from cvcore.protocols import KernelRequest, LoadOptions
+from cvcore.protocols import DiagonalBackend, KernelRequest, LoadOptions
 from cvcore.testing import (
     CHECKS,
     FiniteDifferenceAccess,
@@ -29,11 +30,11 @@ from cvcore.testing import (
 )
 from typer.testing import CliRunner
 
+import cvcore_numpy_mlp
 import cvcore_numpy_mlp.model
-import cvcore_numpy_mlp.plugin
 from cvcore_numpy_mlp import MARKER, NumpyMLP
 from cvcore_numpy_mlp.backend import NumpyMLPBackend
-from cvcore_numpy_mlp.loader import NumpyMLPLoader
+from cvcore_numpy_mlp.loaders import NumpyMLPLoader
 
 ACCESS = FiniteDifferenceAccess(
     get_params=lambda m: m.flat_params(),
@@ -49,12 +50,12 @@ def inputs(n: int) -> np.ndarray:
 def registered():
     """The plugin in cvcore's registry: by its entry point when installed, inline if not."""
     manager = plugins.manager()
-    inline = not manager.is_registered(cvcore_numpy_mlp.plugin)
+    inline = not manager.is_registered(cvcore_numpy_mlp)
     if inline:
-        plugins.register(cvcore_numpy_mlp.plugin, name="numpy_mlp-inline")
+        plugins.register(cvcore_numpy_mlp, name="numpy_mlp-inline")
     yield
     if inline:
-        plugins.unregister(cvcore_numpy_mlp.plugin)
+        plugins.unregister(cvcore_numpy_mlp)
 
 
 # --- the conformance suite ------------------------------------------------------------
@@ -126,6 +127,56 @@ def test_one_hidden_unit_two_outputs_by_hand(registered: None) -> None:
     assert relative_error(full, expected) < 1e-14
     traced = cvcore.ntk(model, np.array(X), dtype="float64")
     assert relative_error(traced, (expected[0::2, 0::2] + expected[1::2, 1::2]) / 2) < 1e-14
+
+
+@pytest.mark.parametrize("kernel", ["traced", "full"])
+def test_diagonal_by_hand_without_the_kernel(kernel: str) -> None:
+    v = [2.0, -0.5]
+    model, x = one_unit(v, [0.3, 0.0]), np.array(X)
+    full = np.diag(hand_full_kernel(v))  # K_(i,o),(i,o), row i·O + o
+    expected = full if kernel == "full" else full.reshape(3, 2).mean(axis=1)
+    backend = NumpyMLPBackend()
+    assert isinstance(backend, DiagonalBackend)
+    diag = backend.diagonal(model, x, KernelRequest(kernel=kernel, dtype="float64"))
+    assert diag.shape == expected.shape
+    assert relative_error(diag, expected) < 1e-14
+
+
+def test_diagonal_blocks_and_matches_the_kernel(registered: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = NumpyMLP.random([4, 5, 3], seed=4), inputs(7)
+    for kernel in ("traced", "full"):
+        whole = NumpyMLPBackend().ntk(model, x, KernelRequest(kernel=kernel, dtype="float64"))
+        for budget in (64, KernelRequest().memory_budget):  # one sample and tensor at a time
+            request = KernelRequest(kernel=kernel, dtype="float64", memory_budget=budget)
+            diag = NumpyMLPBackend().diagonal(model, x, request)
+            assert relative_error(diag, np.diag(whole.kernel)) < 1e-13
+    # cvcore asks for the diagonal alone when only the trace is wanted: no kernel is built
+    def no_kernel(*args: Any) -> None:
+        raise AssertionError("expected the diagonal path, got a call to ntk")
+
+    monkeypatch.setattr(NumpyMLPBackend, "ntk", no_kernel)
+    cv = cvcore.measure(model, x, variables=("trace",), kernel="full", dtype="float64")
+    assert cv.trace == pytest.approx(np.trace(whole.kernel), rel=1e-12)
+
+
+def test_nan_outputs_name_the_samples() -> None:
+    model = NumpyMLP.random([4, 3], seed=0)
+    big = inputs(3)
+    big[1] = 1e308  # finite inputs whose outputs overflow to Inf
+    for run in (NumpyMLPBackend().ntk, NumpyMLPBackend().diagonal):
+        with np.errstate(over="ignore", invalid="ignore"), pytest.raises(
+                ModelError, match=r"NaN/Inf for 1 of 3 samples \(indices 1\)"):
+            run(model, big, KernelRequest(dtype="float64"))
+
+
+def test_lower_floors_never_import_the_backend() -> None:
+    package = Path(cvcore_numpy_mlp.__file__).parent
+    for name in ("model", "setup", "jacobian", "diagonal", "loaders"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "cvcore_numpy_mlp.backend" not in imported, name
+        assert "cvcore_numpy_mlp" not in imported, name  # nor the hooks in __init__
 
 
 def test_analytic_jacobian_matches_finite_differences() -> None:
@@ -229,7 +280,7 @@ def test_entry_point_is_declared() -> None:
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("cvcore-numpy-mlp is not installed (pip install -e examples/numpy-backend-plugin)")
     eps = [ep for ep in dist.entry_points if ep.group == "cvcore"]
-    assert [(ep.name, ep.value) for ep in eps] == [("numpy_mlp", "cvcore_numpy_mlp.plugin")]
+    assert [(ep.name, ep.value) for ep in eps] == [("numpy_mlp", "cvcore_numpy_mlp")]
 
 
 def test_cv_measure_end_to_end(registered: None, tmp_path: Path) -> None:

@@ -53,3 +53,7 @@ class NumpyMLPLoader:
         model = NumpyMLP.load(path)
         sizes = [model.n_inputs] + [w.shape[0] for w, _ in model.layers]
         return LoadedModel(model=model, backend="numpy-mlp", info={"sizes": sizes})
+
+
+#: Every loader this package registers (``cvcore_register_loaders`` registers each).
+LOADERS = (NumpyMLPLoader(),)
