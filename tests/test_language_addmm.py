@@ -30,19 +30,24 @@ VOCAB = 50
 LENGTHS = [5, 3, 2, 4]
 
 
-def traced_reference(one: Callable[[int], Any], n: int, params: list[Any]) -> np.ndarray:
-    """``(1/O) Σ_o J_io · J_jo`` with ``J_io`` from one ``autograd.grad`` per sample and
-    output, ``one(i)`` being sample i's outputs computed alone."""
+def jacobian_rows(one: Callable[[int], Any], n: int, params: list[Any]) -> np.ndarray:
+    """``J`` ``(n, O, P)`` from one ``autograd.grad`` per sample (all its outputs at once,
+    ``is_grads_batched``), ``one(i)`` being sample i's outputs computed alone."""
     rows = []
     for i in range(n):
         out = one(i).reshape(-1)
-        per_o = []
-        for o in range(out.numel()):
-            g = torch.autograd.grad(out[o], params, retain_graph=True, allow_unused=True)
-            per_o.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                                    for gi, p in zip(g, params)]))
-        rows.append(torch.stack(per_o))
-    j = torch.stack(rows).detach().numpy()
+        eye = torch.eye(out.numel(), dtype=out.dtype)  # every output's gradient in one call
+        g = torch.autograd.grad(out, params, grad_outputs=eye, is_grads_batched=True,
+                                allow_unused=True, retain_graph=True)
+        rows.append(torch.cat([(gi if gi is not None else torch.zeros(out.numel(), *p.shape,
+                                                                     dtype=out.dtype))
+                               .reshape(out.numel(), -1) for gi, p in zip(g, params)], dim=1))
+    return torch.stack(rows).detach().numpy()
+
+
+def traced_reference(one: Callable[[int], Any], n: int, params: list[Any]) -> np.ndarray:
+    """``(1/O) Σ_o J_io · J_jo`` (:func:`jacobian_rows`)."""
+    j = jacobian_rows(one, n, params)
     return np.einsum("iop,jop->ij", j, j) / j.shape[1]
 
 
@@ -110,6 +115,20 @@ def test_gpt2_conv1d_weights_take_the_addmm_rule(gpt, seqs) -> None:  # type: ig
               for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
               for p in ("weight", "bias")]
     assert {rules.get(name) for name in conv1d} == {"addmm (dense)"}
+    assert rules["model.transformer.wte.weight"] == "embedding + linear (tied)"
+    assert len(rules) == sum(1 for _ in gpt.parameters())  # no parameter left to the Jacobian path
+
+
+def test_gpt2_full_kernel_of_the_last_logits(gpt, seqs) -> None:  # type: ignore[no-untyped-def]
+    """The full (N·O × N·O) kernel: the tied embedding's cross terms between outputs."""
+    params = [p for p in gpt.parameters() if p.requires_grad]
+    j = jacobian_rows(lambda i: gpt(input_ids=seqs[i][None]).logits[0, -1], len(seqs), params)
+    flat = j.reshape(-1, j.shape[2])
+    ref = flat @ flat.T
+    for impl in IMPLEMENTATIONS:
+        k = cvcore.ntk(gpt, padded(seqs, "left", 7), dtype="float64", implementation=impl,
+                       kernel="full")
+        assert rel(k, ref) < 1e-10, impl
 
 
 @pytest.mark.parametrize("output", ["next-token", "last", "positions"])
