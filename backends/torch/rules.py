@@ -281,17 +281,16 @@ def _tied_cross(e: Feature, d: Feature, traced: bool) -> Any:
 
     n1, n_out, s_len = e.g.shape[:3]
     n2, _, t_len = d.g.shape[:3]
-    gh = torch.einsum("iosd,jtd->iosjt", e.g, d.a)
-    step = _chunk(n2, n_out * t_len * n1 * s_len, 1 << 25)
+    step = _chunk(n2, n_out * t_len * n1 * s_len, 1 << 24)  # two (j, O, T, n1, S) temporaries
     blocks = []
     for j0 in range(0, n2, step):
         rows = slice(j0, min(j0 + step, n2))
+        gh = torch.einsum("iosd,jtd->iosjt", e.g, d.a[rows])
         sel = _selected(e, d, rows)
         if traced:
-            blocks.append(torch.einsum("iosjt,jotis->ij", gh[:, :, :, rows], sel) / n_out)
+            blocks.append(torch.einsum("iosjt,jotis->ij", gh, sel) / n_out)
         else:
-            blocks.append(torch.einsum("iosjt,jptis->iojp", gh[:, :, :, rows], sel)
-                          .reshape(n1 * n_out, -1))
+            blocks.append(torch.einsum("iosjt,jptis->iojp", gh, sel).reshape(n1 * n_out, -1))
     return torch.cat(blocks, dim=1)
 
 
