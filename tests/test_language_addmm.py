@@ -242,3 +242,15 @@ def test_weight_used_by_linear_and_by_matmul_has_no_rule() -> None:
     ref = traced_reference(lambda i: model(x[i:i + 1]), 6, list(model.parameters()))
     check(model, x, ref)
     assert "w" not in rules_of(model, x)
+
+
+def test_tied_rule_in_chunks_is_the_same(gpt, seqs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every chunked loop of the rules (the tied cross term's included) at one item a chunk."""
+    from cvcore.backends.torch import rules
+
+    x = padded(seqs, "right", 0)
+    whole = cvcore.ntk(gpt, x, dtype="float64", implementation="structured", kernel="full")
+    monkeypatch.setattr(rules, "_chunk", lambda total, per_item, budget: 1)
+    chunked = cvcore.ntk(gpt, x, dtype="float64", implementation="structured", kernel="full")
+    assert rules_of(gpt, x)["model.transformer.wte.weight"] == "embedding + linear (tied)"
+    assert rel(chunked, whole) < 1e-12
