@@ -4,16 +4,22 @@ A :class:`torch.overrides.TorchFunctionMode` watches every torch call the model 
 Calls of ``F.linear``, ``F.conv1d`` / ``F.conv2d``, ``F.embedding``, ``F.layer_norm``,
 ``F.rms_norm``, ``F.group_norm`` and ``F.batch_norm`` (running statistics) whose weight
 or bias is a trainable parameter are recorded as *uses*: the layer input (``a``) and the
-output tensor (``z``), whose gradients are taken afterwards. ``nn.MultiheadAttention``'s
-functional form is decomposed into ``F.linear`` calls so its projections are recorded
-too. A parameter that appears in any other call (``x @ W``, ``W.t()``, a custom layer)
-is *tainted* and measured by the Jacobian path instead; every use of a parameter
-therefore either has a rule or sends the whole parameter to the exact fallback.
+output tensor (``z``), whose gradients are taken afterwards. So are ``torch.addmm(b, x, W)``
+(GPT-2's ``Conv1D``) and ``x @ W`` / ``torch.matmul(x, W)`` with a parameter ``W`` on the
+right (a weight stored ``(d_in, d_out)``, transposed against ``F.linear``'s).
+``nn.MultiheadAttention``'s functional form is decomposed into ``F.linear`` calls so its
+projections are recorded too. A parameter that appears in any other call (``W @ x``,
+``W.t()``, a custom layer) is *tainted* and measured by the Jacobian path instead; every
+use of a parameter therefore either has a rule or sends the whole parameter to the exact
+fallback.
 
 A use is recorded only when its input's leading size is the number of samples (PyTorch's
-``batch_first`` convention); any other use taints its parameters. A leading size equal
-to the number of samples is necessary, never sufficient: whether row r really belongs to
-sample r alone is established afterwards by :mod:`cvcore.backends.torch.rowcheck`.
+``batch_first`` convention), or, for a 2-d input of ``addmm`` / ``matmul``, a multiple
+``k·n`` of it (a batch of sequences flattened to rows, read sample-major: rows
+``r·k … (r+1)·k − 1`` taken as sample r's); any other use taints its parameters. A
+leading size equal to (or a multiple of) the number of samples is necessary, never
+sufficient: whether row r really belongs to sample r alone is established afterwards by
+:mod:`cvcore.backends.torch.rowcheck`.
 Calls that couple samples (batch norm with batch statistics) mark the capture as
 *coupled*, and the caller falls back to the Jacobian path.
 """
@@ -147,12 +153,16 @@ def _is_metadata(func: Any) -> bool:
 
 
 def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
+    import torch
     import torch.nn.functional as F
+    from cvcore.backends.torch.matmul import addmm, matmul
 
     table: dict[Any, Callable[..., tuple[bool, Any]]] = {
         F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.embedding: _embedding,
         F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm,
         F.multi_head_attention_forward: _mha,
+        torch.addmm: addmm, torch.Tensor.addmm: addmm,
+        torch.matmul: matmul, torch.Tensor.matmul: matmul, torch.Tensor.__matmul__: matmul,
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm
@@ -423,18 +433,34 @@ def structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()
     return frozenset(n for u in cap.uses for n in u.names) - bad
 
 
+#: Ops whose weight is stored ``(d_in, d_out)`` (:mod:`cvcore.backends.torch.matmul`): a
+#: weight used both ways (``F.linear(x, W)`` and ``x @ W``) has no rule.
+_TRANSPOSED = frozenset({"addmm", "matmul", "__matmul__"})
+
+
 def _mixed(uses: list[Any]) -> set[str]:
-    """Parameters whose uses need different rules (a tied embedding also used by
-    ``F.linear``): the Jacobian path measures them."""
-    seen: dict[tuple[str, int], tuple[Any, ...]] = {}
+    """Parameters whose uses need different rules (a square weight used by ``F.linear``
+    and by ``x @ W``, an embedding also used by a rule other than ``F.linear``): the
+    Jacobian path measures them."""
+    seen: dict[tuple[tuple[str, int], str], tuple[Any, ...]] = {}
     bad: set[str] = set()
     for u in uses:
-        sig = (u.kind, u.also) if u.a is None else (u.kind, u.also, u.a.dim(), tuple(u.a.shape[2:]))
-        if seen.setdefault(u.key, sig) != sig:
+        sig = (u.kind, u.also) if u.a is None else (u.kind, u.also, u.a.dim(), tuple(u.a.shape[2:]),
+                                                      u.op in _TRANSPOSED)
+        if seen.setdefault((u.key, u.kind), sig) != sig:
             bad.add(u.name)
     names_by_kind: dict[str, set[str]] = {}
     for u in uses:
         for name in u.names:
             names_by_kind.setdefault(name, set()).add(u.kind + ("+" if name != u.name else ""))
-    bad.update(k for k, kinds in names_by_kind.items() if len(kinds) > 1)
+    bad.update(k for k, kinds in names_by_kind.items()
+               if len(kinds) > 1 and not (kinds == {"embedding", "dense"} and _tied(k, uses)))
     return bad
+
+
+def _tied(name: str, uses: list[Any]) -> bool:
+    """Whether a weight read by ``F.embedding`` is also used only as ``F.linear``'s weight,
+    without a folded bias: a tied embedding (the ``tied`` rule of
+    :mod:`cvcore.backends.torch.rules`)."""
+    return all(u.op == "linear" and not u.also and u.key[1] == 0
+               for u in uses if u.name == name and u.kind == "dense")

@@ -17,6 +17,12 @@ Every recognised layer use is reduced to one of three *features* per parameter b
       (with ``S = 1`` this is ``(A Aᵀ) ⊙ (G Gᵀ)``).
 ``embedding``
     like ``dense`` with one-hot inputs: ``a_is·a_jt`` is ``[idx_is = idx_jt]``.
+``tied``
+    one weight ``W`` (``V × d``) read by ``F.embedding`` and applied by ``F.linear`` (a
+    language model's tied input and output embeddings): the gradient is the sum of an
+    embedding part ``Σ_s e_{idx_s} ⊗ g^e_s`` and a dense part ``Σ_t g^l_t ⊗ h_t``, so the
+    kernel is the two parts' kernels plus their cross terms
+    ``⟨e_{idx_is} ⊗ g^e_is, g^l_jt ⊗ h_jt⟩ = g^l_jt[idx_is] · (g^e_is · h_jt)``.
 
 Functions here take torch tensors and return torch tensors; ``torch`` is only touched
 through the tensors' own methods, so this module imports nothing heavy.
@@ -35,15 +41,18 @@ class Feature:
     """What one parameter block contributes, for one block of samples.
 
     Attributes:
-        kind: ``"direct"``, ``"dense"`` or ``"embedding"``.
-        g: direct: ``(n, O, P)``; dense/embedding: ``(n, O, S, d_out)``.
+        kind: ``"direct"``, ``"dense"``, ``"embedding"`` or ``"tied"``.
+        g: direct: ``(n, O, P)``; dense/embedding: ``(n, O, S, d_out)``; tied: the dense
+            part's.
         a: dense: ``(n, S, d_in)``; embedding: token ids ``(n, S)``, ``-1`` where the
-            gradient is zero (padding); ``None`` for direct.
+            gradient is zero (padding); ``None`` for direct; tied: the dense part's.
+        tied: for ``"tied"``, the embedding part (an ``"embedding"`` feature).
     """
 
     kind: str
     g: Any
     a: Any = None
+    tied: Feature | None = None
 
     @property
     def n(self) -> int:
@@ -219,7 +228,83 @@ def feature_gram(f1: Feature, f2: Feature, traced: bool, budget: int) -> Any:
     """The kernel block between two sample blocks for one parameter block."""
     if f1.kind == "direct":
         return direct_gram(f1.g, f2.g, traced)
+    if f1.kind == "tied":
+        return _tied_gram(f1, f2, traced, budget)
     return dense_gram(f1, f2, traced, budget)
+
+
+# --------------------------------------------------------------------------- tied
+def dense_part(f: Feature) -> Feature:
+    """The dense (``F.linear``) part of a tied feature."""
+    return Feature("dense", f.g, f.a)
+
+
+def tie(old: Feature, new: Feature, merge: Any) -> Feature:
+    """Features of one weight from embedding and dense uses, combined (``merge`` joins two
+    features of the same kind); a ``"tied"`` feature once both kinds are present."""
+    by_kind: dict[str, Feature] = {}
+    for f in (old, new):
+        for part in ((dense_part(f), f.tied) if f.kind == "tied" else (f,)):
+            assert part is not None
+            have = by_kind.get(part.kind)
+            by_kind[part.kind] = part if have is None else merge(have, part)
+    dense, emb = by_kind.get("dense"), by_kind.get("embedding")
+    if dense is None or emb is None:
+        return dense or emb  # type: ignore[return-value]
+    return Feature("tied", dense.g, dense.a, tied=emb)
+
+
+def _tied_parts(f1: Feature, f2: Feature) -> tuple[Feature, Feature, Feature, Feature]:
+    d1 = dense_part(f1)
+    d2 = d1 if f1 is f2 else dense_part(f2)
+    assert f1.tied is not None and f2.tied is not None
+    return d1, d2, f1.tied, f2.tied
+
+
+def _tied_gram(f1: Feature, f2: Feature, traced: bool, budget: int) -> Any:
+    d1, d2, e1, e2 = _tied_parts(f1, f2)
+    out = dense_gram(d1, d2, traced, budget) + dense_gram(e1, e2, traced, budget)
+    return out + _tied_cross(e1, d2, traced) + _tied_cross(e2, d1, traced).T
+
+
+def _selected(e: Feature, d: Feature, rows: slice) -> Any:
+    """``g^l_jt[idx_is]`` for samples ``j`` in ``rows`` of ``d``: ``(j, O, T, n_e, S)``,
+    zero at padding."""
+    ids = e.a
+    sel = d.g[rows][..., ids.clamp(min=0)]
+    return sel * (ids >= 0).to(sel.dtype)
+
+
+def _tied_cross(e: Feature, d: Feature, traced: bool) -> Any:
+    """``⟨E_io, D_jo'⟩``: traced ``(n_e, n_d)`` (÷O), full ``(n_e·O, n_d·O)``."""
+    import torch
+
+    n1, n_out, s_len = e.g.shape[:3]
+    n2, _, t_len = d.g.shape[:3]
+    step = _chunk(n2, n_out * t_len * n1 * s_len, 1 << 24)  # two (j, O, T, n1, S) temporaries
+    blocks = []
+    for j0 in range(0, n2, step):
+        rows = slice(j0, min(j0 + step, n2))
+        gh = torch.einsum("iosd,jtd->iosjt", e.g, d.a[rows])
+        sel = _selected(e, d, rows)
+        if traced:
+            blocks.append(torch.einsum("iosjt,jotis->ij", gh, sel) / n_out)
+        else:
+            blocks.append(torch.einsum("iosjt,jptis->iojp", gh, sel).reshape(n1 * n_out, -1))
+    return torch.cat(blocks, dim=1)
+
+
+def _tied_cross_diagonal(f: Feature) -> Any:
+    """``⟨E_io, D_io⟩`` for every sample and output: ``(n, O)``."""
+    import torch
+
+    assert f.tied is not None
+    ids, ge = f.tied.a, f.tied.g
+    n, n_out, t_len = f.g.shape[:3]
+    gh = torch.einsum("iosd,itd->iost", ge, f.a)
+    idx = ids.clamp(min=0)[:, None, None, :].expand(n, n_out, t_len, ids.shape[1])
+    sel = f.g.gather(3, idx) * (ids >= 0).to(f.g.dtype)[:, None, None, :]
+    return torch.einsum("iost,iots->io", gh, sel)
 
 
 # --------------------------------------------------------------------------- diagonals
@@ -227,6 +312,10 @@ def feature_diagonal(f: Feature, budget: int) -> Any:
     """``‖J_io‖²`` restricted to this parameter block: ``(n, O)``."""
     if f.kind == "direct":
         return (f.g * f.g).sum(-1)
+    if f.kind == "tied":
+        assert f.tied is not None
+        return (feature_diagonal(dense_part(f), budget) + feature_diagonal(f.tied, budget)
+                + 2 * _tied_cross_diagonal(f))
     n, n_out, s_len, d_out = f.g.shape
     d_in = 1 if f.kind == "embedding" else int(f.a.shape[2])
     pairs_cost = n * s_len * s_len * (d_in + n_out * d_out)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cvcore.backends.torch.capture import forward_capture, structured_names
-from cvcore.backends.torch.rules import Feature, feature_gram
+from cvcore.backends.torch.rules import Feature, dense_part, feature_gram, tie
 
 from cvcore import progress
 from cvcore.blocking import dense_costs
@@ -110,6 +110,9 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
             features[u.key] = _merge(features.get(u.key), Feature(u.kind, g, u.a))
             for name in u.names:
                 rules[name] = f"{u.op} ({u.kind})"
+    for key, f in features.items():
+        if f.kind == "tied":
+            rules[key[0]] = "embedding + linear (tied)"
     return Block(features, structured, frozenset(cap.tainted), frozenset(excluded), rules)
 
 
@@ -137,6 +140,8 @@ def _merge(old: Feature | None, new: Feature) -> Feature:
         return new
     if new.kind == "direct":
         return Feature("direct", old.g + new.g)
+    if old.kind != new.kind or new.kind == "tied":  # a tied embedding's two kinds of use
+        return tie(old, new, _merge)
     return Feature(new.kind, torch.cat([old.g, new.g], dim=2), torch.cat([old.a, new.a], dim=1))
 
 
@@ -170,7 +175,10 @@ def _sample_blocks(n: int, per_sample: int, budget: int, max_size: int | None = 
 
 def _structured_cost(block: Block, n: int, traced: bool) -> float:
     total = 0.0
-    for f in block.features.values():
+    parts = [p for f in block.features.values()
+             for p in ((dense_part(f), f.tied) if f.kind == "tied" else (f,))]
+    for f in parts:
+        assert f is not None
         n_out = int(f.g.shape[1])
         if f.kind == "direct":
             total += n * n * n_out * f.g.shape[2] * (1 if traced else n_out)
