@@ -47,7 +47,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Strided, padded, dilated and non-square convolutions; a grouped one (no rule)."""
+    """Strided, padded, dilated and non-square convolutions; a grouped one."""
 
     @nn.compact
     def __call__(self, x: Any) -> Any:
@@ -296,10 +296,10 @@ def ruled(name: str) -> tuple[dict[str, list[str]], set[str], dict[str, str]]:
 def test_which_leaves_get_rules() -> None:
     kinds, direct, folded = ruled("cnn")
     assert kinds == {"['Conv_0']['kernel']": ["conv"], "['Conv_1']['kernel']": ["conv"],
-                     "['Dense_0']['kernel']": ["dense"]}
-    assert direct == {"['Conv_2']['kernel']", "['Conv_2']['bias']"}  # grouped: no rule
+                     "['Conv_2']['kernel']": ["conv"], "['Dense_0']['kernel']": ["dense"]}
+    assert direct == set()  # the grouped Conv_2 too (tests/test_jax_grouped_conv.py)
     assert folded == {f"['{m}']['kernel']": f"['{m}']['bias']"
-                      for m in ("Conv_0", "Conv_1", "Dense_0")}
+                      for m in ("Conv_0", "Conv_1", "Conv_2", "Dense_0")}
 
     kinds, direct, folded = ruled("biases")
     assert kinds == {"['w1']": ["dense"], "['w2']": ["dense"], "['w3']": ["dense", "dense"],

@@ -2,8 +2,8 @@
 
 Every trainable leaf is followed through the one-sample jaxpr (:func:`analyse`): a leaf
 whose every use is, after layout-only steps, the weight operand of a ``dot_general``,
-a ``conv_general_dilated`` or the table of an embedding-style ``gather`` gets a
-:class:`Site` per use; the others are differentiated directly. :func:`activation` gives
+a ``conv_general_dilated`` (grouped and depthwise ones included) or the table of an
+embedding-style ``gather`` gets a :class:`Site` per use; the others are differentiated directly. :func:`activation` gives
 a site's input for one sample, as :func:`cvcore.backends.jax.jaxpr.evaluate` records it.
 """
 
@@ -47,6 +47,9 @@ class Site:
         s_len: positions ``S`` (one sample); ``d_in``, ``d_out``: the weight as a
             ``d_in × d_out`` map (``d_in = 1`` for an embedding, whose input is an id).
         n_out_axes: how many output axes (the last ones of ``perm``) make up ``d_out``.
+        groups: a convolution's ``feature_group_count`` ``G``: input channels and output
+            units split into ``G`` groups, group ``g``'s outputs seeing group ``g``'s
+            inputs alone; ``d_in`` is then one group's input (``kh·kw·C_in/G``).
     """
 
     path: tuple[int, ...]
@@ -61,15 +64,17 @@ class Site:
     d_in: int
     d_out: int
     n_out_axes: int = 1
+    groups: int = 1
 
 
 def _site(eqn: Any, path: tuple[int, ...], kind: str, origin: Origin, side: int,
           signature: tuple[Any, ...], perm: tuple[int, ...], d_in: int, d_out: int,
-          n_out_axes: int = 1) -> Site:
+          n_out_axes: int = 1, groups: int = 1) -> Site:
     out = eqn.outvars[0].aval
     shape = tuple(out.shape)
     return Site(path, kind, origin.leaf, side, (kind, origin.chain, *signature), shape,
-                out.dtype, perm, math.prod(shape) // max(1, d_out), d_in, d_out, n_out_axes)
+                out.dtype, perm, math.prod(shape) // max(1, d_out), d_in, d_out, n_out_axes,
+                groups)
 
 
 @dataclasses.dataclass
@@ -112,15 +117,19 @@ def _dense_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> S
 
 
 def _conv_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> Site | None:
+    """A convolution's filter; with ``feature_group_count = G > 1`` (grouped, depthwise)
+    the filter's input axis is one group's channels and its output axis ``G`` groups."""
     p = eqn.params
-    if side != 1 or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    if side != 1 or p["batch_group_count"] != 1:
         return None
+    groups = int(p["feature_group_count"])
     dn = p["dimension_numbers"]
     rhs = tuple(eqn.invars[1].aval.shape)
     out = dn.out_spec
     d_out = rhs[dn.rhs_spec[0]]
-    return _site(eqn, path, "conv", origin, 1, (rhs, tuple(dn.rhs_spec), tuple(dn.lhs_spec)),
-                 (out[0], *out[2:], out[1]), math.prod(rhs) // d_out, d_out)
+    return _site(eqn, path, "conv", origin, 1,
+                 (rhs, tuple(dn.rhs_spec), tuple(dn.lhs_spec), groups),
+                 (out[0], *out[2:], out[1]), math.prod(rhs) // d_out, d_out, groups=groups)
 
 
 def _gather_site(eqn: Any, side: int, origin: Origin, path: tuple[int, ...]) -> Site | None:
@@ -289,8 +298,10 @@ def analyse(jaxpr: Any, n_leaves: int) -> Analysis:
 
 
 def activation(site: Site, eqn: Any, invals: list[Any]) -> Any:
-    """The site's input for one sample: ``(S, d_in)``; an embedding's ids ``(S,)``, -1
-    where the gather reads nothing (out of range)."""
+    """The site's input for one sample: ``(S, d_in)``, a grouped convolution's
+    ``(S, G, d_in)`` (its patches hold each input channel's window in turn, so the
+    channels of group ``g`` are the ``g``-th run of ``d_in``); an embedding's ids
+    ``(S,)``, -1 where the gather reads nothing (out of range)."""
     import jax.numpy as jnp
     from jax import lax
 
@@ -308,7 +319,8 @@ def activation(site: Site, eqn: Any, invals: list[Any]) -> Any:
             lhs, tuple(rhs.shape[d] for d in dn.rhs_spec[2:]), p["window_strides"], p["padding"],
             p["lhs_dilation"], p["rhs_dilation"], dimension_numbers=dn,
             precision=lax.Precision.HIGHEST)
-        return jnp.transpose(patches, site.perm).reshape(site.s_len, site.d_in)
+        shape = (site.s_len, site.d_in) if site.groups == 1 else (site.s_len, site.groups, site.d_in)
+        return jnp.transpose(patches, site.perm).reshape(shape)
     ids = invals[1][..., 0].reshape(-1)
     vocab = site.signature[2][0]
     mode = getattr(eqn.params.get("mode"), "name", str(eqn.params.get("mode")))

@@ -7,7 +7,8 @@ trainable leaf is followed through it (:func:`cvcore.backends.jax.rules.analyse`
 * a leaf whose every use is, after layout-only steps (reshape, transpose, dtype
   conversion, size-1 broadcasts), the weight operand of a ``dot_general`` (dense layers,
   attention projections, einsums), of a ``conv_general_dilated`` (convolutions, measured
-  on the input's patches) or the table of an embedding-style ``gather`` has a *rule*;
+  on the input's patches; grouped and depthwise ones group by group) or the table of an
+  embedding-style ``gather`` has a *rule*;
 * every other leaf (biases, norm scales, weights inside ``scan`` or custom-derivative
   calls, weights in elementwise ops) is differentiated directly.
 
@@ -22,7 +23,9 @@ cheaper exact rule (:func:`cvcore.blocking.dense_costs`),
 * ``pairs``: ``K_(io),(jp) = Σ_{s,t} (a_is·a_jt)(g_ios·g_jpt)``, never forming a gradient
   (``(A Aᵀ) ⊙ (G Gᵀ)`` with one position per sample);
 * ``jac``: the gradient ``Σ_s g_s ⊗ a_s`` formed by one product and added to the Gram
-  of the directly differentiated leaves.
+  of the directly differentiated leaves; for a grouped convolution one product per group,
+  ``Σ_s g_sg ⊗ a_sg`` (its only rule: XLA's CPU per-sample filter gradient of a depthwise
+  convolution, the direct path, measured 12.5 CPU s for 2 samples of one 48×48×96 layer).
 
 ``implementation="auto"`` measures a leaf by its rule only where ``pairs`` is cheaper
 than its Jacobian; ``"structured"`` uses the rules for every ruled leaf. A leaf used at
@@ -105,7 +108,8 @@ def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced:
     ``diagonal``: the costs of the kernel's diagonal alone (:func:`_diagonal_costs`).
     ``patches``: under ``auto``, a convolution whose ``pairs`` rule does not pay forms
     its per-sample gradients from the input's patches (``jac``) rather than being
-    differentiated directly. Set on the CPU, where that measured 1.5–1.7× faster than
+    differentiated directly. A grouped convolution has no ``pairs`` rule (``force``
+    gives it ``jac``). Set on the CPU, where that measured 1.5–1.7× faster than
     XLA's per-sample filter gradients (``benchmarks/run.py`` CNN, N = 64 and 256);
     on a GPU the direct path is kept (PyTorch measured its patch rule slower there).
     """
@@ -125,8 +129,10 @@ def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced:
             costs = dense_costs(n, n, n_outputs, s_len, d_in, d_out, traced)
             gram = float(n * n * n_outputs * size * (1 if traced else n_outputs))
         embedding = sites[0].kind == "embedding"
+        if sites[0].groups > 1:  # grouped convolutions: the jac rule alone
+            costs["pairs"] = math.inf
         if force is not None:
-            rules[leaf] = "pairs" if embedding else force
+            rules[leaf] = "pairs" if embedding else "jac" if sites[0].groups > 1 else force
         elif implementation == Implementation.STRUCTURED:
             rules[leaf] = "pairs" if embedding or costs["pairs"] < costs["jac"] else "jac"
         elif costs["pairs"] < gram:
@@ -143,15 +149,18 @@ def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced:
 
 def _leaf_features(layout: Layout, leaf: int, grads: dict[tuple[int, ...], Any],
                    record: dict[tuple[int, ...], Any], n_outputs: int) -> tuple[Any, Any]:
-    """One sample's ``a`` ``(S, d_in)`` (ids ``(S,)``) and ``g`` ``(O, S, d_out)``."""
+    """One sample's ``a`` ``(S, d_in)`` (ids ``(S,)``) and ``g`` ``(O, S, d_out)``; a
+    grouped convolution's ``(S, G, d_in)`` and ``(O, S, G, d_out / G)``."""
     import jax.numpy as jnp
 
     sites = layout.sites[leaf]
+    groups = sites[0].groups
+    units = (sites[0].d_out,) if groups == 1 else (groups, sites[0].d_out // groups)
     gs = [jnp.transpose(grads[s.path], (0, *(1 + d for d in s.perm)))
-          .reshape(n_outputs, s.s_len, s.d_out) for s in sites]
+          .reshape(n_outputs, s.s_len, *units) for s in sites]
     a = [record[s.path] for s in sites]
     if leaf in layout.bias:  # [W b] acts on [a 1]
-        a = [jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) for x in a]
+        a = [jnp.concatenate([x, jnp.ones((*x.shape[:-1], 1), x.dtype)], axis=-1) for x in a]
     if len(sites) == 1:
         return a[0], gs[0]
     return jnp.concatenate(a, axis=0), jnp.concatenate(gs, axis=1)
@@ -186,7 +195,8 @@ def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
         for leaf, rule in layout.rules.items():
             a, g = _leaf_features(layout, leaf, jp, record, n_outputs)
             if rule == "jac":
-                rows.append(jnp.einsum("osk,sd->okd", g, a).reshape(n_outputs, -1))
+                product = "osk,sd->okd" if a.ndim == 2 else "osgk,sgd->ogkd"
+                rows.append(jnp.einsum(product, g, a).reshape(n_outputs, -1))
             else:
                 pairs[leaf] = (a, g)
         dtype = values[0].dtype
