@@ -52,9 +52,13 @@ from cvcore.protocols import (
 from cvcore.spectrum import collective_variables
 from cvcore.validate import check_call
 
-#: Largest kernel dimension ``method="auto"`` measures exactly (an eigendecomposition of
-#: this size takes minutes on a few CPU cores and about 10 GB in float64).
-DEFAULT_MAX_EXACT_DIM = 20000
+#: Largest traced kernel (``D = N``) that ``method="auto"`` measures exactly: near the
+#: measured crossover, where the stochastic estimate starts to cost less CPU time
+#: (docs/estimators.md, "The crossover").
+DEFAULT_MAX_EXACT_DIM = 5000
+#: The same for the full kernel (``D = N·O``), whose matrix-free products are ``O`` times
+#: cheaper per ``D`` than the traced kernel's, so the estimate wins earlier.
+DEFAULT_MAX_EXACT_DIM_FULL = 2000
 #: Fraction of the available memory the exact path's kernel and eigensolver may take.
 EXACT_MEMORY_FRACTION = 0.5
 METHODS = ("auto", "exact", "stochastic")
@@ -80,7 +84,7 @@ class EstimatorOptions:
     trace_estimator: str = "auto"
     deflate: bool = True
     seed: Seed = 0
-    max_exact_dim: int = DEFAULT_MAX_EXACT_DIM
+    max_exact_dim: int | None = None
     available_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -105,19 +109,25 @@ class EstimatorOptions:
 
 
 def choose_method(dim: int, available_bytes: int | None = None, *,
-                  max_exact_dim: int = DEFAULT_MAX_EXACT_DIM) -> str:
-    """``"exact"`` when a ``D × D`` float64 kernel and its eigendecomposition fit, else
-    ``"stochastic"``.
+                  max_exact_dim: int | None = None, kernel: str = "traced") -> str:
+    """``"exact"`` when a ``D × D`` float64 kernel is cheaper to diagonalize than to
+    estimate and fits in memory, else ``"stochastic"``.
 
-    Exact needs ``D ≤ max_exact_dim`` and ``3 · 8 · D²`` bytes (kernel, float64 copy,
-    solver workspace) within ``EXACT_MEMORY_FRACTION`` of ``available_bytes`` (by default
-    the memory available now; unknown counts as enough).
+    Exact needs ``D ≤ max_exact_dim`` (by default :data:`DEFAULT_MAX_EXACT_DIM` for the
+    traced kernel and :data:`DEFAULT_MAX_EXACT_DIM_FULL` for the full one, the measured
+    crossovers) and ``3 · 8 · D²`` bytes (kernel, float64 copy, solver workspace) within
+    ``EXACT_MEMORY_FRACTION`` of ``available_bytes`` (by default the memory available
+    now; unknown counts as enough).
 
     >>> choose_method(1000, 1 << 30), choose_method(30000, 1 << 40), choose_method(8000, 1 << 30)
     ('exact', 'stochastic', 'stochastic')
+    >>> choose_method(3000, 1 << 40), choose_method(3000, 1 << 40, kernel="full")
+    ('exact', 'stochastic')
     """
     from cvcore.memory import available_memory, kernel_bytes
 
+    if max_exact_dim is None:
+        max_exact_dim = DEFAULT_MAX_EXACT_DIM_FULL if kernel == "full" else DEFAULT_MAX_EXACT_DIM
     if dim > max_exact_dim:
         return "stochastic"
     free = available_memory() if available_bytes is None else available_bytes
@@ -190,7 +200,8 @@ def estimate_request(model: Any, inputs: Any, request: KernelRequest,
     check_call(r.inputs, r.request, "operator")
     op = chosen.operator(r.model, r.inputs, r.request)
     if opts.method == "auto" and choose_method(op.dim, opts.available_bytes,
-                                               max_exact_dim=opts.max_exact_dim) == "exact":
+                                               max_exact_dim=opts.max_exact_dim,
+                                               kernel=r.request.kernel) == "exact":
         return _exact(r, opts.top_k)
     trace = _exact_trace(r, op.dim, opts.trace_estimator)
     return stochastic_variables(op, trace, probes=opts.probes, steps=opts.steps,
@@ -204,7 +215,7 @@ def estimate(model: Any, inputs: Any, *, method: str = "auto", probes: int = DEF
              oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS,
              trace_estimator: str = "auto", deflate: bool = True, seed: Seed = 0,
              backend: str | None = None,
-             max_exact_dim: int = DEFAULT_MAX_EXACT_DIM, available_bytes: int | None = None,
+             max_exact_dim: int | None = None, available_bytes: int | None = None,
              **options: Any) -> EstimatedVariables:
     """Trace, entropy and top eigenvalues of ``model``'s NTK on ``inputs``, with error bars.
 
@@ -225,7 +236,8 @@ def estimate(model: Any, inputs: Any, *, method: str = "auto", probes: int = DEF
             :func:`slq_entropy`); much smaller errors on NTK spectra.
         seed: seed of the probes.
         backend: a registered backend's name; by default chosen from the model's type.
-        max_exact_dim: largest ``D`` that ``"auto"`` measures exactly.
+        max_exact_dim: largest ``D`` that ``"auto"`` measures exactly (by default the
+            measured crossover of the kernel's convention, see :func:`choose_method`).
         available_bytes: memory ``"auto"`` may plan with; by default what is free now.
         **options: kernel options as for :func:`cvcore.ntk` (``kernel``, ``output``,
             ``dtype``, ``device``, ``train``, ``memory_budget``, ``implementation``).
@@ -244,6 +256,7 @@ def estimate(model: Any, inputs: Any, *, method: str = "auto", probes: int = DEF
 __all__ = [
     "BREAKDOWN_TOL",
     "DEFAULT_MAX_EXACT_DIM",
+    "DEFAULT_MAX_EXACT_DIM_FULL",
     "DEFAULT_OVERSAMPLE",
     "DEFAULT_POWER_ITERS",
     "DEFAULT_PROBES",

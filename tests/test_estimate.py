@@ -161,6 +161,12 @@ def test_choose_method_threshold() -> None:
     assert choose_method(8000, 1 << 30) == "stochastic"  # 1.5 GB > half of 1 GiB
     assert choose_method(30000, 1 << 40) == "stochastic"  # above the default max_exact_dim
     assert choose_method(500, 1 << 30, max_exact_dim=100) == "stochastic"
+    # one crossover per convention (docs/estimators.md): the full kernel's products are
+    # O times cheaper per D, so the estimate wins at a smaller D
+    assert choose_method(3000, 1 << 40, kernel="traced") == "exact"
+    assert choose_method(3000, 1 << 40, kernel="full") == "stochastic"
+    assert choose_method(5000, 1 << 40) == "exact" and choose_method(5001, 1 << 40) == "stochastic"
+    assert choose_method(2000, 1 << 40, kernel="full") == "exact"
 
 
 # --------------------------------------------------------------------------- torch operator
@@ -302,3 +308,17 @@ def test_backend_without_operator() -> None:
         assert est.trace == pytest.approx(float(np.trace(x @ x.T)))
     finally:
         plugins.unregister(plugin)
+
+
+def test_auto_reads_the_requests_convention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """estimate(method="auto") applies the full kernel's threshold to a full request."""
+    import sys
+
+    est = sys.modules["cvcore.estimate"]  # the module (cvcore.estimate is also the function)
+    model, x = mlp(4, 3, 2), torch.randn(6, 4, dtype=torch.float64)  # traced D = 6, full D = 12
+    monkeypatch.setattr(est, "DEFAULT_MAX_EXACT_DIM_FULL", 10)
+    full = est.estimate(model, x, method="auto", kernel="full", dtype="float64", probes=4, steps=4,
+                        top_k=2)
+    traced = est.estimate(model, x, method="auto", kernel="traced", dtype="float64", top_k=2)
+    assert (full.method, full.dim) == ("stochastic", 12)
+    assert (traced.method, traced.dim) == ("exact", 6)
