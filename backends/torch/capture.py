@@ -79,6 +79,9 @@ class Capture:
     uses: list[Use] = field(default_factory=list)
     tainted: set[str] = field(default_factory=set)
     coupled: bool = False
+    #: the chains of views (:mod:`cvcore.backends.torch.views`) through which a rule read
+    #: each parameter; more than one means no rule for it
+    views: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
 
 
 class Recorder:
@@ -89,10 +92,22 @@ class Recorder:
         self.n = n
         self.capture = Capture()
         self.op = ""
+        #: views of parameters: ``id -> chain``, and the views kept alive (their ids stay theirs)
+        self.chains: dict[int, tuple[Any, ...]] = {}
+        self.alive: list[Any] = []
 
     # -- helpers used by the rules -------------------------------------------------
     def param(self, t: Any) -> str | None:
-        return self.ids.get(id(t)) if t is not None else None
+        name = self.ids.get(id(t)) if t is not None else None
+        if name is not None:
+            self.capture.views.setdefault(name, set()).add(self.chains.get(id(t), ()))
+        return name
+
+    def alias(self, view: Any, source: Any, step: tuple[Any, ...]) -> None:
+        """Record ``view`` as a rearrangement of the parameter ``source`` (or of a view of one)."""
+        self.ids[id(view)] = self.ids[id(source)]
+        self.chains[id(view)] = (*self.chains.get(id(source), ()), step)
+        self.alive.append(view)
 
     def taint_all(self, args: Any, kwargs: Any) -> None:
         import torch
@@ -120,7 +135,10 @@ def recorder(ids: dict[int, str], n: int) -> Any:
     import torch
     from torch.overrides import TorchFunctionMode
 
+    from cvcore.backends.torch.views import view_rules
+
     rules = _rules()
+    rules.update(view_rules())
 
     class _Mode(TorchFunctionMode):
         def __init__(self) -> None:
@@ -156,6 +174,7 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
     import torch
     import torch.nn.functional as F
     from cvcore.backends.torch.matmul import addmm, matmul
+    from cvcore.backends.torch.views import add
 
     table: dict[Any, Callable[..., tuple[bool, Any]]] = {
         F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.embedding: _embedding,
@@ -163,6 +182,8 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
         F.multi_head_attention_forward: _mha,
         torch.addmm: addmm, torch.Tensor.addmm: addmm,
         torch.matmul: matmul, torch.Tensor.matmul: matmul, torch.Tensor.__matmul__: matmul,
+        torch.add: add, torch.Tensor.add: add, torch.Tensor.__add__: add,
+        torch.Tensor.__radd__: add,
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm
@@ -422,6 +443,7 @@ def structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()
     weight).
     """
     bad = set(cap.tainted) | _mixed(cap.uses) | set(excluded)
+    bad |= {name for name, chains in cap.views.items() if len(chains) > 1}
     changed = True
     while changed:
         changed = False
