@@ -21,7 +21,11 @@ leading size equal to (or a multiple of) the number of samples is necessary, nev
 sufficient: whether row r really belongs to sample r alone is established afterwards by
 :mod:`cvcore.backends.torch.rowcheck`.
 Calls that couple samples (batch norm with batch statistics) mark the capture as
-*coupled*, and the caller falls back to the Jacobian path.
+*coupled*, and the caller falls back to the Jacobian path. A use whose output is then
+changed in place (``nn.ReLU(inplace=True)`` after a linear layer) taints its parameters:
+the output-gradient taken afterwards would be that of the changed value.
+Rearranged parameters (Keras' permuted convolution kernels) and biases added with
+``x + b`` are recorded through :mod:`cvcore.backends.torch.views`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class Use:
     also: tuple[str, ...] = ()
     #: the torch function whose rule recorded the use (``linear``, ``conv2d``, ...)
     op: str = ""
+    #: ``z._version`` when recorded: an in-place op on ``z`` afterwards (``ReLU(inplace=True)``)
+    #: makes its gradient that of another value, and the use's parameters lose their rule
+    version: int = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -122,7 +129,8 @@ class Recorder:
 
     def add(self, name: str, kind: str, z: Any, a: Any, shape_g: Callable[[Any], Any],
             block: int = 0, also: tuple[str, ...] = ()) -> None:
-        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also, self.op))
+        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also, self.op,
+                                     int(z._version)))
 
     def linear(self, x: Any, weight: Any, bias: Any) -> Any:
         """``F.linear(x, weight, bias)``, recorded as a dense use (:func:`linear_record`);
@@ -432,7 +440,11 @@ def forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
         with mode:
             raw = fcall(prep.module, {**prep.constants, **leaves}, x)
         out = select_output(raw, output).reshape(n, -1)
-    return out, mode.rec.capture
+    cap = mode.rec.capture
+    for u in cap.uses:
+        if int(u.z._version) != u.version:  # overwritten in place after the recorded op
+            cap.tainted.update(u.names)
+    return out, cap
 
 
 def structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
