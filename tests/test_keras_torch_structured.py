@@ -141,9 +141,9 @@ def _rules(got: dict, impl: str = "structured") -> dict[str, str]:
 
 def test_dense_and_convolution_weights_are_served_by_rules(runs):
     """No silent Jacobian fallback: every Dense / Conv2D / DepthwiseConv2D kernel and bias,
-    Embedding and LayerNormalization weight has a rule; batch normalization's scale and
-    shift (``x.sub(mean).mul_(rsqrt(var + eps) * gamma).add_(beta)`` in Keras' torch
-    backend) go to the Jacobian path."""
+    Embedding, LayerNormalization and BatchNormalization weight has a rule (batch
+    normalization is ``x.subtract(mean).mul_(rsqrt(var + eps) * gamma).add_(beta)`` in
+    Keras' torch backend: a scaled view of ``gamma``, two in-place direct uses)."""
     assert _rules(runs["mlp"]) == {"dense/kernel": "matmul (dense)", "dense/bias": "add (direct)",
                                    "dense_1/kernel": "matmul (dense)",
                                    "dense_1/bias": "add (direct)"}
@@ -151,7 +151,9 @@ def test_dense_and_convolution_weights_are_served_by_rules(runs):
     assert conv["conv2d/kernel"] == conv["depthwise_conv2d/kernel"] == "conv2d (dense)"
     assert conv["conv2d/bias"] == conv["depthwise_conv2d/bias"] == "add (direct)"
     assert conv["dense_2/kernel"] == "matmul (dense)"
-    assert not {"batch_normalization/gamma", "batch_normalization/beta"} & set(conv)
+    assert conv["batch_normalization/gamma"] == "mul_ (direct)"
+    assert conv["batch_normalization/beta"] == "add_ (direct)"
+    assert len(conv) == len(runs["conv"]["paths"])
     assert _rules(runs["embedding"]) == {
         "embedding/embeddings": "embedding (embedding)",
         "layer_normalization/gamma": "layer_norm (direct)",
@@ -179,3 +181,40 @@ def test_an_output_changed_in_place_loses_its_rule():
     structured = np.asarray(cvcore.ntk(model, x, implementation="structured", dtype="float64"))
     jacobian = np.asarray(cvcore.ntk(model, x, implementation="jacobian", dtype="float64"))
     assert rel(structured, jacobian) < 1e-12
+
+
+class _Scaled(torch.nn.Module):
+    """``w * 2`` handed to ``F.linear`` (a scaled view given to a rule that does not apply
+    factors), then ``h * s + b`` and ``h.mul_(c).add_(d)`` (direct uses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(5, 4, generator=g))
+        self.s = torch.nn.Parameter(torch.randn(5, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(5, generator=g))
+        self.c = torch.nn.Parameter(torch.randn(1, 5, generator=g))
+        self.d = torch.nn.Parameter(torch.randn(5, generator=g))
+        self.v = torch.nn.Parameter(torch.randn(3, 5, generator=g))
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.w * 2.0)
+        h = torch.tanh(h * self.s + self.b)
+        h = (h - 0.5).mul_(torch.full((1, 5), 3.0).mul(self.c)).add_(self.d)
+        return torch.nn.functional.linear(torch.tanh(h), self.v)
+
+
+def test_scaled_views_and_direct_products_on_torch():
+    from cvcore.backends.torch.backend import TorchBackend
+    from cvcore.protocols import Implementation, KernelRequest
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    model = _Scaled()
+    for kind in ("traced", "full"):
+        got = TorchBackend().ntk(model, x, KernelRequest(kernel=kind, dtype="float64",
+                                                         implementation=Implementation.STRUCTURED))
+        ref = TorchBackend().ntk(model, x, KernelRequest(kernel=kind, dtype="float64",
+                                                         implementation=Implementation.JACOBIAN))
+        assert rel(got.kernel, ref.kernel) < 1e-12
+        assert got.rules == {"s": "mul (direct)", "b": "add (direct)", "c": "mul_ (direct)",
+                             "d": "add_ (direct)", "v": "linear (dense)"}

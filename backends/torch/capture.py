@@ -102,6 +102,8 @@ class Recorder:
         #: views of parameters: ``id -> chain``, and the views kept alive (their ids stay theirs)
         self.chains: dict[int, tuple[Any, ...]] = {}
         self.alive: list[Any] = []
+        #: views that are parameters scaled entry by entry: ``id -> factor`` (view's shape)
+        self.factors: dict[int, Any] = {}
 
     # -- helpers used by the rules -------------------------------------------------
     def param(self, t: Any) -> str | None:
@@ -110,11 +112,23 @@ class Recorder:
             self.capture.views.setdefault(name, set()).add(self.chains.get(id(t), ()))
         return name
 
-    def alias(self, view: Any, source: Any, step: tuple[Any, ...]) -> None:
-        """Record ``view`` as a rearrangement of the parameter ``source`` (or of a view of one)."""
+    def alias(self, view: Any, source: Any, step: tuple[Any, ...], factor: Any = None) -> None:
+        """Record ``view`` as a rearrangement of the parameter ``source`` (or of a view of
+        one), scaled entry by entry by ``factor`` (a tensor of the view's shape) if given."""
         self.ids[id(view)] = self.ids[id(source)]
         self.chains[id(view)] = (*self.chains.get(id(source), ()), step)
         self.alive.append(view)
+        if factor is not None:
+            self.factors[id(view)] = factor
+
+    def taint_scaled(self, args: Any, kwargs: Any) -> None:
+        """Taint the scaled views among a call's arguments: only the rules of
+        :mod:`cvcore.backends.torch.views` apply their factors."""
+        import torch
+
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if id(leaf) in self.factors:
+                self.capture.tainted.add(self.ids[id(leaf)])
 
     def taint_all(self, args: Any, kwargs: Any) -> None:
         import torch
@@ -143,7 +157,7 @@ def recorder(ids: dict[int, str], n: int) -> Any:
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from cvcore.backends.torch.views import view_rules
+    from cvcore.backends.torch.views import SCALED_OK, view_rules
 
     rules = _rules()
     rules.update(view_rules())
@@ -159,6 +173,8 @@ def recorder(ids: dict[int, str], n: int) -> Any:
             rule = rules.get(func)
             if rule is not None:
                 self.rec.op = getattr(func, "__name__", "")
+                if rule not in SCALED_OK:
+                    self.rec.taint_scaled(args, kwargs)
                 done, out = rule(self.rec, func, args, kwargs)
                 if done:
                     return out
@@ -182,7 +198,7 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
     import torch
     import torch.nn.functional as F
     from cvcore.backends.torch.matmul import addmm, matmul
-    from cvcore.backends.torch.views import add
+    from cvcore.backends.torch.views import add, mul
 
     table: dict[Any, Callable[..., tuple[bool, Any]]] = {
         F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.embedding: _embedding,
@@ -191,7 +207,9 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
         torch.addmm: addmm, torch.Tensor.addmm: addmm,
         torch.matmul: matmul, torch.Tensor.matmul: matmul, torch.Tensor.__matmul__: matmul,
         torch.add: add, torch.Tensor.add: add, torch.Tensor.__add__: add,
-        torch.Tensor.__radd__: add,
+        torch.Tensor.__radd__: add, torch.Tensor.add_: add, torch.Tensor.__iadd__: add,
+        torch.mul: mul, torch.Tensor.mul: mul, torch.Tensor.__mul__: mul,
+        torch.Tensor.__rmul__: mul, torch.Tensor.mul_: mul, torch.Tensor.__imul__: mul,
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm
