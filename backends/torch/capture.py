@@ -155,9 +155,8 @@ class Recorder:
 def recorder(ids: dict[int, str], n: int) -> Any:
     """A fresh torch function mode recording uses of the parameters in ``ids``."""
     import torch
-    from torch.overrides import TorchFunctionMode
-
     from cvcore.backends.torch.views import SCALED_OK, view_rules
+    from torch.overrides import TorchFunctionMode
 
     rules = _rules()
     rules.update(view_rules())
