@@ -152,40 +152,51 @@ def mul(rec: Any, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     use), or ``c * p`` with a constant ``c`` that broadcasts into a parameter view ``p``
     without the samples' axis (a scaled view of ``p``, batch normalization's
     ``rsqrt(var + eps) * gamma``)."""
-    import torch
 
     inplace = _inplace(func)
+    scaled = None if inplace else _scaled_view(rec, func, args, kwargs)
+    if scaled is not None:
+        return True, scaled
     pair = _operands(rec, args, kwargs, inplace)
-    if pair is not None:
-        x, b = pair
-        before = x.detach().clone()
-        shape = tuple(x.shape)
-        out = func(*args, **kwargs)
-        if tuple(out.shape) != shape or out.dtype != b.dtype:
-            rec.capture.tainted.add(rec.ids[id(b)])
-            return True, out
-        _direct(rec, out, before, b, before)
-        return True, out
-    if inplace or len(args) < 2 or kwargs:
+    if pair is None:
         return NOT_MINE
+    x, b = pair
+    before = x.detach().clone()
+    shape = tuple(x.shape)
+    out = func(*args, **kwargs)
+    if tuple(out.shape) != shape or out.dtype != b.dtype:
+        rec.capture.tainted.add(rec.ids[id(b)])
+        return True, out
+    _direct(rec, out, before, b, before)
+    return True, out
+
+
+def _scaled_view(rec: Any, func: Any, args: Any, kwargs: Any) -> Any:
+    """``c * p`` as a scaled view of the parameter view ``p`` (``None`` if it is not one):
+    ``c`` a number or a tensor outside the autograd graph (so no activation, which
+    depends on the parameters) that broadcasts into ``p``'s shape. Tried before the direct
+    use, since with one sample a constant ``(1, C)`` looks batched."""
+    import torch
+
+    if len(args) < 2 or kwargs:
+        return None
     first, second = args[0], args[1]
     p, c = (first, second) if id(first) in rec.ids else (second, first)
     if not isinstance(p, torch.Tensor) or id(p) not in rec.ids or id(c) in rec.ids:
-        return NOT_MINE
+        return None
     if isinstance(c, torch.Tensor):
-        if c.requires_grad or (c.dim() == p.dim() and c.dim() > 0 and int(c.shape[0]) == rec.n
-                               and int(p.shape[0]) != rec.n):
-            return NOT_MINE
+        if c.requires_grad or c.dim() > p.dim():
+            return None
+        if any(int(a) != 1 and int(a) != int(q) for a, q in zip(reversed(c.shape),
+                                                                  reversed(p.shape))):
+            return None
     elif not isinstance(c, (int, float)) or isinstance(c, bool):
-        return NOT_MINE
+        return None
     out = func(*args, **kwargs)
-    if tuple(out.shape) != tuple(p.shape) or out.dtype != p.dtype:
-        rec.capture.tainted.add(rec.ids[id(p)])
-        return True, out
     factor = torch.ones_like(out).mul(c.detach() if isinstance(c, torch.Tensor) else c)
     old = rec.factors.get(id(p))
     rec.alias(out, p, ("scale", tuple(p.shape)), factor if old is None else factor * old)
-    return True, out
+    return out
 
 
 #: Rules that apply a scaled view's factor; any other rule taints a scaled view it is given.
