@@ -160,6 +160,8 @@ def test_dense_and_convolution_weights_are_served_by_rules(runs):
         "layer_normalization/beta": "layer_norm (direct)",
         "dense_3/kernel": "matmul (dense)", "dense_3/bias": "add (direct)"}
     assert _rules(runs["mlp"], "auto") == _rules(runs["mlp"])  # auto takes the rules too
+    assert _rules(runs["embedding"], "auto") == _rules(runs["embedding"])
+    assert _rules(runs["conv"], "auto") == {}  # convolutions: vmap(jacrev), measured cheaper
     assert _rules(runs["mlp"], "jacobian") == {}
 
 
