@@ -197,11 +197,12 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
     import torch
     import torch.nn.functional as F
     from cvcore.backends.torch.matmul import addmm, matmul
+    from cvcore.backends.torch.norms import batch_norm, group_norm, layer_norm, rms_norm
     from cvcore.backends.torch.views import add, mul
 
     table: dict[Any, Callable[..., tuple[bool, Any]]] = {
         F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.embedding: _embedding,
-        F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm,
+        F.layer_norm: layer_norm, F.group_norm: group_norm, F.batch_norm: batch_norm,
         F.multi_head_attention_forward: _mha,
         torch.addmm: addmm, torch.Tensor.addmm: addmm,
         torch.matmul: matmul, torch.Tensor.matmul: matmul, torch.Tensor.__matmul__: matmul,
@@ -211,7 +212,7 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
         torch.Tensor.__rmul__: mul, torch.Tensor.mul_: mul, torch.Tensor.__imul__: mul,
     }
     if hasattr(F, "rms_norm"):
-        table[F.rms_norm] = _rms_norm
+        table[F.rms_norm] = rms_norm
     return table
 
 
@@ -346,97 +347,6 @@ def _embedding(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, 
         ids = ids.masked_fill(ids == pad, -1)
     d = int(weight.shape[1])
     rec.add(name, "embedding", out, ids, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d))
-    return True, out
-
-
-def _affine(rec: Recorder, out: Any, xhat: Any, weight: Any, bias: Any,
-            channel_dim: int | None, trailing: int) -> None:
-    """Record the scale and shift of a normalisation layer as direct features.
-
-    ``channel_dim``: the per-sample dim of the channel (batch / group norm), or ``None``
-    for layer/RMS norm whose parameters cover the last ``trailing`` dims.
-    """
-    def reducer(with_x: bool) -> Callable[[Any], Any]:
-        def reduce(g: Any) -> Any:
-            v = g * xhat.unsqueeze(1) if with_x else g
-            n, n_out = v.shape[:2]
-            if channel_dim is None:
-                return v.reshape(n, n_out, -1, _numel(v.shape[v.dim() - trailing:])).sum(2)
-            v = v.movedim(channel_dim + 2, 2)
-            return v.reshape(n, n_out, v.shape[2], -1).sum(3)
-
-        return reduce
-
-    w_name, b_name = rec.param(weight), rec.param(bias)
-    if w_name is not None:
-        rec.add(w_name, "direct", out, None, reducer(True))
-    if b_name is not None:
-        rec.add(b_name, "direct", out, None, reducer(False))
-
-
-def _numel(shape: Any) -> int:
-    total = 1
-    for s in shape:
-        total *= int(s)
-    return total
-
-
-def _layer_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    import torch.nn.functional as F
-
-    b = bind_arguments(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
-              {"weight": None, "bias": None, "eps": 1e-5})
-    if not rec.batched(b["input"]):
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    shape = tuple(b["normalized_shape"])
-    xhat = F.layer_norm(b["input"].detach(), shape, None, None, b["eps"])
-    _affine(rec, out, xhat, b["weight"], b["bias"], None, len(shape))
-    return True, out
-
-
-def _rms_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    import torch.nn.functional as F
-
-    b = bind_arguments(args, kwargs, ("input", "normalized_shape", "weight", "eps"),
-              {"weight": None, "eps": None})
-    if not rec.batched(b["input"]):
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    shape = tuple(b["normalized_shape"])
-    xhat = F.rms_norm(b["input"].detach(), shape, None, b["eps"])
-    _affine(rec, out, xhat, b["weight"], None, None, len(shape))
-    return True, out
-
-
-def _group_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    import torch.nn.functional as F
-
-    b = bind_arguments(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
-              {"weight": None, "bias": None, "eps": 1e-5})
-    if not rec.batched(b["input"]) or b["input"].dim() < 2:
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    xhat = F.group_norm(b["input"].detach(), b["num_groups"], None, None, b["eps"])
-    _affine(rec, out, xhat, b["weight"], b["bias"], 0, 0)
-    return True, out
-
-
-def _batch_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    b = bind_arguments(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias",
-                             "training", "momentum", "eps"),
-              {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
-    x = b["input"]
-    if b["training"] or b["running_mean"] is None or b["running_var"] is None:
-        rec.capture.coupled = True  # batch statistics couple the samples
-        return _NOT_MINE
-    if not rec.batched(x) or x.dim() < 2:
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    mean, var = b["running_mean"].detach().reshape(view), b["running_var"].detach().reshape(view)
-    xhat = (x.detach() - mean) / (var + b["eps"]).sqrt()
-    _affine(rec, out, xhat, b["weight"], b["bias"], 0, 0)
     return True, out
 
 
