@@ -16,6 +16,8 @@ saved and loaded by the others) and inputs, with ``KERAS_BACKEND=tensorflow``, o
   ``tf.function``, concatenated; the Gram matrix in NumPy.
 * ``cvcore``: ``cvcore.ntk(model, x)`` (traced kernel, float32).
 * ``cvcore-trace``: ``cvcore.measure(model, x, variables=["trace"])``.
+* ``cvcore-jacobian``, ``cvcore-structured``: ``cvcore.ntk`` with that ``implementation=``
+  (on ``torch-``: the Jacobian path of ``stateless_call``, or the torch structured engine).
 * ``cvcore-again``, ``cvcore-trace-again``: the same, timing a second call on the same
   model after a first one (what a training loop measuring every epoch sees: the traced
   functions are reused, see docs/backend-tensorflow.md).
@@ -104,6 +106,8 @@ def child(method: str, n: int, out: str) -> None:
             result = _tf_recipe(model, x)
         elif method == "cvcore":
             result = np.asarray(cvcore.ntk(model, x))
+        elif method in ("cvcore-jacobian", "cvcore-structured"):
+            result = np.asarray(cvcore.ntk(model, x, implementation=method.split("-")[1]))
         else:
             result = np.asarray([cvcore.measure(model, x, variables=["trace"]).trace])
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu

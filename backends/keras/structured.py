@@ -32,3 +32,43 @@ def jax_pair(model: Any, x: Any, request: KernelRequest) -> tuple[Any, list[Any]
 
     return apply_fn, s.theta
 
+
+
+def torch_module(model: Any, x: Any, request: KernelRequest) -> Any:
+    """A Keras-on-torch model as a plain ``torch.nn.Module`` of its weights, for the torch
+    backend (:class:`cvcore.backends.torch.backend.TorchBackend`).
+
+    Its parameters are copies of the trainable weights (cast to the request's dtype) and
+    its buffers the non-trainable ones, named by the Keras variables' paths; its forward
+    is ``stateless_call`` with them. ``torch.func.functional_call`` on it therefore
+    differentiates the Keras model (on the Keras model itself it would see none of the
+    weights Keras reads), and the torch backend's capture, rules, row checks, Jacobian
+    path and diagonal serve it unchanged.
+    """
+    import torch
+
+    s = stateless(model, x, request, "torch")
+    names = _torch_names(s.paths)
+    fixed = [f"fixed/{i}" for i in range(len(s.fixed))]
+
+    class KerasFunction(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name, t in zip(names, s.theta):
+                self.register_parameter(name, torch.nn.Parameter(t.detach().clone()))
+            for name, t in zip(fixed, s.fixed):
+                self.register_buffer(name, t.detach().clone())
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            batch = dict(kwargs) if kwargs else args[0] if len(args) == 1 else tuple(args)
+            return s.call([getattr(self, k) for k in names], batch,
+                          [getattr(self, k) for k in fixed])
+
+    return KerasFunction()
+
+
+def _torch_names(paths: list[str]) -> list[str]:
+    """The variables' paths as names ``register_parameter`` takes (no ``.``), made unique
+    by their index where two coincide."""
+    names = [p.replace(".", "_") or "weight" for p in paths]
+    return [f"{name}#{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]

@@ -21,7 +21,11 @@ leading size equal to (or a multiple of) the number of samples is necessary, nev
 sufficient: whether row r really belongs to sample r alone is established afterwards by
 :mod:`cvcore.backends.torch.rowcheck`.
 Calls that couple samples (batch norm with batch statistics) mark the capture as
-*coupled*, and the caller falls back to the Jacobian path.
+*coupled*, and the caller falls back to the Jacobian path. A use whose output is then
+changed in place (``nn.ReLU(inplace=True)`` after a linear layer) taints its parameters:
+the output-gradient taken afterwards would be that of the changed value.
+Rearranged parameters (Keras' permuted convolution kernels) and biases added with
+``x + b`` are recorded through :mod:`cvcore.backends.torch.views`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ class Use:
     also: tuple[str, ...] = ()
     #: the torch function whose rule recorded the use (``linear``, ``conv2d``, ...)
     op: str = ""
+    #: ``z._version`` when recorded: an in-place op on ``z`` afterwards (``ReLU(inplace=True)``)
+    #: makes its gradient that of another value, and the use's parameters lose their rule
+    version: int = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -79,6 +86,9 @@ class Capture:
     uses: list[Use] = field(default_factory=list)
     tainted: set[str] = field(default_factory=set)
     coupled: bool = False
+    #: the chains of views (:mod:`cvcore.backends.torch.views`) through which a rule read
+    #: each parameter; more than one means no rule for it
+    views: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
 
 
 class Recorder:
@@ -89,10 +99,36 @@ class Recorder:
         self.n = n
         self.capture = Capture()
         self.op = ""
+        #: views of parameters: ``id -> chain``, and the views kept alive (their ids stay theirs)
+        self.chains: dict[int, tuple[Any, ...]] = {}
+        self.alive: list[Any] = []
+        #: views that are parameters scaled entry by entry: ``id -> factor`` (view's shape)
+        self.factors: dict[int, Any] = {}
 
     # -- helpers used by the rules -------------------------------------------------
     def param(self, t: Any) -> str | None:
-        return self.ids.get(id(t)) if t is not None else None
+        name = self.ids.get(id(t)) if t is not None else None
+        if name is not None:
+            self.capture.views.setdefault(name, set()).add(self.chains.get(id(t), ()))
+        return name
+
+    def alias(self, view: Any, source: Any, step: tuple[Any, ...], factor: Any = None) -> None:
+        """Record ``view`` as a rearrangement of the parameter ``source`` (or of a view of
+        one), scaled entry by entry by ``factor`` (a tensor of the view's shape) if given."""
+        self.ids[id(view)] = self.ids[id(source)]
+        self.chains[id(view)] = (*self.chains.get(id(source), ()), step)
+        self.alive.append(view)
+        if factor is not None:
+            self.factors[id(view)] = factor
+
+    def taint_scaled(self, args: Any, kwargs: Any) -> None:
+        """Taint the scaled views among a call's arguments: only the rules of
+        :mod:`cvcore.backends.torch.views` apply their factors."""
+        import torch
+
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if id(leaf) in self.factors:
+                self.capture.tainted.add(self.ids[id(leaf)])
 
     def taint_all(self, args: Any, kwargs: Any) -> None:
         import torch
@@ -107,7 +143,8 @@ class Recorder:
 
     def add(self, name: str, kind: str, z: Any, a: Any, shape_g: Callable[[Any], Any],
             block: int = 0, also: tuple[str, ...] = ()) -> None:
-        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also, self.op))
+        self.capture.uses.append(Use(name, (name, block), kind, z, a, shape_g, also, self.op,
+                                     int(z._version)))
 
     def linear(self, x: Any, weight: Any, bias: Any) -> Any:
         """``F.linear(x, weight, bias)``, recorded as a dense use (:func:`linear_record`);
@@ -118,9 +155,11 @@ class Recorder:
 def recorder(ids: dict[int, str], n: int) -> Any:
     """A fresh torch function mode recording uses of the parameters in ``ids``."""
     import torch
+    from cvcore.backends.torch.views import SCALED_OK, view_rules
     from torch.overrides import TorchFunctionMode
 
     rules = _rules()
+    rules.update(view_rules())
 
     class _Mode(TorchFunctionMode):
         def __init__(self) -> None:
@@ -133,6 +172,8 @@ def recorder(ids: dict[int, str], n: int) -> Any:
             rule = rules.get(func)
             if rule is not None:
                 self.rec.op = getattr(func, "__name__", "")
+                if rule not in SCALED_OK:
+                    self.rec.taint_scaled(args, kwargs)
                 done, out = rule(self.rec, func, args, kwargs)
                 if done:
                     return out
@@ -156,16 +197,22 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
     import torch
     import torch.nn.functional as F
     from cvcore.backends.torch.matmul import addmm, matmul
+    from cvcore.backends.torch.norms import batch_norm, group_norm, layer_norm, rms_norm
+    from cvcore.backends.torch.views import add, mul
 
     table: dict[Any, Callable[..., tuple[bool, Any]]] = {
         F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.embedding: _embedding,
-        F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm,
+        F.layer_norm: layer_norm, F.group_norm: group_norm, F.batch_norm: batch_norm,
         F.multi_head_attention_forward: _mha,
         torch.addmm: addmm, torch.Tensor.addmm: addmm,
         torch.matmul: matmul, torch.Tensor.matmul: matmul, torch.Tensor.__matmul__: matmul,
+        torch.add: add, torch.Tensor.add: add, torch.Tensor.__add__: add,
+        torch.Tensor.__radd__: add, torch.Tensor.add_: add, torch.Tensor.__iadd__: add,
+        torch.mul: mul, torch.Tensor.mul: mul, torch.Tensor.__mul__: mul,
+        torch.Tensor.__rmul__: mul, torch.Tensor.mul_: mul, torch.Tensor.__imul__: mul,
     }
     if hasattr(F, "rms_norm"):
-        table[F.rms_norm] = _rms_norm
+        table[F.rms_norm] = rms_norm
     return table
 
 
@@ -303,97 +350,6 @@ def _embedding(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, 
     return True, out
 
 
-def _affine(rec: Recorder, out: Any, xhat: Any, weight: Any, bias: Any,
-            channel_dim: int | None, trailing: int) -> None:
-    """Record the scale and shift of a normalisation layer as direct features.
-
-    ``channel_dim``: the per-sample dim of the channel (batch / group norm), or ``None``
-    for layer/RMS norm whose parameters cover the last ``trailing`` dims.
-    """
-    def reducer(with_x: bool) -> Callable[[Any], Any]:
-        def reduce(g: Any) -> Any:
-            v = g * xhat.unsqueeze(1) if with_x else g
-            n, n_out = v.shape[:2]
-            if channel_dim is None:
-                return v.reshape(n, n_out, -1, _numel(v.shape[v.dim() - trailing:])).sum(2)
-            v = v.movedim(channel_dim + 2, 2)
-            return v.reshape(n, n_out, v.shape[2], -1).sum(3)
-
-        return reduce
-
-    w_name, b_name = rec.param(weight), rec.param(bias)
-    if w_name is not None:
-        rec.add(w_name, "direct", out, None, reducer(True))
-    if b_name is not None:
-        rec.add(b_name, "direct", out, None, reducer(False))
-
-
-def _numel(shape: Any) -> int:
-    total = 1
-    for s in shape:
-        total *= int(s)
-    return total
-
-
-def _layer_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    import torch.nn.functional as F
-
-    b = bind_arguments(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
-              {"weight": None, "bias": None, "eps": 1e-5})
-    if not rec.batched(b["input"]):
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    shape = tuple(b["normalized_shape"])
-    xhat = F.layer_norm(b["input"].detach(), shape, None, None, b["eps"])
-    _affine(rec, out, xhat, b["weight"], b["bias"], None, len(shape))
-    return True, out
-
-
-def _rms_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    import torch.nn.functional as F
-
-    b = bind_arguments(args, kwargs, ("input", "normalized_shape", "weight", "eps"),
-              {"weight": None, "eps": None})
-    if not rec.batched(b["input"]):
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    shape = tuple(b["normalized_shape"])
-    xhat = F.rms_norm(b["input"].detach(), shape, None, b["eps"])
-    _affine(rec, out, xhat, b["weight"], None, None, len(shape))
-    return True, out
-
-
-def _group_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    import torch.nn.functional as F
-
-    b = bind_arguments(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
-              {"weight": None, "bias": None, "eps": 1e-5})
-    if not rec.batched(b["input"]) or b["input"].dim() < 2:
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    xhat = F.group_norm(b["input"].detach(), b["num_groups"], None, None, b["eps"])
-    _affine(rec, out, xhat, b["weight"], b["bias"], 0, 0)
-    return True, out
-
-
-def _batch_norm(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    b = bind_arguments(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias",
-                             "training", "momentum", "eps"),
-              {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
-    x = b["input"]
-    if b["training"] or b["running_mean"] is None or b["running_var"] is None:
-        rec.capture.coupled = True  # batch statistics couple the samples
-        return _NOT_MINE
-    if not rec.batched(x) or x.dim() < 2:
-        return _NOT_MINE
-    out = func(*args, **kwargs)
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    mean, var = b["running_mean"].detach().reshape(view), b["running_var"].detach().reshape(view)
-    xhat = (x.detach() - mean) / (var + b["eps"]).sqrt()
-    _affine(rec, out, xhat, b["weight"], b["bias"], 0, 0)
-    return True, out
-
-
 def _mha(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     from cvcore.backends.torch.attention import decomposed_mha
 
@@ -411,7 +367,11 @@ def forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
         with mode:
             raw = fcall(prep.module, {**prep.constants, **leaves}, x)
         out = select_output(raw, output).reshape(n, -1)
-    return out, mode.rec.capture
+    cap = mode.rec.capture
+    for u in cap.uses:
+        if int(u.z._version) != u.version:  # overwritten in place after the recorded op
+            cap.tainted.update(u.names)
+    return out, cap
 
 
 def structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
@@ -422,6 +382,7 @@ def structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()
     weight).
     """
     bad = set(cap.tainted) | _mixed(cap.uses) | set(excluded)
+    bad |= {name for name, chains in cap.views.items() if len(chains) > 1}
     changed = True
     while changed:
         changed = False
