@@ -91,7 +91,7 @@ def structured(kernel: str, force: str | None, implementation: str = "structured
         prep = jb.prepare((grouped_apply, grouped_params()), train=False)
         prep.params = jb.cast_tree(prep.params, jnp.float64, device)
         leaves = jb.flatten_params(prep.params)
-        xs = jb.to_arrays(grouped_inputs(), jnp.float64, device)
+        xs = jb.as_inputs(grouped_inputs(), jnp.float64, device)
         n_out = jx.probe_outputs(prep, leaves, xs, None)
         traced = jx.trace(prep, leaves, xs, None)
         analysis = jr.analyse(traced.jaxpr, len(leaves.trainable))
