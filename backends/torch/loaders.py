@@ -197,6 +197,17 @@ def load_state_into(module: Any, state: dict[str, Any], path: Path) -> Any:
     return module
 
 
+def _from_state(options: Any, state: dict[str, Any], path: Path, missing: str) -> LoadedModel:
+    """The ``--model`` factory's module with ``state`` loaded; without ``--model`` an
+    error ending in ``missing`` (what was given instead)."""
+    if options.model_factory is None:
+        raise InputError(f"{path}: expected --model package.module:factory {missing}")
+    return LoadedModel(model=load_state_into(resolve_factory(options.model_factory,
+                                                             options.model_args), state, path),
+                       backend="torch")
+
+
+
 @dataclass(frozen=True)
 class TorchSaveLoader:
     """``torch.save`` files: a whole module, or a state dict with ``--model``."""
@@ -221,13 +232,9 @@ class TorchSaveLoader:
         if isinstance(obj, torch.nn.Module):
             return LoadedModel(model=obj, backend="torch")
         state = find_state_dict(obj, path)
-        if options.model_factory is None:
-            raise InputError(
-                f"{path}: expected --model package.module:factory to build the architecture, "
-                f"got a state_dict ({len(state)} tensors) and no --model"
-            )
-        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory, options.model_args), state, path),
-                           backend="torch")
+        return _from_state(options, state, path,
+                           f"to build the architecture, got a state_dict ({len(state)} tensors) "
+                           "and no --model")
 
 
 @dataclass(frozen=True)
@@ -302,12 +309,7 @@ class SafetensorsLoader:
             state = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"{path}: expected a readable safetensors file, got {exc}") from None
-        if options.model_factory is None:
-            raise InputError(
-                f"{path}: expected --model package.module:factory with safetensors weights, got none"
-            )
-        return LoadedModel(model=load_state_into(resolve_factory(options.model_factory, options.model_args), state, path),
-                           backend="torch")
+        return _from_state(options, state, path, "with safetensors weights, got none")
 
 
 @dataclass(frozen=True)
