@@ -66,6 +66,13 @@ class _Run:
     def fail(self, check: str, detail: str) -> ConformanceFailure:
         return ConformanceFailure(self.name, check, detail)
 
+    def expect_close(self, check: str, got: Any, want: Any, rtol: float, expected: str) -> None:
+        """Fail ``check`` unless ``got`` is within ``rtol`` of ``want`` (max-norm relative
+        error); ``expected`` is the message up to its ``, got <error>``."""
+        err = relative_error(got, want)
+        if err > rtol:
+            raise self.fail(check, f"{expected}, got {err:.3g}")
+
     def get_inputs(self, n: int, check: str) -> Any:
         if n not in self.inputs:
             try:
@@ -236,11 +243,9 @@ def _check_traced_vs_full(run: _Run) -> str | None:
     traced = run.ntk("traced-vs-full", kernel="traced").kernel
     full = run.ntk("traced-vs-full", kernel="full").kernel
     expected = traced_from_full(full, run.n_samples)
-    err = relative_error(traced, expected)
-    if err > run.exact_rtol:
-        raise run.fail("traced-vs-full", f"expected the traced kernel to equal the mean of the "
-                                         f"full kernel's output-diagonal blocks (row i·O + o) "
-                                         f"within {run.exact_rtol:g} relative, got {err:.3g}")
+    run.expect_close("traced-vs-full", traced, expected, run.exact_rtol,
+                     "expected the traced kernel to equal the mean of the full kernel's "
+                     f"output-diagonal blocks (row i·O + o) within {run.exact_rtol:g} relative")
     return None
 
 
@@ -248,10 +253,9 @@ def _check_repeatable(run: _Run) -> str | None:
     for kind in KINDS:
         first = run.ntk("repeatable", kernel=kind).kernel
         again = run.ntk("repeatable", kernel=kind, fresh=True).kernel
-        err = relative_error(again, first)
-        if err > run.exact_rtol:
-            raise run.fail("repeatable", f"expected the same {kind} kernel from two identical "
-                                         f"calls within {run.exact_rtol:g}, got {err:.3g}")
+        run.expect_close("repeatable", again, first, run.exact_rtol,
+                         f"expected the same {kind} kernel from two identical calls within "
+                         f"{run.exact_rtol:g}")
     return None
 
 
@@ -262,10 +266,9 @@ def _check_dtype(run: _Run) -> str | None:
         if k64.dtype != np.float64 or k32.dtype != np.float32:
             raise run.fail("dtype", f"expected {kind} kernels of dtype float64 and float32 for "
                                     f"dtype='float64' and 'float32', got {k64.dtype} and {k32.dtype}")
-        err = relative_error(k32, k64)
-        if err > run.float32_rtol:
-            raise run.fail("dtype", f"expected the float32 {kind} kernel within "
-                                    f"{run.float32_rtol:g} of the float64 one, got {err:.3g}")
+        run.expect_close("dtype", k32, k64, run.float32_rtol,
+                         f"expected the float32 {kind} kernel within {run.float32_rtol:g} of "
+                         "the float64 one")
         if np.array_equal(k64, k64.astype(np.float32).astype(np.float64)):
             raise run.fail("dtype", f"expected a {kind} kernel computed in float64 for "
                                     f"dtype='float64', got one whose every entry is exactly a "
@@ -280,12 +283,10 @@ def _check_blocking(run: _Run) -> str | None:
             whole = run.ntk("blocking", kernel=kind).kernel
             for budget in TINY_BUDGETS:
                 blocked = run.ntk("blocking", kernel=kind, budget=budget, implementation=impl)
-                err = relative_error(blocked.kernel, whole)
-                if err > run.exact_rtol:
-                    raise run.fail("blocking", f"expected the same {kind} kernel with "
-                                               f"memory_budget={budget} and implementation="
-                                               f"{impl.value!r} as with the default budget, "
-                                               f"within {run.exact_rtol:g}, got {err:.3g}")
+                run.expect_close("blocking", blocked.kernel, whole, run.exact_rtol,
+                                 f"expected the same {kind} kernel with memory_budget={budget} "
+                                 f"and implementation={impl.value!r} as with the default "
+                                 f"budget, within {run.exact_rtol:g}")
     return None
 
 
@@ -294,11 +295,9 @@ def _check_implementations(run: _Run) -> str | None:
         auto = run.ntk("implementations", kernel=kind).kernel
         for impl in Implementation:
             other = run.ntk("implementations", kernel=kind, implementation=impl).kernel
-            err = relative_error(other, auto)
-            if err > run.exact_rtol:
-                raise run.fail("implementations", f"expected implementation={impl.value!r} to "
-                                                  f"give the {kind} kernel of 'auto' within "
-                                                  f"{run.exact_rtol:g}, got {err:.3g}")
+            run.expect_close("implementations", other, auto, run.exact_rtol,
+                             f"expected implementation={impl.value!r} to give the {kind} "
+                             f"kernel of 'auto' within {run.exact_rtol:g}")
     return None
 
 
@@ -352,11 +351,9 @@ def _compare_reference(run: _Run, check: str, n: int) -> None:
             raise run.fail(check, f"expected n_outputs={jac.shape[1]} and n_params="
                                   f"{jac.shape[2]} (from the reference's forward and "
                                   f"get_params), got {res.n_outputs} and {res.n_params}")
-        err = relative_error(res.kernel, kernel_from_jacobian(jac, kind))
-        if err > run.rtol:
-            raise run.fail(check, f"expected the float64 {kind} kernel on {n} samples within "
-                                  f"{run.rtol:g} relative of the finite-difference reference, "
-                                  f"got {err:.3g}")
+        run.expect_close(check, res.kernel, kernel_from_jacobian(jac, kind), run.rtol,
+                         f"expected the float64 {kind} kernel on {n} samples within "
+                         f"{run.rtol:g} relative of the finite-difference reference")
 
 
 def _check_finite_difference(run: _Run) -> str | None:
