@@ -107,6 +107,9 @@ def autoencoder_model(model: Any, names: tuple[str, str], which: str) -> Any:
     encode, decode = names
 
     class AutoEncoderOutput(torch.nn.Module):
+        #: per-layer rows name the user's modules: ``ae.`` is left off (torch layers.py)
+        cvcore_wraps = "ae"
+
         def __init__(self) -> None:
             super().__init__()
             self.ae = model

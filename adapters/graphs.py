@@ -58,6 +58,8 @@ def graph_model(model: Any, graph: Any, level: str, output: OutputSelector | Non
     rows = int(graph.num_graphs if level == "graph" else graph.num_nodes)
 
     class GraphOutputs(torch.nn.Module):
+        cvcore_wraps = "gnn"  # per-layer rows name the user's modules (torch layers.py)
+
         def __init__(self) -> None:
             super().__init__()
             self.gnn = model

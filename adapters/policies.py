@@ -35,6 +35,8 @@ def actor_critic_heads(policy: Any) -> Any:
     import torch
 
     class PolicyHeads(torch.nn.Module):
+        cvcore_wraps = "policy"  # per-layer rows name the policy's modules (torch layers.py)
+
         def __init__(self) -> None:
             super().__init__()
             self.policy = policy
@@ -58,6 +60,8 @@ def q_values(policy: Any) -> Any:
     import torch
 
     class QValues(torch.nn.Module):
+        cvcore_wraps = "q"  # per-layer rows name q_net's modules (torch layers.py)
+
         def __init__(self) -> None:
             super().__init__()
             self.q = policy.q_net

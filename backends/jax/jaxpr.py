@@ -178,7 +178,7 @@ def probe_outputs(prep: setup.Prepared, leaves: setup.Leaves, x: Any, output: An
     The trace is cached (:func:`trace`) and reused by the structured path."""
 
     try:
-        return trace(prep, leaves, x, output).n_outputs
+        traced = trace(prep, leaves, x, output)
     except CVCoreError:
         raise
     except Exception as exc:
@@ -190,3 +190,9 @@ def probe_outputs(prep: setup.Prepared, leaves: setup.Leaves, x: Any, output: An
                 "'train' argument"
             ) from exc
         raise InputError(f"expected inputs the model accepts, got {outputs.describe_inputs(x)}: {message}") from exc
+    dtype = np.dtype(traced.jaxpr.outvars[0].aval.dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise ModelError(f"expected a real floating-point output to differentiate, got {dtype} "
+                         "(take its abs, real or imaginary part in the model); pick another "
+                         "output with output=")
+    return traced.n_outputs

@@ -3,12 +3,16 @@
 Every trainable leaf is followed through the one-sample jaxpr (:func:`analyse`): a leaf
 whose every use is, after layout-only steps, the weight operand of a ``dot_general``,
 a ``conv_general_dilated`` (grouped and depthwise ones included) or the table of an
-embedding-style ``gather`` gets a :class:`Site` per use; the others are differentiated directly. :func:`activation` gives
+embedding-style ``gather`` gets a :class:`Site` per use; the others are differentiated directly.
+A bias added to a site's output is measured with the site's weight only when that output
+is read by the bias add alone (:func:`consumers` counts every variable's readers), and no
+equation with a complex operand or output gets a rule. :func:`activation` gives
 a site's input for one sample, as :func:`cvcore.backends.jax.jaxpr.evaluate` records it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any
@@ -97,7 +101,7 @@ def _layout_step(eqn: Any) -> tuple[Any, ...] | None:
         return None
     if name == "reshape" and eqn.params.get("dimensions") is not None:
         return None
-    if not np.issubdtype(np.dtype(aval_out.dtype), np.inexact):
+    if not np.issubdtype(np.dtype(aval_out.dtype), np.floating):  # integer or complex
         return None
     return (name, tuple(aval_out.shape), tuple(eqn.params.get("permutation", ())))
 
@@ -207,11 +211,36 @@ def _is_bias(eqn: Any, side: int, origin: Origin, site: Site, size: int) -> bool
     return True
 
 
+def consumers(jaxpr: Any) -> collections.Counter[Any]:
+    """How many times each variable of ``jaxpr`` is read: as an operand of its equations
+    (a call such as ``pjit`` counts once per operand it is passed, whatever its body does
+    with it) and as one of the jaxpr's outputs."""
+    core = extend_core()
+    count: collections.Counter[Any] = collections.Counter()
+    for eqn in jaxpr.eqns:
+        count.update(v for v in eqn.invars if not isinstance(v, core.Literal))
+    count.update(v for v in jaxpr.outvars if not isinstance(v, core.Literal))
+    return count
+
+
+def _real(eqn: Any) -> bool:
+    """Whether no operand or output of ``eqn`` is complex: the rules' Gram matrices
+    (``a·a``, ``g·g``, no conjugates) hold for real layers only."""
+    return not any(np.issubdtype(np.dtype(v.aval.dtype), np.complexfloating)
+                   for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "dtype"))
+
+
 def _walk(jaxpr: Any, origins: list[Origin | None], path: tuple[int, ...], w: _Walk
           ) -> list[Origin | None]:
-    """Follow leaves through ``jaxpr``; returns the origins of its outputs."""
+    """Follow leaves through ``jaxpr``; returns the origins of its outputs.
+
+    A bias is folded into a site only when the site's output is read by the bias add
+    alone: the rule perturbs the site's output ``z``, so ``g = ∂f/∂z``, which is the
+    bias's gradient ``∂f/∂(z + b)`` only when nothing else reads ``z`` (another equation,
+    a nested call, or the jaxpr's outputs)."""
     core = extend_core()
     env: dict[Any, Origin] = {v: o for v, o in zip(jaxpr.invars, origins) if o is not None}
+    reads = consumers(jaxpr)
 
     def origin_of(v: Any) -> Origin | None:
         return None if isinstance(v, core.Literal) else env.get(v)
@@ -240,10 +269,11 @@ def _walk(jaxpr: Any, origins: list[Origin | None], path: tuple[int, ...], w: _W
         if name == "add" and len(found) == 1 and len(eqn.invars) == 2:
             other = eqn.invars[1 - side]
             site = None if isinstance(other, core.Literal) else w.outputs.get(other)
-            if site is not None and _is_bias(eqn, side, found[0], site, w.sizes[found[0].leaf]):
+            if site is not None and reads[other] == 1 \
+                    and _is_bias(eqn, side, found[0], site, w.sizes[found[0].leaf]):
                 w.biases.append((found[0].leaf, site.path))
                 continue
-        rule = SITE_RULES.get(name)
+        rule = SITE_RULES.get(name) if _real(eqn) else None
         whole = len(found) == 1 and found[0].repeated == frozenset()  # not a broadcast copy
         site = rule(eqn, side, found[0], here) if rule is not None and whole else None
         if site is None:

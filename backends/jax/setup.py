@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -253,11 +254,14 @@ def as_inputs(inputs: Any, dtype: Any, device: Any) -> Any:
 
 
 def cast_tree(tree: Any, dtype: Any, device: Any) -> Any:
-    """Inexact array leaves in ``dtype`` on ``device``; other leaves unchanged."""
+    """Real floating array leaves in ``dtype`` on ``device``; other leaves unchanged (a
+    complex leaf keeps its dtype: casting it would drop its imaginary part, and a complex
+    parameter is refused by :func:`flatten_params`)."""
     jax = require("jax")
 
     def cast(leaf: Any) -> Any:
-        if isinstance(leaf, (np.ndarray, jax.Array)) and is_inexact(leaf):
+        if isinstance(leaf, (np.ndarray, jax.Array)) and is_inexact(leaf) \
+                and not np.issubdtype(leaf.dtype, np.complexfloating):
             return jax.device_put(leaf.astype(dtype), device)
         return leaf
 
@@ -356,6 +360,28 @@ def is_inexact(value: Any) -> bool:
     return bool(jnp.issubdtype(value.dtype, jnp.inexact))
 
 
+_KEY = re.compile(r"\['([^']*)'\]|\[\"([^\"]*)\"\]|\[(-?\d+)\]|\.(\w+)")
+
+
+def tree_path(keystr: str) -> list[str]:
+    """The keys of a ``jax.tree_util.keystr`` path.
+
+    >>> tree_path("['params']['Dense_0']['kernel']"), tree_path(".layers[0].weight")
+    (['params', 'Dense_0', 'kernel'], ['layers', '0', 'weight'])
+    """
+    return [next(g for g in m.groups() if g is not None) for m in _KEY.finditer(keystr)]
+
+
+def dotted(keystr: str) -> str:
+    """A leaf's tree path with its keys joined by ``.``, as parameters are named in
+    messages and per-layer rows (``['l1']['kernel']`` → ``l1.kernel``).
+
+    >>> dotted(".layers[0].weight"), dotted("")
+    ('layers.0.weight', '<root>')
+    """
+    return ".".join(tree_path(keystr)) or "<root>"
+
+
 def flatten_params(params: Any) -> Leaves:
     jax = require("jax")
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -365,6 +391,9 @@ def flatten_params(params: Any) -> Leaves:
     if not trainable:
         raise ModelError("expected a model with trainable parameters, got none (no inexact array leaves)")
     for i in trainable:
+        if np.issubdtype(values[i].dtype, np.complexfloating):
+            raise ModelError(f"expected real floating-point parameters, got {values[i].dtype} "
+                             f"in {dotted(paths[i])!r}")
         if not bool(jax.numpy.isfinite(values[i]).all()):
             raise ModelError(f"expected finite weights, got NaN or Inf in parameter {paths[i] or '<root>'}")
     return Leaves(values=values, treedef=treedef, trainable=trainable, paths=paths)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from cvcore.backends.keras.recast import check_weights, needs_recast, recast
 from cvcore.backends.keras.setup import (
+    check_real,
     input_error,
     keras_device,
     map_inputs,
@@ -139,6 +140,7 @@ def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> State
     if not trainable:
         raise ModelError("expected a model with trainable variables, got none "
                          "(all frozen, or the model is not built)")
+    check_real([str(v.path) for v in trainable], [v.dtype for v in trainable])
     with keras.device(device):
         def to_native(batch: Any) -> Any:
             return map_inputs(lambda a: ops.convert_to_tensor(a, dtype=str(a.dtype)), batch)

@@ -1,9 +1,10 @@
 """The kernel split by layer (``per_layer=True``) for Keras models and ``tf.Module`` s.
 
-A layer is a variable's path without its last component: Keras' ``dense_1/kernel`` is
-layer ``dense_1`` (the layer's name, nested layers joined by ``/``, the model's own name
-left off); a ``tf.Module``'s
-variable names are split the same way (``dense/kernel:0`` → ``dense``). Each layer's
+A layer is a variable's path without its last component, its parts joined by ``.`` as
+PyTorch names its modules: Keras' ``dense_1/kernel`` is layer ``dense_1`` (the layer's
+name, nested layers joined by ``.``: ``block.fc`` for ``net/block/fc/kernel``, the model's
+own name left off); a ``tf.Module``'s variable names are split the same way
+(``dense/kernel:0`` → ``dense``), ``(root)`` for a variable with no layer. Each layer's
 kernel is the Jacobian path over that layer's variables only (the engine's per-group
 Jacobian with the group restricted to the layer), so the work is the whole kernel's,
 split into one Jacobian per layer. A Keras model on the JAX backend goes, like its whole
@@ -28,6 +29,7 @@ from cvcore.backends.keras.setup import (
 from cvcore.blocking import plan_blocks
 from cvcore.data_io import batch_size, require_samples, slice_inputs
 from cvcore.errors import ModelError
+from cvcore.imports import require
 from cvcore.protocols import KernelRequest, LayerKernel, LayerKernels, layer_of
 
 
@@ -38,11 +40,26 @@ def _layer_engine(engine: Any, members: list[int]) -> Any:
         jacobian=lambda group, batch: engine.jacobian(tuple(members[j] for j in group), batch))
 
 
+def _module_paths(model: Any) -> dict[int, str]:
+    """A ``tf.Module``'s variables by id: their attribute paths (``l1/w`` for
+    ``self.l1.w``), ``/``-joined; empty for a restored SavedModel (its names are paths)."""
+    tf = require("tensorflow")
+    if not isinstance(model, tf.Module):
+        return {}
+    flat = model._flatten(predicate=lambda v: isinstance(v, tf.Variable), with_path=True)
+    return {id(v): "/".join(str(key) for key in path) for path, v in flat}
+
+
 def _variable_names(model: Any, kind: str) -> list[str]:
+    """Every trainable variable's path, ``/``-joined, the model's own name left off: a
+    Keras variable's ``path``; a ``tf.Module``'s attribute path (its variables' own
+    names, ``w:0``, say nothing of where they sit)."""
     if kind == "tf.Module":
         from cvcore.backends.keras.module import trainable_variables
 
-        return [name.split(":")[0] for name, _ in trainable_variables(model)]
+        paths = _module_paths(model)
+        return [paths.get(id(v), name.split(":")[0].replace(".", "/"))
+                for name, v in trainable_variables(model)]
     paths = [str(v.path) for v in model.trainable_variables]
     prefix = f"{model.name}/"
     if all(p.startswith(prefix) for p in paths):  # Sequential / functional: the model's own name
@@ -93,7 +110,7 @@ def _groups(names: list[str]) -> dict[str, list[int]]:
     """Variable indices by layer, in model order."""
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
-        groups.setdefault(layer_of(name, "/"), []).append(i)
+        groups.setdefault(layer_of(name, "/").replace("/", "."), []).append(i)
     return groups
 
 
@@ -116,4 +133,5 @@ def _on_jax(model: Any, x: Any, request: KernelRequest) -> LayerKernels:
 
     params = {layer: [theta[i] for i in members] for layer, members in groups.items()}
     split = JaxBackend().layer_kernels((by_layer, params), x, request)
-    return split
+    rows = {layer.name: layer for layer in split.layers}  # JAX lists dict keys sorted
+    return dataclasses.replace(split, layers=tuple(rows[k] for k in groups if k in rows))

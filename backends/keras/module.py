@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 from cvcore.backends.keras.jacobian import Engine, tape_jacobian, tf_glue, tf_strategy
 from cvcore.backends.keras.recast import check_weights
-from cvcore.backends.keras.setup import input_error, keras_device, map_inputs, select_output
+from cvcore.backends.keras.setup import (
+    check_real,
+    input_error,
+    keras_device,
+    map_inputs,
+    select_output,
+)
 
 from cvcore.errors import InputError, ModelError
 from cvcore.imports import require
@@ -90,6 +96,7 @@ def module_engine(model: Any, request: KernelRequest) -> Engine:
         )
     names = [n for n, _ in found]
     variables = [v for _, v in found]
+    check_real(names, [v.dtype for v in variables])
     dtypes = sorted({v.dtype.name for v in variables if v.dtype.is_floating})
     if dtypes != [request.dtype]:
         raise ModelError(

@@ -92,8 +92,15 @@ def _is_tensor(value: Any) -> bool:
 
 
 def select_output(raw: Any, output: OutputSelector | None) -> Any:
-    """Pick one tensor out of a model's raw output (see :func:`cvcore.outputs.select_output`)."""
-    return outputs.select_output(raw, output, is_leaf=_is_tensor)
+    """Pick one tensor out of a model's raw output (see :func:`cvcore.outputs.select_output`);
+    a complex one is refused (its Jacobian would be taken of the real part alone)."""
+    chosen = outputs.select_output(raw, output, is_leaf=_is_tensor)
+    dtype = str(getattr(chosen.dtype, "name", chosen.dtype)).removeprefix("torch.")
+    if "complex" in dtype:
+        raise ModelError(f"expected a real floating-point output to differentiate, got {dtype} "
+                         "(take its abs, real or imaginary part in the model); pick another "
+                         "output with output=")
+    return chosen
 
 
 def _first_line(exc: BaseException) -> str:
@@ -115,6 +122,25 @@ def _declared_shape(model: Any) -> str | None:
     except (AttributeError, ValueError, RuntimeError):
         return None
     return None if shape is None else str(shape)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def check_real(names: list[str], dtypes: list[Any]) -> None:
+    """Refuse a complex trainable variable (every engine differentiates real weights; a
+    cast to the request's dtype would keep only the real part).
+
+    >>> check_real(["dense/kernel"], ["float32"])
+    >>> check_real(["c/w"], ["complex64"])
+    Traceback (most recent call last):
+    ...
+    cvcore.errors.ModelError: expected real floating-point parameters, got complex64 in 'c/w'
+    """
+    for name, dtype in zip(names, dtypes):
+        text = str(getattr(dtype, "name", dtype))
+        if "complex" in text:
+            raise ModelError(f"expected real floating-point parameters, got {text} in {name!r}")
 
 
 # --------------------------------------------------------------------------- devices and dtype

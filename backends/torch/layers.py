@@ -1,7 +1,11 @@
 """The kernel split by layer (``per_layer=True``) for PyTorch: one kernel per module.
 
 ``K = Σ_l K_l`` over modules, each ``K_l`` the sum over that module's own parameters
-(the module path is the parameter's name without its last component). The structured
+(the module path is the parameter's name without its last component, ``(root)`` for the
+model's own parameters). When an adapter wrapped the user's model in a module of its own
+(an auto-encoder's reconstruction, a graph network run on its graph), the wrapper names
+the attribute holding the user's model in ``cvcore_wraps`` and that prefix is left off,
+so the rows carry the user's module paths (:func:`layer_naming`). The structured
 path forms per-parameter blocks anyway, so it adds each to its module's kernel
 (:func:`cvcore.backends.torch.structured.structured_parts`); parameters without a rule,
 and every parameter under ``implementation="jacobian"``, go through the Jacobian path one
@@ -11,9 +15,24 @@ module at a time (one forward and backward pass per module and sample block).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from cvcore.protocols import Implementation, KernelRequest, LayerKernel, LayerKernels, layer_of
+
+
+def layer_naming(model: Any) -> Callable[[str], str]:
+    """``parameter name -> layer``: :func:`cvcore.protocols.layer_of` of the name in the
+    user's model, the adapter wrapper's ``cvcore_wraps`` attribute (``"ae"``) left off."""
+    wraps = getattr(model, "cvcore_wraps", None)
+    prefix = f"{wraps}." if isinstance(wraps, str) and wraps else None
+
+    def name(parameter: str) -> str:
+        if prefix is not None and parameter.startswith(prefix):
+            parameter = parameter[len(prefix):]
+        return layer_of(parameter)
+
+    return name
 
 
 def _restricted(prep: Any, x: Any, request: KernelRequest, names: list[str], n_outputs: int,
@@ -49,15 +68,16 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
     if backend_is_scripted(model) and request.device is None and home:
         device = home
     prep, x, n, n_outputs, jac, dtype = prepare_request(model, inputs, request, device)
+    layer_name = layer_naming(model)
     groups: dict[str, list[str]] = {}
     for name in prep.params:
-        groups.setdefault(layer_of(name), []).append(name)
+        groups.setdefault(layer_name(name), []).append(name)
     with training_mode(prep.module, request.train), full_precision():
         parts = None
         if request.implementation != Implementation.JACOBIAN and jac is functional_jacobian:
             from cvcore.backends.torch.structured import structured_parts
 
-            parts = structured_parts(prep, x, request, n_outputs, layer_of)
+            parts = structured_parts(prep, x, request, n_outputs, layer_name)
         if parts is None:
             parts = {layer: _restricted(prep, x, request, names, n_outputs, jac, dtype, device)
                      for layer, names in groups.items()}

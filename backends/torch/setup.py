@@ -142,6 +142,9 @@ def prepare(model: Any, dtype: Any, device: str) -> Prepared:
     if not params:
         raise ModelError("expected a model with trainable parameters, got none (all frozen or no parameters)")
     for name, p in params.items():
+        if p.is_complex():  # every engine differentiates real parameters only
+            raise ModelError(f"expected real floating-point parameters, got "
+                             f"{str(p.dtype).removeprefix('torch.')} in {name!r}")
         if not torch.isfinite(p).all():
             raise ModelError(f"expected finite weights, got NaN or Inf in parameter {name!r}")
     return Prepared(module=model, params=params, constants=constants, scripted=scripted,
