@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from cvcore.errors import InputError
+from cvcore.errors import InputError, UntrustedFileError
 from cvcore.imports import require
 from cvcore.protocols import LoadedModel, LoadOptions
 
@@ -26,6 +28,8 @@ from cvcore.protocols import LoadedModel, LoadOptions
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 #: The ``--model`` prefix that names a transformers class.
 PREFIX = "transformers:"
+#: Config keys that hold sizes and counts (``hidden_size``, ``num_hidden_layers``, ``n_embd``).
+SIZE_KEY = re.compile(r"(^num_|^n_|_size$|_dim$|_layers$|_heads$|_positions$|^d_model$|^d_ff$)")
 
 
 
@@ -44,10 +48,53 @@ def read_config(directory: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: expected a JSON config, got {exc}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object (a transformers config), got a JSON "
+                         f"{type(config).__name__}")
+    if "model_type" not in config:
         raise InputError(f"{path}: expected a transformers config with 'model_type', got "
-                         f"keys {list(config)[:8] if isinstance(config, dict) else type(config)}")
+                         f"keys {list(config)[:8]}")
+    for key, value in config.items():
+        if SIZE_KEY.search(key) and not _is_size(value):
+            raise InputError(f"{path}: expected a non-negative integer for {key!r}, got "
+                             f"{value!r:.60}")
     return config
+
+
+def _is_size(value: Any) -> bool:
+    """An integer size (or ``None``, or a list of them: ``image_size: [224, 224]``)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_size(v) for v in value)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What ``from_pretrained`` raises for a malformed directory (one line each)."""
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, RuntimeError, TypeError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _unsafe_pickle(directory: Path, exc: pickle.UnpicklingError) -> UntrustedFileError:
+    """The refusal of a ``.bin`` weights file that names code (no advice to unpickle it)."""
+    names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
+    what = f"a pickle naming {', '.join(names)}" if names else "a pickle that is not weights only"
+    return UntrustedFileError(
+        f"{directory}: expected PyTorch .bin weights loadable without running code, got {what}; "
+        "nothing was run. Convert the weights to safetensors (save_pretrained writes "
+        "model.safetensors), or if you made this file yourself pass --trust to load it"
+    )
 
 
 def model_class(transformers: Any, name: str, where: str) -> Any:
@@ -59,10 +106,12 @@ def model_class(transformers: Any, name: str, where: str) -> Any:
     return cls
 
 
-def load_pretrained(directory: Path, cls_name: str | None, weights: Path | None = None
-                    ) -> Any:
+def load_pretrained(directory: Path, cls_name: str | None, weights: Path | None = None,
+                    trust: bool = False) -> Any:
     """``cls.from_pretrained(directory)`` offline, without remote code; with ``weights``,
-    the tensors of that safetensors file instead of the directory's own."""
+    the tensors of that safetensors file instead of the directory's own. PyTorch ``.bin``
+    weights are read with ``weights_only=True`` (by transformers), or, with ``trust``, by
+    an unrestricted ``torch.load``."""
     transformers = require("transformers", "adapters")
     _quiet(transformers)
     config = read_config(directory)
@@ -72,16 +121,27 @@ def load_pretrained(directory: Path, cls_name: str | None, weights: Path | None 
     cls = model_class(transformers, cls_name, str(directory)) if cls_name != "AutoModel" \
         else transformers.AutoModel
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    bin_weights = directory / "pytorch_model.bin"
     try:
-        if weights is not None:
-            from safetensors.torch import load_file
-
+        if weights is not None or (trust and bin_weights.is_file()
+                                   and not (directory / "model.safetensors").is_file()):
             cfg = transformers.AutoConfig.from_pretrained(str(directory), **kwargs)
-            return cls.from_pretrained(None, config=cfg, state_dict=load_file(str(weights)),
-                                       local_files_only=True)
+            if weights is not None:
+                from safetensors.torch import load_file
+
+                state = load_file(str(weights))
+            else:  # the user vouched for the file
+                state = require("torch").load(bin_weights, map_location="cpu", weights_only=False)
+            return cls.from_pretrained(None, config=cfg, state_dict=state, local_files_only=True)
         return cls.from_pretrained(str(directory), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise _unsafe_pickle(directory, exc) from None
+    except _load_errors() as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "ignore_mismatched_sizes" in str(exc):  # it points to a report that is not shown
+            from cvcore.adapters.huggingface import mismatched_shapes
+
+            first = mismatched_shapes(cls, directory, weights) or first
         raise InputError(f"{directory}: expected a save_pretrained directory {cls_name} can "
                          f"load, got {first}") from None
 
@@ -94,7 +154,7 @@ def load_tokenizer(directory: Path) -> Any | None:
     try:
         return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                                           trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+    except _load_errors() as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{directory}: expected a loadable saved tokenizer, got {first}") from None
 
@@ -125,7 +185,7 @@ class HuggingFaceLoader:
         factory = options.model_factory
         cls_name = factory[len(PREFIX):] if factory and factory.startswith(PREFIX) else None
         if path.is_dir():
-            model = load_pretrained(path, cls_name)
+            model = load_pretrained(path, cls_name, trust=options.trust)
             directory = path
         else:
             if path.suffix != ".safetensors":

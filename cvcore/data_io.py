@@ -44,6 +44,9 @@ def open_npz(path: Path, key: str | None) -> NDArray[Any]:
                 key = names[0]
             if key not in names:
                 raise InputError(f"{path}: expected a key among {names}, got {key!r}")
+            member = key if key in archive.zip.namelist() else f"{key}.npy"
+            with archive.zip.open(member) as fh:
+                check_npy_header(fh, archive.zip.getinfo(member).file_size, f"{path}[{key}]")
             return np.asarray(archive[key])
     except InputError:
         raise
@@ -53,10 +56,38 @@ def open_npz(path: Path, key: str | None) -> NDArray[Any]:
         raise InputError(f"{path}: expected arrays without pickled objects, got {exc}") from None
 
 
-def open_npy(path: Path) -> NDArray[Any]:
-    """A ``.npy`` array, refusing pickled object arrays."""
+def check_npy_header(fh: Any, available: int, source: str) -> None:
+    """Read a ``.npy`` header from ``fh`` and refuse, before anything is allocated, an array
+    whose claimed size exceeds the ``available`` bytes (file size) or that holds objects."""
+    fmt = np.lib.format
     try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = fmt.read_array_header_2_0(fh)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise InputError(f"{source}: expected a readable .npy header, got {exc}") from None
+    if dtype.hasobject:
+        raise InputError(f"{source}: expected a numeric .npy array, got one of Python objects "
+                         "(pickled; refused)")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    remaining = available - fh.tell()
+    if claimed > remaining:
+        raise InputError(f"{source}: expected the {remaining} bytes after the .npy header to "
+                         f"hold the array it declares, got a header declaring shape {shape} "
+                         f"of {dtype} ({claimed} bytes)")
+
+
+def open_npy(path: Path) -> NDArray[Any]:
+    """A ``.npy`` array, refusing pickled object arrays and headers that claim more data
+    than the file holds."""
+    try:
+        with path.open("rb") as fh:
+            check_npy_header(fh, path.stat().st_size, str(path))
         return np.asarray(np.load(path, allow_pickle=False))
+    except InputError:
+        raise
     except (OSError, EOFError) as exc:
         raise InputError(f"{path}: expected a readable .npy array, got {exc}") from None
     except ValueError as exc:

@@ -2,7 +2,9 @@
 HDF5 (``.h5``) files.
 
 Keras files are deserialized with ``safe_mode=True``: a ``Lambda`` layer's pickled
-bytecode is refused (nothing from it runs) unless the user passes ``--trust``.
+bytecode is refused (nothing from it runs) unless the user passes ``--trust``. A
+SavedModel's graph is checked op by op before TensorFlow loads it
+(:mod:`cvcore.backends.keras.graph_check`), unless ``--trust``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from cvcore.backends.keras.graph_check import check_saved_model
 
 from cvcore.data_io import ZIP_MAGIC
 from cvcore.errors import InputError, UntrustedFileError
@@ -104,7 +108,8 @@ class KerasArchiveLoader:
 
 @dataclass(frozen=True)
 class SavedModelLoader:
-    """TensorFlow SavedModel directories (``tf.saved_model.save`` / ``model.export``)."""
+    """TensorFlow SavedModel directories (``tf.saved_model.save`` / ``model.export``); without
+    ``--trust`` only graphs of side-effect-free ops are loaded."""
 
     kind: Literal["checkpoint"] = "checkpoint"
     name: str = "saved-model"
@@ -122,6 +127,8 @@ class SavedModelLoader:
             raise InputError(f"{path}: expected a SavedModel directory with saved_model.pb, "
                              "got none")
         tf = require("tensorflow")
+        if not options.trust:
+            check_saved_model(path)  # parses saved_model.pb only; nothing is loaded or run
         try:
             model = tf.saved_model.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any malformed directory becomes one line

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cvcore.backends.torch.export_archive import check_export_archive, load_checked
+
 from cvcore.data_io import ZIP_MAGIC, read_magic
 from cvcore.errors import InputError, UntrustedFileError
 from cvcore.factory import resolve_factory
@@ -239,7 +241,11 @@ class TorchSaveLoader:
 
 @dataclass(frozen=True)
 class ExportLoader:
-    """``torch.export`` programs (``.pt2``); their example inputs serve as data."""
+    """``torch.export`` programs (``.pt2``); their example inputs serve as data.
+
+    Without ``--trust`` the archive is checked first (:mod:`.export_archive`: no pickle,
+    no compiled code, only built-in operators in the graph) and read from the checked bytes.
+    """
 
     kind: Literal["checkpoint"] = "checkpoint"
     name: str = "torch-export"
@@ -254,11 +260,19 @@ class ExportLoader:
 
     def load(self, path: Path, options: LoadOptions) -> LoadedModel:
         torch = require("torch")
+        if not path.is_file():
+            raise InputError(f"{path}: expected a torch.export .pt2 archive, got a directory")
+        data = b"" if options.trust else path.read_bytes()
+        if not options.trust:
+            check_export_archive(data, str(path))  # before torch reads a byte of it
         quiet = logging.getLogger("torch.export")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # torch logs a traceback before raising on bad archives
         try:
-            program = torch.export.load(str(path))
+            program = (torch.export.load(str(path)) if options.trust
+                       else load_checked(data, str(path)))
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any malformed archive becomes one line
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"{path}: expected a torch.export .pt2 archive, got {first}") from None
