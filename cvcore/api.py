@@ -339,8 +339,9 @@ def measure(model: Any, inputs: Any, *, variables: str | Sequence[str] | None = 
             eigendecomposition) is computed only when it is among them or when
             ``variables`` is ``None``; otherwise it is NaN.
             :class:`DiagonalVariables` is returned.
-        per_layer: also split the kernel by layer (module path for torch, parameter-tree
-            path for JAX, layer name for Keras): a :class:`PerLayer` with one
+        per_layer: also split the kernel by layer (the layer's path in the user's
+            model joined by ``.``, the same rule on every backend; an adapter's wrapper
+            prefix is left off): a :class:`PerLayer` with one
             :class:`cvcore.spectrum.LayerVariables` row per layer (parameter count, trace,
             share of the total trace, entropy and effective rank of its own kernel).
     """

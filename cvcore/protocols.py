@@ -175,8 +175,8 @@ class LayerKernel:
     """One layer's share ``K_l = J_l J_lᵀ`` of the kernel (``K = Σ_l K_l``).
 
     Attributes:
-        name: the layer: a module path (torch), a parameter-tree path (JAX), a layer
-            name (Keras).
+        name: the layer's path in the user's model, parts joined by ``.`` (``block.fc``;
+            ``(root)`` for parameters at the top level), the same rule on every backend.
         n_params: trainable scalars in the layer.
         kernel: its kernel, in the request's convention, as NumPy.
     """

@@ -321,7 +321,7 @@ class LayerVariables:
     """The collective variables of one layer's kernel ``K_l`` (``K = Σ_l K_l``).
 
     Attributes:
-        layer: the layer's name (module path, parameter-tree path or Keras layer name).
+        layer: the layer's path in the user's model, parts joined by ``.`` (every backend).
         n_params: trainable scalars in the layer.
         trace: ``Tr K_l``.
         share: ``Tr K_l / Tr K``: the layer's part of the model's trace (the shares sum to 1).
