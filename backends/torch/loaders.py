@@ -8,11 +8,14 @@ anything else (a function, a class that is not a module) is refused unless the u
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import pickle
 import struct
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +82,49 @@ def _not_importable(path: Path, module: str, trust: bool) -> InputError:
     )
 
 
+def _class_defined_in_source(module: str, qual: str) -> bool:
+    """Whether ``module``'s source defines ``class <qual's first part>`` at its top level.
+
+    Read without importing anything: each package level is located with
+    :class:`importlib.machinery.PathFinder` (``importlib.util.find_spec`` would import the
+    parents) and the module's file is parsed with :mod:`ast`. A module already imported is
+    taken as it is. Levels that are not plain Python source (extension modules, namespace
+    packages without a file) are not imported on a pickle's word.
+    """
+    parts = module.split(".")
+    if module in sys.modules:
+        return True
+    search: list[str] | None = None
+    spec = None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        if name in sys.modules:
+            search = list(getattr(sys.modules[name], "__path__", []) or [])
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(name, search)
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            return False
+        search = list(spec.submodule_search_locations or [])
+    if spec is None or spec.origin is None:  # every level imported already
+        return True
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return False
+    first = qual.split(".")[0]
+    return any(isinstance(node, ast.ClassDef) and node.name == first for node in tree.body)
+
+
 def _resolve(name: str) -> Any:
+    """The object a pickle names, or ``None``; a module is imported only if it defines the class.
+
+    Importing runs the module's top-level code, and the file chose the module: so a module
+    not imported yet is imported only when its source (read, not run) defines the named class.
+    """
     module, _, qual = name.rpartition(".")
-    if not module or importlib.util.find_spec(module.split(".")[0]) is None:
+    if not module or _missing_module(name) is not None:
+        return None
+    if not _class_defined_in_source(module, qual):
         return None
     try:
         obj: Any = importlib.import_module(module)
