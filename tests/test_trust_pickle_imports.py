@@ -14,8 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cvcore.backends.torch.loaders import load_torch_file  # noqa: E402
-from cvcore.errors import UntrustedFileError  # noqa: E402
+from cvcore.backends.torch.loaders import load_torch_file
+
+from cvcore.errors import UntrustedFileError
 
 NET = ("import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
        "        super().__init__()\n        self.l = torch.nn.Linear(4, 2)\n"
