@@ -2,8 +2,10 @@
 
 Deterministic per cell (torch seeded with the cell's seed, batches drawn from a
 generator of its own) and single-threaded, so parallel workers do not oversubscribe the
-cores. The result is a small JSON status file next to the cell's record store, written
-last: a cell whose status says ``done`` is never redone.
+cores. A cell first writes its status file as ``running`` (the sweep's claim on the
+cell's files), then trains and records, and writes its final status last: a cell whose
+status says ``done`` is never redone. A record store beside no status file was not
+written by the sweep and is never deleted: the cell fails and says so.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cvcore.files import write_text_atomic
 from cvcore.sweep.config import Cell, SweepConfig
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
+STATUS_RUNNING = "running"
+STATUS_INTERRUPTED = "interrupted"
+#: The files SQLite keeps beside a record store.
+STORE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 def store_path(sweep_dir: Path, cell: Cell) -> Path:
@@ -32,24 +39,65 @@ def status_path(sweep_dir: Path, cell: Cell) -> Path:
     return sweep_dir / "cells" / f"{cell.id}.json"
 
 
-def read_status(sweep_dir: Path, cell: Cell) -> dict[str, Any] | None:
+class StatusProblem(str):
+    """Why a status file could not be read (a one-line reason, not a status)."""
+
+
+def read_status(sweep_dir: Path, cell: Cell) -> dict[str, Any] | StatusProblem | None:
+    """The cell's status; None when it has no status file; a :class:`StatusProblem` when
+    the file is there but unreadable, not JSON, or not a status (the cell is not done)."""
     path = status_path(sweep_dir, cell)
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        return StatusProblem(f"unreadable ({exc.strerror or exc})")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return StatusProblem(f"not JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+    if not isinstance(data, dict) or not isinstance(data.get("status"), str):
+        return StatusProblem("not a cell status (no 'status' field)")
     return data
 
 
+def is_done(sweep_dir: Path, cell: Cell, status: dict[str, Any] | StatusProblem | None) -> bool:
+    """Whether the cell finished: its status says done and its store is there."""
+    return (isinstance(status, dict) and status.get("status") == STATUS_DONE
+            and store_path(sweep_dir, cell).exists())
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write atomically (a temporary file of a unique name, then a rename)."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=False))
+
+
+class ForeignFileError(RuntimeError):
+    """A file where the cell's store goes that the sweep did not write."""
+
+
+def _claim(root: Path, cell: Cell) -> None:
+    """Delete what an earlier unfinished run of this cell left, then mark it running.
+
+    Only files beside a status file of this sweep are deleted (the status file is written
+    before the store); a store without one is someone else's and stays.
+    """
+    db = store_path(root, cell)
+    leftovers = [Path(str(db) + suffix) for suffix in STORE_SUFFIXES]
+    present = [p for p in leftovers if p.exists() or p.is_symlink()]
+    if present and not status_path(root, cell).exists():
+        raise ForeignFileError(f"expected no file at {present[0]} (this sweep did not write "
+                               f"it and will not delete it), got one; move it away")
+    for path in present:  # an unfinished cell of this sweep starts afresh
+        path.unlink(missing_ok=True)
 
 
 def run_cell(config: SweepConfig, cell: Cell, sweep_dir: str | Path) -> dict[str, Any]:
     """Train and record one cell; never raises for the cell's own failure.
+
+    Ctrl-C (KeyboardInterrupt) while the cell runs writes its status as ``interrupted``
+    and is raised again.
 
     Returns:
         The status written: ``status`` (``done`` or ``failed``), ``id``, ``params``,
@@ -59,15 +107,27 @@ def run_cell(config: SweepConfig, cell: Cell, sweep_dir: str | Path) -> dict[str
     root = Path(sweep_dir)
     (root / "cells").mkdir(parents=True, exist_ok=True)
     db = store_path(root, cell)
-    for suffix in ("", "-wal", "-shm", "-journal"):  # an unfinished cell starts afresh
-        Path(str(db) + suffix).unlink(missing_ok=True)
     started, cpu = time.perf_counter(), time.process_time()
     status: dict[str, Any] = {"id": cell.id, "index": cell.index, "params": cell.params,
                               "host": os.uname().nodename, "pid": os.getpid()}
     try:
+        _claim(root, cell)
+    except ForeignFileError as exc:  # no status file: the next run must not delete it either
+        return {**status, "status": STATUS_FAILED, "error": f"ForeignFileError: {exc}",
+                "seconds": 0.0}
+    try:
+        write_json(status_path(root, cell), {
+            **status, "status": STATUS_RUNNING, "started": time.time(),
+            "error": "running, or stopped before it could write its status"})
         with _one_thread():
             status.update(_train(config, cell, db))
         status["status"] = STATUS_DONE
+    except KeyboardInterrupt:
+        status.update(status=STATUS_INTERRUPTED, error="interrupted (Ctrl-C)",
+                      seconds=time.perf_counter() - started)
+        with contextlib.suppress(OSError):
+            write_json(status_path(root, cell), status)
+        raise
     except Exception as exc:  # noqa: BLE001 - a failed cell is reported, never fatal
         status["status"] = STATUS_FAILED
         status["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

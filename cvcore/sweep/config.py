@@ -7,6 +7,7 @@ complete example, is in ``docs/sweep.md``.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import tomllib
 
 from cvcore.errors import InputError
+from cvcore.sweep.ids import cell_id, check_grid_ids
 
 #: Built-in model families and the factory parameters each accepts.
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -32,6 +34,13 @@ DTYPES = ("float32", "float64")
 TRAIN_KEYS = ("optimizer", "lr", "epochs", "batch_size", "loss", "init", "momentum",
               "weight_decay")
 SECTIONS = ("name", "model", "grid", "data", "train", "probe", "record")
+#: Largest epochs, width and depth a config may ask for: far beyond any study the sweep is
+#: for, small enough that the recording schedule and a model's tensors fit in memory.
+MAX_EPOCHS = 100_000
+MAX_WIDTH = 100_000
+MAX_DEPTH = 1_000
+
+__all__ = ["Cell", "ConfigError", "SweepConfig", "cell_id", "load_config", "parse_config"]
 
 
 class ConfigError(InputError):
@@ -103,8 +112,13 @@ class SweepConfig:
     record: RecordSpec
     text: str = field(default="", repr=False, compare=False)
 
+    def cell_count(self) -> int:
+        """How many cells the grid has, without expanding it."""
+        return math.prod(len(values) for values in self.grid.values())
+
     def cells(self) -> list[Cell]:
-        """Every combination of the grid's values, in the order of the file's axes."""
+        """Every combination of the grid's values, in the order of the file's axes
+        (check :meth:`cell_count` first: a large grid is a long list)."""
         keys = list(self.grid)
         out = []
         for i, values in enumerate(itertools.product(*(self.grid[k] for k in keys))):
@@ -127,20 +141,6 @@ class SweepConfig:
         return model, TrainSpec(**train), seed
 
 
-def cell_id(params: dict[str, Any]) -> str:
-    """``width=4,depth=1,...`` made safe as a file name."""
-    text = ",".join(f"{k}={_short(v)}" for k, v in params.items()) or "cell"
-    return re.sub(r"[^A-Za-z0-9=,.+_-]", "_", text)
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return "x".join(_short(v) for v in value)
-    return str(value)
-
-
 # -- reading -------------------------------------------------------------------------
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -152,7 +152,14 @@ def load_config(path: str | Path) -> SweepConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: expected a sweep config file (.toml), got no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: expected a UTF-8 TOML file, got a byte {exc.object[exc.start]:#04x} "
+                          f"that is not UTF-8 at offset {exc.start}") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: expected a readable sweep config file, got "
+                          f"{exc.strerror or exc}") from None
     return parse_config(text, where=str(p), default_name=p.stem)
 
 
@@ -166,6 +173,7 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
     c.keys("", raw, SECTIONS)
     name = raw.get("name", default_name)
     c.type("name", name, str)
+    _check_name(c, name)
     model_raw = c.table("model", raw.get("model"), required=True)
     family = model_raw.get("family")
     if family is None:
@@ -182,9 +190,10 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: [grid] {key}: expected a non-empty list of values, "
                               f"got {values!r}")
-        if len({repr(v) for v in values}) != len(values):
-            raise ConfigError(f"{where}: [grid] {key}: expected distinct values, got {values!r}")
         grid[key] = list(values)
+    clash = check_grid_ids(grid)
+    if clash is not None:
+        raise ConfigError(f"{where}: {clash}")
     train = _train(c, raw.get("train"))
     if family in FAMILIES:
         allowed = FAMILIES[family]
@@ -201,10 +210,12 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
             if key not in model and key not in grid:
                 raise ConfigError(f"{where}: [model] {key}: expected a positive integer "
                                   f"(in [model] or as a [grid] axis), got nothing")
-        for key in ("width", "depth", "kernel_size"):
+        for key, most in (("width", MAX_WIDTH), ("depth", MAX_DEPTH), ("kernel_size", 99)):
             for v in ([model[key]] if key in model else []) + grid.get(key, []):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ConfigError(f"{where}: {key}: expected positive integers, got {v!r}")
+                if v > most:
+                    raise ConfigError(f"{where}: {key}: expected at most {most:,}, got {v:,}")
         for v in ([model["activation"]] if "activation" in model else []) \
                 + grid.get("activation", []):
             if v not in ACTIVATIONS:
@@ -224,6 +235,14 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
     record = _record(c, raw.get("record"))
     return SweepConfig(name=name, family=family, model=model, grid=grid, data=data,
                        train=train, probe=probe, record=record, text=text)
+
+
+def _check_name(c: _Checker, name: str) -> None:
+    """A sweep's name is one plain folder name: ``runs/<name>`` stays under ``runs``."""
+    if (not name.strip() or name in (".", "..") or any(ch in name for ch in "/\\\0")
+            or Path(name).is_absolute() or name != name.strip()):
+        raise c.fail("name", "a plain folder name (no path separators, not . or .., no "
+                     "leading or trailing spaces; the sweep goes to runs/<name>)", name)
 
 
 def _as_dict(spec: TrainSpec) -> dict[str, Any]:
@@ -271,9 +290,13 @@ class _Checker:
         return value
 
     def number(self, key: str, value: Any, *, positive: bool = False) -> float:
+        """A finite number, > 0 with ``positive`` and >= 0 otherwise (NaN and inf refused)."""
+        expected = "a positive number" if positive else "a number >= 0"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 value <= 0 if positive else value < 0):
-            raise self.fail(key, "a positive number" if positive else "a number >= 0", value)
+            raise self.fail(key, expected, value)
+        if not math.isfinite(value):
+            raise self.fail(key, f"{expected}, finite", value)
         return float(value)
 
 
@@ -294,6 +317,8 @@ def _train(c: _Checker, value: Any) -> TrainSpec:
     c.number("[train] weight_decay", spec.weight_decay)
     if isinstance(spec.epochs, bool) or not isinstance(spec.epochs, int) or spec.epochs < 0:
         raise c.fail("[train] epochs", "an integer >= 0", spec.epochs)
+    if spec.epochs > MAX_EPOCHS:
+        raise c.fail("[train] epochs", f"at most {MAX_EPOCHS:,}", spec.epochs)
     c.positive_int("[train] batch_size", spec.batch_size)
     return spec
 

@@ -1,8 +1,9 @@
 """Where a sweep's cells run: local worker processes, or a Dask cluster.
 
-An engine takes the cells still to do and yields each one's status as it completes, in
-completion order. Cells are independent functions of (config, cell, sweep directory)
-that write their own files, so the engines only schedule them.
+An engine's :class:`Runner` takes the cells still to do and yields each one's status as it
+completes, in completion order; on Ctrl-C, :meth:`Runner.interrupt` stops the cells running
+and names them. Cells are independent functions of (config, cell, sweep directory) that
+write their own files, so the engines only schedule them.
 
 Dask rather than Ray: Dask distributed is a pure-Python package that installs wherever
 pip does; dask-jobqueue submits its workers as ordinary Slurm, PBS or SGE jobs from a
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from cvcore.errors import InputError
 from cvcore.imports import require
 from cvcore.sweep.cell import STATUS_FAILED, run_cell, status_path, write_json
 from cvcore.sweep.config import Cell, SweepConfig
+from cvcore.sweep.pool import LocalPool
 
 #: Schedulers ``--scheduler`` names that dask-jobqueue starts (its own config file, e.g.
 #: ``~/.config/dask/jobqueue.yaml``, says the queue, cores, memory and walltime).
@@ -50,13 +50,6 @@ class Engine(str, enum.Enum):
     dask = "dask"
 
 
-def _failed(config: SweepConfig, cell: Cell, sweep_dir: Path, error: str) -> dict[str, Any]:
-    status = {"id": cell.id, "index": cell.index, "params": cell.params,
-              "status": STATUS_FAILED, "error": error, "seconds": 0.0}
-    write_json(status_path(sweep_dir, cell), status)
-    return status
-
-
 #: Thread pools a worker limits to one thread (set before the worker imports NumPy).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -76,25 +69,74 @@ def single_threaded_children() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def local(config: SweepConfig, cells: Sequence[Cell], sweep_dir: Path,
-          workers: int) -> Iterator[dict[str, Any]]:
-    """Run cells in ``workers`` spawned processes (one worker: in this process); yield
-    each status as it completes."""
-    if workers == 1:
+class Runner:
+    """Runs cells and yields each status as it completes; :meth:`interrupt` stops it."""
+
+    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def interrupt(self) -> list[Cell]:
+        """Stop every running cell now; return the cells that were stopped unfinished."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the runner holds (worker processes); safe to call twice."""
+
+
+class InProcess(Runner):
+    """``--workers 1``: the cells one after the other in this process."""
+
+    def __init__(self, config: SweepConfig, sweep_dir: Path) -> None:
+        self.config, self.sweep_dir = config, sweep_dir
+        self.current: Cell | None = None
+
+    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
         for cell in cells:
-            yield run_cell(config, cell, str(sweep_dir))
-        return
-    context = multiprocessing.get_context("spawn")
-    with single_threaded_children(), ProcessPoolExecutor(max_workers=workers,
-                                                         mp_context=context) as pool:
-        futures = {pool.submit(run_cell, config, cell, str(sweep_dir)): cell for cell in cells}
-        for future in as_completed(futures):
-            cell = futures[future]
+            self.current = cell
+            status = run_cell(self.config, cell, str(self.sweep_dir))
+            self.current = None
+            yield status
+
+    def interrupt(self) -> list[Cell]:
+        return [self.current] if self.current is not None else []
+
+
+class Local(Runner):
+    """``--workers N``: N spawned worker processes (:class:`cvcore.sweep.pool.LocalPool`)."""
+
+    def __init__(self, config: SweepConfig, sweep_dir: Path, workers: int) -> None:
+        self.pool = LocalPool(config, sweep_dir, workers)
+
+    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+        with single_threaded_children():
             try:
-                yield future.result()
-            except Exception as exc:  # noqa: BLE001 - the worker process died
-                yield _failed(config, cell, sweep_dir,
-                              f"{type(exc).__name__}: worker process failed: {exc}")
+                yield from self.pool.run(cells)
+            finally:
+                self.pool.stop()
+
+    def interrupt(self) -> list[Cell]:
+        self.pool.stop()  # nothing left to stop when Ctrl-C already did inside run()
+        return self.pool.stopped
+
+    def close(self) -> None:
+        self.pool.stop()
+
+
+def make_runner(engine: Engine, config: SweepConfig, sweep_dir: Path, workers: int,
+                scheduler: str | None) -> Runner:
+    """The runner for ``--engine`` / ``--workers`` / ``--scheduler``."""
+    if engine is Engine.dask:
+        return Dask(config, sweep_dir, workers, scheduler)
+    if workers == 1:
+        return InProcess(config, sweep_dir)
+    return Local(config, sweep_dir, workers)
+
+
+def check_scheduler(scheduler: str | None) -> None:
+    """Refuse a ``--scheduler`` that is neither an address nor a batch system's name."""
+    if scheduler is not None and scheduler not in JOBQUEUE and "://" not in scheduler:
+        raise InputError(f"expected --scheduler an address (tcp://host:8786) or one of "
+                         f"{', '.join(JOBQUEUE)}, got {scheduler!r}")
 
 
 def _client(workers: int, scheduler: str | None) -> tuple[Any, Any]:
@@ -109,36 +151,59 @@ def _client(workers: int, scheduler: str | None) -> tuple[Any, Any]:
         cluster = getattr(dask_jobqueue, JOBQUEUE[scheduler])()
         cluster.scale(jobs=workers)
         return Client(cluster), cluster
-    if "://" not in scheduler:
-        raise InputError(f"expected --scheduler an address (tcp://host:8786) or one of "
-                         f"{', '.join(JOBQUEUE)}, got {scheduler!r}")
+    check_scheduler(scheduler)
     try:
         return Client(scheduler, timeout="30s"), None
     except OSError as exc:
         raise InputError(f"expected a Dask scheduler at {scheduler}, got {exc}") from None
 
 
-def dask(config: SweepConfig, cells: Sequence[Cell], sweep_dir: Path, workers: int,
-         scheduler: str | None) -> Iterator[dict[str, Any]]:
-    """Run cells as Dask tasks; yield each status as it completes."""
-    import distributed
+class Dask(Runner):
+    """``--engine dask``: the cells as Dask tasks (see :class:`Engine`)."""
 
-    dask_completed: Any = distributed.as_completed  # untyped package
+    def __init__(self, config: SweepConfig, sweep_dir: Path, workers: int,
+                 scheduler: str | None) -> None:
+        self.config, self.sweep_dir = config, sweep_dir
+        self.workers, self.scheduler = workers, scheduler
+        self.futures: dict[Any, Cell] = {}
+        self.completed: set[str] = set()
 
-    with single_threaded_children():
-        client, cluster = _client(workers, scheduler)
-    token = f"{time.time_ns():x}"
-    try:
-        futures = {client.submit(run_cell, config, cell, str(sweep_dir), pure=False,
-                                 key=f"cv-sweep-{cell.id}-{token}"): cell for cell in cells}
-        for future in dask_completed(futures):
-            cell = futures[future]
-            try:
-                yield future.result()
-            except Exception as exc:  # noqa: BLE001 - a worker died (KilledWorker, ...)
-                yield _failed(config, cell, sweep_dir,
-                              f"{type(exc).__name__}: Dask task failed: {exc}")
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    def run(self, cells: Sequence[Cell]) -> Iterator[dict[str, Any]]:
+        import distributed
+
+        dask_completed: Any = distributed.as_completed  # untyped package
+
+        with single_threaded_children():
+            client, cluster = _client(self.workers, self.scheduler)
+        token = f"{time.time_ns():x}"
+        try:
+            self.futures = {client.submit(run_cell, self.config, cell, str(self.sweep_dir),
+                                          pure=False, key=f"cv-sweep-{cell.id}-{token}"): cell
+                            for cell in cells}
+            for future in dask_completed(self.futures):
+                cell = self.futures[future]
+                self.completed.add(cell.id)
+                try:
+                    yield future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker died (KilledWorker, ...)
+                    yield _failed(cell, self.sweep_dir,
+                                  f"{type(exc).__name__}: Dask task failed: {exc}")
+        finally:
+            with contextlib.suppress(Exception):  # a clean-up: the cells' outcome is written
+                client.cancel([f for f, c in self.futures.items()
+                               if c.id not in self.completed])
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+    def interrupt(self) -> list[Cell]:
+        """Every cell submitted and not finished (a task already running on an existing
+        cluster cannot be stopped from here; it finishes and writes its own status)."""
+        return [c for c in self.futures.values() if c.id not in self.completed]
+
+
+def _failed(cell: Cell, sweep_dir: Path, error: str) -> dict[str, Any]:
+    status = {"id": cell.id, "index": cell.index, "params": cell.params,
+              "status": STATUS_FAILED, "error": error, "seconds": 0.0}
+    write_json(status_path(sweep_dir, cell), status)
+    return status
