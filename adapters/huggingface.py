@@ -80,6 +80,56 @@ def default_output(model: Any) -> str:
     return "logits"
 
 
+def _has_lm_head(model: Any) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and get() is not None
+
+
+def supported_outputs(model: Any) -> tuple[str, ...]:
+    """The named outputs a model's head gives (in :data:`OUTPUTS` order).
+
+    A language-model head (logits over the vocabulary at every position: ``last``,
+    ``positions``, ``next-token``, ``sequence``); a token-level head (``last``,
+    ``positions``); a sequence- or image-level head (``logits``, one vector per sample);
+    a bare model without a head (hidden states: ``last``, ``positions``, ``cls``, and
+    ``pooled`` when it has a pooler).
+    """
+    name = type(model).__name__
+    if _has_lm_head(model):
+        lm = ("last", "positions", "next-token", "sequence")
+        # a sequence-to-sequence head keeps its default, the logits as they are
+        return (*lm, "logits") if default_output(model) == "logits" else lm
+    if name.endswith(TOKEN_HEADS):
+        return ("last", "positions")
+    if "For" in name:
+        return ("logits",)
+    pooled = ("pooled",) if getattr(model, "pooler", None) is not None else ()
+    return ("last", "positions", *pooled, "cls")
+
+
+def _head_kind(model: Any) -> str:
+    """What a model's head returns, in the words of the refusal of an output it lacks."""
+    name = type(model).__name__
+    if _has_lm_head(model) or name.endswith(TOKEN_HEADS):
+        return "a token-level head: its logits cover every position, padding included"
+    if "For" in name:
+        return "a sequence-level head: one logit vector per sample, no hidden states"
+    return "a model without a head: hidden states, no logits"
+
+
+def check_output(model: Any, kind: str) -> None:
+    """Refuse a named output the model's head does not give, in one line naming the
+    output, the head and the outputs it supports.
+
+    Raises:
+        InputError: ``kind`` is not among :func:`supported_outputs`.
+    """
+    supported = supported_outputs(model)
+    if kind not in supported:
+        raise InputError(f"expected output among {list(supported)} for {type(model).__name__} "
+                         f"({_head_kind(model)}), got {kind!r}")
+
+
 def describe_choice(kind: str, default: str) -> str:
     """The text echoed in every result, e.g. ``language:last (default) - logits at ...``."""
     tag = " (default)" if kind == default else ""
@@ -174,6 +224,39 @@ def _check_lengths(inputs: Mapping[str, Any], kind: str) -> None:
                          f"{int(lengths[short[0]])} in sample {int(short[0])}")
 
 
+def mismatched_shapes(cls: Any, directory: Any, weights: Any = None, shown: int = 3
+                      ) -> str | None:
+    """The weights whose shapes differ from what ``config.json`` describes, in words.
+
+    transformers refuses such a directory with a message that points to a load report it
+    logs (and cvcore keeps its logs quiet); this loads once more with
+    ``ignore_mismatched_sizes`` to name the tensors. ``None`` when that does not say more.
+    """
+    kwargs: dict[str, Any] = {"local_files_only": True, "ignore_mismatched_sizes": True,
+                              "output_loading_info": True}
+    try:
+        if weights is not None:
+            import transformers
+            from safetensors.torch import load_file
+
+            config = transformers.AutoConfig.from_pretrained(str(directory),
+                                                             local_files_only=True)
+            _, info = cls.from_pretrained(None, config=config,
+                                          state_dict=load_file(str(weights)), **kwargs)
+        else:
+            _, info = cls.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
+    except Exception:  # noqa: BLE001 - the caller keeps transformers' own message
+        return None
+    keys = sorted(info.get("mismatched_keys") or (), key=lambda k: str(k[0]))
+    if not keys:
+        return None
+    listed = ", ".join(f"{key} {tuple(saved)} in the weights vs {tuple(built)} in config.json"
+                       for key, saved, built in keys[:shown])
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return (f"{len(keys)} weight tensors of other shapes than config.json describes: "
+            f"{listed}{more}; the weights and config.json come from different models")
+
+
 class HuggingFaceAdapter:
     """The ``language`` family: ``transformers.PreTrainedModel`` (PyTorch)."""
 
@@ -205,24 +288,14 @@ class HuggingFaceAdapter:
         else:
             return model, inputs, output  # applied to the raw output, as is
         causal = is_causal(model)
-        if kind == "logits" and (causal or type(model).__name__.endswith(TOKEN_HEADS)):
-            raise InputError(
-                f"expected output among {['last', 'positions', 'next-token', 'sequence']} for "
-                f"{type(model).__name__} (its logits cover every position, padding included), "
-                "got 'logits'"
-            )
+        if kind != "custom":
+            check_output(model, kind)
         if kind in ("last", "positions", "next-token", "sequence", "cls") and (
                 not isinstance(inputs, Mapping) or "input_ids" not in inputs):
             raise InputError(f"expected token inputs (input_ids) for output={kind!r}, got "
                              f"{type(inputs).__name__}")
         if kind in ("next-token", "sequence"):
-            if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-                raise InputError(f"expected a model with a language-model head for "
-                                 f"output={kind!r}, got {type(model).__name__}")
             _check_lengths(inputs, kind)
-        if kind == "pooled" and getattr(model, "pooler", None) is None:
-            raise InputError(f"expected a model with a pooler for output='pooled', got "
-                             f"{type(model).__name__}; use output='cls'")
         if kind == "positions":
             inputs = expand_positions(inputs)
         if kind in ("last", "positions") and _vocab(model) > LARGE_OUTPUT and \

@@ -70,6 +70,9 @@ class LanguageHead(torch.nn.Module):
         description: the text echoed in results.
     """
 
+    #: per-layer rows name the Hugging Face model's modules (backends/torch/layers.py)
+    cvcore_wraps = "model"
+
     def __init__(self, model: Any, kind: str, *, causal: bool, description: str,
                  custom: Callable[[Any, dict[str, Any]], Any] | None = None) -> None:
         super().__init__()

@@ -12,6 +12,7 @@ import typer
 from cvcore.cli.output import print_json, print_table, stderr
 
 from cvcore.errors import CVCoreError
+from cvcore.memory import allocation_failure, is_allocation_failure
 from cvcore.report import Row
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -19,7 +20,11 @@ _state = {"debug": False}
 
 
 def friendly(func: F) -> F:
-    """Turn a cvcore error (a user's mistake) into one line on stderr and exit code 2."""
+    """Turn a cvcore error (a user's mistake) into one line on stderr and exit code 2; an
+    allocation that fails (a bare ``MemoryError``, NumPy's, torch's out-of-memory) becomes
+    the one-line :class:`~cvcore.errors.ResourceError` of
+    :func:`cvcore.memory.allocation_failure`, with the command's own ``--memory-budget``,
+    ``--samples`` and ``--kernel``."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,6 +38,14 @@ def friendly(func: F) -> F:
         except KeyboardInterrupt:
             stderr().print("interrupted: rows already written are kept", markup=False)
             raise typer.Exit(130) from None
+        except (MemoryError, RuntimeError) as exc:  # an allocation that failed mid-way
+            if _state["debug"] or not is_allocation_failure(exc):
+                raise
+            refusal = allocation_failure(exc, budget=kwargs.get("memory_budget"),
+                                         samples=kwargs.get("samples"),
+                                         kernel=kwargs.get("kernel"))
+            stderr().print(f"error: {refusal}", markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -14,9 +14,9 @@ from cvcore.errors import InputError
 from cvcore.estimate import EstimatorOptions
 from cvcore.factory import parse_model_args
 from cvcore.protocols import Implementation, LoadOptions
-from cvcore.record.checkpoints import CheckpointSink
+from cvcore.record.checkpoints import CheckpointSink, step_of
 from cvcore.report import CsvSink, Row
-from cvcore.runs import ProbeSpec, measure_checkpoints, run_settings
+from cvcore.runs import ProbeSpec, expand, measure_checkpoints, run_settings
 
 
 def measure(
@@ -83,6 +83,9 @@ def measure(
                             estimator=estimator, sketch=sketch)
     sink = (CsvSink(csv, resume=resume, force=force, settings=settings)
             if csv is not None and not per_layer else None)
+    if out is not None:  # every step must fit the store before anything is measured
+        for position, path in enumerate(expand(checkpoints)):
+            step_of(str(path), position)
     store = None if out is None else CheckpointSink(
         out, probe={"data": data, "key": key, "samples": samples, "seed": seed})
     log = stderr()

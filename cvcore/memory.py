@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from cvcore.errors import InputError
+
+if TYPE_CHECKING:
+    from cvcore.errors import ResourceError
 
 #: Fraction of the currently available memory a block may use by default.
 DEFAULT_FRACTION = 0.25
@@ -92,16 +96,77 @@ def ensure_fits(n_samples: int, n_outputs: int, kernel: str, itemsize: int,
     if free is None or need <= free:
         return
     dim = n_samples * (n_outputs if kernel == "full" else 1)
-    options = ["fewer samples (--samples; the kernel grows as N²)"]
-    if kernel == "full":
-        traced = kernel_bytes(n_samples, n_outputs, "traced", itemsize)
-        options.append(f"the traced kernel (--kernel traced, N × N: {_gib(traced)})")
-    options.append("the trace alone (--variables trace), which never forms the kernel")
+    traced = kernel_bytes(n_samples, n_outputs, "traced", itemsize) if kernel == "full" else None
     raise ResourceError(
         f"expected a kernel that fits in memory, got a {kernel} kernel of dimension {dim} "
-        f"needing about {_gib(need)} with {_gib(free)} available; options: {'; '.join(options)}"
+        f"needing about {_gib(need)} with {_gib(free)} available (the kernel must fit whole; "
+        f"--memory-budget bounds only the Jacobian blocks); options: "
+        f"{'; '.join(memory_options(kernel, traced))}"
+    )
+
+
+def memory_options(kernel: str | None = None, traced: int | None = None) -> list[str]:
+    """What makes a measurement fit in memory, in the words of the command line."""
+    options = ["fewer samples (--samples; the kernel grows as N²)"]
+    if kernel != "traced":
+        size = "" if traced is None else f": {_gib(traced)}"
+        options.append(f"the traced kernel (--kernel traced, N × N{size})")
+    options += ["--method stochastic (trace and entropy with error bars, matrix-free)",
+                "the trace alone (--variables trace), which never forms the kernel",
+                "a smaller --memory-budget (the bytes one Jacobian block may use)"]
+    return options
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: ``MemoryError`` (NumPy's included),
+    torch's ``OutOfMemoryError`` or its CPU allocator's refusal, or XLA's
+    ``RESOURCE_EXHAUSTED``."""
+    if isinstance(exc, MemoryError):
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "RESOURCE_EXHAUSTED" in text)
+
+
+def allocation_failure(exc: BaseException, *, budget: str | int | None = None,
+                       samples: int | None = None, kernel: str | None = None,
+                       itemsize: int = 4) -> ResourceError:
+    """A failed allocation as a one-line :class:`ResourceError`: what was needed (the
+    allocator's words, else at least the N × N kernel when N is known), the memory
+    available and the Jacobian block budget, and what to change.
+
+    >>> str(allocation_failure(MemoryError(), samples=1000, budget="1GiB"))[:60]
+    'expected the measurement to fit in memory, got an allocation'
+    """
+    from cvcore.errors import ResourceError
+
+    words = " ".join(str(exc).split())
+    if words:
+        needed = f"({words[:200]})"
+    elif samples is not None:
+        needed = (f"(no size given; the {samples} × {samples} kernel alone needs at least "
+                  f"{_gib(kernel_bytes(samples, 1, 'traced', itemsize))})")
+    else:
+        needed = "(no size given)"
+    free = available_memory()
+    try:
+        block = _bytes(parse_budget(budget))
+    except InputError:
+        block = repr(budget)
+    origin = "the default" if budget is None else "--memory-budget"
+    return ResourceError(
+        f"expected the measurement to fit in memory, got an allocation failure {needed} with "
+        f"{'an unknown amount' if free is None else _gib(free)} available and a Jacobian "
+        f"block budget of {block} ({origin}); options: {'; '.join(memory_options(kernel))}"
     )
 
 
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.3g} GiB"
+
+
+def _bytes(n: int) -> str:
+    """``4 GiB``, ``64 MiB``: the unit that keeps the number readable."""
+    return _gib(n) if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cvcore.record.recorder import SCALARS
+from cvcore.errors import InputError
+from cvcore.record.recorder import MAX_STEP, SCALARS
 from cvcore.record.store import Record, RecordStore, StoreError, Value
 from cvcore.report import Row
 
@@ -24,7 +25,11 @@ def step_of(source: str, position: int) -> int:
     (12, 3)
     """
     numbers = re.findall(r"\d+", Path(source).stem)
-    return int(numbers[-1]) if numbers else position
+    step = int(numbers[-1]) if numbers else position
+    if step > MAX_STEP:  # the store's steps are signed 64-bit integers
+        raise InputError(f"{source}: expected a step (the last number in the file name) "
+                         f"from 0 to 2^63 - 1, got {step}; rename the checkpoint")
+    return step
 
 
 class CheckpointSink:

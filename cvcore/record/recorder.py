@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -34,6 +35,84 @@ SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("e
 #: and the union has at most :data:`UNION_MAX` samples; otherwise one call per subset.
 UNION_FLOPS = 2e10
 UNION_MAX = 4096
+#: The largest step a record can hold: steps are SQLite integers (signed 64-bit).
+MAX_STEP = 2**63 - 1
+#: The extras key under which the Recorder notes what it could not measure.
+NOTE_KEY = "cvcore_note"
+#: The variables a zero kernel still defines (every other one is undefined: NaN).
+ZERO_DEFINED = ("trace", "normalized_trace")
+
+
+def check_step(step: Any) -> int:
+    """A training step as a Python int in ``[0, 2^63)``, the range the store can hold.
+
+    >>> check_step(7)
+    7
+    >>> check_step(-1)
+    Traceback (most recent call last):
+    ...
+    cvcore.errors.InputError: expected step= an integer from 0 to 2^63 - 1, got -1
+    """
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise InputError(f"expected step= an integer from 0 to 2^63 - 1, got {describe(step)}")
+    value = int(step)
+    if not 0 <= value <= MAX_STEP:
+        raise InputError(f"expected step= an integer from 0 to 2^63 - 1, got {value}")
+    return value
+
+
+def check_loss(loss: Any) -> None:
+    """Refuse a loss that is not one number (a vector loss, a string, a bool) without
+    reading its value (so a loss on a GPU is not synchronised at skipped steps)."""
+    if loss is None:
+        return
+    if isinstance(loss, (str, bytes, bool, np.bool_)):
+        raise InputError(f"expected loss= a number or a one-element tensor, got {describe(loss)}")
+    numel = getattr(loss, "numel", None)
+    size = numel() if callable(numel) else getattr(loss, "size", None)
+    if not isinstance(size, (int, np.integer)):
+        shape = getattr(loss, "shape", None)
+        size = None if shape is None else int(np.prod(tuple(shape), dtype=np.int64))
+    if size is not None and int(size) != 1:
+        raise InputError(f"expected loss= a number or a one-element tensor, got "
+                         f"{describe(loss)} ({int(size)} elements); pass its mean, e.g. "
+                         "loss.mean()")
+
+
+def loss_value(loss: Any) -> float | None:
+    """The loss as a Python float (NaN and Inf kept: the store keeps NaN as missing)."""
+    check_loss(loss)
+    if loss is None:
+        return None
+    item = getattr(loss, "item", None)
+    number = item() if callable(item) else loss
+    try:
+        return float(number)
+    except (TypeError, ValueError):
+        raise InputError(f"expected loss= a number or a one-element tensor, got "
+                         f"{describe(loss)}") from None
+
+
+def is_zero_kernel(matrix: Any) -> bool:
+    """Whether a kernel (or its diagonal) is exactly zero: the model's outputs do not
+    depend on its parameters on these samples, so only the trace is defined."""
+    arr = np.asarray(matrix)
+    diag = np.diagonal(arr) if arr.ndim == 2 else arr
+    return arr.size > 0 and not np.any(diag) and bool(np.isfinite(arr).all()) \
+        and not np.any(arr)
+
+
+def zero_kernel_note(places: Sequence[str]) -> str:
+    """The note a record keeps about its zero kernels (the words of :func:`cvcore.measure`'s
+    refusal, as the Recorder records instead of refusing)."""
+    return (f"zero kernel on {', '.join(places)}: trace 0 (the model's outputs do not depend "
+            "on its parameters here); the entropy is undefined, stored as missing")
+
+
+def zero_kernel_values(names: Sequence[str]) -> dict[str, float]:
+    """The variables of a zero kernel: trace 0 and normalized trace 0; the entropies, the
+    effective rank and the magnitude variance are undefined (NaN, stored as missing)."""
+    return {v: 0.0 if v in ZERO_DEFINED else math.nan for v in names}
 
 
 def model_description(model: Any) -> str:
@@ -120,6 +199,8 @@ class Recorder:
         self._described = False
         self._closed = False
         self._union_choice: dict[str, bool] = {}
+        self._notes: list[str] = []
+        self._warned = False
         if sink is not None and not str(sink).endswith(".db"):
             raise StoreError(f"expected sink= a path ending in .db, got {str(sink)!r}")
         self._tensorboard: Any = None
@@ -193,32 +274,51 @@ class Recorder:
         Training is not changed: random states (Python, NumPy, torch) are restored,
         train/eval flags and ``.grad`` are put back, and no parameter or buffer is written.
 
+        A zero kernel (a model whose outputs do not depend on its parameters on the
+        probe) is recorded, not refused: trace 0, the variables it leaves undefined
+        (entropies, effective rank, magnitude variance) as missing, a note under
+        ``extras["cvcore_note"]``, and one ``RuntimeWarning`` per Recorder.
+
         Args:
-            step: the training step or epoch (an integer).
+            step: the training step or epoch (an integer from 0 to 2^63 - 1).
             model: the model as it is now (any framework a backend accepts).
-            loss: the current training loss (a number or a scalar tensor), stored with the
-                record.
+            loss: the current training loss (a number or a one-element tensor), stored with
+                the record; a NaN loss is recorded as missing.
             **extra: more JSON-serialisable numbers to keep with the record (accuracy,
                 learning rate, ...).
 
         Returns:
             The :class:`Record` stored, or ``None`` when ``every`` skips this step.
+
+        Raises:
+            InputError: a step that is not an integer in range, a loss that is not one
+                number, or extras that are not JSON; before anything is measured or written.
         """
         if self._closed:
             raise InputError("expected an open Recorder, got one already closed")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise InputError(f"expected an integer step, got {describe(step)}")
+        step = check_step(step)
+        check_loss(loss)
+        if NOTE_KEY in extra:
+            raise InputError(f"expected extras other than {NOTE_KEY!r} (the Recorder's own "
+                             "notes), got it")
         if not self.due(step):
             return None
-        from cvcore.record.store import _plain, _real
+        from cvcore.record.store import _plain
 
-        loss_value = _real(loss)
+        loss_number = loss_value(loss)
         extras = _plain(extra)
         started = time.perf_counter()
+        self._notes = []
         with untouched(model):
             values, description = self._measure(model)
         seconds = time.perf_counter() - started
-        record = Record(step=int(step), values=tuple(values), loss=loss_value,
+        if self._notes:
+            extras[NOTE_KEY] = zero_kernel_note(self._notes)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"cvcore: step {step}: {extras[NOTE_KEY]} (recorded; this "
+                              "warning is given once per Recorder)", RuntimeWarning, stacklevel=2)
+        record = Record(step=step, values=tuple(values), loss=loss_number,
                         extras=extras, seconds=seconds, time=time.time())
         self.store.add_record(self.run_id, record, model=description)
         if self._tensorboard is not None:
@@ -237,7 +337,7 @@ class Recorder:
                         unions[part.probe_set] = self._union_kernel(model, part.probe_set)
                     numbers, used, n_params = self._slice(unions[part.probe_set], part)
                 else:
-                    numbers, used, n_params = self._measure_part(model, part.inputs)
+                    numbers, used, n_params = self._measure_part(model, part)
             except CVCoreError:
                 raise
             except Exception as exc:  # the framework's own error for a probe that does not fit
@@ -298,21 +398,32 @@ class Recorder:
         pos = union.positions[part.subset]
         per = matrix.shape[0] // union.n_samples  # O rows per sample in a full kernel
         rows = (pos[:, None] * per + np.arange(per)).reshape(-1)  # row i·O + o
-        if self._diagonal:
-            dv = diagonal_variables(matrix[rows]).to_dict()
-            return {v: float(dv[v]) for v in self._names}, used, n_params
-        cv = collective_variables(matrix[np.ix_(rows, rows)], covariance=self._covariance)
-        return {v: float(getattr(cv, v)) for v in self._names}, used, n_params
+        piece = matrix[rows] if self._diagonal else matrix[np.ix_(rows, rows)]
+        return self._variables(piece, part), used, n_params
 
-    def _measure_part(self, model: Any, inputs: Any) -> tuple[dict[str, float], str, int | None]:
+    def _variables(self, kernel: Any, part: Part) -> dict[str, float]:
+        """The asked variables of one kernel (or diagonal); a zero kernel gives trace 0
+        and NaN for the variables it leaves undefined, with a note for the record."""
+        if is_zero_kernel(kernel):
+            where = f"probe set {part.probe_set!r}" + (
+                "" if part.subset is None else f" subset {part.subset}") + (
+                "" if part.label is None else f" class {part.label!r}")
+            self._notes.append(where)
+            return zero_kernel_values(self._names)
         if self._diagonal:
-            diag, used = build_diagonal(model, inputs, backend=self.backend,
+            dv = diagonal_variables(kernel).to_dict()
+            return {v: float(dv[v]) for v in self._names}
+        cv = collective_variables(kernel, covariance=self._covariance)
+        return {v: float(getattr(cv, v)) for v in self._names}
+
+    def _measure_part(self, model: Any, part: Part
+                      ) -> tuple[dict[str, float], str, int | None]:
+        if self._diagonal:
+            diag, used = build_diagonal(model, part.inputs, backend=self.backend,
                                         request=self.request)
-            dv = diagonal_variables(diag).to_dict()
-            return {v: float(dv[v]) for v in self._names}, used, None
-        measured = build(model, inputs, backend=self.backend, request=self.request)
-        cv = collective_variables(measured.result.kernel, covariance=self._covariance)
-        return ({v: float(getattr(cv, v)) for v in self._names}, measured.backend,
+            return self._variables(diag, part), used, None
+        measured = build(model, part.inputs, backend=self.backend, request=self.request)
+        return (self._variables(measured.result.kernel, part), measured.backend,
                 measured.result.n_params)
 
     # -- lifetime --------------------------------------------------------------------
