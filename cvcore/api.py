@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -11,8 +12,9 @@ from numpy.typing import NDArray
 
 from cvcore import plugins
 from cvcore import verify as verification
+from cvcore.data_io import batch_size
 from cvcore.errors import BackendError, InputError, ModelError
-from cvcore.memory import parse_budget
+from cvcore.memory import failed_allocations, parse_budget
 from cvcore.protocols import (
     Implementation,
     KernelRequest,
@@ -202,10 +204,11 @@ def build_resolved(r: Resolved, *, per_layer: bool = False) -> Measured:
     req, chosen = r.request, r.backend
     check_call(r.inputs, req, "layers" if per_layer else "ntk")
     layers: tuple[LayerKernel, ...] = ()
-    if per_layer:
-        result, layers = _by_layer(chosen, r.model, r.inputs, req)
-    else:
-        result = chosen.ntk(r.model, r.inputs, req)
+    with _allocations(r.inputs, req):
+        if per_layer:
+            result, layers = _by_layer(chosen, r.model, r.inputs, req)
+        else:
+            result = chosen.ntk(r.model, r.inputs, req)
     kernel = np.asarray(result.kernel)
     expected = result.n_samples * (result.n_outputs if req.kernel == "full" else 1)
     if kernel.shape != (expected, expected):
@@ -313,9 +316,20 @@ def build_diagonal(model: Any, inputs: Any, *, backend: str | None = None,
     formed), else from the kernel; returns the diagonal and the backend's name."""
     model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
     check_call(inputs, req, "diagonal" if hasattr(chosen, "diagonal") else "ntk")
-    if hasattr(chosen, "diagonal"):
-        return np.asarray(chosen.diagonal(model, inputs, req)), chosen.name
-    return np.diag(chosen.ntk(model, inputs, req).kernel).copy(), chosen.name
+    with _allocations(inputs, req):
+        if hasattr(chosen, "diagonal"):
+            return np.asarray(chosen.diagonal(model, inputs, req)), chosen.name
+        return np.diag(chosen.ntk(model, inputs, req).kernel).copy(), chosen.name
+
+
+def _allocations(inputs: Any, req: KernelRequest) -> contextlib.AbstractContextManager[None]:
+    """A failed allocation while the backend works becomes one ``ResourceError`` line."""
+    try:
+        n: int | None = batch_size(inputs)
+    except Exception:  # noqa: BLE001 - only used to word the message
+        n = None
+    return failed_allocations(budget=req.memory_budget, samples=n, kernel=req.kernel,
+                              itemsize=8 if str(req.dtype).endswith("64") else 4)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from cvcore.errors import InputError
@@ -128,6 +130,25 @@ def is_allocation_failure(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and (
         "can't allocate memory" in text or "RESOURCE_EXHAUSTED" in text)
+
+
+@contextlib.contextmanager
+def failed_allocations(*, budget: str | int | None = None, samples: int | None = None,
+                       kernel: str | None = None, itemsize: int = 4) -> Iterator[None]:
+    """Turn an allocation that fails inside the block into :func:`allocation_failure`'s
+    one-line :class:`ResourceError` (the Python API's counterpart of the CLI's handling);
+    cvcore's own refusals and every other error pass through unchanged."""
+    from cvcore.errors import CVCoreError
+
+    try:
+        yield
+    except CVCoreError:
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        raise allocation_failure(exc, budget=budget, samples=samples, kernel=kernel,
+                                 itemsize=itemsize) from None
 
 
 def allocation_failure(exc: BaseException, *, budget: str | int | None = None,

@@ -333,3 +333,36 @@ def test_kernel_too_large_names_every_way_out() -> None:
     assert "--memory-budget bounds only the Jacobian blocks" in message
     for option in ("--samples", "--kernel traced", "--method stochastic", "--variables trace"):
         assert option in message
+
+
+@pytest.mark.parametrize("method", ["ntk", "diagonal"])
+def test_python_api_turns_a_failed_allocation_into_one_resource_error(
+        monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """The API's counterpart of the CLI's handling: the backend's allocation fails mid-way."""
+    from cvcore.backends.torch.backend import TorchBackend
+
+    from cvcore.errors import ResourceError
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError()
+
+    monkeypatch.setattr(TorchBackend, method, out_of_memory)
+    x = torch.randn(12, 64)
+    call = (lambda: cvcore.ntk(small_mlp(), x, memory_budget="64MB")) if method == "ntk" else (
+        lambda: cvcore.measure(small_mlp(), x, variables="trace"))
+    with pytest.raises(ResourceError) as info:
+        call()
+    text = str(info.value)
+    assert "\n" not in text and "allocation failure" in text
+    assert "12 × 12 kernel alone needs at least" in text and "--samples" in text
+
+
+def test_python_api_keeps_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvcore.backends.torch.backend import TorchBackend
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(TorchBackend, "ntk", broken)
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        cvcore.ntk(small_mlp(), torch.randn(4, 64))
