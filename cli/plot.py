@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cvcore.cli.export import check_outputs
 from cvcore.cli.output import stderr
 
 from cvcore.errors import InputError
@@ -25,6 +26,9 @@ def plot(
     """Entropy, trace (log scale) and loss against step; mean ± std bands over subsets; runs overlaid."""
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise InputError(f"expected --out ending in .png, .pdf or .svg, got {str(out)!r}")
+    # an existing figure is redrawn; a store, its side files, a directory, a missing or
+    # read-only folder are refused before anything is read
+    check_outputs(list(stores), {"--out": out}, force=True)
     runs: list[PlotRun] = []
     sources: list[Path] = []
     for path in stores:
@@ -38,6 +42,9 @@ def plot(
         runs = [PlotRun(label=f"{src}: {r.label}", info=r.info, records=r.records)
                 for src, r in zip(sources, runs)]
     total = sum(len(r.records) for r in runs)
+    if total == 0:
+        raise InputError(f"expected records to plot, got none: "
+                         f"{', '.join(str(p) for p in stores)} holds no records yet")
     log = stderr()
     if total >= PROGRESS_RECORDS:
         from rich.progress import Progress

@@ -24,14 +24,26 @@ def report(
     run: Annotated[str | None, typer.Option(help="Only this run (id or name).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per run and probe set: each variable at start and end, the change with its uncertainty, the regime."""
+    """Per run and probe set: each variable at start and end, the change with its uncertainty, the regime.
+
+    A store with no runs yet (or a run with no records yet) prints one line saying so
+    and exits with status 0: it is what a store looks like before a Recorder's first
+    record, not a mistake."""
     summaries: list[dict[str, Any]] = []
+    empty: list[Path] = []
     for path in stores:
         with RecordStore(path, create=False) as store:
-            summaries.extend(summarize(store, run))
+            found = summarize(store, run)
+        if not found:
+            empty.append(path)
+        summaries.extend(found)
     if as_json:
         sys.stdout.write(json.dumps(_finite(summaries), indent=2) + "\n")
+        for path in empty:  # stdout stays JSON
+            typer.echo(f"{path}: no records yet", err=True)
         return
+    for path in empty:
+        typer.echo(f"{path}: no records yet")
     _print(summaries)
 
 
@@ -57,6 +69,9 @@ def _print(summaries: list[dict[str, Any]]) -> None:
 
     console = Console(highlight=False, width=max(140, Console().width))
     for s in summaries:
+        if not s["records"]:
+            console.print(f"run {s['run_id']} {s['run_name']!r}: no records yet", markup=False)
+            continue
         cost = s["cost_seconds"]
         title = (f"run {s['run_id']} {s['run_name']!r}: {s['model_class'] or 'model'} "
                  f"({format_number(s['n_params'])} parameters, {s['framework']}), "

@@ -13,7 +13,7 @@ from cvcore.cli.common import JsonOpt
 def scaling(
     sweep_dir: Annotated[Path, typer.Argument(help="A sweep directory (cv sweep's --out).")],
     out: Annotated[Path | None, typer.Option(help="Where figures and scaling.json go (default: SWEEP_DIR/scaling).")] = None,
-    probe: Annotated[list[str] | None, typer.Option(help="Probe sets to analyse (default: train and test).")] = None,
+    probe: Annotated[list[str] | None, typer.Option(help="Probe sets to analyse (default: train and test, or every one recorded when the sweep has neither).")] = None,
     contrast: Annotated[list[str] | None, typer.Option(help='Training curves of a contrast, e.g. "width=12,1000 depth=3 activation=relu" (repeatable).')] = None,
     boot: Annotated[int, typer.Option(help="Bootstrap resamples over seeds.")] = 1000,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the figures (needs matplotlib).")] = True,
@@ -26,7 +26,7 @@ def scaling(
 
     if boot < 1:
         raise InputError(f"expected --boot a positive integer, got {boot}")
-    result = scaling_report(sweep_dir, out=out, probe_sets=probe or ("train", "test"),
+    result = scaling_report(sweep_dir, out=out, probe_sets=probe or None,
                             contrasts=contrast or (), n_boot=boot, plots=plots)
     if as_json:
         typer.echo(json.dumps(result["analysis"], indent=1, default=str))

@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -15,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cvcore.errors import InputError
+from cvcore.files import write_text_atomic
 from cvcore.spectrum import CollectiveVariables, DiagonalVariables, collective_variables
 
 VARIABLES = [f.name for f in fields(CollectiveVariables)]
@@ -122,16 +121,8 @@ def csv_text(rows: Iterable[Row]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that it is never seen half-written: temp file, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a file so that it is never seen half-written (:func:`cvcore.files.write_text_atomic`)."""
+    write_text_atomic(path, text)
 
 
 def read_done(path: Path) -> set[str]:
@@ -144,8 +135,13 @@ def read_done(path: Path) -> set[str]:
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV table written by :func:`csv_text`."""
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: expected a CSV table (UTF-8 text), got content that is not "
+                         f"({type(exc).__name__}); pass another --csv, or --force to overwrite "
+                         "it") from None
 
 
 class CsvSink:
@@ -161,7 +157,7 @@ class CsvSink:
     def __init__(self, path: Path, *, resume: bool = False, force: bool = False,
                  settings: str | None = None) -> None:
         self.path = Path(path)
-        old = read_rows(self.path) if self.path.is_file() else []
+        old = read_rows(self.path) if self.path.is_file() and not force else []
         if old and not (resume or force):
             raise InputError(
                 f"{self.path}: expected a new --csv file, got a table of {len(old)} rows; "

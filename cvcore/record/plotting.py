@@ -7,8 +7,6 @@ only when a figure is drawn. Runs are told apart by colour, probe sets by line s
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cvcore.errors import InputError
+from cvcore.files import atomic_output
 from cvcore.imports import require
 from cvcore.record.analysis import groups, series
 from cvcore.record.store import Record, RunInfo
@@ -137,15 +136,9 @@ def plot_runs(runs: Sequence[PlotRun], out: Path, *, phase: bool = False,
         title = f"{runs[0].label}: {title}"
     fig.suptitle(title, fontsize="medium")
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix or ".png",
-                               dir=out.parent if str(out.parent) else ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_output(out, suffix=out.suffix or ".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return out

@@ -3,8 +3,9 @@
 SQLite (standard library) in WAL mode, one transaction per record: a writer killed at
 any instant leaves every completed record readable, readers see a consistent file while
 a run is being written, and a resumed run appends to the same file. The schema is in
-``docs/recording.md``; :data:`SCHEMA_VERSION` is stored in the file and a newer one is
-refused.
+``docs/recording.md`` (and :mod:`cvcore.record.schema`); :data:`SCHEMA_VERSION` is stored in
+the file and a newer one is refused. Readers open a store read-only and change nothing on
+disk; every row read back is type-checked, so a damaged file is one :class:`StoreError`.
 """
 
 from __future__ import annotations
@@ -17,140 +18,33 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from numpy.typing import NDArray
 
 from cvcore.errors import InputError
+from cvcore.record.schema import (
+    COLUMNS,
+    FORMAT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Record,
+    RunInfo,
+    StoreError,
+    Value,
+    export_row,
+    record_of,
+    run_info,
+    value_of,
+)
 
-#: The schema this cvcore writes and the newest it reads.
-SCHEMA_VERSION = 1
-#: The value of the ``format`` key that marks a cvcore record store.
-FORMAT = "cvcore-records"
 #: Seconds a writer waits for another one's transaction before reporting the lock.
 DEFAULT_TIMEOUT = 10.0
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created REAL NOT NULL,
-    closed REAL,
-    host TEXT, pid INTEGER,
-    model_class TEXT, framework TEXT, n_params INTEGER,
-    kernel TEXT NOT NULL, dtype TEXT NOT NULL, cvcore_version TEXT NOT NULL,
-    probe_sets TEXT NOT NULL, options TEXT NOT NULL, tags TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    step INTEGER NOT NULL,
-    loss REAL,
-    extras TEXT NOT NULL,
-    seconds REAL NOT NULL,
-    time REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS measurements (
-    record_id INTEGER NOT NULL REFERENCES records(id),
-    probe_set TEXT NOT NULL,
-    subset INTEGER,
-    label TEXT,
-    variable TEXT NOT NULL,
-    value REAL,
-    std REAL,
-    count INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_run ON records(run_id, step);
-CREATE INDEX IF NOT EXISTS measurements_record ON measurements(record_id);
-"""
-
-
-class StoreError(InputError):
-    """A file is not a cvcore record store, is locked, or comes from a newer schema."""
-
-
-@dataclass(frozen=True)
-class Value:
-    """One number of one record.
-
-    Attributes:
-        probe_set: the probe set's name (``"probe"`` when only one was given).
-        variable: a :class:`cvcore.CollectiveVariables` field name.
-        value: the variable; for the summary of subsets, their mean.
-        subset: the subset's index, or ``None`` for the whole probe set / the summary.
-        label: the class of a class-wise kernel, else ``None``.
-        std: the standard deviation over subsets (``ddof=1``) for a summary, else ``None``.
-        count: how many kernels the value summarises (``K`` for a subset summary, else 1).
-    """
-
-    probe_set: str
-    variable: str
-    value: float
-    subset: int | None = None
-    label: str | None = None
-    std: float | None = None
-    count: int = 1
-
-
-@dataclass(frozen=True)
-class Record:
-    """What one :meth:`Recorder.record` call stored: every value of one step."""
-
-    step: int
-    values: tuple[Value, ...]
-    loss: float | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    time: float = 0.0
-
-    def get(self, variable: str, probe_set: str | None = None, label: str | None = None) -> float:
-        """A summary value (subset mean, or the whole probe's value) of one variable.
-
-        Raises:
-            KeyError: no such value in this record.
-        """
-        for v in self.values:
-            if v.variable == variable and v.subset is None and v.label == label and (
-                    probe_set is None or v.probe_set == probe_set):
-                return v.value
-        raise KeyError(f"no {variable!r} for probe set {probe_set!r}, label {label!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python form, ready for JSON."""
-        return {"step": self.step, "loss": self.loss, "extras": self.extras,
-                "seconds": self.seconds, "time": self.time,
-                "values": [asdict(v) for v in self.values]}
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """A run's metadata (one row of the ``runs`` table)."""
-
-    id: int
-    name: str
-    source: str
-    created: float
-    closed: float | None
-    host: str | None
-    pid: int | None
-    model_class: str | None
-    framework: str | None
-    n_params: int | None
-    kernel: str
-    dtype: str
-    cvcore_version: str
-    probe_sets: dict[str, Any]
-    options: dict[str, Any]
-    tags: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python form, ready for JSON."""
-        return asdict(self)
+#: How many times a reader opens a store again when a writer changed it during a read.
+READ_ATTEMPTS = 3
 
 
 def _json(value: Any) -> str:
@@ -191,22 +85,51 @@ def _real(value: Any) -> float | None:
         raise InputError(f"expected a scalar loss, got {type(value).__name__}") from None
 
 
+def _wal_header(path: str) -> bool:
+    """Whether SQLite would open a file as a WAL-mode database: its header's magic string
+    and read version 2 (byte 19), even in a file shorter than the 100-byte header."""
+    with open(path, "rb") as fh:
+        head = fh.read(20)
+    return len(head) == 20 and head.startswith(b"SQLite format 3\x00") and head[19] == 2
+
+
+def _signature(path: str) -> tuple[int, ...] | None:
+    """What changes when anything writes to a file: its identity, size and times."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class RecordStore:
     """One SQLite record store file: create, append, read.
 
+    A store opened with ``create=False`` is opened for reading only, and reading changes
+    nothing on disk: not the file, not its folder (no ``-wal`` or ``-shm`` file appears),
+    not its journal mode. A store in WAL mode with no ``-wal`` file beside it (no writer
+    has it open) is read as an immutable file, checked after every query for a writer
+    that started meanwhile (then it is opened again, the normal way, and the query
+    repeated); any other store is opened with SQLite's ``mode=ro``, which reads the
+    committed records of a writer that is running. The first write to a store opened
+    for reading opens it again for writing.
+
     Args:
         path: a file ending in ``.db``, or ``":memory:"`` for a store that is not kept.
-        create: create the file when it does not exist (readers pass ``False``).
+        create: create the file when it does not exist; ``False`` opens an existing
+            store for reading.
         timeout: seconds to wait for another writer's transaction before
             :class:`StoreError`.
 
     Raises:
-        StoreError: the file is not a cvcore store, is locked, or has a newer schema.
+        StoreError: the file is not a cvcore store, is locked, is damaged, or has a newer
+            schema.
     """
 
     def __init__(self, path: str | Path, *, create: bool = True,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = str(path)
+        self.timeout = timeout
         memory = self.path == ":memory:"
         if not memory and not self.path.endswith(".db"):
             raise StoreError(f"expected a record store path ending in .db, got {self.path!r}")
@@ -215,43 +138,57 @@ class RecordStore:
             raise StoreError(f"expected an existing record store, got no file at {self.path}")
         if not memory and Path(self.path).is_dir():
             raise StoreError(f"expected a record store file, got a directory: {self.path}")
+        #: ``True`` while the store is open for reading only.
+        self.readonly = not create and not memory
+        self._signature: tuple[int, ...] | None = None
+        if self.readonly:
+            self._connect_reader()
+        else:
+            self._connect_writer()
         try:
-            self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
-                                        check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open record store {self.path}: {exc}") from None
-        self.conn.row_factory = sqlite3.Row
-        try:
-            self._check_or_init(create and not self._is_store())
+            if not self.readonly:
+                self._init(create)
+            self._check()
         except BaseException:
             self.conn.close()
             raise
 
     # -- opening ---------------------------------------------------------------------
 
-    def _is_store(self) -> bool:
+    def _connect(self, target: str, *, uri: bool) -> None:
         try:
-            tables = {r[0] for r in self.conn.execute(
-                "SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"expected a cvcore record store (SQLite), got a file that is not one: "
-                f"{self.path} ({exc})") from None
-        if not tables:
-            return False
-        if "meta" not in tables:
-            raise StoreError(f"expected a cvcore record store, got an SQLite file without "
-                             f"cvcore's tables: {self.path} (tables {sorted(tables)})")
-        return True
+            self.conn = sqlite3.connect(target, timeout=self.timeout, isolation_level=None,
+                                        check_same_thread=False, uri=uri)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open record store {self.path}: {exc}") from None
+        self.conn.row_factory = sqlite3.Row
 
-    def _check_or_init(self, init: bool) -> None:
+    def _connect_reader(self) -> None:
+        """Open the file read-only (immutable when no writer has it open)."""
+        real = os.path.realpath(self.path)
+        try:
+            immutable = _wal_header(real) and not os.path.lexists(real + "-wal")
+        except OSError as exc:
+            raise StoreError(f"cannot read record store {self.path}: {exc.strerror}") from None
+        self._signature = _signature(real) if immutable else None
+        self._connect(f"file:{quote(real)}?mode=ro" + ("&immutable=1" if immutable else ""),
+                      uri=True)
+
+    def _connect_writer(self) -> None:
+        self._signature = None
+        self._connect(self.path, uri=False)
+
+    def _init(self, create: bool) -> None:
+        """Writers only: check the file is a store (or empty) before anything is written,
+        then switch it to WAL mode and create the schema in a new file."""
+        empty = not self._tables()
         with self._translate("open"):
             if self.path != ":memory:":
                 mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise StoreError(f"cannot switch {self.path} to WAL mode (got {mode})")
             self.conn.execute("PRAGMA synchronous=NORMAL")
-            if init:
+            if empty and create:
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
                     for statement in SCHEMA.split(";"):
@@ -264,36 +201,100 @@ class RecordStore:
                 except BaseException:
                     self.conn.execute("ROLLBACK")
                     raise
-            if not self._is_store():
-                raise StoreError(f"expected a cvcore record store, got an empty SQLite file: "
-                                 f"{self.path}")
-            meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def _tables(self) -> set[str]:
+        """The file's tables; :class:`StoreError` for a file that is not SQLite or holds
+        another application's tables."""
+        tables = {r[0] for r in self._query(
+            "read the list of tables", "SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            shown = sorted(str(t) for t in tables)
+            raise StoreError(f"expected a cvcore record store, got an SQLite file without "
+                             f"cvcore's tables: {self.path} (tables {shown[:8]})")
+        return tables
+
+    def _check(self) -> None:
+        """The format, the schema version and every table's columns, or :class:`StoreError`."""
+        if not self._tables():
+            raise StoreError(f"expected a cvcore record store, got an empty SQLite file: "
+                             f"{self.path}")
+        meta = {str(r[0]): r[1] for r in self._query("read the store's metadata",
+                                                      "SELECT key, value FROM meta")}
         if meta.get("format") != FORMAT:
             raise StoreError(f"expected a cvcore record store (format {FORMAT!r}), got "
-                             f"format {meta.get('format')!r} in {self.path}")
-        version = int(meta.get("schema_version", "0"))
+                             f"format {str(meta.get('format'))[:40]!r} in {self.path}")
+        text = meta.get("schema_version", "0")
+        if not isinstance(text, str) or not text.isascii() or not text.isdigit():
+            raise StoreError(f"expected a cvcore record store, got a damaged one: {self.path}: "
+                             f"schema_version is {str(text)[:40]!r}, not an integer")
+        version = int(text)
         if version > SCHEMA_VERSION:
             raise StoreError(f"expected a record store of schema version {SCHEMA_VERSION} or "
                              f"older, got version {version} in {self.path}; upgrade cvcore")
         self.schema_version = version
+        for table, columns in COLUMNS.items():
+            have = {r[1] for r in self._query("read the schema", f"PRAGMA table_info({table})")}
+            missing = [c for c in columns if c not in have]
+            if missing:
+                raise StoreError(f"expected a cvcore record store, got a damaged one: "
+                                 f"{self.path}: table {table} lacks columns {missing}")
+
+    def _moved(self) -> bool:
+        """Whether a file read as immutable has been written to since it was opened."""
+        return self._signature is not None and \
+            _signature(os.path.realpath(self.path)) != self._signature
+
+    def _query(self, what: str, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Every row of one query; SQLite's errors as one-line :class:`StoreError`.
+
+        A store read as immutable that a writer changed meanwhile is opened again and the
+        query repeated, so a reader never returns rows from a file changing under it.
+        """
+        for _ in range(READ_ATTEMPTS):
+            try:
+                rows = self.conn.execute(sql, tuple(args)).fetchall()
+            except (sqlite3.Error, UnicodeDecodeError) as exc:  # text that is not UTF-8
+                if not self._moved():
+                    raise self._error(what, exc) from None
+            else:
+                if not self._moved():
+                    return rows
+            self.conn.close()
+            self._connect_reader()
+        raise StoreError(f"record store {self.path} kept changing while it was read "
+                         f"({READ_ATTEMPTS} attempts); read it again")
+
+    def _error(self, what: str, exc: sqlite3.Error | UnicodeDecodeError) -> StoreError:
+        """One SQLite error as a one-line :class:`StoreError`."""
+        text = " ".join(str(exc).split())
+        if isinstance(exc, UnicodeDecodeError):
+            return StoreError(f"expected a cvcore record store, got a damaged one: {self.path}: "
+                              f"could not {what}: text that is not UTF-8 ({text[:80]})")
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+            return StoreError(f"record store {self.path} is locked by another writer "
+                              f"(could not {what} within the timeout)")
+        if isinstance(exc, sqlite3.OperationalError) and not any(
+                word in text for word in ("malformed", "not a database", "corrupt")):
+            return StoreError(f"record store {self.path}: could not {what}: {text}")
+        return StoreError(f"expected a cvcore record store (SQLite), got a file that is not "
+                          f"one or is damaged: {self.path} ({text})")
 
     @contextmanager
     def _translate(self, what: str) -> Iterator[None]:
         """SQLite's errors as one-line :class:`StoreError` messages."""
         try:
             yield
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise StoreError(f"record store {self.path} is locked by another writer "
-                                 f"(could not {what} within the timeout)") from None
-            raise StoreError(f"record store {self.path}: could not {what}: {exc}") from None
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"expected a cvcore record store (SQLite), got a file that is not "
-                             f"one: {self.path} ({exc})") from None
+        except sqlite3.Error as exc:
+            raise self._error(what, exc) from None
 
     @contextmanager
     def transaction(self, what: str = "write") -> Iterator[sqlite3.Connection]:
         """One write transaction: everything inside lands together or not at all."""
+        if self.readonly:  # opened for reading: open it again, for writing
+            self.conn.close()
+            self.readonly = False
+            self._connect_writer()
+            self._init(create=False)
         with self._translate(what):
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -377,12 +378,8 @@ class RecordStore:
 
     def runs(self) -> list[RunInfo]:
         """Every run in the file, oldest first."""
-        with self._translate("read runs"):
-            rows = self.conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
-        decoded = ("probe_sets", "options", "tags")
-        return [RunInfo(**{k: json.loads(r[k]) if k in decoded else r[k]
-                           for k in r.keys()})  # noqa: SIM118 - a Row iterates its values
-                for r in rows]
+        rows = self._query("read runs", "SELECT * FROM runs ORDER BY id")
+        return [run_info(self.path, r) for r in rows]
 
     def run(self, run: int | str | None = None) -> RunInfo:
         """One run by id or name (the latest of that name); ``None`` when there is one run.
@@ -405,21 +402,16 @@ class RecordStore:
     def records(self, run: int | str | None = None) -> list[Record]:
         """Every record of one run, in the order written (so resumed runs append)."""
         info = self.run(run)
-        with self._translate("read records"):
-            recs = self.conn.execute(
-                "SELECT * FROM records WHERE run_id=? ORDER BY id", (info.id,)).fetchall()
-            meas = self.conn.execute(
-                "SELECT m.* FROM measurements m JOIN records r ON m.record_id = r.id "
-                "WHERE r.run_id=? ORDER BY m.rowid", (info.id,)).fetchall()
+        recs = self._query("read records",
+                           "SELECT * FROM records WHERE run_id=? ORDER BY id", (info.id,))
+        meas = self._query(
+            "read records", "SELECT m.* FROM measurements m JOIN records r ON "
+            "m.record_id = r.id WHERE r.run_id=? ORDER BY m.rowid", (info.id,))
         by_record: dict[int, list[Value]] = {}
         for m in meas:
-            by_record.setdefault(m["record_id"], []).append(Value(
-                probe_set=m["probe_set"], variable=m["variable"],
-                value=math.nan if m["value"] is None else m["value"], subset=m["subset"],
-                label=m["label"], std=m["std"], count=m["count"]))
-        return [Record(step=r["step"], values=tuple(by_record.get(r["id"], ())), loss=r["loss"],
-                       extras=json.loads(r["extras"]), seconds=r["seconds"], time=r["time"])
-                for r in recs]
+            record_id, value = value_of(self.path, m)
+            by_record.setdefault(record_id, []).append(value)
+        return [record_of(self.path, r, by_record.get(r["id"], ())) for r in recs]
 
     def rows(self, run: int | str | None = None) -> list[dict[str, Any]]:
         """Every value of every run (or one), one flat dict each (for CSV / Parquet).
@@ -428,14 +420,13 @@ class RecordStore:
         count, loss, seconds, time, extras`` (extras as JSON text).
         """
         where, args = ("", ()) if run is None else ("WHERE r.run_id=?", (self.run(run).id,))
-        with self._translate("read records"):
-            rows = self.conn.execute(
-                "SELECT r.run_id, u.name AS run_name, r.step, m.probe_set, m.subset, m.label, "
-                "m.variable, m.value, m.std, m.count, r.loss, r.seconds, r.time, r.extras "
-                "FROM measurements m JOIN records r ON m.record_id = r.id "
-                f"JOIN runs u ON u.id = r.run_id {where} ORDER BY r.id, m.rowid", args
-            ).fetchall()
-        return [dict(r) for r in rows]
+        rows = self._query(
+            "read records",
+            "SELECT r.id AS record_id, r.run_id, u.name AS run_name, r.step, m.probe_set, "
+            "m.subset, m.label, m.variable, m.value, m.std, m.count, r.loss, r.seconds, "
+            "r.time, r.extras FROM measurements m JOIN records r ON m.record_id = r.id "
+            f"JOIN runs u ON u.id = r.run_id {where} ORDER BY r.id, m.rowid", args)
+        return [export_row(self.path, r) for r in rows]
 
     def series(self, run: int | str | None, variable: str, *, probe_set: str | None = None,
                label: str | None = None) -> dict[str, NDArray[Any]]:
@@ -452,17 +443,23 @@ def series_of(records: Sequence[Record], variable: str, *, probe_set: str | None
         ``std`` (NaN without subsets), ``count`` (K, or 1), ``loss`` (NaN when not given)
         and ``seconds``.
     """
+    steps: list[int] = []
+    counts: list[int] = []
     rows: list[tuple[float, ...]] = []
     for rec in records:
         for v in rec.values:
             if v.variable == variable and v.subset is None and v.label == label and (
                     probe_set is None or v.probe_set == probe_set):
-                rows.append((rec.step, v.value, math.nan if v.std is None else v.std, v.count,
+                steps.append(rec.step)
+                counts.append(v.count)
+                rows.append((v.value, math.nan if v.std is None else v.std,
                              math.nan if rec.loss is None else rec.loss, rec.seconds))
                 break
-    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
-    return {"step": arr[:, 0].astype(np.int64), "value": arr[:, 1], "std": arr[:, 2],
-            "count": arr[:, 3].astype(np.int64), "loss": arr[:, 4], "seconds": arr[:, 5]}
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+    # steps and counts stay integers (a float64 loses steps above 2^53)
+    return {"step": np.asarray(steps, dtype=np.int64), "value": arr[:, 0], "std": arr[:, 1],
+            "count": np.asarray(counts, dtype=np.int64), "loss": arr[:, 2],
+            "seconds": arr[:, 3]}
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -486,5 +483,5 @@ def open_store(path: str | Path, *, create: bool = False) -> RecordStore:
     return RecordStore(path, create=create)
 
 
-__all__: Sequence[str] = ["FORMAT", "SCHEMA_VERSION", "Record", "RecordStore", "RunInfo",
+__all__: Sequence[str] = ["DEFAULT_TIMEOUT", "FORMAT", "SCHEMA", "SCHEMA_VERSION", "Record", "RecordStore", "RunInfo",
                           "StoreError", "Value", "open_store", "read_runs", "series_of"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from cvcore.files import atomic_output
 from cvcore.imports import require
 from cvcore.scaling.analysis import SEED, Point, axes, lines
 from cvcore.scaling.load import CellData, SweepData
@@ -38,11 +39,12 @@ def _panels(pts: Sequence[Point], group: Sequence[str]) -> list[tuple[str, list[
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    tmp.replace(path)
-    pyplot().close(fig)
+    """Write a figure atomically (its folder was checked by the caller) and close it."""
+    try:
+        with atomic_output(path, suffix=path.suffix or ".png") as tmp:
+            fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    finally:
+        pyplot().close(fig)
     return path
 
 

@@ -41,9 +41,20 @@ class CellData:
         return float(self.loss[-1]) if self.loss.size else math.nan
 
     def final_extra(self, key: str) -> float:
+        """The last recorded value of one extra (NaN when never recorded).
+
+        Raises:
+            InputError: the value stored is not a number.
+        """
         for extras in reversed(self.extras):
             if key in extras:
-                return float(extras[key])
+                value = extras[key]
+                if value is None:
+                    return math.nan
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InputError(f"cell {self.id}: expected the extra {key!r} to be a "
+                                     f"number, got {type(value).__name__}")
+                return float(value)
         return math.nan
 
 

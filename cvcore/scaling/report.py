@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cvcore.report import write_atomic
+from cvcore.errors import InputError
+from cvcore.files import check_output_path, write_text_atomic
 from cvcore.scaling import figures
 from cvcore.scaling.analysis import analyse, points
 from cvcore.scaling.load import load_sweep
@@ -16,21 +17,46 @@ from cvcore.scaling.load import load_sweep
 SUMMARY = "scaling.json"
 
 
+#: The probe sets analysed when none are named (those of them the sweep recorded).
+DEFAULT_PROBE_SETS = ("train", "test")
+
+
 def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
-                   probe_sets: Sequence[str] = ("train", "test"),
+                   probe_sets: Sequence[str] | None = None,
                    contrasts: Sequence[str] = (), n_boot: int = 1000,
                    plots: bool = True) -> dict[str, Any]:
-    """Analyse every probe set present and write ``scaling.json`` and the figures.
+    """Analyse the probe sets and write ``scaling.json`` and the figures.
+
+    Args:
+        probe_sets: the probe sets to analyse; ``None``: train and test, or every probe
+            set recorded when the sweep has neither.
 
     Returns:
         ``{"summary": path, "figures": [paths], "analysis": {probe set: analysis}}``.
+
+    Raises:
+        InputError: not a sweep, a probe set the sweep did not record, or an output folder
+            that cannot be written (checked before anything is analysed or written).
     """
     sweep = load_sweep(sweep_dir)
-    where = Path(out) if out is not None else sweep.root / "scaling"
-    where.mkdir(parents=True, exist_ok=True)
+    recorded = sorted(sweep.cells[0].series)
+    if probe_sets is None:
+        present = [p for p in DEFAULT_PROBE_SETS if p in recorded] or recorded
+    else:
+        unknown = [p for p in probe_sets if p not in recorded]
+        if unknown:
+            raise InputError(f"expected --probe among the probe sets the sweep recorded "
+                             f"{recorded}, got {unknown[0]!r}")
+        present = list(dict.fromkeys(probe_sets))
     selections = [figures.parse_contrast(c) for c in contrasts]
-    present = [p for p in probe_sets if p in sweep.cells[0].series] or \
-        sorted(sweep.cells[0].series)
+    where = output_folder(Path(out) if out is not None else sweep.root / "scaling")
+    names = [SUMMARY]
+    if plots:
+        names += [f"{kind}_{p}.png" for p in present
+                  for kind in ("scale_diagram", "delta_S_vs_params")]
+        names += ["loss_vs_params.png"] + [figures.contrast_name(s) for s in selections]
+    for name in names:
+        check_output_path(where / name, what="scaling output")
     results = {p: analyse(sweep, probe_set=p, n_boot=n_boot) for p in present}
     written: list[str] = []
     if plots:
@@ -53,8 +79,24 @@ def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
                                                 name)))
     text = json.dumps({"probe_sets": results, "figures": written}, indent=1,
                       default=_jsonable)
-    write_atomic(where / SUMMARY, text)
+    write_text_atomic(where / SUMMARY, text)
     return {"summary": str(where / SUMMARY), "figures": written, "analysis": results}
+
+
+def output_folder(where: Path) -> Path:
+    """The folder for the figures and ``scaling.json``, created when missing (its parent
+    must exist); one-line :class:`InputError` for a file, a missing parent or a read-only
+    folder."""
+    if where.exists() and not where.is_dir():
+        raise InputError(f"{where}: expected a folder for --out, got a file")
+    if not where.exists():
+        check_output_path(where, what="--out folder")
+        try:
+            where.mkdir()
+        except OSError as exc:
+            raise InputError(f"{where}: expected a folder that can be created for --out, "
+                             f"got {exc.strerror}") from None
+    return where
 
 
 def _jsonable(value: Any) -> Any:
