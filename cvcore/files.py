@@ -57,6 +57,19 @@ def check_output_path(path: str | Path, *, what: str = "output", force: bool = T
     return path
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions ``path`` keeps (an existing file's) or gets (a new file: 0666 less umask).
+
+    ``mkstemp`` creates its file 0600; without this every table and figure would be private.
+    """
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path, *, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
@@ -71,6 +84,7 @@ def atomic_output(path: str | Path, *, suffix: str | None = None) -> Iterator[Pa
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
