@@ -102,6 +102,12 @@ class KerasArchiveLoader:
         if not is_keras_archive(path):
             kind = "a directory" if path.is_dir() else "content that is not a .keras archive"
             raise InputError(f"{path}: expected a Keras .keras archive (zip), got {kind}")
+        if not options.trust and importlib.util.find_spec("h5py") is not None:
+            try:
+                check_keras_archive_weights(path)
+            except (OSError, zipfile.BadZipFile) as exc:
+                raise InputError(f"{path}: expected a readable .keras archive, got "
+                                 f"{_first_line(exc)}") from None
         return LoadedModel(model=load_keras_model(path, options.trust, ".keras model"),
                            backend="tensorflow")
 
@@ -137,6 +143,59 @@ class SavedModelLoader:
         return LoadedModel(model=model, backend="tensorflow")
 
 
+def h5_outside_reference(fh: Any) -> str | None:
+    """The first link or dataset of an open HDF5 file that reads another file, else ``None``.
+
+    h5py follows external links and reads external and virtual datasets from whatever file
+    they name, so weights could come from any local file; such an HDF5 file is refused.
+    """
+    import h5py
+
+    pending = [("", fh)]
+    while pending:
+        prefix, group = pending.pop()
+        for name in group:
+            where = f"{prefix}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                return f"an external link {where} -> {link.filename}:{link.path}"
+            if isinstance(link, h5py.SoftLink):
+                continue  # points inside this file; its target is visited on its own
+            item = group.get(name)
+            if isinstance(item, h5py.Group):
+                pending.append((where, item))
+            elif isinstance(item, h5py.Dataset):
+                if item.is_virtual:
+                    return f"a virtual dataset {where}"
+                if item.external:
+                    return f"a dataset {where} stored in the external file {item.external[0][0]!r}"
+    return None
+
+
+def check_h5_self_contained(path: Path, source: Any = None) -> None:
+    """Refuse an HDF5 file (``path``, or the file object ``source`` read from it) whose data
+    lives in other files; one-line :class:`UntrustedFileError`."""
+    import h5py
+
+    with h5py.File(source if source is not None else path, "r") as fh:
+        found = h5_outside_reference(fh)
+    if found is not None:
+        raise UntrustedFileError(
+            f"{path}: expected an HDF5 file holding its own data, got {found} (another file "
+            "would be read as weights); nothing was read. If you made this file yourself, pass "
+            "--trust to load it")
+
+
+def check_keras_archive_weights(path: Path) -> None:
+    """The same check for the ``.h5`` weights inside a ``.keras`` archive."""
+    import io
+
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith(".h5"):
+                check_h5_self_contained(path, io.BytesIO(zf.read(name)))
+
+
 def _h5_has_model(path: Path) -> bool:
     import h5py
 
@@ -163,6 +222,8 @@ class H5Loader:
         if not is_hdf5(path):
             raise InputError(f"{path}: expected an HDF5 file, got other content")
         try:
+            if not options.trust:
+                check_h5_self_contained(path)
             whole = _h5_has_model(path)
         except OSError as exc:
             raise InputError(f"{path}: expected a readable HDF5 file, got {exc}") from None
