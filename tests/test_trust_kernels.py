@@ -233,18 +233,9 @@ def test_a_plain_dense_layer_keeps_its_rule_and_its_bias() -> None:
     x = _x(4, seed=8)
     module = MLP()
     variables = module.init(jax.random.key(0), jnp.asarray(x[:1]))
-    device = jax.devices("cpu")[0]
-    with jb.x64_scope(True), jax.default_device(device):
-        prep = jb.prepare((module, variables), train=False)
-        prep.params = jb.cast_tree(prep.params, jnp.float64, device)
-        leaves = jb.flatten_params(prep.params)
-        xs = jb.as_inputs(x, jnp.float64, device)
-        jx.probe_outputs(prep, leaves, xs, None)
-        analysis = jr.analyse(jx.trace(prep, leaves, xs, None).jaxpr, len(leaves.trainable))
-    names = [_dotted(leaves.paths[i]) for i in leaves.trainable]
-    assert {names[w]: names[b] for w, b in analysis.bias.items()} == {
-        "Dense_0.kernel": "Dense_0.bias", "Dense_1.kernel": "Dense_1.bias"}
-    assert analysis.direct == set()
+    _, direct, bias = analysis_of(module, variables, x)
+    assert bias == {"Dense_0.kernel": "Dense_0.bias", "Dense_1.kernel": "Dense_1.bias"}
+    assert direct == set()
 
     def apply(p: Any, xb: Any) -> Any:
         return module.apply({"params": p}, xb)
