@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from cvcore.adapter_base import AdapterBase
 from cvcore.errors import ModelError
 from cvcore.protocols import OutputSelector
 
@@ -121,7 +122,7 @@ def autoencoder_model(model: Any, names: tuple[str, str], which: str) -> Any:
     return AutoEncoderOutput()
 
 
-class AutoEncoderAdapter:
+class AutoEncoderAdapter(AdapterBase):
     """For auto-encoders and VAEs: ``output="reconstruction"`` (default) or ``"latent"``;
     a VAE's code is its posterior mean. Inputs are the model's inputs, batch first."""
 

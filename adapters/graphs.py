@@ -15,6 +15,7 @@ import inspect
 import sys
 from typing import Any
 
+from cvcore.adapter_base import AdapterBase
 from cvcore.errors import InputError, ModelError
 from cvcore.protocols import OutputSelector
 
@@ -117,7 +118,7 @@ def split_inputs(inputs: Any) -> tuple[Any, Any, str] | None:
     return None
 
 
-class GraphAdapter:
+class GraphAdapter(AdapterBase):
     """For a PyTorch Geometric model: called as ``model(x, edge_index)``,
     ``model(x, edge_index, batch)`` or ``model(data)``; inputs a ``Data`` graph (each node
     a sample), ``(Data, node_indices)`` (those nodes), or a ``Batch`` / list of ``Data``

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cvcore.adapter_base import AdapterBase
 from cvcore.errors import InputError
 from cvcore.protocols import OutputSelector
 
@@ -257,7 +258,7 @@ def mismatched_shapes(cls: Any, directory: Any, weights: Any = None, shown: int 
             f"{listed}{more}; the weights and config.json come from different models")
 
 
-class HuggingFaceAdapter:
+class HuggingFaceAdapter(AdapterBase):
     """The ``language`` family: ``transformers.PreTrainedModel`` (PyTorch)."""
 
     name = "huggingface"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from cvcore.hookspecs import hookimpl
+from cvcore.protocols import Adapter, CheckpointLoader, DataLoader
 
 
 @hookimpl
-def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
+def cvcore_register_adapters(register: Callable[[Adapter], None]) -> None:
     from cvcore.adapters.autoencoders import AutoEncoderAdapter
     from cvcore.adapters.graphs import GraphAdapter
     from cvcore.adapters.huggingface import HuggingFaceAdapter
@@ -23,7 +23,7 @@ def cvcore_register_adapters(register: Callable[[Any], None]) -> None:
 
 
 @hookimpl
-def cvcore_register_loaders(register: Callable[[Any], None]) -> None:
+def cvcore_register_loaders(register: Callable[[CheckpointLoader | DataLoader], None]) -> None:
     from cvcore.adapters.huggingface_loaders import HuggingFaceLoader, TextDataLoader
     from cvcore.adapters.policy_loaders import EnvRolloutLoader, StableBaselinesLoader
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from cvcore.adapter_base import AdapterBase
 from cvcore.errors import InputError, ModelError
 from cvcore.protocols import OutputSelector
 
@@ -97,7 +98,7 @@ def _actor_words(policy: Any) -> str:
     return "actor (action mean)" if continuous else "actor (action logits)"
 
 
-class PolicyAdapter:
+class PolicyAdapter(AdapterBase):
     """For Stable-Baselines3 agents: PPO / A2C (``ActorCriticPolicy``) give two kernels,
     ``"actor"`` and ``"critic"``; DQN (``DQNPolicy``) gives the Q-network's, ``"q"``."""
 
@@ -153,7 +154,7 @@ def _first_output(model: Any, inputs: Any) -> Any:
         return model(x)
 
 
-class ModuleActorCriticAdapter:
+class ModuleActorCriticAdapter(AdapterBase):
     """With ``family="rl"``: a ``torch.nn.Module`` whose ``forward(obs)`` returns
     ``(logits, value)``; ``"actor"`` is output 0 and ``"critic"`` output 1. Never chosen
     from the model's type alone (any module may return a pair)."""

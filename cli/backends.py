@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from cvcore import plugins
 
 
@@ -19,7 +18,8 @@ def backends() -> None:
 
     def add(kind: str, name: str, family: str, needs: str, plugin: object) -> None:
         ok = getattr(plugin, "available", lambda: True)()
-        install = "" if ok or not hasattr(plugin, "extra") else plugins.install_command(plugin)
+        no_extra = getattr(plugin, "extra", None) is None
+        install = "" if ok or no_extra else plugins.install_command(plugin)
         # Text cells: rich would read the "[adapters]" of an install command as markup.
         table.add_row(*(Text(c) for c in (kind, name, family, needs, "yes" if ok else "no",
                                           install)))
@@ -31,5 +31,5 @@ def backends() -> None:
     for name, dl in reg.data_loaders.items():
         add("data loader", name, "", getattr(dl, "library", ""), dl)
     for name, a in reg.adapters.items():
-        add("adapter", name, plugins.family_of(a), getattr(a, "library", ""), a)
+        add("adapter", name, a.family, a.library or "", a)
     Console(highlight=False, width=140).print(table)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from cvcore.cli.output import print_json, print_table, stderr
+from cvcore.cli.console import print_json, print_table, stderr
 
 from cvcore.errors import CVCoreError
 from cvcore.memory import allocation_failure, is_allocation_failure
-from cvcore.report import Row
+from cvcore.rows import Row
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from cvcore.cli.output import stderr
+from cvcore.cli.console import stderr
 
 from cvcore.errors import InputError
 from cvcore.files import atomic_output, check_output_path, write_text_atomic

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from cvcore.cli.common import CsvOpt, JsonOpt, emit
-from cvcore.cli.output import failure_text, progress_bar, progress_wanted, stderr
+from cvcore.cli.console import failure_text, progress_bar, progress_wanted, stderr
 
-from cvcore.api import make_request, parse_variables
 from cvcore.errors import InputError
-from cvcore.estimate import EstimatorOptions
-from cvcore.factory import parse_model_args
+from cvcore.model_factory import parse_model_args
 from cvcore.protocols import Implementation, LoadOptions
-from cvcore.record.checkpoints import CheckpointSink, step_of
-from cvcore.report import CsvSink, Row
+from cvcore.record.checkpoint_sink import CheckpointSink, step_of
+from cvcore.request import EstimatorOptions, Options, Sketch
+from cvcore.rows import CsvSink, Row
 from cvcore.runs import ProbeSpec, expand, measure_checkpoints, run_settings
+from cvcore.validate import make_request, measure_request
 
 
 def measure(
@@ -58,9 +59,9 @@ def measure(
     """Collective variables of checkpoints, one row each, on one probe set."""
     _check_series_options(csv, resume, force)
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
-    request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
-                           train=train, memory_budget=memory_budget,
-                           implementation=implementation, family=family, verify=verify)
+    kernel_request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
+                                  train=train, memory_budget=memory_budget,
+                                  implementation=implementation, family=family, verify=verify)
     if per_layer and (resume or method is not None or variables is not None):
         raise InputError("expected --per-layer without --resume, --method and --variables, got "
                          + ", ".join(f for f, on in (("--resume", resume), ("--method", method),
@@ -70,17 +71,16 @@ def measure(
         if kernel != "traced" or method is not None:
             raise InputError("expected --projections / --target-error with the traced kernel and "
                              f"no --method, got --kernel {kernel} and --method {method}")
-        sketch = {"projections": projections, "target_error": target_error, "seed": seed,
-                  "progress": lambda line: stderr().print(line, markup=False)}
+        sketch = Sketch(projections=projections, target_error=target_error, seed=seed)
     probe = ProbeSpec(data, key, samples, seed)
     options = LoadOptions(model_factory=model, trust=trust, key=None, max_length=max_length,
                           model_args=parse_model_args(model_args))
     if model_args is not None and model is None:
         raise InputError("expected --model with --model-args, got --model-args alone")
-    wanted = parse_variables(variables)
-    estimator = _estimator(method, probes, steps, top_k, seed)
-    settings = run_settings(probe, request, options, backend=backend, variables=wanted,
-                            estimator=estimator, sketch=sketch)
+    request = measure_request(Options(backend=backend), variables=variables,
+                              per_layer=per_layer, sketch=sketch, kernel=kernel_request)
+    request = replace(request, estimator=_estimator(method, probes, steps, top_k, seed))
+    settings = run_settings(probe, request, options)
     sink = (CsvSink(csv, resume=resume, force=force, settings=settings)
             if csv is not None and not per_layer else None)
     if out is not None:  # every step must fit the store before anything is measured
@@ -93,9 +93,9 @@ def measure(
     try:
         with progress_bar(progress_wanted(quiet)):
             for row in measure_checkpoints(
-                checkpoints, probe=probe, request=request, options=options, backend=backend,
-                skip=sink.done if sink else None, variables=wanted, estimator=estimator,
-                per_layer=per_layer, sketch=sketch, fail_fast=fail_fast,
+                checkpoints, probe=probe, request=request, options=options,
+                skip=sink.done if sink else None, fail_fast=fail_fast, settings=settings,
+                say=lambda line: log.print(line, markup=False),
             ):
                 _log_row(log, row, quiet)
                 rows.append(row)

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cvcore.report import Row, format_number, write_atomic
+from cvcore.rows import Row, format_number, write_atomic
 
 COLUMNS = ["layer", "n_params", "trace", "share", "entropy", "effective_rank"]
 CSV_COLUMNS = ["source", "kernel", "n_samples", "dtype", *COLUMNS]

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cvcore.cli.console import stderr
 from cvcore.cli.export import check_outputs
-from cvcore.cli.output import stderr
 
 from cvcore.errors import InputError
 from cvcore.record.plotting import PlotRun, plot_runs

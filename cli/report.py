@@ -11,9 +11,9 @@ from typing import Annotated, Any
 import typer
 from cvcore.cli.common import JsonOpt
 
-from cvcore.record.analysis import summarize
 from cvcore.record.store import RecordStore
-from cvcore.report import format_number
+from cvcore.record.summary import summarize
+from cvcore.rows import format_number
 
 #: The variables shown in the table (all of them are in --json).
 SHOWN = ("entropy", "trace", "effective_rank", "normalized_trace")

@@ -11,7 +11,7 @@ from cvcore.cli.common import CsvOpt, JsonOpt, emit
 
 from cvcore.data_io import read_kernel
 from cvcore.errors import InputError
-from cvcore.report import csv_text, spectrum_row, write_atomic
+from cvcore.rows import csv_text, spectrum_row, write_atomic
 
 
 def spectrum(

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cvcore.cli.output import stderr
+from cvcore.cli.console import stderr
 
 
 def sweep(

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from cvcore.api import PerLayer, measure, ntk
 from cvcore.errors import (
     BackendError,
@@ -31,7 +33,10 @@ from cvcore.spectrum import (
 )
 from cvcore.verify import VerificationError
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("cvcore")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Backend",

@@ -44,4 +44,4 @@ def load_checkpoint(path: Path, options: LoadOptions) -> LoadedModel:
         raise InputError(
             f"{path}: expected a checkpoint one of the loaders {names} recognises, got {kind}"
         )
-    return chosen.load(path, options)  # type: ignore[no-any-return]
+    return chosen.load(path, options)

@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 from cvcore import plugins
 from cvcore.errors import InputError
+from cvcore.protocols import TakingBackend
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -238,16 +239,19 @@ def require_samples(n: int) -> None:
         raise InputError("expected at least one input sample, got an empty batch")
 
 
-def take(inputs: Any, index: NDArray[np.int64]) -> Any:
-    """Select samples ``index`` (along the first axis) from every array in ``inputs``."""
+def take(inputs: Any, index: NDArray[np.int64], backend: Any = None) -> Any:
+    """Select samples ``index`` (along the first axis) from every array in ``inputs``:
+    a framework tensor through ``backend``'s ``take`` (:class:`cvcore.protocols.TakingBackend`),
+    else by a list of ints."""
     if isinstance(inputs, dict):
-        return {k: take(v, index) for k, v in inputs.items()}
+        return {k: take(v, index, backend) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(take(v, index) for v in inputs)
+        return type(inputs)(take(v, index, backend) for v in inputs)
     if isinstance(inputs, np.ndarray):
         return inputs[index]
-    import_index = index.tolist()  # framework tensors accept a list of ints
-    return inputs[import_index]
+    if isinstance(backend, TakingBackend):
+        return backend.take(inputs, index)
+    return inputs[index.tolist()]  # framework tensors accept a list of ints
 
 
 def slice_inputs(inputs: Any, start: int, stop: int) -> Any:

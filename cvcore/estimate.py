@@ -1,8 +1,8 @@
 """Trace, entropy and top eigenvalues with error bars: exact when the kernel fits,
 stochastic otherwise.
 
-:func:`estimate_request` is the one orchestration: it resolves the backend once
-(:func:`cvcore.api.resolve_adapted`), runs the front checks
+:func:`estimate_resolved` is the one orchestration, for a call resolved once
+(:func:`cvcore.plan.bind`): it runs the front checks
 (:func:`cvcore.validate.check_call`), and either forms and diagonalizes the kernel or hands
 the backend's matrix-free :class:`KernelOperator` to the NumPy estimators of
 :mod:`cvcore.estimators` (:func:`choose_method` decides under ``method="auto"``).
@@ -13,14 +13,10 @@ importable from here as well. See ``docs/estimators.md``.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from cvcore.api import Resolved, build_resolved, make_request, resolve_adapted
 from cvcore.errors import BackendError, InputError
 from cvcore.estimators import (
     BREAKDOWN_TOL,
@@ -42,6 +38,7 @@ from cvcore.estimators import (
     stochastic_variables,
     t_factor,
 )
+from cvcore.plan import Resolved, bind, build_kernel
 from cvcore.protocols import (
     DiagonalBackend,
     KernelOperator,
@@ -49,8 +46,9 @@ from cvcore.protocols import (
     MatVec,
     OperatorBackend,
 )
+from cvcore.request import METHODS, TRACE_ESTIMATORS, EstimatorOptions, Options
 from cvcore.spectrum import collective_variables
-from cvcore.validate import check_call
+from cvcore.validate import check_call, make_request
 
 #: Largest traced kernel (``D = N``) that ``method="auto"`` measures exactly: near the
 #: measured crossover, where the stochastic estimate starts to cost less CPU time
@@ -61,51 +59,6 @@ DEFAULT_MAX_EXACT_DIM = 5000
 DEFAULT_MAX_EXACT_DIM_FULL = 2000
 #: Fraction of the available memory the exact path's kernel and eigensolver may take.
 EXACT_MEMORY_FRACTION = 0.5
-METHODS = ("auto", "exact", "stochastic")
-TRACE_ESTIMATORS = ("auto", "diagonal", "hutchinson")
-
-
-@dataclass(frozen=True)
-class EstimatorOptions:
-    """The estimator's settings, checked once when made (what :func:`estimate` takes as
-    keywords, and ``cv measure --method`` builds). See :func:`estimate` for each one.
-
-    Raises:
-        InputError: ``method``, ``trace_estimator`` or ``top_k`` is invalid (the counts of
-            probes and steps are checked by the estimators, which use them).
-    """
-
-    method: str = "auto"
-    probes: int = DEFAULT_PROBES
-    steps: int = DEFAULT_STEPS
-    top_k: int = DEFAULT_TOP_K
-    oversample: int = DEFAULT_OVERSAMPLE
-    power_iters: int = DEFAULT_POWER_ITERS
-    trace_estimator: str = "auto"
-    deflate: bool = True
-    seed: Seed = 0
-    max_exact_dim: int | None = None
-    available_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_choices(self.method, self.trace_estimator, self.top_k)
-
-    @classmethod
-    def from_mapping(cls, options: Mapping[str, Any]) -> EstimatorOptions:
-        """From a mapping of its field names (``{"method": "stochastic", "probes": 24}``)."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise InputError(f"expected estimator options among {known}, got {unknown}")
-        return cls(**options)
-
-    def settings(self) -> dict[str, Any]:
-        """The settings that decide the numbers, for a row's stored settings: method,
-        probes, steps, top_k and seed always, every other field when it is not its default."""
-        always = ("method", "probes", "steps", "top_k", "seed")
-        default = EstimatorOptions()
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name in always or getattr(self, f.name) != getattr(default, f.name)}
 
 
 def choose_method(dim: int, available_bytes: int | None = None, *,
@@ -136,19 +89,10 @@ def choose_method(dim: int, available_bytes: int | None = None, *,
     return "exact"
 
 
-def _check_choices(method: str, trace_estimator: str, top_k: int) -> None:
-    if method not in METHODS:
-        raise InputError(f"expected method among {list(METHODS)}, got {method!r}")
-    if trace_estimator not in TRACE_ESTIMATORS:
-        raise InputError(f"expected trace_estimator among {list(TRACE_ESTIMATORS)}, "
-                         f"got {trace_estimator!r}")
-    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise InputError(f"expected a non-negative integer top_k, got {top_k!r}")
-
-
 def _request(options: dict[str, Any]) -> KernelRequest:
-    """Keyword kernel options (those of :func:`cvcore.api.make_request`) as a request."""
-    known = list(inspect.signature(make_request).parameters)
+    """Keyword kernel options (:class:`cvcore.request.Options`' fields but ``backend``)
+    as a request."""
+    known = list(Options().kernel_options())
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise InputError(f"expected options among {known}, got {unknown}")
@@ -156,7 +100,7 @@ def _request(options: dict[str, Any]) -> KernelRequest:
 
 
 def _exact(r: Resolved, top_k: int) -> EstimatedVariables:
-    return exact_variables(collective_variables(build_resolved(r).result.kernel), top_k)
+    return exact_variables(collective_variables(build_kernel(r)[0].kernel), top_k)
 
 
 def _exact_trace(r: Resolved, dim: int, trace_estimator: str) -> float | None:
@@ -179,17 +123,20 @@ def estimate_request(model: Any, inputs: Any, request: KernelRequest,
                      options: EstimatorOptions | None = None, *,
                      backend: str | None = None) -> EstimatedVariables:
     """:func:`estimate` for a validated request and estimator settings, as they are made
-    once in front (by :func:`cvcore.api.make_request` and :class:`EstimatorOptions`).
+    once in front (by :func:`cvcore.validate.make_request` and :class:`EstimatorOptions`):
+    the call is resolved once (:func:`cvcore.plan.bind`), then :func:`estimate_resolved`."""
+    r, _ = bind(model, inputs, request, backend)
+    return estimate_resolved(r, EstimatorOptions() if options is None else options)
 
-    The backend is resolved once; ``method="auto"`` measures exactly when the backend has
-    no ``operator`` or when :func:`choose_method` says the kernel fits.
+
+def estimate_resolved(r: Resolved, opts: EstimatorOptions) -> EstimatedVariables:
+    """The estimate for a call already resolved: ``method="auto"`` measures exactly when
+    the backend has no ``operator`` or when :func:`choose_method` says the kernel fits.
 
     Raises:
         BackendError: ``method="stochastic"`` with a backend that has no ``operator``, or
             ``trace_estimator="diagonal"`` with one that has no ``diagonal``.
     """
-    opts = EstimatorOptions() if options is None else options
-    r = resolve_adapted(model, inputs, request, backend)
     chosen = r.backend
     if opts.method == "exact" or (opts.method == "auto" and not isinstance(chosen, OperatorBackend)):
         return _exact(r, opts.top_k)
@@ -277,6 +224,7 @@ __all__ = [
     "choose_method",
     "estimate",
     "estimate_request",
+    "estimate_resolved",
     "hutchinson_trace",
     "randomized_topk",
     "slq_entropy",

@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from cvcore import hookspecs
+from cvcore.adapter_base import AdapterBase, as_adapter
 from cvcore.errors import (
     BackendError,
     CVCoreError,
@@ -25,6 +26,7 @@ from cvcore.errors import (
     ModelError,
     describe,
 )
+from cvcore.protocols import Backend, CheckpointLoader, DataLoader
 
 ENV_VAR = "CVCORE_PLUGINS"
 
@@ -33,10 +35,10 @@ ENV_VAR = "CVCORE_PLUGINS"
 class Registry:
     """Everything the plugins registered, by name, in registration order."""
 
-    backends: dict[str, Any] = field(default_factory=dict)
-    checkpoint_loaders: dict[str, Any] = field(default_factory=dict)
-    data_loaders: dict[str, Any] = field(default_factory=dict)
-    adapters: dict[str, Any] = field(default_factory=dict)
+    backends: dict[str, Backend] = field(default_factory=dict)
+    checkpoint_loaders: dict[str, CheckpointLoader] = field(default_factory=dict)
+    data_loaders: dict[str, DataLoader] = field(default_factory=dict)
+    adapters: dict[str, AdapterBase] = field(default_factory=dict)
 
 
 _pm: pluggy.PluginManager | None = None
@@ -85,7 +87,7 @@ def unregister(plugin: object) -> None:
     _registry = None
 
 
-def _add(table: dict[str, Any], what: str, obj: Any) -> None:
+def _add(table: dict[str, Any], what: str, obj: object) -> None:
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not name:
         raise CVCoreError(f"expected a {what} with a non-empty string 'name', got {describe(obj)}")
@@ -130,12 +132,19 @@ def registry() -> Registry:
                 )
 
         _call(hook.cvcore_register_loaders, add_loader)
-        _call(hook.cvcore_register_adapters, lambda a: _add(reg.adapters, "adapter", a))
+        _call(hook.cvcore_register_adapters,
+              lambda a: _add(reg.adapters, "adapter", as_adapter(a) if _named(a) else a))
         _registry = reg
     return _registry
 
 
-def get_backend(name: str) -> Any:
+def _named(obj: object) -> bool:
+    """Whether ``obj`` has a non-empty string ``name`` (:func:`_add` refuses it otherwise)."""
+    name = getattr(obj, "name", None)
+    return isinstance(name, str) and bool(name)
+
+
+def get_backend(name: str) -> Backend:
     """The backend registered as ``name``; raises if unknown or not installed."""
     backends = registry().backends
     if name not in backends:
@@ -154,10 +163,10 @@ def install_command(plugin: Any) -> str:
     custom = getattr(plugin, "install", None)
     if isinstance(custom, str) and custom:
         return custom
-    return f"pip install 'cvcore[{getattr(plugin, 'extra', '')}]'"
+    return f"pip install 'cvcore[{getattr(plugin, 'extra', None) or ''}]'"
 
 
-def select_backend(model: object) -> Any:
+def select_backend(model: object) -> Backend:
     """Choose the backend for one model object.
 
     A backend is asked only when one of its framework's modules is already imported
@@ -177,12 +186,12 @@ def select_backend(model: object) -> Any:
 NO_FAMILY = "none"
 
 
-def family_of(adapter: Any) -> str:
-    """The family name an adapter answers to (its ``family``, else its ``name``)."""
-    return str(getattr(adapter, "family", adapter.name))
+def family_of(adapter: AdapterBase) -> str:
+    """The family name an adapter answers to (its ``family``, by default its ``name``)."""
+    return adapter.family
 
 
-def select_adapter(model: object, family: str | None = None) -> Any | None:
+def select_adapter(model: object, family: str | None = None) -> AdapterBase | None:
     """The adapter for ``model``: the first that accepts it by type, or, with ``family``
     named, the first of that family that can measure it (``"none"``: no adapter).
 
@@ -200,13 +209,12 @@ def select_adapter(model: object, family: str | None = None) -> Any | None:
         known = sorted({family_of(a) for a in adapters} | {NO_FAMILY})
         raise InputError(f"expected a family among {known}, got {family!r}")
     for adapter in named:
-        if getattr(adapter, "available", lambda: True)() and getattr(
-                adapter, "accepts_family", adapter.accepts)(model):
+        if adapter.available() and adapter.accepts_family(model):
             return adapter
-    missing = [a for a in named if not getattr(a, "available", lambda: True)()]
+    missing = [a for a in named if not a.available()]
     if missing:
-        raise MissingFrameworkError(getattr(missing[0], "library", missing[0].name),
+        raise MissingFrameworkError(missing[0].library or missing[0].name,
                                     install_command(missing[0]))
-    wanted = "; or ".join(getattr(a, "expects", a.name) for a in named)
+    wanted = "; or ".join(a.expects for a in named)
     raise ModelError(f"expected a model of the {family!r} family ({wanted}), got "
                      f"{type(model).__module__}.{type(model).__qualname__}")

@@ -3,7 +3,10 @@
 A backend implements :class:`Backend`; each optional capability is a Protocol of its
 own: :class:`DiagonalBackend` (``K_ii`` without the kernel), :class:`OperatorBackend`
 (the kernel as a matrix-free :class:`KernelOperator`) and :class:`PerLayerBackend` (the
-kernel split by layer). mypy checks every built-in backend class against each Protocol
+kernel split by layer); and the framework chores the core must never do itself:
+:class:`SeedingBackend`, :class:`GuardingBackend`, :class:`CountingBackend`,
+:class:`TakingBackend` and :class:`ArrayBackend` (the core has a NumPy default for each,
+:mod:`cvcore.capabilities`). mypy checks every built-in backend class against each Protocol
 it implements (``tests/typecheck_backends.py``, part of ``make lint``); a third-party
 backend can run :func:`cvcore.testing.run_backend_conformance` to check its behaviour.
 """
@@ -11,10 +14,11 @@ backend can run :func:`cvcore.testing.run_backend_conformance` to check its beha
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,7 +26,7 @@ from numpy.typing import NDArray
 KernelKind = Literal["traced", "full"]
 #: How to pick one output from a model returning several: an index, a key or attribute
 #: name, or a callable applied to the raw output.
-OutputSelector = Union[int, str, Callable[[Any], Any]]
+OutputSelector = int | str | Callable[[Any], Any]
 
 #: Default memory budget for Jacobian blocks when nothing else is known: 1 GiB.
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -207,6 +211,65 @@ class PerLayerBackend(Protocol):
 
     def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
         """Each layer's kernel ``J_l J_lᵀ``, for the same request :meth:`Backend.ntk` takes."""
+        ...
+
+
+@runtime_checkable
+class SeedingBackend(Protocol):
+    """An optional backend capability: seed the framework's global random generators
+    (dropout under ``train=True``), so the same seed draws the same masks in every run.
+
+    The core calls it on every registered backend whose framework is already imported
+    (:func:`cvcore.capabilities.seed_frameworks`); it must never import a framework.
+    """
+
+    def seed(self, seed: int) -> None:
+        """Seed the framework's generators with ``seed`` (if the framework is imported)."""
+        ...
+
+
+@runtime_checkable
+class GuardingBackend(Protocol):
+    """An optional backend capability: put back what a measurement could change in a
+    training run (the framework's random state, grad mode, train/eval flags, ``.grad``).
+
+    The Recorder enters it for every registered backend whose framework is imported
+    (:func:`cvcore.capabilities.untouched`); Python's and NumPy's random states are put
+    back by the core itself.
+    """
+
+    def guard(self, model: Any) -> AbstractContextManager[None]:
+        """A context manager that restores the framework's state on exit."""
+        ...
+
+
+@runtime_checkable
+class CountingBackend(Protocol):
+    """An optional backend capability: the model's trainable parameters, told cheaply
+    (without building anything), or ``None`` when it cannot be told."""
+
+    def count_parameters(self, model: Any) -> int | None:
+        """The number of trainable scalars of ``model``, or ``None``."""
+        ...
+
+
+@runtime_checkable
+class TakingBackend(Protocol):
+    """An optional backend capability: rows of a framework tensor
+    (:func:`cvcore.data_io.take` handles NumPy arrays, dicts and tuples itself)."""
+
+    def take(self, inputs: Any, index: NDArray[np.int64]) -> Any:
+        """The samples ``index`` (along the first axis) of one framework tensor."""
+        ...
+
+
+@runtime_checkable
+class ArrayBackend(Protocol):
+    """An optional backend capability: a NumPy array as an array of the framework
+    (the sketch's projection matrix multiplies the model's outputs inside the backend)."""
+
+    def as_array(self, values: NDArray[Any], like: Any) -> Any:
+        """``values`` as an array of ``like``'s framework, dtype and device."""
         ...
 
 

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cvcore import progress
-from cvcore.api import Head, build, build_diagonal, diagonal_only, heads, layer_rows
+from cvcore.api import Outcome, execute, layer_rows, resolve_heads
+from cvcore.capabilities import seed_frameworks
 from cvcore.checkpoints import load_checkpoint, natural_key
 from cvcore.data_io import batch_size, load_data, needs_model, probe_subset
 from cvcore.errors import CVCoreError, InputError
-from cvcore.estimate import EstimatorOptions, estimate_request
 from cvcore.protocols import KernelRequest, LoadOptions
-from cvcore.report import Row, settings_text
+from cvcore.request import EstimatorOptions, MeasureRequest, Options, Sketch
+from cvcore.rows import Row, settings_text
 from cvcore.spectrum import collective_variables, diagonal_variables
+from cvcore.validate import measure_request
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,19 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
 Estimator = EstimatorOptions | Mapping[str, Any]
 
 
-def run_settings(probe: ProbeSpec, request: KernelRequest, options: LoadOptions, *,
-                 backend: str | None = None, variables: tuple[str, ...] | None = None,
+def run_settings(probe: ProbeSpec, request: KernelRequest | MeasureRequest,
+                 options: LoadOptions, *, backend: str | None = None,
+                 variables: tuple[str, ...] | None = None,
                  estimator: Estimator | None = None,
-                 sketch: dict[str, Any] | None = None) -> str:
+                 sketch: Sketch | None = None) -> str:
     """The settings that decide a row's numbers, as canonical JSON (stored with each row,
     compared by ``--resume``). Device, memory budget and implementation only change
-    round-off and are left out."""
+    round-off and are left out. A :class:`~cvcore.request.MeasureRequest` carries the
+    backend, the variables, the estimator and the sketch itself."""
+    if isinstance(request, MeasureRequest):
+        backend, variables = request.backend, request.variables
+        estimator, sketch = request.estimator, request.sketch
+        request = request.kernel
     if isinstance(estimator, EstimatorOptions):
         estimator = estimator.settings()
     return settings_text({
@@ -57,59 +64,57 @@ def run_settings(probe: ProbeSpec, request: KernelRequest, options: LoadOptions,
         "variables": list(variables) if variables else None,
         "estimator": None if estimator is None else dict(estimator),
         "family": request.family, "max_length": options.max_length,
-        "sketch": None if sketch is None else {k: sketch.get(k) for k in ("projections",
-                                                                          "target_error")},
+        "sketch": None if sketch is None else sketch.settings(),
     })
-
-
-def seed_frameworks(seed: int) -> None:
-    """Seed the random generators of the frameworks already imported (dropout under
-    ``train=True``), never importing one to do so."""
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "manual_seed"):
-        torch.manual_seed(seed)
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and hasattr(tf, "random"):
-        tf.random.set_seed(seed)
-    keras = sys.modules.get("keras")
-    if keras is not None and hasattr(keras, "utils") and hasattr(keras.utils, "set_random_seed"):
-        keras.utils.set_random_seed(seed)
 
 
 def measure_checkpoints(
     paths: Sequence[str | Path],
     *,
     probe: ProbeSpec,
-    request: KernelRequest,
+    request: KernelRequest | MeasureRequest,
     options: LoadOptions,
     backend: str | None = None,
     skip: set[str] | None = None,
     variables: tuple[str, ...] | None = None,
     estimator: Estimator | None = None,
     per_layer: bool = False,
-    sketch: dict[str, Any] | None = None,
+    sketch: Sketch | None = None,
     fail_fast: bool = True,
+    settings: str | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Iterator[Row]:
     """Yield one :class:`Row` per checkpoint and head (an actor-critic gives two rows,
     actor and critic), all measured on the same probe set.
+
+    ``request`` is a :class:`~cvcore.request.MeasureRequest` (what ``cv measure`` builds
+    once), or a kernel request with what to compute as keywords (``backend``,
+    ``variables``, ``estimator``, ``per_layer``, ``sketch``), made into one here.
 
     Probe inputs a data loader makes from a model (``env:CartPole-v1``: observations
     rolled out by the policy) come from the first checkpoint, so every checkpoint is
     measured on one probe set.
 
-    ``sketch`` (``projections``, ``target_error``, ``seed``, ``progress``) measures the
-    sketched traced kernel (:func:`cvcore.sketch.sketched_kernel`) instead of the exact one.
+    ``sketch`` measures the sketched traced kernel (:func:`cvcore.sketch.sketched_kernel`)
+    instead of the exact one; ``say`` receives its progress lines.
 
     With ``fail_fast=False`` a checkpoint that cannot be read or measured (a
     :class:`~cvcore.errors.CVCoreError`) becomes a row with its ``error`` and the series
     goes on. Under ``request.train`` the frameworks' generators are seeded with
     ``probe.seed`` before each checkpoint, so dropout draws the same masks in every run.
-    Progress (stage ``"checkpoints"``) goes to :mod:`cvcore.progress`.
+    Progress (stage ``"checkpoints"``) goes to :mod:`cvcore.progress`. ``settings`` is
+    :func:`run_settings`' text when the caller has it already.
     """
-    settings = run_settings(probe, request, options, backend=backend, variables=variables,
-                            estimator=estimator, sketch=sketch)
-    if estimator is not None and not isinstance(estimator, EstimatorOptions):
-        estimator = EstimatorOptions.from_mapping(estimator)
+    if settings is None:
+        settings = run_settings(probe, request, options, backend=backend, variables=variables,
+                                estimator=estimator, sketch=sketch)
+    if isinstance(request, KernelRequest):
+        if estimator is not None and not isinstance(estimator, EstimatorOptions):
+            estimator = EstimatorOptions.from_mapping(estimator)
+        request = measure_request(Options(backend=backend), variables=variables,
+                                  per_layer=per_layer, estimator=estimator, sketch=sketch,
+                                  kernel=request)
+    kernel = request.kernel
     ordered = expand(paths)
     shared_inputs: Any = None
     if probe.data is not None and needs_model(probe.data):
@@ -117,7 +122,7 @@ def measure_checkpoints(
             first = load_checkpoint(ordered[0], options).model
             shared_inputs = load_data(probe.data, probe.key, model=first,
                                       samples=probe.samples, seed=probe.seed,
-                                      family=request.family)
+                                      family=kernel.family)
     elif probe.data is not None:
         shared_inputs = probe_subset(load_data(probe.data, probe.key), probe.samples, probe.seed)
     todo = [p for p in ordered if not (skip and str(p) in skip)]
@@ -125,15 +130,13 @@ def measure_checkpoints(
         started = time.perf_counter()
         try:
             rows = _measure_one(path, shared_inputs, probe=probe, request=request,
-                                options=options, backend=backend, variables=variables,
-                                estimator=estimator, started=started, per_layer=per_layer,
-                                sketch=sketch)
+                                options=options, started=started, say=say)
         except CVCoreError as exc:
             if fail_fast:
                 raise
             n = batch_size(shared_inputs) if shared_inputs is not None else 0
-            rows = [Row(source=str(path), backend=backend or "", kernel=request.kernel,
-                        n_samples=n, n_outputs=None, dtype=request.dtype,
+            rows = [Row(source=str(path), backend=request.backend or "", kernel=kernel.kernel,
+                        n_samples=n, n_outputs=None, dtype=kernel.dtype,
                         seconds=time.perf_counter() - started, variables=None,
                         error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)]
         progress.advance("checkpoints", index + 1, len(todo))
@@ -141,10 +144,9 @@ def measure_checkpoints(
             yield replace(row, settings=settings)
 
 
-def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: KernelRequest,
-                 options: LoadOptions, backend: str | None, variables: tuple[str, ...] | None,
-                 estimator: EstimatorOptions | None, started: float, per_layer: bool,
-                 sketch: dict[str, Any] | None) -> list[Row]:
+def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: MeasureRequest,
+                 options: LoadOptions, started: float,
+                 say: Callable[[str], None] | None) -> list[Row]:
     """One checkpoint's rows, one per head (errors propagate)."""
     loaded = load_checkpoint(path, options)
     inputs = shared_inputs
@@ -155,14 +157,14 @@ def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: K
                 "got none, and the checkpoint carries no example inputs"
             )
         inputs = probe_subset(loaded.example_inputs, probe.samples, probe.seed)
-    name = backend or loaded.backend
+    if request.backend is None and loaded.backend is not None:
+        request = replace(request, backend=loaded.backend)
     rows = []
     try:
-        for head in heads(loaded.model, inputs, request):
-            if request.train:
+        for resolved in resolve_heads(loaded.model, inputs, request):
+            if request.kernel.train:
                 seed_frameworks(probe.seed)
-            rows.append(_row(path, loaded.model, inputs, head, name, variables, estimator,
-                             started, per_layer, sketch))
+            rows.append(_row(path, inputs, execute(resolved, request, say), request, started))
             started = time.perf_counter()
     except InputError as exc:
         if probe.data is not None and str(exc).startswith("expected numeric probe inputs"):
@@ -171,43 +173,39 @@ def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: K
     return rows
 
 
-def _row(path: Path, model: Any, inputs: Any, head: Head, name: str | None,
-         variables: tuple[str, ...] | None, estimator: EstimatorOptions | None,
-         started: float, per_layer: bool = False,
-         sketch: dict[str, Any] | None = None) -> Row:
+def _row(path: Path, inputs: Any, done: Outcome, request: MeasureRequest, started: float
+         ) -> Row:
     """One row: the collective variables of one head of one checkpoint."""
-    request = head.request
-    meta: dict[str, Any] = {"family": head.family, "output": head.output}
-    if estimator is not None:
-        est = estimate_request(model, inputs, request, estimator, backend=name)
+    r = done.resolved
+    req = r.request
+    meta: dict[str, Any] = {"family": r.family, "output": r.head}
+    per = req.kernel == "full"
+    if done.estimated is not None:
+        est = done.estimated
         n = batch_size(inputs)
-        return Row(source=str(path), backend=name or "auto", kernel=request.kernel,
-                   n_samples=n, n_outputs=est.dim // n if request.kernel == "full" else None,
-                   dtype=request.dtype, seconds=time.perf_counter() - started, variables=est,
+        return Row(source=str(path), backend=request.backend or "auto", kernel=req.kernel,
+                   n_samples=n, n_outputs=est.dim // n if per else None,
+                   dtype=req.dtype, seconds=time.perf_counter() - started, variables=est,
                    **meta)
-    if sketch is not None:
-        from cvcore.sketch import sketched_kernel
-
-        sk = sketched_kernel(model, inputs, backend=name, request=request, **sketch)
+    if done.sketched is not None:
+        sk = done.sketched
         return Row(source=str(path), backend=sk.backend, kernel="traced",
                    n_samples=sk.statistics.kernel.shape[0], n_outputs=sk.n_outputs,
-                   dtype=request.dtype, seconds=time.perf_counter() - started,
-                   variables=sk.variables(), family=head.family, output=sk.output)
-    if diagonal_only(variables):
-        diag, used = build_diagonal(model, inputs, backend=name, request=request)
+                   dtype=req.dtype, seconds=time.perf_counter() - started,
+                   variables=sk.variables(), family=r.family, output=sk.output)
+    if done.diagonal is not None:
+        diag = done.diagonal
         n = batch_size(inputs)
-        return Row(source=str(path), backend=used, kernel=request.kernel, n_samples=n,
-                   n_outputs=diag.size // n if request.kernel == "full" else None,
-                   dtype=request.dtype, seconds=time.perf_counter() - started,
+        return Row(source=str(path), backend=done.backend, kernel=req.kernel, n_samples=n,
+                   n_outputs=diag.size // n if per else None,
+                   dtype=req.dtype, seconds=time.perf_counter() - started,
                    variables=diagonal_variables(diag), **meta)
-    measured = build(model, inputs, backend=name, request=request, per_layer=per_layer)
-    if measured.output is not None:  # the adapted model's own words (a language model's)
-        meta["output"] = measured.output
-    res = measured.result
-    cv = collective_variables(res.kernel, covariance=variables is None
-                              or "covariance_entropy" in variables)
-    return Row(source=str(path), backend=measured.backend, kernel=request.kernel,
-               n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=request.dtype,
+    assert done.result is not None
+    if r.output is not None:  # the adapted model's own words (a language model's)
+        meta["output"] = r.output
+    res = done.result
+    cv = collective_variables(res.kernel, covariance=request.covariance)
+    return Row(source=str(path), backend=done.backend, kernel=req.kernel,
+               n_samples=res.n_samples, n_outputs=res.n_outputs, dtype=req.dtype,
                seconds=time.perf_counter() - started, variables=cv,
-               layers=layer_rows(measured.layers) if per_layer else None, **meta)
-
+               layers=layer_rows(done.layers) if request.per_layer else None, **meta)

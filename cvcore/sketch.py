@@ -12,7 +12,8 @@ the standard errors of the trace and the entropy.
 
 Two pieces live here, both backend-neutral: :class:`Projection`, an output transform a
 backend applies like any other ``output=`` callable (it only uses ``reshape`` and ``@``
-on the framework's array, with the matrix converted by :func:`as_framework_array`), and
+on the framework's array, with the matrix converted by the backend's ``as_array``,
+:func:`cvcore.capabilities.as_array`), and
 the statistics on NumPy (:func:`sketch_statistics`, :func:`projections_for`).
 :func:`sketched_kernel` puts them together for any model a backend measures.
 """
@@ -20,7 +21,6 @@ the statistics on NumPy (:func:`sketch_statistics`, :func:`projections_for`).
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,29 +29,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from cvcore.capabilities import as_array
 from cvcore.errors import InputError, describe
+from cvcore.plan import Resolved, bind, describe_output
 from cvcore.protocols import KernelRequest, OutputSelector
-from cvcore.validate import check_call
+from cvcore.request import Sketch
+from cvcore.validate import check_call, make_request
 
 #: Projections of the pilot run when only a target error is given.
 PILOT_PROJECTIONS = 8
 #: Most projections a target error may ask for.
 MAX_PROJECTIONS = 4096
-
-
-def as_framework_array(values: NDArray[Any], like: Any) -> Any:
-    """``values`` as an array of ``like``'s framework, dtype and device (torch, JAX,
-    TensorFlow or NumPy), found from the array's type without importing anything."""
-    module = type(like).__module__.split(".")[0]
-    if module == "torch":
-        torch = sys.modules["torch"]
-        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    if module in ("jax", "jaxlib"):
-        return sys.modules["jax.numpy"].asarray(values, dtype=like.dtype)
-    if module in ("tensorflow", "keras"):
-        tf = sys.modules["tensorflow"]
-        return tf.constant(values, dtype=like.dtype)
-    return np.asarray(values, dtype=getattr(like, "dtype", np.float64))
 
 
 def _is_array(value: Any) -> bool:
@@ -71,12 +59,15 @@ class Projection:
         projections: ``m``.
         seed: the seed of ``S``; seeds ``(seed, block)`` give independent blocks.
         block: which block of projections (a target error adds blocks).
+        backend: the backend that measures the model: it turns the matrix into the
+            framework's array (:func:`cvcore.capabilities.as_array`).
     """
 
     base: OutputSelector | None
     projections: int
     seed: int = 0
     block: int = 0
+    backend: Any = field(default=None, repr=False, compare=False)
     _matrices: dict[int, NDArray[np.float64]] = field(default_factory=dict, repr=False)
 
     def matrix(self, n_outputs: int) -> NDArray[np.float64]:
@@ -92,7 +83,7 @@ class Projection:
 
         chosen = select_output(raw, self.base, is_leaf=_is_array, noun="array")
         flat = chosen.reshape(chosen.shape[0], -1)
-        return flat @ as_framework_array(self.matrix(int(flat.shape[1])), flat)
+        return flat @ as_array(self.matrix(int(flat.shape[1])), flat, self.backend)
 
 
 @dataclass(frozen=True)
@@ -242,18 +233,31 @@ def sketched_kernel(model: Any, inputs: Any, *, projections: int | None = None,
         request: kernel options (``kernel`` is ignored: the result is traced).
         progress: called with a line of text per block of projections.
     """
-    from cvcore.api import describe_output, make_request, resolve
-
-    if projections is None and target_error is None:
-        raise InputError("expected projections= or target_error= for a sketched kernel, got neither")
-    m = PILOT_PROJECTIONS if projections is None else projections
-    if isinstance(m, bool) or not isinstance(m, int) or m < 2:
-        raise InputError(f"expected projections to be an integer of at least 2, got {m!r}")
+    settings = Sketch(projections, target_error, seed)
+    _check_sketch(settings)
     with warnings.catch_warnings():  # the adapter's advice to sketch is followed here
         warnings.filterwarnings("ignore", message="cvcore: .* backward passes")
-        model, inputs, req, chosen = resolve(model, inputs, request or make_request(), backend)
+        r, _ = bind(model, inputs, request or make_request(), backend)
+    return sketch_resolved(r, settings, progress)
+
+
+def _check_sketch(settings: Sketch) -> int:
+    if settings.projections is None and settings.target_error is None:
+        raise InputError("expected projections= or target_error= for a sketched kernel, got neither")
+    m = PILOT_PROJECTIONS if settings.projections is None else settings.projections
+    if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+        raise InputError(f"expected projections to be an integer of at least 2, got {m!r}")
+    return m
+
+
+def sketch_resolved(r: Resolved, settings: Sketch,
+                    progress: Callable[[str], None] | None = None) -> SketchedKernel:
+    """:func:`sketched_kernel` for a call already resolved (:func:`cvcore.plan.bind`)."""
+    m = _check_sketch(settings)
+    model, inputs, req, chosen = r.model, r.inputs, r.request, r.backend
+    seed, target_error = settings.seed, settings.target_error
     check_call(inputs, replace(req, kernel="traced"), "ntk")  # the result is N × N
-    first = Projection(req.output, m, seed, 0)
+    first = Projection(req.output, m, seed, 0, chosen)
     kernels, result = _measure_block(model, inputs, req, chosen, first)
     n_outputs = next(iter(first._matrices), 0)
     if progress:
@@ -268,7 +272,7 @@ def sketched_kernel(model: Any, inputs: Any, *, projections: int | None = None,
                 progress(f"sketch: relative error {stats.relative_error:.3g} with "
                          f"{kernels.shape[0]} projections; {more} more for {target_error:g}")
             extra, _ = _measure_block(model, inputs, req, chosen,
-                                      Projection(req.output, max(more, 2), seed, block))
+                                      Projection(req.output, max(more, 2), seed, block, chosen))
             kernels = np.concatenate([kernels, extra])
             block += 1
         stats = sketch_statistics(kernels)

@@ -15,13 +15,13 @@ on the CNN, more than the 5 % a default may cost. The structured path's own row 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cvcore.data_io import take
 from cvcore.errors import ModelError
 from cvcore.protocols import Implementation, KernelRequest, KernelResult
 
@@ -33,17 +33,6 @@ TOLERANCE = {"float64": 1e-8, "float32": 1e-3}
 
 class VerificationError(ModelError):
     """The chosen implementation disagrees with the generic Jacobian path."""
-
-
-def _take(x: Any, index: NDArray[np.int64]) -> Any:
-    if isinstance(x, dict):
-        return {k: _take(v, index) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take(v, index) for v in x)
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and isinstance(x, tf.Tensor):
-        return tf.gather(x, index)
-    return x[index]
 
 
 def sample_index(n: int, seed: int = 0) -> NDArray[np.int64]:
@@ -60,7 +49,7 @@ def check(backend: Any, model: Any, inputs: Any, request: KernelRequest, result:
         The relative disagreement ``max|ΔK| / max|K_jac|`` on the checked samples.
     """
     index = sample_index(result.n_samples, seed)
-    reference = np.asarray(backend.ntk(model, _take(inputs, index), replace(
+    reference = np.asarray(backend.ntk(model, take(inputs, index, backend), replace(
         request, implementation=Implementation.JACOBIAN)).kernel, dtype=np.float64)
     width = result.n_outputs if request.kernel == "full" else 1
     rows = (index[:, None] * width + np.arange(width)[None, :]).reshape(-1)

@@ -29,8 +29,3 @@ def full_reference(fn: Callable[[torch.Tensor], Any], x: torch.Tensor,
                    params: Sequence[torch.Tensor]) -> np.ndarray:
     """Full kernel of ``fn`` applied to each row of ``x`` alone."""
     return autograd_kernel(lambda i: fn(x[i:i + 1]), x.shape[0], params)
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest entrywise difference relative to the reference's largest entry."""
-    return float(np.abs(a - b).max() / np.abs(b).max())

@@ -13,7 +13,8 @@ from cvcore import plugins
 from cvcore.api import build, make_request
 from cvcore.data_io import load_bundled
 from cvcore.errors import ModelError
-from tests.references import full_reference, rel
+from tests.references import full_reference
+from tests.tolerance import rel_error as rel
 
 
 class DenseAE(torch.nn.Module):

@@ -17,6 +17,7 @@ import cvcore
 from cvcore import plugins
 from cvcore.api import build, make_request
 from cvcore.errors import InputError, ModelError
+from tests.tolerance import rel_error as rel
 
 
 def jacobian_rows(outputs, params) -> torch.Tensor:
@@ -34,10 +35,6 @@ def jacobian_rows(outputs, params) -> torch.Tensor:
 def full_reference(outputs, params) -> np.ndarray:
     j = jacobian_rows(outputs, params)
     return (j @ j.T).numpy()
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from cvcore.checkpoints import load_checkpoint
 from cvcore.data_io import load_data
 from cvcore.errors import InputError, ModelError, UntrustedFileError
 from cvcore.protocols import LoadOptions
-from tests.references import full_reference, rel
+from tests.references import full_reference
+from tests.tolerance import rel_error as rel
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 import cvcore
 from cvcore import plugins
 from tests.references import autograd_kernel as reference
-from tests.references import rel
+from tests.tolerance import rel_error as rel
 
 
 def test_huggingface_sequence_classifier_logits() -> None:

@@ -12,7 +12,6 @@ import functools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,14 +23,10 @@ if str(BENCHMARKS) not in sys.path:
 
 import run
 
+from tests.tolerance import rel_error as rel
+
 N = 2
 TOL = 1e-10
-
-
-def rel(a: Any, b: Any) -> float:
-    """``max|a − b| / max|b|``."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @functools.cache

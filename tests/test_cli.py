@@ -14,7 +14,7 @@ import pytest
 from cvcore.cli.app import make_app
 from typer.testing import CliRunner
 
-from cvcore.report import CSV_COLUMNS
+from cvcore.rows import CSV_COLUMNS
 
 runner = CliRunner()
 

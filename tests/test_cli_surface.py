@@ -329,7 +329,7 @@ def test_progress_estimator_products() -> None:
 
 
 def test_no_progress_bar_when_quiet_or_not_a_terminal() -> None:
-    from cvcore.cli.output import progress_wanted
+    from cvcore.cli.console import progress_wanted
 
     class Tty:
         def isatty(self) -> bool:

@@ -116,17 +116,11 @@ def test_numpy_core_numbers_unchanged() -> None:
         np.testing.assert_allclose(values, saved[name], rtol=1e-12, atol=1e-15, err_msg=name)
 
 
-def test_torch_estimates_unchanged() -> None:
-    pytest.importorskip("torch")
+@pytest.mark.parametrize("backend_name", ["torch", "jax"], indirect=True)
+def test_backend_estimates_unchanged(backend_name: str) -> None:
     saved = _saved()
-    for name, values in _torch_cases().items():
-        np.testing.assert_allclose(values, saved[name], rtol=1e-12, atol=1e-15, err_msg=name)
-
-
-def test_jax_estimates_unchanged() -> None:
-    pytest.importorskip("jax")
-    saved = _saved()
-    for name, values in _jax_cases().items():
+    cases = {"torch": _torch_cases, "jax": _jax_cases}[backend_name]
+    for name, values in cases().items():
         np.testing.assert_allclose(values, saved[name], rtol=1e-12, atol=1e-15, err_msg=name)
 
 

@@ -13,6 +13,7 @@ pytest.importorskip("atheris")
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_atheris_finds_no_crash_in_the_loaders(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -32,6 +32,7 @@ def check(result: dict) -> None:
     assert result["batch_steps"] == [0, 3, 6]
 
 
+@pytest.mark.slow
 def test_other_backends_in_subprocesses(tmp_path):
     wanted = [b for b in ("jax", "torch") if importlib.util.find_spec(b) is not None]
     if not wanted:

@@ -24,27 +24,23 @@ jnp = pytest.importorskip("jax.numpy")
 flax = pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
 from cvcore.backends.jax.backend import JaxBackend
+from cvcore.backends.jax.forms import model_form
 from cvcore.backends.jax.loaders import (
     FlaxMsgpackLoader,
     OrbaxLoader,
     PickleTreeLoader,
     restricted_loads,
 )
-from cvcore.backends.jax.setup import model_form
 from flax import linen as nn
 from flax import nnx
 
 import cvcore
 from cvcore.errors import InputError, ModelError, UntrustedFileError
 from cvcore.protocols import Backend, LoadOptions
+from tests.tolerance import rel_error as rel
 
 N, D_IN, HIDDEN, O = 5, 4, 6, 3
 X = np.random.default_rng(0).normal(size=(N, D_IN))
-
-
-def rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # --------------------------------------------------------------------------- models

@@ -20,13 +20,9 @@ from flax import linen as nn
 import cvcore
 from cvcore.api import make_request
 from cvcore.errors import InputError
+from tests.tolerance import rel_error as rel
 
 O = 3
-
-
-def rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def mlp_apply(p: Any, x: Any) -> Any:

@@ -19,13 +19,14 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 from cvcore.backends.jax import jaxpr as jx
-from cvcore.backends.jax import rules as jr
 from cvcore.backends.jax import setup as jb
+from cvcore.backends.jax import sites as jr
 from cvcore.backends.jax import structured as js
 from jax import lax
 
 import cvcore
 from cvcore.api import make_request
+from tests.tolerance import rel_error as rel
 
 N = 3
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -58,11 +59,6 @@ def grouped_inputs() -> np.ndarray:
     return np.random.default_rng(1).normal(size=(N, 7, 6, 4))
 
 
-def rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 def jacrev_kernels(apply: Any, params: Any, x: np.ndarray) -> dict[str, np.ndarray]:
     """Full and traced kernels from one ``jax.jacrev`` per sample, float64."""
     with jb.x64_scope(True):
@@ -88,7 +84,7 @@ def structured(kernel: str, force: str | None, implementation: str = "structured
     request = make_request(kernel=kernel, dtype="float64", implementation=implementation)
     device = jax.devices("cpu")[0]
     with jb.x64_scope(True), jax.default_device(device):
-        prep = jb.prepare((grouped_apply, grouped_params()), train=False)
+        prep = jb.prepare_model((grouped_apply, grouped_params()), train=False)
         prep.params = jb.cast_tree(prep.params, jnp.float64, device)
         leaves = jb.flatten_params(prep.params)
         xs = jb.as_inputs(grouped_inputs(), jnp.float64, device)
@@ -106,7 +102,7 @@ def test_grouped_convolutions_get_a_rule() -> None:
     and every grouped filter is measured by ``jac`` (``pairs`` is not offered)."""
     _, analysis, layout = structured("full", "pairs")
     with jb.x64_scope(True):
-        names = jb.flatten_params(jb.prepare((grouped_apply, grouped_params()), train=False)
+        names = jb.flatten_params(jb.prepare_model((grouped_apply, grouped_params()), train=False)
                                   .params).paths
     groups = {names[s.leaf]: (s.kind, s.groups, s.d_in, s.d_out) for s in analysis.sites}
     assert groups == {"['dw']": ("conv", 4, 9, 8), "['g2']": ("conv", 2, 16, 6),
@@ -200,6 +196,7 @@ KERAS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_keras_on_jax_grouped_and_depthwise() -> None:
     """Keras' DepthwiseConv2D (strided, multiplier 2; dilated, no bias) and a grouped
     Conv2D on the JAX Keras backend: measured by the grouped rule under ``auto``, equal

@@ -19,8 +19,8 @@ pytest.importorskip("flax")
 eqx = pytest.importorskip("equinox")
 from cvcore.backends.jax import jacobian as jj
 from cvcore.backends.jax import jaxpr as jx
-from cvcore.backends.jax import rules as jr
 from cvcore.backends.jax import setup as jb
+from cvcore.backends.jax import sites as jr
 from cvcore.backends.jax import structured as js
 from cvcore.backends.jax.backend import JaxBackend
 from flax import linen as nn
@@ -30,13 +30,9 @@ import cvcore
 from cvcore.api import make_request
 from cvcore.blocking import dense_costs
 from cvcore.protocols import Implementation
+from tests.tolerance import rel_error as rel
 
 N = 4
-
-
-def rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # --------------------------------------------------------------------------- models
@@ -198,7 +194,7 @@ CASES = ["mlp", "cnn", "block", "tied", "lookup", "norm", "raw", "biases", "equi
 def reference(model: Any, x: Any) -> np.ndarray:
     """Full kernel from one ``jax.grad`` per (sample, output), float64."""
     with jb.x64_scope(True):
-        prep = jb.prepare(model, train=False)
+        prep = jb.prepare_model(model, train=False)
         params = jb.cast_tree(prep.params, jnp.float64, jax.devices("cpu")[0])
         consts = jb.cast_tree(prep.constants, jnp.float64, jax.devices("cpu")[0])
         xs = jnp.asarray(x, jnp.float64 if np.issubdtype(x.dtype, np.floating) else x.dtype)
@@ -240,7 +236,7 @@ def structured(model: Any, x: Any, kernel: str, force: str | None = None,
     jdtype = jnp.float64 if dtype == "float64" else jnp.float32
     with jb.x64_scope(dtype == "float64"), jax.default_device(device), \
             jax.default_matmul_precision("highest"):
-        prep = jb.prepare(model, train=False)
+        prep = jb.prepare_model(model, train=False)
         prep.params = jb.cast_tree(prep.params, jdtype, device)
         prep.constants = jb.cast_tree(prep.constants, jdtype, device)
         leaves = jb.flatten_params(prep.params)
@@ -276,7 +272,7 @@ def test_public_api_gives_the_same_kernel(name: str, implementation: str,
 
 def leaf_names(model: Any, x: Any) -> list[str]:
     with jb.x64_scope(True):
-        leaves = jb.flatten_params(jb.prepare(model, train=False).params)
+        leaves = jb.flatten_params(jb.prepare_model(model, train=False).params)
     return [leaves.paths[i] for i in leaves.trainable]
 
 
@@ -417,7 +413,7 @@ def test_diagonal_from_rules_equals_the_reference(name: str,
 
 
 def test_diagonal_uses_the_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cvcore.backends.jax.jacobian import prepare_request as _setup
+    from cvcore.backends.jax.setup import prepare as _setup
 
     model, x = make("mlp")
     request = make_request(kernel="full", dtype="float64")

@@ -26,6 +26,7 @@ from cvcore.backends.keras.backend import KerasBackend
 
 import cvcore
 from cvcore.protocols import KernelRequest
+from tests.tolerance import rel_error as rel
 
 
 def build(dtype: str) -> keras.Model:
@@ -81,10 +82,6 @@ def reference(model: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
     jac = np.asarray(rows, dtype=np.float64)
     flat = jac.reshape(len(x) * N_OUT, -1)
     return {"traced": np.einsum("iop,jop->ij", jac, jac) / N_OUT, "full": flat @ flat.T}
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +238,7 @@ SCRIPT = textwrap.dedent(inspect.getsource(build)).replace(" -> keras.Model", ""
 """)
 
 
+@pytest.mark.slow
 def test_conv_net_on_jax_and_torch_keras():
     """Keras on JAX goes through the JAX backend's structured engine (the conv rule is
     used); Keras on torch through ``torch.func``; both equal the GradientTape reference."""

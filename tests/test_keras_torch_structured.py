@@ -18,6 +18,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.tolerance import rel_error as rel
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("keras")
 
@@ -117,12 +119,8 @@ def runs() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def rel(a: object, b: object) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("name", ["mlp", "conv", "embedding", "twice"])
+@pytest.mark.slow
 def test_every_route_matches_per_sample_gradients(runs, name):
     got = runs[name]
     for impl in ("structured", "auto", "jacobian"):
@@ -139,6 +137,7 @@ def _rules(got: dict, impl: str = "structured") -> dict[str, str]:
     return {k.split("/", 1)[1]: v for k, v in rules.items()}  # the model's name left off
 
 
+@pytest.mark.slow
 def test_dense_and_convolution_weights_are_served_by_rules(runs):
     """No silent Jacobian fallback: every Dense / Conv2D / DepthwiseConv2D kernel and bias,
     Embedding, LayerNormalization and BatchNormalization weight has a rule (batch
@@ -165,6 +164,7 @@ def test_dense_and_convolution_weights_are_served_by_rules(runs):
     assert _rules(runs["mlp"], "jacobian") == {}
 
 
+@pytest.mark.slow
 def test_a_weight_read_in_two_layouts_goes_to_the_jacobian_path(runs):
     rules = _rules(runs["twice"])
     assert not any(k.startswith("twice/") for k in rules)

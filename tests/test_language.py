@@ -19,6 +19,7 @@ import cvcore
 from cvcore.api import make_request
 from cvcore.errors import InputError
 from cvcore.sketch import Projection, sketch_statistics, sketched_kernel
+from tests.tolerance import rel_error as rel
 
 transformers.logging.set_verbosity_error()
 VOCAB = 23
@@ -40,10 +41,6 @@ def traced(rows: torch.Tensor, n: int) -> np.ndarray:
     """``(1/O) Σ_o J_o J_oᵀ`` from rows ordered sample-major."""
     j = rows.reshape(n, -1, rows.shape[1])
     return (torch.einsum("iop,jop->ij", j, j) / j.shape[1]).numpy()
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +355,7 @@ def test_factory_that_needs_arguments_is_one_line(tmp_path) -> None:  # type: ig
     assert result.exit_code == 2 and "with no arguments" in result.output
 
 
+@pytest.mark.slow
 def test_language_example_runs(tmp_path) -> None:
     import subprocess
     import sys

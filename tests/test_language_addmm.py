@@ -23,6 +23,7 @@ nn = torch.nn
 
 import cvcore
 from cvcore.api import build, make_request
+from tests.tolerance import rel_error as rel
 
 transformers.logging.set_verbosity_error()
 IMPLEMENTATIONS = ("structured", "auto")
@@ -49,10 +50,6 @@ def traced_reference(one: Callable[[int], Any], n: int, params: list[Any]) -> np
     """``(1/O) Σ_o J_io · J_jo`` (:func:`jacobian_rows`)."""
     j = jacobian_rows(one, n, params)
     return np.einsum("iop,jop->ij", j, j) / j.shape[1]
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def rules_of(model: Any, inputs: Any, **kw: Any) -> dict[str, str]:

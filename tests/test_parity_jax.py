@@ -22,13 +22,9 @@ from flax import linen as nn
 from flax import nnx
 
 import cvcore
+from tests.tolerance import rel_error as rel
 
 TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
-
-
-def rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def t2n(t: Any) -> np.ndarray:

@@ -14,6 +14,7 @@ if keras.backend.backend() != "tensorflow":  # pragma: no cover - KERAS_BACKEND 
     pytest.skip("these tests run Keras on the tensorflow backend in-process", allow_module_level=True)
 
 import cvcore
+from tests.tolerance import rel_error as rel
 
 N = 6
 EPS = 1e-5  # torch's LayerNorm default; Keras' is 1e-3, so it is set explicitly
@@ -84,10 +85,6 @@ def layernorm_pair() -> tuple[torch.nn.Module, keras.Model, np.ndarray, np.ndarr
 
 
 PAIRS = {"mlp": mlp_pair, "cnn": cnn_pair, "layernorm": layernorm_pair}
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))

@@ -183,6 +183,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_keras_on_jax_layers_match_the_torch_twin() -> None:
     pytest.importorskip("keras")
     pytest.importorskip("jax")

@@ -113,7 +113,7 @@ def test_builtin_plugins_register_through_entry_points() -> None:
     assert {"numpy", "bundled"} <= set(reg.data_loaders)
     assert {"torch-save", "torch-export", "safetensors"} <= set(reg.checkpoint_loaders)
     names = {name for name, _ in plugins.manager().list_name_plugin()}
-    assert {"numpy_kernel", "torch"} <= names
+    assert {"data_loaders", "torch"} <= names
 
 
 def run_fresh(code: str, **env: str) -> Any:
@@ -137,8 +137,8 @@ def test_import_and_listing_plugins_import_no_framework() -> None:
 def test_cvcore_plugins_env_restricts_entry_points() -> None:
     code = ("import json; from cvcore import plugins; "
             "print(json.dumps(sorted(plugins.registry().backends)))")
-    assert run_fresh(code, CVCORE_PLUGINS="numpy_kernel") == []
-    assert "torch" in run_fresh(code, CVCORE_PLUGINS="torch,numpy_kernel")
+    assert run_fresh(code, CVCORE_PLUGINS="data_loaders") == []
+    assert "torch" in run_fresh(code, CVCORE_PLUGINS="torch,data_loaders")
 
 
 def test_folders_install_inside_the_package() -> None:

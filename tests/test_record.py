@@ -301,7 +301,7 @@ def test_probe_that_does_not_fit_the_model(tmp_path):
 
 
 def test_guard_restores_what_a_measurement_could_change():
-    from cvcore.record.guard import untouched
+    from cvcore.capabilities import untouched
 
     model = mlp(dropout=0.5)
     model.train()

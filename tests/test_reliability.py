@@ -16,14 +16,15 @@ from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-import cvcore  # noqa: E402
-from cvcore import runs  # noqa: E402
-from cvcore.checkpoints import load_checkpoint  # noqa: E402
-from cvcore.cli.app import make_app  # noqa: E402
-from cvcore.data_io import load_data  # noqa: E402
-from cvcore.errors import CVCoreError, InputError, KernelError, ModelError, ResourceError  # noqa: E402
-from cvcore.protocols import LoadOptions  # noqa: E402
-from tests import torch_models as tm  # noqa: E402
+from cvcore.cli.app import make_app
+
+import cvcore
+from cvcore import runs
+from cvcore.checkpoints import load_checkpoint
+from cvcore.data_io import load_data
+from cvcore.errors import CVCoreError, InputError, KernelError, ModelError, ResourceError
+from cvcore.protocols import LoadOptions
+from tests import torch_models as tm
 
 runner = CliRunner()
 
@@ -184,7 +185,7 @@ def test_interrupt_keeps_rows_already_written(tmp_path: Path, monkeypatch: pytes
     for epoch in (1, 2, 3):
         torch.manual_seed(epoch)
         torch.save(tm.mlp(64, 8, 10), tmp_path / f"epoch_{epoch}.pt")
-    real_build = runs.build
+    real_build = runs.execute
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -193,7 +194,7 @@ def test_interrupt_keeps_rows_already_written(tmp_path: Path, monkeypatch: pytes
             raise KeyboardInterrupt
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(runs, "build", interrupted)
+    monkeypatch.setattr(runs, "execute", interrupted)
     out = tmp_path / "cv.csv"
     paths = sorted(tmp_path.glob("epoch_*.pt"))
     result = cv("measure", *paths, "--data", "digits", "--samples", "10", "--csv", out)
@@ -202,7 +203,7 @@ def test_interrupt_keeps_rows_already_written(tmp_path: Path, monkeypatch: pytes
         rows = list(csv.DictReader(fh))
     assert [Path(r["source"]).name for r in rows] == ["epoch_1.pt"]
     assert float(rows[0]["trace"]) > 0
-    monkeypatch.setattr(runs, "build", real_build)
+    monkeypatch.setattr(runs, "execute", real_build)
     resumed = cv("measure", *paths, "--data", "digits", "--samples", "10", "--csv", out,
                  "--resume", "--json")
     assert [Path(r["source"]).name for r in json.loads(resumed.stdout)] == ["epoch_2.pt", "epoch_3.pt"]

@@ -9,6 +9,7 @@ alone (the meaning cvcore gives forwards that couple samples in eval mode).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 import cvcore
+from tests.tolerance import rel_error
 
 IMPLEMENTATIONS = ("auto", "structured", "jacobian")
 RTOL = 1e-9
@@ -40,8 +42,7 @@ def per_sample_kernel(model: Any, one: Callable[[int], Any], n: int) -> np.ndarr
     return np.einsum("iop,jop->ij", j, j) / j.shape[1]
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+rel = partial(rel_error, norm="l2", floor=1e-300)
 
 
 def check_all(model: Any, inputs: Any, ref: np.ndarray) -> None:
@@ -185,7 +186,8 @@ def test_forwards_coupling_samples_mean_each_sample_alone(make: Any) -> None:
 
 def test_row_local_layers_keep_their_rule() -> None:
     """Only the layer on the buffer leaves the structured path."""
-    from cvcore.backends.torch.setup import as_inputs, prepare
+    from cvcore.backends.torch.setup import as_inputs
+    from cvcore.backends.torch.setup import prepare_model as prepare
     from cvcore.backends.torch.structured import capture_block
 
     from cvcore.protocols import Implementation, KernelRequest

@@ -9,6 +9,7 @@ model. Models are built to exercise each layer rule and each fallback.
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,13 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from cvcore.backends.torch.backend import TorchBackend  # noqa: E402
-from cvcore.backends.torch.setup import as_inputs, prepare  # noqa: E402
-from cvcore.backends.torch.structured import structured_kernel  # noqa: E402
+from cvcore.backends.torch.backend import TorchBackend
+from cvcore.backends.torch.setup import as_inputs
+from cvcore.backends.torch.setup import prepare_model as prepare
+from cvcore.backends.torch.structured import structured_kernel
 
-from cvcore.protocols import Implementation, KernelRequest  # noqa: E402
+from cvcore.protocols import Implementation, KernelRequest
+from tests.tolerance import rel_error
 
 RTOL = 1e-10
 
@@ -61,8 +64,7 @@ def backend_kernel(model: Any, x: Any, kernel: str, implementation: str,
     return TorchBackend().ntk(model, x, request).kernel
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+rel = partial(rel_error, floor=1e-300)
 
 
 def uses_rules(model: Any, x: Any) -> bool:

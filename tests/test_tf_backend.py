@@ -19,12 +19,13 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - KERAS_BACKEND set outside
     pytest.skip("these tests run Keras on the tensorflow backend in-process", allow_module_level=True)
 
-from cvcore.backends.tf_backend import KerasBackend
+from cvcore.backends.keras.backend import KerasBackend
 
 import cvcore
 from cvcore import plugins
 from cvcore.errors import InputError, ModelError, UntrustedFileError
 from cvcore.protocols import LoadOptions
+from tests.tolerance import rel_error as rel
 
 N_IN, N_HID, N_OUT = 5, 7, 3
 
@@ -75,10 +76,6 @@ def kernels_from(jac: np.ndarray) -> dict[str, np.ndarray]:
     n, o, _ = jac.shape
     flat = jac.reshape(n * o, -1)
     return {"traced": np.einsum("iop,jop->ij", jac, jac) / o, "full": flat @ flat.T}
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +286,7 @@ SCRIPT = textwrap.dedent(f"""
 """)
 
 
+@pytest.mark.slow
 def test_keras_on_torch_and_jax_give_the_same_kernel():
     """Both subprocesses run at once (each imports its framework and Keras)."""
     import importlib.util
@@ -388,6 +386,7 @@ def test_cli_measure_keras_file(tmp_path):
     assert row["entropy"] == pytest.approx(expected.entropy, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_subprocess(tmp_path):
     path = tmp_path / "model.keras"
     model = digits_model(path)

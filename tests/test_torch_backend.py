@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 import cvcore
 from cvcore.errors import InputError, ModelError
 from tests import torch_models as tm
+from tests.tolerance import rel_error as rel
 
 CASES = {
     "mlp": (lambda: tm.mlp(), lambda: torch.randn(7, 6)),
@@ -17,10 +18,6 @@ CASES = {
     "layernorm-gelu": (tm.NormGelu, lambda: torch.randn(6, 5)),
     "batchnorm-eval": (tm.batchnorm_net, lambda: torch.randn(6, 5)),
 }
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(params=sorted(CASES), ids=sorted(CASES))

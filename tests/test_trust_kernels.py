@@ -19,13 +19,9 @@ import pytest
 import cvcore
 from cvcore.api import build, make_request
 from cvcore.errors import ModelError
+from tests.tolerance import rel_error as rel
 
 N = 5
-
-
-def rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def traced_from_full(full: np.ndarray, n: int) -> np.ndarray:
@@ -37,8 +33,8 @@ def traced_from_full(full: np.ndarray, n: int) -> np.ndarray:
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 from cvcore.backends.jax import jaxpr as jx
-from cvcore.backends.jax import rules as jr
 from cvcore.backends.jax import setup as jb
+from cvcore.backends.jax import sites as jr
 from cvcore.backends.jax.backend import JaxBackend
 
 
@@ -77,7 +73,7 @@ def analysis_of(fn: Any, params: Any, x: np.ndarray, output: Any = None
     """Site kinds per ruled leaf, directly measured leaves and folded biases, by name."""
     device = jax.devices("cpu")[0]
     with jb.x64_scope(True), jax.default_device(device):
-        prep = jb.prepare((fn, params), train=False)
+        prep = jb.prepare_model((fn, params), train=False)
         prep.params = jb.cast_tree(prep.params, jnp.float64, device)
         leaves = jb.flatten_params(prep.params)
         xs = jb.as_inputs(x, jnp.float64, device)

@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 import cvcore
 from cvcore.errors import CVCoreError
 from cvcore.record import Record, RecordStore, Value, read_runs
-from cvcore.record.analysis import summarize
 from cvcore.record.schema import COLUMNS
+from cvcore.record.summary import summarize
 
 runner = CliRunner()
 CV = Path(sys.executable).parent / "cv"

@@ -366,6 +366,7 @@ def test_a_malformed_status_file_means_not_done_and_is_said(tmp_path, corrupt):
     assert json.loads(status.read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_fails_its_cell_and_the_others_go_on(tmp_path):
     text = ONE.replace('family = "dense"\ndepth = 1\nactivation = "tanh"',
                        'family = "tests.sweep_factories:make"').replace(

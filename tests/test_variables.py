@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-import cvcore  # noqa: E402
-from cvcore.cli.app import make_app  # noqa: E402
-from cvcore.errors import InputError  # noqa: E402
-from tests import torch_models as tm  # noqa: E402
+from cvcore.cli.app import make_app
+
+import cvcore
+from cvcore.errors import InputError
+from tests import torch_models as tm
 
 
 def test_diagonal_variables_by_hand() -> None:

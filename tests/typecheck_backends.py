@@ -15,7 +15,17 @@ if TYPE_CHECKING:
     from backends.jax.backend import JaxBackend
     from backends.keras.backend import KerasBackend
     from backends.torch.backend import TorchBackend
-    from cvcore.protocols import Backend, DiagonalBackend, OperatorBackend, PerLayerBackend
+    from cvcore.protocols import (
+        ArrayBackend,
+        Backend,
+        CountingBackend,
+        DiagonalBackend,
+        GuardingBackend,
+        OperatorBackend,
+        PerLayerBackend,
+        SeedingBackend,
+        TakingBackend,
+    )
 
 
 def contracts(torch: TorchBackend, jax: JaxBackend, keras: KerasBackend) -> None:
@@ -24,4 +34,9 @@ def contracts(torch: TorchBackend, jax: JaxBackend, keras: KerasBackend) -> None
     diagonals: list[DiagonalBackend] = [torch, jax, keras]
     operators: list[OperatorBackend] = [torch, jax]
     per_layer: list[PerLayerBackend] = [torch, jax, keras]
-    del backends, diagonals, operators, per_layer
+    seeding: list[SeedingBackend] = [torch, keras]
+    guarding: list[GuardingBackend] = [torch]
+    counting: list[CountingBackend] = [torch, keras]
+    taking: list[TakingBackend] = [torch, jax, keras]
+    arrays: list[ArrayBackend] = [torch, jax, keras]
+    del backends, diagonals, operators, per_layer, seeding, guarding, counting, taking, arrays

@@ -14,10 +14,10 @@ import importlib.util
 from typing import Any
 
 import numpy as np
-from cvcore.backends.jax.jacobian import prepare_request
+from cvcore.backends.jax.forms import model_form
 from cvcore.backends.jax.setup import (
     device_name,
-    model_form,
+    prepare,
     resolve_device,
     scope,
 )
@@ -68,10 +68,24 @@ class JaxBackend:
 
         return layer_kernels(model, inputs, request)
 
+    # -- the framework chores the core asks of a backend (cvcore.capabilities) -----------
+    # JAX has no global random state (its keys are values), so it has no ``seed`` or
+    # ``guard``; a ``(apply_fn, params)`` pair has no cheap parameter count either.
+
+    def take(self, inputs: Any, index: np.ndarray[Any, Any]) -> Any:
+        """Rows ``index`` of an array (JAX refuses a list as an index)."""
+        return inputs[np.asarray(index)]
+
+    def as_array(self, values: np.ndarray[Any, Any], like: Any) -> Any:
+        """``values`` as a JAX array of ``like``'s dtype."""
+        import jax.numpy as jnp
+
+        return jnp.asarray(values, dtype=like.dtype)
+
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: Any) -> KernelResult:
         from cvcore.backends.jax.structured import kernel_of
 
-        s = prepare_request(model, inputs, request, device, request.train)
+        s = prepare(model, inputs, request, device, request.train)
         ensure_fits(s.n, s.n_outputs, request.kernel, np.dtype(request.dtype).itemsize)
         kernel = kernel_of(s.prep, s.leaves, s.x, request, s.n_outputs)
         return KernelResult(kernel=kernel, n_samples=s.n, n_outputs=s.n_outputs,

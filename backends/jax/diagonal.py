@@ -14,13 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from cvcore.backends.jax import setup
-from cvcore.backends.jax.jacobian import make_jacobian, prepare_request
 from numpy.typing import NDArray
 
 from cvcore.blocking import plan_blocks
 from cvcore.outputs import check_finite
 from cvcore.protocols import Implementation, KernelRequest
+
+from . import setup
+from .jacobian import make_jacobian
 
 
 def kernel_diagonal(model: Any, inputs: Any, request: KernelRequest) -> NDArray[np.floating[Any]]:
@@ -37,9 +38,9 @@ def kernel_diagonal(model: Any, inputs: Any, request: KernelRequest) -> NDArray[
 def _diagonal(model: Any, inputs: Any, request: KernelRequest, device: Any) -> NDArray[Any]:
     import jax.numpy as jnp
 
-    s = prepare_request(model, inputs, request, device, request.train)
+    s = setup.prepare(model, inputs, request, device, request.train)
     if request.implementation != Implementation.JACOBIAN:
-        from cvcore.backends.jax.structured import attempt, structured_diagonal
+        from .structured import attempt, structured_diagonal
 
         ruled = attempt(structured_diagonal, s.prep, s.leaves, s.x, request, s.n_outputs)
         if ruled is not None:

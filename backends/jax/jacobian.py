@@ -1,39 +1,29 @@
 """The JAX backend's Jacobian path: jitted, vmapped per-sample Jacobians, one GEMM per block.
 
-:func:`prepare_request` prepares a model and its inputs for a request (every engine of
-the backend starts there); :func:`make_jacobian` gives the Jacobian block of a chunk of
+Every engine of the backend starts from a :class:`cvcore.backends.jax.setup.Setup`
+(:func:`cvcore.backends.jax.setup.prepare`); :func:`make_jacobian` gives the Jacobian block of a chunk of
 samples for a parameter group; :func:`assemble` accumulates the kernel over the groups
-and sample blocks of a :class:`cvcore.blocking.Plan`. Built on :mod:`setup` and
-:mod:`jaxpr` only.
+and sample blocks of a :class:`cvcore.blocking.Plan`. Built on :mod:`forms`, :mod:`setup`
+and :mod:`jaxpr` only.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from cvcore.backends.jax.jaxpr import evaluate, probe_outputs
-from cvcore.backends.jax.setup import (
-    Leaves,
-    Prepared,
-    as_inputs,
-    cached,
-    cast_tree,
-    flatten_params,
-    pad_batch,
-    prepare,
-    select_output,
-    with_values,
-)
 
 from cvcore.blocking import Group, Plan
-from cvcore.data_io import batch_size, require_samples, slice_inputs
+from cvcore.data_io import batch_size, slice_inputs
 from cvcore.imports import require
 from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
+
+from .forms import Leaves, Prepared, select_output, with_values
+from .jaxpr import cached, evaluate
+from .setup import pad_batch
 
 JacobianFn = Callable[[Any, int, int, int], Any]
 
@@ -172,34 +162,3 @@ def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, pla
                 kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
     check_finite(np.diagonal(kernel), n, width)
     return kernel
-
-
-@dataclasses.dataclass
-class Setup:
-    """A model and its inputs ready to measure: the prepared model and its leaves in the
-    request's dtype on its device, the inputs as arrays, ``N``, ``O``, the leaves' sizes."""
-
-    prep: Prepared
-    leaves: Leaves
-    x: Any
-    n: int
-    n_outputs: int
-    sizes: list[int]
-
-
-def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: Any, train: bool
-                    ) -> Setup:
-    """Prepare the model and inputs for ``request`` (call inside :func:`setup.scope`)."""
-    import jax.numpy as jnp
-
-    dtype = jnp.float64 if request.dtype == "float64" else jnp.float32
-    prep = prepare(model, train)
-    prep.params = cast_tree(prep.params, dtype, device)
-    prep.constants = cast_tree(prep.constants, dtype, device)
-    leaves = flatten_params(prep.params)
-    x = as_inputs(inputs, dtype, device)
-    n = batch_size(x)
-    require_samples(n)
-    n_outputs = probe_outputs(prep, leaves, x, request.output)
-    sizes = [int(leaves.values[i].size) for i in leaves.trainable]
-    return Setup(prep, leaves, x, n, n_outputs, sizes)

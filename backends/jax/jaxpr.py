@@ -1,11 +1,12 @@
 """The JAX backend's tracer: a model's one-sample forward pass as a jaxpr, and its evaluator.
 
-:func:`trace` turns the prepared model (:mod:`cvcore.backends.jax.setup`) into a
+:func:`trace` turns the prepared model (:mod:`cvcore.backends.jax.forms`) into a
 :class:`Traced` jaxpr, cached per model object and shapes; :func:`probe_outputs` reads O
 from it; :func:`evaluate` re-runs a jaxpr equation by equation, optionally perturbing and
 recording chosen equations (the structured path's sites). Both the Jacobian path
 (:mod:`cvcore.backends.jax.jacobian`) and the structured one
-(:mod:`cvcore.backends.jax.structured`) read it; it imports only :mod:`setup`.
+(:mod:`cvcore.backends.jax.structured`) read it; it imports only :mod:`forms`. Also here:
+the compile caches' LRU helper (:func:`cached`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from cvcore.backends.jax import setup
 
 from cvcore import outputs
 from cvcore.data_io import slice_inputs
 from cvcore.errors import CVCoreError, InputError, ModelError
 from cvcore.imports import require
+from cvcore.protocols import OutputSelector
+
+from .forms import Leaves, Prepared, select_output
 
 #: Primitives whose sub-jaxpr is evaluated equation by equation (call boundaries only).
 INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat",
@@ -110,6 +113,21 @@ class Traced:
         return int(math.prod(self.jaxpr.outvars[0].aval.shape))
 
 
+CACHE_SIZE = 8
+
+
+def cached(cache: collections.OrderedDict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` when missing; the cache keeps the
+    :data:`CACHE_SIZE` most recently used entries (the JAX backend's compile caches)."""
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return hit
+
+
 #: Traces of recent models, keyed by the model's function object (flax module or
 #: ``apply_fn``, held here so its id stays unique) and every input's shape and dtype,
 #: as ``jax.jit`` keys its own traces: a function is assumed to compute the same thing
@@ -123,7 +141,7 @@ def _avals(tree: Any) -> tuple[Any, ...]:
     return (treedef, tuple((tuple(np.shape(v)), str(v.dtype)) for v in leaves))
 
 
-def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
+def trace(prep: Prepared, leaves: Leaves, x: Any, output: OutputSelector | None) -> Traced:
     """The one-sample forward pass as a :class:`Traced` jaxpr (from the cache when the
     same function was traced on the same shapes)."""
     jax = require("jax")
@@ -144,7 +162,7 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
             full.append(next(it_values) if i in trainable else next(it_rest))
         params = jax.tree_util.tree_unflatten(leaves.treedef, full)
         xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
-        return setup.select_output(prep.call(params, constants, xb), output).reshape(-1)
+        return select_output(prep.call(params, constants, xb), output).reshape(-1)
 
     first = jax.tree_util.tree_map(lambda a: a[0], slice_inputs(x, 0, 1))
     seen = (id(output), _avals(first), _avals(values), _avals(dynamic))
@@ -165,7 +183,7 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
     if key is None:
         entry = make()
     else:
-        entry = setup.cached(_TRACES, key, make)
+        entry = cached(_TRACES, key, make)
         if entry[0] is not prep.identity:  # the id of a collected object, reused
             entry = _TRACES[key] = make()
     result = Traced(entry[1], entry[2], dynamic)
@@ -173,7 +191,7 @@ def trace(prep: Any, leaves: Any, x: Any, output: Any) -> Traced:
     return result
 
 
-def probe_outputs(prep: setup.Prepared, leaves: setup.Leaves, x: Any, output: Any) -> int:
+def probe_outputs(prep: Prepared, leaves: Leaves, x: Any, output: Any) -> int:
     """Trace one sample's forward pass; return O, turning a failure into a one-line error.
     The trace is cached (:func:`trace`) and reused by the structured path."""
 

@@ -18,18 +18,12 @@ import dataclasses
 import sys
 from typing import Any
 
-from cvcore.backends.jax.jacobian import prepare_request
-from cvcore.backends.jax.setup import (
-    Leaves,
-    device_name,
-    resolve_device,
-    scope,
-    tree_path,
-)
-from cvcore.backends.jax.structured import kernel_of
-
 from cvcore.imports import require
 from cvcore.protocols import KernelRequest, LayerKernel, LayerKernels
+
+from .forms import Leaves, tree_path
+from .setup import device_name, prepare, resolve_device, scope
+from .structured import kernel_of
 
 
 def layer_of_keys(keys: list[str]) -> str:
@@ -72,7 +66,7 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
 
 
 def _layer_kernels(model: Any, inputs: Any, request: KernelRequest, device: Any) -> LayerKernels:
-    s = prepare_request(model, inputs, request, device, request.train)
+    s = prepare(model, inputs, request, device, request.train)
     prep, leaves, x, n, n_outputs = s.prep, s.leaves, s.x, s.n, s.n_outputs
     names = layer_names(prep.params, leaves)
     groups: dict[str, list[int]] = {}

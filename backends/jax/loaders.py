@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 
 from cvcore.errors import InputError, UntrustedFileError
-from cvcore.factory import resolve_factory
 from cvcore.imports import require
+from cvcore.model_factory import resolve_factory
 from cvcore.protocols import LoadedModel, LoadOptions
 
 #: The first object of a legacy (non-zip) ``torch.save`` file.
@@ -268,7 +268,7 @@ def fill(template: Any, state: Any, path: Path, optional: frozenset[str] = froze
 
 def restore(template: Any, state: Any, path: Path) -> Any:
     """Put a file's parameter tree into the model the factory built."""
-    from cvcore.backends.jax.setup import model_form
+    from .forms import model_form
 
     state = pure_tree(state)
     form = model_form(template)
@@ -423,7 +423,7 @@ class PickleTreeLoader:
         if not is_pickle(path):
             raise InputError(f"{path}: expected a pickle (protocol 2 or later), got other content")
         obj = read_pickle(path, options.trust)
-        from cvcore.backends.jax.setup import model_form
+        from .forms import model_form
 
         if options.model_factory is None and model_form(obj) is not None:
             return LoadedModel(model=obj, backend="jax")

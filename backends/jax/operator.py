@@ -29,8 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from cvcore.backends.jax import setup
-from cvcore.backends.jax.jacobian import Setup, prepare_request
 from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
@@ -38,6 +36,9 @@ from cvcore.data_io import slice_inputs
 from cvcore.imports import require
 from cvcore.protocols import KernelOperator, KernelRequest
 from cvcore.validate import require_eval
+
+from . import forms, setup
+from .setup import Setup
 
 
 def _activation_bytes(single: Callable[..., Any], args: tuple[Any, ...]) -> int:
@@ -71,6 +72,8 @@ class _JaxKernelOperator(OperatorBudget):
     """``matvec`` state: the prepared model, padded inputs, jitted products, limits."""
 
     setup: Setup
+    n: int
+    n_outputs: int
     request: KernelRequest
     device: Any
     traced: bool
@@ -81,14 +84,6 @@ class _JaxKernelOperator(OperatorBudget):
     jvp_fn: Any = None
     theta: tuple[Any, ...] = ()
     _single: Any = None
-
-    @property
-    def n(self) -> int:
-        return self.setup.n
-
-    @property
-    def n_outputs(self) -> int:
-        return self.setup.n_outputs
 
     def build(self) -> None:
         """Define the jitted per-chunk products (traced and compiled on first use)."""
@@ -101,12 +96,12 @@ class _JaxKernelOperator(OperatorBudget):
         traced = self.traced
 
         def params_of(theta: Any, values: Any) -> Any:
-            return setup.with_values(leaves, index, theta, values)
+            return forms.with_values(leaves, index, theta, values)
 
         def single(theta: Any, values: Any, consts: Any, xi: Any) -> Any:
             xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
             raw = prep.call(params_of(theta, values), consts, xb)
-            return setup.select_output(raw, output).reshape(-1)
+            return forms.select_output(raw, output).reshape(-1)
 
         def forward(values: Any, consts: Any, xs: Any) -> Callable[[Any], Any]:
             return lambda theta: jax.vmap(single, in_axes=(None, None, None, 0))(
@@ -197,9 +192,10 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
     require_eval(request)
     device = setup.resolve_device(request.device)
     with setup.scope(request, device):
-        s = prepare_request(model, inputs, request, device, False)
+        s = setup.prepare(model, inputs, request, device, False)
         itemsize = np.dtype(request.dtype).itemsize
-        op = _JaxKernelOperator(setup=s, request=request, device=device,
+        op = _JaxKernelOperator(setup=s, n=s.n, n_outputs=s.n_outputs, request=request,
+                                device=device,
                                 traced=request.kernel == "traced",
                                 budget=int(request.memory_budget),
                                 param_bytes=sum(s.sizes) * itemsize, act_bytes=1)

@@ -1,238 +1,39 @@
-"""The JAX backend's ground floor: model forms, inputs, outputs, devices, dtypes, leaves.
+"""The JAX backend's ground floor for a request: inputs, devices, dtypes, the :class:`Setup`.
 
-Accepted model forms (see ``docs/backend-jax.md``):
-
-* ``(apply_fn, params)``: ``apply_fn(params, x)`` returns the outputs (neural-tangents
-  style). A tuple is taken only when its first item is callable (and not a PyTorch,
-  TensorFlow or Keras object) and its second is a pytree with at least one leaf that is
-  a ``jax.Array``, or whose leaves are all NumPy arrays with at least one floating one
-  (that second case only while JAX is imported, so a tuple meant for another framework
-  is never taken).
-* ``(linen_module, variables)`` or a bound ``flax.linen`` module (``module.bind(v)``),
-  or ``(linen_module.apply, variables)``: the ``params`` collection is differentiated,
-  the other collections (``batch_stats`` ...) are used in the forward pass only.
-* a ``flax.nnx`` module: ``nnx.Param`` state is differentiated, other state is not.
-* an ``equinox`` module: inexact array leaves are the parameters; Equinox models take
-  one sample (no batch axis), as is the Equinox convention.
-
-
-Also here: the compile caches' LRU helper (:func:`cached`), the finiteness check shared by
-every kernel path, and the dtype / device / precision scope of every measurement. This
-module imports nothing else of the JAX backend, and no JAX at import time.
+:func:`prepare` turns a model (one of the forms of :mod:`cvcore.backends.jax.forms`) and
+its inputs into a :class:`Setup`: the model as a pure function with its leaves in the
+request's dtype on its device, the inputs as arrays, ``N``, and ``O`` (read off the
+one-sample trace, :func:`cvcore.backends.jax.jaxpr.probe_outputs`). Also here: the
+dtype / device / precision scope of every measurement (:func:`scope`). It imports only
+:mod:`forms` and :mod:`jaxpr` of the JAX backend, and no JAX at import time.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import importlib.util
-import inspect
-import re
-import sys
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cvcore import outputs
-from cvcore.errors import InputError, ModelError, describe
+from cvcore.data_io import batch_size, require_samples
+from cvcore.errors import InputError, describe
 from cvcore.imports import require
-from cvcore.protocols import KernelRequest, OutputSelector
+from cvcore.protocols import KernelRequest
 
-#: Top-level modules of objects that are callable but belong to another backend.
-FOREIGN_MODULES = ("torch", "tensorflow", "keras", "tf_keras")
-#: ``__call__`` keyword names set to ``train`` / ``not train`` for flax.linen modules.
-TRAIN_FLAGS = ("train", "training", "is_training")
-EVAL_FLAGS = ("deterministic", "use_running_average", "inference", "eval")
+from .forms import Leaves, Prepared, flatten_params, is_inexact, prepare_model
+from .jaxpr import probe_outputs
 
-
-
-# --------------------------------------------------------------------------- forms
-
-
-def _linen_module_type() -> Any:
-    linen = sys.modules.get("flax.linen")
-    return None if linen is None else linen.Module
-
-
-def _is_foreign(obj: object) -> bool:
-    return type(obj).__module__.split(".")[0] in FOREIGN_MODULES
-
-
-def _has_param_leaves(tree: Any, jax: Any) -> bool:
-    """Whether a pytree holds a ``jax.Array``, or only NumPy arrays with a floating one."""
-    try:
-        leaves = jax.tree_util.tree_leaves(tree)
-    except Exception:  # noqa: BLE001 - an object that is no pytree is simply not ours
-        return False
-    if not leaves:
-        return False
-    if any(isinstance(leaf, jax.Array) for leaf in leaves):
-        return True
-    return all(isinstance(leaf, np.ndarray) for leaf in leaves) and any(
-        np.issubdtype(leaf.dtype, np.inexact) for leaf in leaves)
-
-
-def model_form(model: object) -> str | None:
-    """Which accepted form ``model`` has, without importing anything.
-
-    Returns:
-        ``"linen"``, ``"nnx"``, ``"equinox"``, ``"pair"``, or ``None`` when the model is
-        not one of the JAX backend's forms.
-    """
-    jax = sys.modules.get("jax")
-    if jax is None:
-        return None
-    linen_module = _linen_module_type()
-    if linen_module is not None and isinstance(model, linen_module):
-        return "linen"
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(model, nnx.Module):
-        return "nnx"
-    eqx = sys.modules.get("equinox")
-    if eqx is not None and isinstance(model, eqx.Module):
-        return "equinox"
-    if not (isinstance(model, tuple) and len(model) == 2):
-        return None
-    fn, params = model
-    if linen_module is not None and isinstance(fn, linen_module) and isinstance(params, Mapping):
-        return "linen"
-    if not callable(fn) or _is_foreign(fn):
-        return None
-    return "pair" if _has_param_leaves(params, jax) else None
-
-
-@dataclasses.dataclass
-class Prepared:
-    """A model as a pure function: ``call(params, constants, x)`` returns the raw output.
-
-    Attributes:
-        call: the forward pass; ``x`` is a batch when ``batched``, else one sample.
-        params: the pytree whose inexact leaves are differentiated.
-        constants: state used in the forward pass but not differentiated.
-        batched: whether ``call`` takes a batch (flax, ``apply_fn``) or one sample (Equinox).
-        form: the model form, for messages.
-    """
-
-    call: Callable[[Any, Any, Any], Any]
-    params: Any
-    constants: Any
-    batched: bool
-    form: str
-    #: the object whose code ``call`` runs (flax module, ``apply_fn``), for trace caches;
-    #: ``None``: not cached. ``train``: the mode ``call`` runs the model in.
-    identity: Any = None
-    train: bool = False
-    #: the last trace of ``call`` in this measurement (the probe's, reused by the rules)
-    traced: Any = None
-
-
-def _as_call(fn: Callable[..., Any], x: Any, *lead: Any, **kwargs: Any) -> Any:
-    """``fn(*lead, x)``, ``fn(*lead, *x)`` or ``fn(*lead, **x)`` as the inputs are packed."""
-    if isinstance(x, Mapping):
-        return fn(*lead, **x, **kwargs)
-    if isinstance(x, tuple):
-        return fn(*lead, *x, **kwargs)
-    return fn(*lead, x, **kwargs)
-
-
-def _mode_kwargs(module: Any, train: bool) -> dict[str, bool]:
-    """Keyword flags a linen ``__call__`` declares for train / eval behaviour."""
-    try:
-        names = list(inspect.signature(module.__call__).parameters)[1:]
-    except (TypeError, ValueError):
-        return {}
-    flags = {n: train for n in TRAIN_FLAGS if n in names}
-    flags.update({n: not train for n in EVAL_FLAGS if n in names})
-    return flags
-
-
-def _prepare_linen(module: Any, variables: Any, train: bool) -> Prepared:
-    jax = require("jax")
-    if not isinstance(variables, Mapping) or "params" not in variables:
-        got = f"collections {list(variables)}" if isinstance(variables, Mapping) else describe(variables)
-        raise ModelError(f"expected flax.linen variables with a 'params' collection, got {got}")
-    constants = {k: v for k, v in variables.items() if k != "params"}
-    flags = _mode_kwargs(module, train)
-    mutable = [k for k in constants if k != "intermediates"] if train else False
-    rngs = {"dropout": jax.random.key(0)} if train else None
-
-    def call(params: Any, consts: Any, x: Any) -> Any:
-        out = _as_call(module.apply, x, {"params": params, **consts}, mutable=mutable,
-                       rngs=rngs, **flags)
-        return out[0] if mutable else out
-
-    return Prepared(call, variables["params"], constants, batched=True, form="flax.linen",
-                    identity=module, train=train)
-
-
-def _prepare_nnx(model: Any, train: bool) -> Prepared:
-    from flax import nnx
-
-    view = nnx.view(model, deterministic=not train, use_running_average=not train,
-                    raise_if_not_found=False)
-    graphdef, params, constants = nnx.split(view, nnx.Param, ...)  # type: ignore[misc]
-
-    def call(p: Any, c: Any, x: Any) -> Any:
-        return _as_call(nnx.merge(graphdef, p, c), x)
-
-    return Prepared(call, params, constants, batched=True, form="flax.nnx")
-
-
-def _prepare_equinox(model: Any, train: bool) -> Prepared:
-    import equinox as eqx
-
-    model = eqx.nn.inference_mode(model, value=not train)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def call(p: Any, c: Any, x: Any) -> Any:
-        return _as_call(eqx.combine(p, static), x)
-
-    return Prepared(call, params, None, batched=False, form="equinox")
-
-
-def prepare(model: Any, train: bool) -> Prepared:
-    """Turn an accepted model form into a :class:`Prepared` pure function."""
-    form = model_form(model)
-    if form == "linen":
-        if isinstance(model, tuple):
-            return _prepare_linen(model[0], model[1], train)
-        if getattr(model, "scope", None) is None:
-            raise ModelError(
-                "expected a flax.linen module bound to its variables or a (module, variables) "
-                f"pair, got an unbound {type(model).__name__}"
-            )
-        module, variables = model.unbind()
-        return _prepare_linen(module, variables, train)
-    if form == "nnx":
-        return _prepare_nnx(model, train)
-    if form == "equinox":
-        return _prepare_equinox(model, train)
-    if form == "pair":
-        fn, params = model
-        owner = getattr(fn, "__self__", None)
-        linen_module = _linen_module_type()
-        if (linen_module is not None and isinstance(owner, linen_module)
-                and getattr(fn, "__name__", "") == "apply" and isinstance(params, Mapping)
-                and "params" in params):
-            return _prepare_linen(owner, params, train)
-
-        def call(p: Any, c: Any, x: Any) -> Any:
-            return _as_call(fn, x, p)
-
-        return Prepared(call, params, None, batched=True, form="(apply_fn, params)",
-                        identity=fn, train=train)
-    raise ModelError(
-        "expected (apply_fn, params), (flax.linen module, variables), a flax.nnx module or an "
-        f"equinox module, got {describe(model)}"
-    )
+if TYPE_CHECKING:
+    import jax
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def as_inputs(inputs: Any, dtype: Any, device: Any) -> Any:
+def as_inputs(inputs: Any, dtype: Any, device: jax.Device) -> Any:
     """Arrays (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
     jax = require("jax")
     if isinstance(inputs, Mapping):
@@ -253,7 +54,7 @@ def as_inputs(inputs: Any, dtype: Any, device: Any) -> Any:
     return jax.device_put(inputs, device)
 
 
-def cast_tree(tree: Any, dtype: Any, device: Any) -> Any:
+def cast_tree(tree: Any, dtype: Any, device: jax.Device) -> Any:
     """Real floating array leaves in ``dtype`` on ``device``; other leaves unchanged (a
     complex leaf keeps its dtype: casting it would drop its imaginary part, and a complex
     parameter is refused by :func:`flatten_params`)."""
@@ -278,20 +79,6 @@ def pad_batch(x: Any, size: int) -> Any:
         return a if missing <= 0 else jnp.concatenate([a, jnp.repeat(a[-1:], missing, axis=0)])
 
     return jax.tree_util.tree_map(pad, x)
-
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _is_array(value: Any) -> bool:
-    jax = require("jax")
-    return isinstance(value, (jax.Array, np.ndarray))
-
-
-def select_output(raw: Any, output: OutputSelector | None) -> Any:
-    """Pick one array out of a model's raw output (see :func:`cvcore.outputs.select_output`)."""
-    return outputs.select_output(raw, output, is_leaf=_is_array, noun="array")
 
 
 # --------------------------------------------------------------------------- device, dtype
@@ -320,7 +107,7 @@ def resolve_device(device: str | None) -> Any:
     return devices[i]
 
 
-def device_name(device: Any) -> str:
+def device_name(device: jax.Device) -> str:
     """``"cpu"`` or ``"<platform>:<index>"`` for a JAX device."""
     return "cpu" if device.platform == "cpu" else f"{device.platform}:{device.id}"
 
@@ -340,94 +127,48 @@ def x64_scope(enabled: bool) -> Iterator[None]:
         yield
 
 
-# --------------------------------------------------------------------------- kernel
-
-
-@dataclasses.dataclass
-class Leaves:
-    """The parameter tree as a flat list; ``trainable`` indexes its inexact leaves."""
-
-    values: list[Any]
-    treedef: Any
-    trainable: list[int]
-    paths: list[str]
-
-
-def is_inexact(value: Any) -> bool:
-    """Whether an array's dtype is floating or complex (PRNG key arrays are not)."""
-    import jax.numpy as jnp
-
-    return bool(jnp.issubdtype(value.dtype, jnp.inexact))
-
-
-_KEY = re.compile(r"\['([^']*)'\]|\[\"([^\"]*)\"\]|\[(-?\d+)\]|\.(\w+)")
-
-
-def tree_path(keystr: str) -> list[str]:
-    """The keys of a ``jax.tree_util.keystr`` path.
-
-    >>> tree_path("['params']['Dense_0']['kernel']"), tree_path(".layers[0].weight")
-    (['params', 'Dense_0', 'kernel'], ['layers', '0', 'weight'])
-    """
-    return [next(g for g in m.groups() if g is not None) for m in _KEY.finditer(keystr)]
-
-
-def dotted(keystr: str) -> str:
-    """A leaf's tree path with its keys joined by ``.``, as parameters are named in
-    messages and per-layer rows (``['l1']['kernel']`` → ``l1.kernel``).
-
-    >>> dotted(".layers[0].weight"), dotted("")
-    ('layers.0.weight', '<root>')
-    """
-    return ".".join(tree_path(keystr)) or "<root>"
-
-
-def flatten_params(params: Any) -> Leaves:
-    jax = require("jax")
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    values = [v for _, v in with_path]
-    paths = [jax.tree_util.keystr(p) for p, _ in with_path]
-    trainable = [i for i, v in enumerate(values) if isinstance(v, jax.Array) and is_inexact(v)]
-    if not trainable:
-        raise ModelError("expected a model with trainable parameters, got none (no inexact array leaves)")
-    for i in trainable:
-        if np.issubdtype(values[i].dtype, np.complexfloating):
-            raise ModelError(f"expected real floating-point parameters, got {values[i].dtype} "
-                             f"in {dotted(paths[i])!r}")
-        if not bool(jax.numpy.isfinite(values[i]).all()):
-            raise ModelError(f"expected finite weights, got NaN or Inf in parameter {paths[i] or '<root>'}")
-    return Leaves(values=values, treedef=treedef, trainable=trainable, paths=paths)
-
-
-def with_values(leaves: Any, index: Any, replaced: Any, values: Any) -> Any:
-    """The parameter pytree with ``values``, its leaves ``index`` replaced by ``replaced``."""
-    jax = require("jax")
-    full = list(values)
-    for k, i in enumerate(index):
-        full[i] = replaced[k]
-    return jax.tree_util.tree_unflatten(leaves.treedef, full)
-
-
-CACHE_SIZE = 8
-
-
-def cached(cache: collections.OrderedDict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
-    """``cache[key]``, made by ``make()`` when missing; the cache keeps the
-    :data:`CACHE_SIZE` most recently used entries (the JAX backend's compile caches)."""
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = make()
-        while len(cache) > CACHE_SIZE:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return hit
-
-
 @contextlib.contextmanager
-def scope(request: KernelRequest, device: Any) -> Iterator[None]:
+def scope(request: KernelRequest, device: jax.Device) -> Iterator[None]:
     """The request's dtype (``jax.enable_x64`` for float64, restored afterwards), its
     device, and ``jax.default_matmul_precision("highest")``: every measurement runs in it."""
     jax = require("jax")
     with x64_scope(request.dtype == "float64"), jax.default_device(device), \
             jax.default_matmul_precision("highest"):
         yield
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+    """A model and its inputs ready to measure: the prepared model and its leaves in the
+    request's dtype on its device, the inputs as arrays, ``N``, ``O``, the leaves' sizes."""
+
+    prep: Prepared
+    leaves: Leaves
+    x: Any
+    n: int
+    n_outputs: int
+    sizes: list[int]
+    #: the dtype (``jnp.float32`` / ``jnp.float64``) and the JAX device of the computation
+    dtype: Any = None
+    device: jax.Device | None = None
+
+
+def prepare(model: Any, inputs: Any, request: KernelRequest, device: jax.Device,
+            train: bool) -> Setup:
+    """Prepare the model and inputs for ``request`` (call inside :func:`scope`)."""
+    import jax.numpy as jnp
+
+    dtype = jnp.float64 if request.dtype == "float64" else jnp.float32
+    prep = prepare_model(model, train)
+    prep.params = cast_tree(prep.params, dtype, device)
+    prep.constants = cast_tree(prep.constants, dtype, device)
+    leaves = flatten_params(prep.params)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
+    require_samples(n)
+    n_outputs = probe_outputs(prep, leaves, x, request.output)
+    sizes = [int(leaves.values[i].size) for i in leaves.trainable]
+    return Setup(prep, leaves, x, n, n_outputs, sizes, dtype, device)

@@ -2,7 +2,7 @@
 
 The kernel is a sum over parameter leaves, ``K = Σ_p J_p J_pᵀ``, so each leaf can be
 measured its own way. The one-sample forward pass is traced to a jaxpr and every
-trainable leaf is followed through it (:func:`cvcore.backends.jax.rules.analyse`):
+trainable leaf is followed through it (:func:`cvcore.backends.jax.sites.analyse`):
 
 * a leaf whose every use is, after layout-only steps (reshape, transpose, dtype
   conversion, size-1 broadcasts), the weight operand of a ``dot_general`` (dense layers,
@@ -43,110 +43,32 @@ blocks) is used instead.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 from typing import Any
 
 import numpy as np
-from cvcore.backends.jax import setup
-from cvcore.backends.jax.jacobian import assemble
-from cvcore.backends.jax.jaxpr import Traced, evaluate, trace
-from cvcore.backends.jax.rules import Analysis, Site, activation, analyse
 
-from cvcore.blocking import dense_costs, plan_blocks
+from cvcore.blocking import plan_blocks
 from cvcore.data_io import batch_size, slice_inputs
 from cvcore.imports import require
 from cvcore.outputs import check_finite
 from cvcore.protocols import Implementation, KernelRequest
 
+from . import setup
+from .forms import Leaves, Prepared
+from .jacobian import assemble
+from .jaxpr import Traced, cached, evaluate, trace
+from .rules import (
+    Layout,
+    choose,
+    leaf_shape,
+    make_diag,
+    make_pair,
+)
+from .sites import activation, analyse
+
 
 # --------------------------------------------------------------------------- features
-@dataclasses.dataclass
-class Layout:
-    """The static shape of the computation: which leaf goes which way."""
-
-    sites: dict[int, list[Site]]  # leaf -> its sites, for leaves measured by a rule
-    rules: dict[int, str]  # leaf -> "pairs" or "jac"
-    direct: list[int]  # leaves differentiated directly
-    sizes: list[int]  # size of every trainable leaf
-    bias: dict[int, int] = dataclasses.field(default_factory=dict)  # ruled weight -> bias
-
-    @property
-    def perturbed(self) -> list[Site]:
-        return [s for leaf in self.rules for s in self.sites[leaf]]
-
-    def row_width(self) -> int:
-        """Parameters whose per-sample gradients are formed (direct and ``jac`` leaves,
-        with their biases)."""
-        jac = [i for i, r in self.rules.items() if r == "jac"]
-        return (sum(self.sizes[i] for i in self.direct) + sum(self.sizes[i] for i in jac)
-                + sum(self.sizes[self.bias[i]] for i in jac if i in self.bias))
-
-
-def _leaf_shape(sites: list[Site], bias: bool = False) -> tuple[int, int, int]:
-    """``(S, d_in, d_out)`` of a ruled leaf, its sites' positions concatenated; a folded
-    bias is one more input (a column of ones)."""
-    return sum(s.s_len for s in sites), sites[0].d_in + int(bias), sites[0].d_out
-
-
-def _diagonal_costs(n_outputs: int, s_len: int, d_in: int, d_out: int, size: int
-                    ) -> dict[str, float]:
-    """Per-sample multiply-adds of a leaf's share of ``‖J_io‖²``: by ``pairs`` (Gram
-    matrices over positions) and by forming the gradient (``jac``, as directly)."""
-    return {"pairs": float(s_len * s_len * (d_in + n_outputs * d_out + n_outputs)),
-            "jac": float(n_outputs * (s_len * d_in * d_out + size))}
-
-
-def choose(analysis: Analysis, sizes: list[int], n: int, n_outputs: int, traced: bool,
-           implementation: Implementation, force: str | None = None,
-           diagonal: bool = False, patches: bool = False) -> Layout:
-    """Decide per leaf: its rule (``pairs`` / ``jac``) or direct differentiation.
-
-    ``auto`` keeps a rule only where ``pairs`` costs fewer multiply-adds than the leaf's
-    Jacobian Gram; ``structured`` keeps every rule, choosing the cheaper of the two
-    exact rules (an embedding always uses ``pairs``). ``force`` (tests) imposes a rule.
-    ``diagonal``: the costs of the kernel's diagonal alone (:func:`_diagonal_costs`).
-    ``patches``: under ``auto``, a convolution whose ``pairs`` rule does not pay forms
-    its per-sample gradients from the input's patches (``jac``) rather than being
-    differentiated directly. A grouped convolution has no ``pairs`` rule (``force``
-    gives it ``jac``). Set on the CPU, where that measured 1.5–1.7× faster than
-    XLA's per-sample filter gradients (``benchmarks/run.py`` CNN, N = 64 and 256);
-    on a GPU the direct path is kept (PyTorch measured its patch rule slower there).
-    """
-    by_leaf: dict[int, list[Site]] = {}
-    for s in analysis.sites:
-        by_leaf.setdefault(s.leaf, []).append(s)
-    rules: dict[int, str] = {}
-    direct = set(analysis.direct)
-    for leaf, sites in by_leaf.items():
-        bias = analysis.bias.get(leaf)
-        s_len, d_in, d_out = _leaf_shape(sites, bias is not None)
-        size = sizes[leaf] + (0 if bias is None else sizes[bias])
-        if diagonal:
-            costs = _diagonal_costs(n_outputs, s_len, d_in, d_out, size)
-            gram = costs["jac"]
-        else:
-            costs = dense_costs(n, n, n_outputs, s_len, d_in, d_out, traced)
-            gram = float(n * n * n_outputs * size * (1 if traced else n_outputs))
-        embedding = sites[0].kind == "embedding"
-        if sites[0].groups > 1:  # grouped convolutions: the jac rule alone
-            costs["pairs"] = math.inf
-        if force is not None:
-            rules[leaf] = "pairs" if embedding else "jac" if sites[0].groups > 1 else force
-        elif implementation == Implementation.STRUCTURED:
-            rules[leaf] = "pairs" if embedding or costs["pairs"] < costs["jac"] else "jac"
-        elif costs["pairs"] < gram:
-            rules[leaf] = "pairs"
-        elif patches and sites[0].kind == "conv":
-            rules[leaf] = "jac"
-        else:
-            direct.add(leaf)
-            if bias is not None:
-                direct.add(bias)
-    return Layout({k: by_leaf[k] for k in rules}, rules, sorted(direct), sizes,
-                  {k: v for k, v in analysis.bias.items() if k in rules})
-
-
 def _leaf_features(layout: Layout, leaf: int, grads: dict[tuple[int, ...], Any],
                    record: dict[tuple[int, ...], Any], n_outputs: int) -> tuple[Any, Any]:
     """One sample's ``a`` ``(S, d_in)`` (ids ``(S,)``) and ``g`` ``(O, S, d_out)``; a
@@ -206,92 +128,6 @@ def make_features(layout: Layout, jaxpr: Any, n_outputs: int) -> Any:
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
 
 
-def _pairs_gram(f1: tuple[Any, Any], f2: tuple[Any, Any], embedding: bool, traced: bool,
-                chunk: int) -> Any:
-    """``Σ_{s,t} (a_is·a_jt)(g_ios·g_jpt)`` for a block pair, ``chunk`` positions of the
-    first block at a time: traced ``(b1, b2)`` (÷O), full ``(b1·O, b2·O)``."""
-    import jax.numpy as jnp
-    from jax import lax
-
-    (a1, g1), (a2, g2) = f1, f2
-    b1, n_out, s_len, d_out = g1.shape
-    b2, s2 = g2.shape[0], g2.shape[2]
-    hi = lax.Precision.HIGHEST
-
-    def inputs(rows: slice) -> Any:  # (b1, s, b2, S2)
-        if embedding:
-            i1 = a1[:, rows][:, :, None, None]
-            return ((i1 == a2[None, None]) & (i1 >= 0)).astype(g1.dtype)
-        return jnp.einsum("isd,jtd->isjt", a1[:, rows], a2, precision=hi)
-
-    if s_len == 1 and s2 == 1:
-        aa = inputs(slice(None)).reshape(b1, b2)
-        if traced:
-            return jnp.matmul(g1.reshape(b1, -1), g2.reshape(b2, -1).T, precision=hi) * aa / n_out
-        gg = jnp.matmul(g1.reshape(b1 * n_out, d_out), g2.reshape(b2 * n_out, d_out).T,
-                        precision=hi).reshape(b1, n_out, b2, n_out)
-        return (gg * aa[:, None, :, None]).reshape(b1 * n_out, b2 * n_out)
-    total = None
-    for s0 in range(0, s_len, chunk):
-        rows = slice(s0, min(s_len, s0 + chunk))
-        aa = inputs(rows)
-        if traced:
-            gg = jnp.einsum("iosk,jotk->isjt", g1[:, :, rows], g2, precision=hi)
-            part = jnp.einsum("isjt,isjt->ij", aa, gg, precision=hi) / n_out
-        else:
-            gg = jnp.einsum("iosk,jptk->iosjpt", g1[:, :, rows], g2, precision=hi)
-            part = jnp.einsum("iosjpt,isjt->iojp", gg, aa, precision=hi).reshape(
-                b1 * n_out, b2 * n_out)
-        total = part if total is None else total + part
-    return total
-
-
-def make_pair(layout: Layout, n_outputs: int, traced: bool, chunk: int) -> Any:
-    """A jitted ``pair(features_a, features_b)``: their kernel block."""
-    jax = require("jax")
-    import jax.numpy as jnp
-
-    embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
-
-    def pair(fa: Any, fb: Any) -> Any:
-        (ra, pa), (rb, pb) = fa, fb
-        b1, b2 = ra.shape[0], rb.shape[0]
-        if traced:
-            k = jnp.matmul(ra.reshape(b1, -1), rb.reshape(b2, -1).T,
-                           precision=jax.lax.Precision.HIGHEST) / n_outputs
-        else:
-            k = jnp.matmul(ra.reshape(b1 * n_outputs, -1), rb.reshape(b2 * n_outputs, -1).T,
-                           precision=jax.lax.Precision.HIGHEST)
-        for leaf in pa:
-            k = k + _pairs_gram(pa[leaf], pb[leaf], embedding[leaf], traced, chunk)
-        return k
-
-    return jax.jit(pair)
-
-
-def make_diag(layout: Layout) -> Any:
-    """A jitted ``diag(features)``: ``‖J_io‖²`` ``(b, O)`` of a block of samples."""
-    jax = require("jax")
-    import jax.numpy as jnp
-
-    embedding = {leaf: sites[0].kind == "embedding" for leaf, sites in layout.sites.items()}
-    hi = jax.lax.Precision.HIGHEST
-
-    def diag(f: Any) -> Any:
-        rows, pairs = f
-        d = jnp.sum(rows * rows, axis=2)
-        for leaf, (a, g) in pairs.items():
-            if embedding[leaf]:
-                aa = ((a[:, :, None] == a[:, None, :]) & (a[:, :, None] >= 0)).astype(g.dtype)
-            else:
-                aa = jnp.einsum("isd,itd->ist", a, a, precision=hi)
-            gg = jnp.einsum("iosk,iotk->iost", g, g, precision=hi)
-            d = d + jnp.einsum("iost,ist->io", gg, aa, precision=hi)
-        return d
-
-    return jax.jit(diag)
-
-
 # --------------------------------------------------------------------------- driver
 #: Jitted (features, pair) functions of recent models, so that measuring many checkpoints
 #: of one architecture compiles once. Keyed by the jaxpr's text (its structure, shapes and
@@ -305,7 +141,7 @@ def compiled(layout: Layout, jaxpr: Any, n_outputs: int, traced: bool, chunk: in
     from the cache when the same model structure was measured recently."""
     key = (str(jaxpr), tuple(sorted(layout.rules.items())), tuple(layout.direct),
            tuple(sorted(layout.bias.items())), n_outputs, traced, chunk, diagonal)
-    return setup.cached(_COMPILED, key, lambda: (
+    return cached(_COMPILED, key, lambda: (
         make_features(layout, jaxpr, n_outputs),
         make_diag(layout) if diagonal else make_pair(layout, n_outputs, traced, chunk)))
 
@@ -331,13 +167,13 @@ def _balanced(n: int, most: int) -> int:
 
 def _per_sample_bytes(layout: Layout, n_outputs: int, itemsize: int) -> int:
     feats = sum(s_len * d_in + n_outputs * s_len * d_out
-                for s_len, d_in, d_out in (_leaf_shape(layout.sites[leaf], leaf in layout.bias)
+                for s_len, d_in, d_out in (leaf_shape(layout.sites[leaf], leaf in layout.bias)
                                            for leaf, r in layout.rules.items() if r == "pairs"))
     # the formed rows, the features, and about as much again for jacrev's temporaries
     return 2 * itemsize * (n_outputs * layout.row_width() + feats)
 
 
-def _plan(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
+def _plan(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, n_outputs: int,
           traced: bool, force: str | None = None, diagonal: bool = False
           ) -> tuple[Layout, Traced, list[Any]] | None:
     """Trace, analyse and choose: ``(layout, traced, trainable values)``, or ``None`` in
@@ -375,14 +211,14 @@ def attempt(fn: Any, *args: Any) -> Any:
         return None
 
 
-def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int,
+def structured_kernel(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, n_outputs: int,
                       force: str | None = None) -> np.ndarray | None:
     """The kernel from per-layer rules, or ``None`` to use the Jacobian path.
 
     Args:
-        prep: the prepared model (:class:`cvcore.backends.jax.setup.Prepared`), its
+        prep: the prepared model (:class:`cvcore.backends.jax.forms.Prepared`), its
             parameters already in the request's dtype and on its device.
-        leaves: its flattened parameters (:func:`cvcore.backends.jax.setup.flatten_params`).
+        leaves: its flattened parameters (:func:`cvcore.backends.jax.forms.flatten_params`).
         x: the inputs, as arrays on the device.
         request: the :class:`cvcore.protocols.KernelRequest`.
         n_outputs: outputs per sample ``O``.
@@ -407,7 +243,7 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
     width = 1 if traced else n_outputs
     pair_limit = max(1, int(math.sqrt(budget / (6 * itemsize))) // width)
     size = _balanced(n, max(1, min(n, (budget // 2) // per_sample, pair_limit)))
-    s_max = max(_leaf_shape(layout.sites[leaf])[0] for leaf in layout.rules)
+    s_max = max(leaf_shape(layout.sites[leaf])[0] for leaf in layout.rules)
     per_position = size * size * s_max * (1 if traced else n_outputs * n_outputs + 1) * itemsize
     chunk = max(1, (budget // 4) // max(1, per_position))
     features, pair = compiled(layout, fn.jaxpr, n_outputs, traced, chunk)
@@ -432,7 +268,7 @@ def structured_kernel(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_
     return kernel
 
 
-def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
+def structured_diagonal(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest,
                         n_outputs: int) -> np.ndarray | None:
     """``‖J_io‖²`` as ``(N, O)`` NumPy from the per-layer rules, or ``None`` to use the
     per-sample Jacobians (train mode, no rule worth using, features over the budget).
@@ -460,7 +296,7 @@ def structured_diagonal(prep: Any, leaves: Any, x: Any, request: KernelRequest,
     return out
 
 
-def kernel_of(prep: Any, leaves: Any, x: Any, request: KernelRequest, n_outputs: int
+def kernel_of(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, n_outputs: int
               ) -> np.ndarray[Any, Any]:
     """The kernel over ``leaves.trainable``: by the layer rules when they apply (and
     ``implementation`` allows), else by the Jacobian path

@@ -5,11 +5,11 @@ backend's registry name is ``tensorflow``, as in ``--backend tensorflow``); impo
 imports neither TensorFlow, Keras, JAX nor torch. One job per module, the ground floor
 first:
 
-* ``setup``: model kinds, inputs, outputs, devices, the float64 scope;
-* ``recast``: a Keras model re-created in another dtype;
+* ``setup``: model kinds, inputs, outputs, devices, the float64 scope, a Keras model
+  re-created in another dtype, and ``prepare``, which gives a request's ``Setup``;
 * ``jacobian``: per-sample Jacobians (GradientTape, ``torch.func``) and the kernel;
 * ``module``: ``tf.Module`` and SavedModel engines;
-* ``structured``: Keras on JAX through the JAX backend's engines;
+* ``bridge``: Keras on JAX and on torch through the JAX and torch backends' engines;
 * ``diagonal``: ``K_ii`` without the kernel; ``layers``: each layer's kernel;
 * ``quiet``: TensorFlow's log noise silenced during a measurement;
 * ``backend``: :class:`KerasBackend`, which dispatches;

@@ -4,7 +4,7 @@ restored SavedModels.
 A Keras model is measured through ``model.stateless_call(trainable, non_trainable, x)``
 with the weights passed in as plain tensors, so the user's model is never modified. On
 the JAX Keras backend it is a JAX function and goes to the JAX backend, structured
-engine included (:mod:`cvcore.backends.keras.structured`); on TensorFlow and torch it is
+engine included (:mod:`cvcore.backends.keras.bridge`); on TensorFlow and torch it is
 differentiated with ``tf.GradientTape`` or ``torch.func.jacrev``
 (:mod:`cvcore.backends.keras.jacobian`). A ``tf.Module`` or a restored SavedModel is
 differentiated with ``tf.GradientTape`` with respect to its own trainable variables
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from typing import Any
 
 import numpy as np
@@ -91,14 +92,58 @@ class KerasBackend:
         )
 
 
-#: The protocol's name for it; ``TFBackend`` is the same class.
-TFBackend = KerasBackend
+    # -- the framework chores the core asks of a backend (cvcore.capabilities) -----------
+
+    def seed(self, seed: int) -> None:
+        """Seed TensorFlow's and Keras' generators (whichever is imported)."""
+        tf = sys.modules.get("tensorflow")
+        if tf is not None and hasattr(tf, "random"):
+            tf.random.set_seed(seed)
+        keras = sys.modules.get("keras")
+        if keras is not None and hasattr(keras, "utils") and hasattr(keras.utils,
+                                                                      "set_random_seed"):
+            keras.utils.set_random_seed(seed)
+
+    def count_parameters(self, model: Any) -> int | None:
+        """Trainable scalars: a Keras-on-torch model's ``parameters()``, else
+        ``trainable_weights``."""
+        params = getattr(model, "parameters", None)
+        if callable(params):
+            try:
+                return int(sum(int(p.numel()) for p in params()
+                               if getattr(p, "requires_grad", True)))
+            except Exception:  # noqa: BLE001 - not a torch module after all
+                return None
+        weights = getattr(model, "trainable_weights", None)
+        if weights is not None:
+            return int(sum(int(np.prod(w.shape)) for w in weights))
+        return None
+
+    def take(self, inputs: Any, index: np.ndarray[Any, Any]) -> Any:
+        """Rows ``index`` of a tensor (``tf.gather`` for a TensorFlow tensor)."""
+        tf = sys.modules.get("tensorflow")
+        if tf is not None and isinstance(inputs, tf.Tensor):
+            return tf.gather(inputs, index)
+        return inputs[index]
+
+    def as_array(self, values: np.ndarray[Any, Any], like: Any) -> Any:
+        """``values`` as an array of ``like``'s framework (TensorFlow, or torch / JAX
+        under Keras on those), dtype and device."""
+        module = type(like).__module__.split(".")[0]
+        if module == "torch":
+            return sys.modules["torch"].as_tensor(values, dtype=like.dtype, device=like.device)
+        if module in ("jax", "jaxlib"):
+            return sys.modules["jax.numpy"].asarray(values, dtype=like.dtype)
+        if module in ("tensorflow", "keras"):
+            return sys.modules["tensorflow"].constant(values, dtype=like.dtype)
+        return np.asarray(values, dtype=getattr(like, "dtype", np.float64))
+
 
 
 def _on_jax(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any:
     """A Keras-on-JAX model measured by the JAX backend, as ``(apply_fn, theta)``."""
     from cvcore.backends.jax.backend import JaxBackend
-    from cvcore.backends.keras.structured import jax_pair
+    from cvcore.backends.keras.bridge import jax_pair
 
     pair = jax_pair(model, x, request)
     if diagonal:
@@ -123,8 +168,8 @@ def _torch_structured(model: Any, request: KernelRequest) -> bool:
 def _on_torch(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any:
     """A Keras-on-torch model measured by the torch backend (structured engine, row
     checks, Jacobian path for the weights without a rule), as a module of its weights."""
+    from cvcore.backends.keras.bridge import torch_module
     from cvcore.backends.keras.setup import keras_device
-    from cvcore.backends.keras.structured import torch_module
     from cvcore.backends.torch.backend import TorchBackend
 
     module = torch_module(model, x, request)

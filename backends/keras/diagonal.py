@@ -14,12 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from cvcore.backends.keras.jacobian import Engine
 
 from cvcore.blocking import plan_blocks
 from cvcore.data_io import slice_inputs
 from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
+
+from .jacobian import Engine
 
 
 def diagonal_of(engine: Engine, x: Any, request: KernelRequest, n: int,

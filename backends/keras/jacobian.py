@@ -6,8 +6,9 @@ the kernel summed from them block by block.
   calls on the same model (:data:`TF_FUNCTIONS`);
 * torch: ``torch.func.vmap(jacrev(f))`` on ``model.stateless_call``.
 
-Keras on JAX does not come here: :mod:`cvcore.backends.keras.structured` hands it to the
-JAX backend. :func:`stateless` (the model as a function of its weights) serves both.
+Keras on JAX does not come here: :mod:`cvcore.backends.keras.bridge` hands it to the
+JAX backend. :func:`cvcore.backends.keras.setup.prepare` (the model as a function of its
+weights, a :class:`cvcore.backends.keras.setup.Setup`) serves both.
 """
 
 from __future__ import annotations
@@ -18,21 +19,19 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from cvcore.backends.keras.recast import check_weights, needs_recast, recast
-from cvcore.backends.keras.setup import (
-    check_real,
-    input_error,
-    keras_device,
-    map_inputs,
-    select_output,
-)
 
 from cvcore.blocking import Plan
 from cvcore.data_io import batch_size, slice_inputs
-from cvcore.errors import ModelError
 from cvcore.imports import require
 from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest
+
+from .setup import (
+    Setup,
+    input_error,
+    prepare,
+    select_output,
+)
 
 
 @dataclasses.dataclass
@@ -97,81 +96,11 @@ def _group(plan: Plan, members: tuple[int, ...]) -> Any:
     return next(g for g in plan.groups if g.members == members)
 
 
-def keras_call_inputs(x: Any) -> Any:
-    """Keras takes several inputs as a list."""
-    return list(x) if isinstance(x, tuple) else x
-
-
-@dataclasses.dataclass
-class Stateless:
-    """A Keras model as a function of its weights: ``call(theta, batch)`` is the raw output
-    of ``stateless_call`` with the trainable weights ``theta`` (non-trainable ones fixed).
-
-    Attributes:
-        call: ``call(theta, batch, fixed=None)``, batch as native tensors; ``fixed``
-            replaces the non-trainable weights.
-        theta: the trainable weights, cast to the request's dtype, in model order.
-        fixed: the non-trainable weights, cast likewise.
-        paths: the trainable variables' paths, for messages.
-        device: the Keras device string the computation runs on.
-        to_native: turns a NumPy batch into the Keras backend's tensors.
-        runner: the model that runs: the user's, or a copy recast to the dtype.
-        recast: whether ``runner`` is such a copy.
-    """
-
-    call: Callable[..., Any]
-    theta: list[Any]
-    fixed: list[Any]
-    paths: list[str]
-    device: str
-    to_native: Callable[[Any], Any]
-    runner: Any
-    recast: bool
-
-
-def stateless(model: Any, x: Any, request: KernelRequest, backend: str) -> Stateless:
-    """``model`` ready for ``stateless_call`` in the request's dtype and on its device (a
-    recast copy when the model's own dtype differs; the user's model is untouched)."""
-    keras = require("keras", "tensorflow")
-    ops = keras.ops
-    dtype = request.dtype
-    device = keras_device(request.device, backend)
-    trainable = list(model.trainable_variables)
-    if not trainable:
-        raise ModelError("expected a model with trainable variables, got none "
-                         "(all frozen, or the model is not built)")
-    check_real([str(v.path) for v in trainable], [v.dtype for v in trainable])
-    with keras.device(device):
-        def to_native(batch: Any) -> Any:
-            return map_inputs(lambda a: ops.convert_to_tensor(a, dtype=str(a.dtype)), batch)
-
-        runner = model
-        if needs_recast(model, dtype):
-            runner = recast(model, keras_call_inputs(to_native(slice_inputs(x, 0, 1))), dtype)
-
-        def cast(v: Any) -> Any:
-            value = ops.convert_to_tensor(v.value)
-            return ops.cast(value, dtype) if keras.backend.is_float_dtype(v.dtype) else value
-
-        theta = [cast(v) for v in trainable]
-        fixed = [cast(v) for v in model.non_trainable_variables]
-    paths = [v.path for v in trainable]
-    check_weights(paths, theta)
-
-    def call(params: list[Any], batch: Any, constants: list[Any] | None = None) -> Any:
-        raw, _ = runner.stateless_call(list(params), fixed if constants is None else list(constants),
-                                       keras_call_inputs(batch), training=request.train)
-        return raw
-
-    return Stateless(call=call, theta=theta, fixed=fixed, paths=paths, device=device,
-                     to_native=to_native, runner=runner, recast=runner is not model)
-
-
 def keras_engine(model: Any, x: Any, request: KernelRequest, backend: str) -> Engine:
     """An engine for a Keras 3 model on the TensorFlow or torch Keras backend."""
     keras = require("keras", "tensorflow")
     ops = keras.ops
-    s = stateless(model, x, request, backend)
+    s = prepare(model, x, request, backend)
     device, theta = s.device, s.theta
 
     def apply(params: list[Any], batch: Any, constants: list[Any] | None = None) -> Any:
@@ -243,7 +172,7 @@ TF_VECTORIZE = "auto"
 def has_convolution(model: Any) -> bool:
     """Whether a Keras model holds a convolution layer (``Conv*``, ``DepthwiseConv*``,
     ``SeparableConv*``, transposed ones)."""
-    from cvcore.backends.keras.recast import layers_of
+    from .setup import layers_of
 
     return any("Conv" in type(layer).__name__ for layer in layers_of(model))
 
@@ -330,7 +259,7 @@ TF_FUNCTIONS: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 TF_FUNCTIONS_SIZE = 4
 
 
-def _functions_for(s: Stateless, request: KernelRequest, strategy: str
+def _functions_for(s: Setup, request: KernelRequest, strategy: str
                    ) -> dict[tuple[int, ...], Any] | None:
     """The cache of traced functions for this model and request; ``None`` (no reuse) for a
     recast copy, which is new in every call.
@@ -353,7 +282,7 @@ def _functions_for(s: Stateless, request: KernelRequest, strategy: str
     return TF_FUNCTIONS[key][2]
 
 
-def _tf_jacobian(s: Stateless, apply: Callable[..., Any], request: KernelRequest,
+def _tf_jacobian(s: Setup, apply: Callable[..., Any], request: KernelRequest,
                  model: Any) -> Callable[[tuple[int, ...], Any], Any]:
     """GradientTape Jacobians of a Keras model's stateless call (TensorFlow backend), the
     weights passed to the traced functions as arguments so that later calls on the same

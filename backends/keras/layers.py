@@ -17,14 +17,6 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-from cvcore.backends.keras.jacobian import assemble, keras_engine
-from cvcore.backends.keras.setup import (
-    as_inputs,
-    is_keras_layer,
-    is_tf_trackable,
-    keras_backend_name,
-    keras_float64,
-)
 
 from cvcore.blocking import plan_blocks
 from cvcore.data_io import batch_size, require_samples, slice_inputs
@@ -32,8 +24,17 @@ from cvcore.errors import ModelError
 from cvcore.imports import require
 from cvcore.protocols import KernelRequest, LayerKernel, LayerKernels, layer_of
 
+from .jacobian import Engine, assemble, keras_engine
+from .setup import (
+    as_inputs,
+    is_keras_layer,
+    is_tf_trackable,
+    keras_backend_name,
+    keras_float64,
+)
 
-def _layer_engine(engine: Any, members: list[int]) -> Any:
+
+def _layer_engine(engine: Engine, members: list[int]) -> Engine:
     """The engine seen through a layer: groups index that layer's variables."""
     return dataclasses.replace(
         engine, sizes=[engine.sizes[i] for i in members],
@@ -55,10 +56,10 @@ def _variable_names(model: Any, kind: str) -> list[str]:
     Keras variable's ``path``; a ``tf.Module``'s attribute path (its variables' own
     names, ``w:0``, say nothing of where they sit)."""
     if kind == "tf.Module":
-        from cvcore.backends.keras.module import trainable_variables
+        from .module import trainable_variables
 
-        paths = _module_paths(model)
-        return [paths.get(id(v), name.split(":")[0].replace(".", "/"))
+        by_id = _module_paths(model)
+        return [by_id.get(id(v), name.split(":")[0].replace(".", "/"))
                 for name, v in trainable_variables(model)]
     paths = [str(v.path) for v in model.trainable_variables]
     prefix = f"{model.name}/"
@@ -86,7 +87,7 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
         if kind == "jax":
             return _on_jax(model, x, request)
         if kind == "tf.Module":
-            from cvcore.backends.keras.module import module_engine
+            from .module import module_engine
 
             engine = module_engine(model, request)
         else:
@@ -117,8 +118,8 @@ def _groups(names: list[str]) -> dict[str, list[int]]:
 def _on_jax(model: Any, x: Any, request: KernelRequest) -> LayerKernels:
     """Keras on JAX: the JAX backend's per-layer kernels of ``(apply_fn, theta)``, with
     ``theta`` a dict of per-layer lists so that its tree paths are the layer names."""
-    from cvcore.backends.jax.backend import JaxBackend
-    from cvcore.backends.keras.structured import jax_pair
+    from ..jax.backend import JaxBackend
+    from .bridge import jax_pair
 
     apply_fn, theta = jax_pair(model, x, request)
     groups = _groups(_variable_names(model, "jax"))

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cvcore.backends.keras.graph_check import check_saved_model
-
 from cvcore.data_io import ZIP_MAGIC
 from cvcore.errors import InputError, UntrustedFileError
-from cvcore.factory import resolve_factory
 from cvcore.imports import require
+from cvcore.model_factory import resolve_factory
 from cvcore.protocols import LoadedModel, LoadOptions
+
+from .graph_check import check_saved_model
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 #: Members every Keras 3 ``.keras`` archive has.

@@ -8,19 +8,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from cvcore.backends.keras.jacobian import Engine, tape_jacobian, tf_glue, tf_strategy
-from cvcore.backends.keras.recast import check_weights
-from cvcore.backends.keras.setup import (
+
+from cvcore.errors import InputError, ModelError
+from cvcore.imports import require
+from cvcore.protocols import KernelRequest
+
+from .jacobian import Engine, tape_jacobian, tf_glue, tf_strategy
+from .setup import (
     check_real,
+    check_weights,
     input_error,
     keras_device,
     map_inputs,
     select_output,
 )
-
-from cvcore.errors import InputError, ModelError
-from cvcore.imports import require
-from cvcore.protocols import KernelRequest
 
 
 def trainable_variables(obj: Any) -> list[tuple[str, Any]]:

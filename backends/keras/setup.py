@@ -1,5 +1,8 @@
 """The ground of the Keras / TensorFlow backend: the frameworks, what a model is, inputs,
-outputs, devices and the float64 scope.
+outputs, devices, the float64 scope, a model recast to another dtype (a fresh copy
+re-created from its config with every floating dtype policy set to the requested one; the
+user's model is untouched), and :func:`prepare`, which makes a Keras model a
+:class:`Setup`: a function of its weights in the request's dtype on its device.
 
 Importing this module imports neither TensorFlow, Keras, JAX nor torch.
 """
@@ -7,16 +10,19 @@ Importing this module imports neither TensorFlow, Keras, JAX nor torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from cvcore import outputs
+from cvcore.data_io import slice_inputs
 from cvcore.errors import InputError, ModelError, describe
 from cvcore.imports import require
-from cvcore.protocols import OutputSelector
+from cvcore.protocols import KernelRequest, OutputSelector
 
 
 def is_keras_layer(model: object) -> bool:
@@ -214,3 +220,181 @@ def keras_float64(backend: str, wanted: bool) -> Iterator[None]:
         table["float64"] = saved
 
 
+# --------------------------------------------------------------------------- recast
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64", "mixed_float16", "mixed_bfloat16")
+
+
+def _set_dtype(config: Any, dtype: str) -> Any:
+    """A serialized Keras config with every floating dtype / dtype policy set to ``dtype``."""
+    if isinstance(config, list):
+        return [_set_dtype(v, dtype) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {}
+    for key, value in config.items():
+        if key == "dtype" and isinstance(value, str) and value in _FLOAT_DTYPES:
+            value = dtype
+        elif key == "dtype" and isinstance(value, dict) and str(
+                value.get("class_name", "")).endswith("DTypePolicy"):
+            value = {"module": "keras", "class_name": "DTypePolicy",
+                     "config": {"name": dtype}, "registered_name": None}
+        else:
+            value = _set_dtype(value, dtype)
+        out[key] = value
+    return out
+
+
+def layers_of(model: Any) -> list[Any]:
+    """The model and every layer inside it."""
+    flatten = getattr(model, "_flatten_layers", None)
+    return list(flatten(include_self=True)) if flatten is not None else [model]
+
+
+def needs_recast(model: Any, dtype: str) -> bool:
+    """Whether the model computes or stores its floating weights in another dtype."""
+    keras = require("keras", "tensorflow")
+    for var in model.weights:
+        if keras.backend.is_float_dtype(var.dtype) and keras.backend.standardize_dtype(
+                var.dtype) != dtype:
+            return True
+    return any(getattr(layer, "compute_dtype", dtype) != dtype for layer in layers_of(model))
+
+
+def recast(model: Any, first: Any, dtype: str) -> Any:
+    """A fresh copy of ``model`` built in ``dtype`` from its config (the user's model is
+    untouched); its weights are never used, only its variables' order and shapes."""
+    keras = require("keras", "tensorflow")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns about serializing a lambda
+            config = _set_dtype(keras.saving.serialize_keras_object(model), dtype)
+    except Exception as exc:  # noqa: BLE001 - no get_config: one line
+        raise _recast_error(model, dtype, exc) from None
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)  # sub-layers built without an explicit dtype
+    try:
+        clone = _deserialize(keras, config)
+        if not clone.built:
+            clone(first)
+    except Exception as exc:  # noqa: BLE001 - any failure to rebuild: one line
+        raise _recast_error(model, dtype, exc) from None
+    finally:
+        keras.config.set_dtype_policy(previous)
+    ours = [tuple(v.shape) for v in model.trainable_variables + model.non_trainable_variables]
+    theirs = [tuple(v.shape) for v in clone.trainable_variables + clone.non_trainable_variables]
+    if ours != theirs:
+        raise ModelError(
+            f"expected a {dtype} copy of the model with the same variables, got shapes "
+            f"{theirs[:6]} instead of {ours[:6]}; build the model with dtype='{dtype}'"
+        )
+    return clone
+
+
+def _deserialize(keras: Any, config: Any) -> Any:
+    """Re-create a model from the config just taken from the live object.
+
+    ``safe_mode=True`` unless the config holds a Python ``lambda`` (an ``Activation`` or
+    ``Lambda`` layer): that bytecode was marshalled from the user's own function a moment
+    ago, in this process, and is re-created with ``safe_mode=False``. No file is involved:
+    a model loaded from a file without ``--trust`` never has such a function (the loaders
+    refuse it).
+    """
+    return keras.saving.deserialize_keras_object(config, safe_mode=not _has_lambda(config))
+
+
+def _has_lambda(config: Any) -> bool:
+    if isinstance(config, list):
+        return any(_has_lambda(v) for v in config)
+    if isinstance(config, dict):
+        return config.get("class_name") == "__lambda__" or any(
+            _has_lambda(v) for v in config.values())
+    return False
+
+
+def _recast_error(model: Any, dtype: str, exc: BaseException) -> ModelError:
+    return ModelError(
+        f"expected a Keras model that can be re-created in {dtype} from its config, got "
+        f"{type(model).__name__} ({_first_line(exc)}); build it with dtype='{dtype}' or "
+        f"measure with its own dtype"
+    )
+
+
+def check_weights(names: list[str], values: list[Any]) -> None:
+    for name, value in zip(names, values):
+        if not np.isfinite(to_numpy(value)).all():
+            raise ModelError(f"expected finite weights, got NaN or Inf in variable {name!r}")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def keras_call_inputs(x: Any) -> Any:
+    """Keras takes several inputs as a list."""
+    return list(x) if isinstance(x, tuple) else x
+
+
+@dataclasses.dataclass
+class Setup:
+    """A Keras model ready to measure (what :func:`prepare` returns), as a function of its
+    weights: ``call(theta, batch)`` is the raw output
+    of ``stateless_call`` with the trainable weights ``theta`` (non-trainable ones fixed).
+
+    Attributes:
+        call: ``call(theta, batch, fixed=None)``, batch as native tensors; ``fixed``
+            replaces the non-trainable weights.
+        theta: the trainable weights, cast to the request's dtype, in model order.
+        fixed: the non-trainable weights, cast likewise.
+        paths: the trainable variables' paths, for messages.
+        device: the Keras device string the computation runs on.
+        to_native: turns a NumPy batch into the Keras backend's tensors.
+        runner: the model that runs: the user's, or a copy recast to the dtype.
+        recast: whether ``runner`` is such a copy.
+    """
+
+    call: Callable[..., Any]
+    theta: list[Any]
+    fixed: list[Any]
+    paths: list[str]
+    device: str
+    to_native: Callable[[Any], Any]
+    runner: Any
+    recast: bool
+
+
+def prepare(model: Any, x: Any, request: KernelRequest, backend: str) -> Setup:
+    """``model`` ready for ``stateless_call`` in the request's dtype and on its device (a
+    recast copy when the model's own dtype differs; the user's model is untouched)."""
+    keras = require("keras", "tensorflow")
+    ops = keras.ops
+    dtype = request.dtype
+    device = keras_device(request.device, backend)
+    trainable = list(model.trainable_variables)
+    if not trainable:
+        raise ModelError("expected a model with trainable variables, got none "
+                         "(all frozen, or the model is not built)")
+    check_real([str(v.path) for v in trainable], [v.dtype for v in trainable])
+    with keras.device(device):
+        def to_native(batch: Any) -> Any:
+            return map_inputs(lambda a: ops.convert_to_tensor(a, dtype=str(a.dtype)), batch)
+
+        runner = model
+        if needs_recast(model, dtype):
+            runner = recast(model, keras_call_inputs(to_native(slice_inputs(x, 0, 1))), dtype)
+
+        def cast(v: Any) -> Any:
+            value = ops.convert_to_tensor(v.value)
+            return ops.cast(value, dtype) if keras.backend.is_float_dtype(v.dtype) else value
+
+        theta = [cast(v) for v in trainable]
+        fixed = [cast(v) for v in model.non_trainable_variables]
+    paths = [v.path for v in trainable]
+    check_weights(paths, theta)
+
+    def call(params: list[Any], batch: Any, constants: list[Any] | None = None) -> Any:
+        raw, _ = runner.stateless_call(list(params), fixed if constants is None else list(constants),
+                                       keras_call_inputs(batch), training=request.train)
+        return raw
+
+    return Setup(call=call, theta=theta, fixed=fixed, paths=paths, device=device,
+                     to_native=to_native, runner=runner, recast=runner is not model)

@@ -5,9 +5,8 @@ This package's ``__init__`` holds the plugin's hooks (the ``torch`` entry point)
 it does not import torch. One job per module, the ground floor first:
 
 * ``setup``: devices, dtypes, inputs (``as_inputs``), the prepared model, ``forward`` and
-  ``probe``;
-* ``jacobian``: per-sample Jacobians (``torch.func``), ``prepare_request`` and the kernel
-  assembled from them;
+  ``probe``; ``prepare`` gives a request's ``Setup`` (model, inputs, ``N``, ``O``);
+* ``jacobian``: per-sample Jacobians (``torch.func``) and the kernel assembled from them;
 * ``capture``: the ``TorchFunctionMode`` recording the layer uses; ``attention``:
   ``nn.MultiheadAttention`` as recorded projections; ``rules``: the layer identities;
   ``rowcheck``: the checks that a recorded row is one sample's;

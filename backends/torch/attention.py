@@ -9,9 +9,13 @@ rule. Any other configuration is left to the Jacobian path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cvcore.backends.torch.setup import bind_arguments
+from .setup import bind_arguments
+
+if TYPE_CHECKING:
+    import torch
+
 
 _NAMES = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
           "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
@@ -34,7 +38,7 @@ def _supported(b: dict[str, Any], n: int) -> bool:
             and not (b["is_causal"] and b["attn_mask"] is None))
 
 
-def _additive(mask: Any, dtype: Any) -> Any:
+def _additive(mask: Any, dtype: torch.dtype) -> Any:
     import torch
 
     if mask is None or mask.is_floating_point():
@@ -42,7 +46,7 @@ def _additive(mask: Any, dtype: Any) -> Any:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
-def _merged_mask(b: dict[str, Any], n: int, heads: int, length: int, dtype: Any) -> Any:
+def _merged_mask(b: dict[str, Any], n: int, heads: int, length: int, dtype: torch.dtype) -> Any:
     mask = _additive(b["attn_mask"], dtype)
     if mask is not None and mask.dim() == 3:
         mask = mask.reshape(n, heads, length, -1)

@@ -9,23 +9,25 @@ torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from cvcore.backends.torch.jacobian import (
-    JacobianFn,
     assemble,
+    choose_jacobian,
     functional_jacobian,
-    prepare_request,
 )
 from cvcore.backends.torch.setup import (
-    Prepared,
+    Setup,
     full_precision,
     home_device,
     is_scripted,
+    prepare,
     resolve_device,
     training_mode,
 )
@@ -33,6 +35,7 @@ from cvcore.backends.torch.setup import (
 from cvcore.blocking import plan_blocks
 from cvcore.errors import InputError
 from cvcore.imports import require
+from cvcore.memory import ensure_fits
 from cvcore.protocols import (
     Implementation,
     KernelOperator,
@@ -81,7 +84,10 @@ class TorchBackend:
 
     def _ntk(self, model: Any, inputs: Any, request: KernelRequest, device: str) -> KernelResult:
         torch = require("torch")
-        prep, x, n, n_outputs, jac, dtype = prepare_request(model, inputs, request, device)
+        s = prepare(model, inputs, request, device)
+        ensure_fits(s.n, s.n_outputs, request.kernel, s.itemsize)
+        prep, x, n, n_outputs, dtype = s.prep, s.x, s.n, s.n_outputs, s.dtype
+        jac = choose_jacobian(prep)
         plan = plan_blocks(n_samples=n, n_outputs=n_outputs,
                            group_sizes=[int(p.numel()) for p in prep.params.values()],
                            itemsize=torch.finfo(dtype).bits // 8, budget=request.memory_budget)
@@ -120,6 +126,61 @@ class TorchBackend:
         return kernel_operator(model, inputs, request)
 
     def setup(self, model: Any, inputs: Any, request: KernelRequest, device: str
-              ) -> tuple[Prepared, Any, int, int, JacobianFn, Any]:
-        """The prepared model, inputs, ``N``, ``O``, the Jacobian function and the dtype."""
-        return prepare_request(model, inputs, request, device)
+              ) -> Setup:
+        """The prepared model, inputs, ``N``, ``O``, dtype and device (a :class:`Setup`)."""
+        return prepare(model, inputs, request, device)
+
+    # -- the framework chores the core asks of a backend (cvcore.capabilities) -----------
+
+    def seed(self, seed: int) -> None:
+        """Seed torch's generators (CPU and CUDA): dropout under ``train=True``."""
+        torch = sys.modules.get("torch")
+        if torch is not None and hasattr(torch, "manual_seed"):
+            torch.manual_seed(seed)
+
+    @contextlib.contextmanager
+    def guard(self, model: Any) -> Iterator[None]:
+        """Run the body with gradients enabled and put back torch's CPU and (initialised)
+        CUDA generators (``torch.random.fork_rng``), grad mode, every submodule's
+        train/eval flag and every parameter's ``.grad`` and ``requires_grad``."""
+        import torch
+
+        cuda = torch.cuda
+        devices = list(range(cuda.device_count())) if cuda.is_initialized() else []
+        modules: list[tuple[Any, bool]] = []
+        params: list[tuple[Any, Any, bool]] = []
+        if isinstance(model, torch.nn.Module):
+            modules = [(m, m.training) for m in model.modules()]
+            params = [(p, p.grad, p.requires_grad) for p in model.parameters()]
+        with torch.random.fork_rng(devices=devices):
+            try:
+                with torch.enable_grad():
+                    yield
+            finally:
+                for m, flag in modules:
+                    m.training = flag
+                for p, grad, flag in params:
+                    if p.requires_grad != flag:
+                        p.requires_grad_(flag)
+                    if p.grad is not grad:
+                        p.grad = grad
+
+    def count_parameters(self, model: Any) -> int | None:
+        """Trainable scalars of a module (``parameters()`` with ``requires_grad``)."""
+        params = getattr(model, "parameters", None)
+        if not callable(params):
+            return None
+        try:
+            return int(sum(int(p.numel()) for p in params() if getattr(p, "requires_grad", True)))
+        except Exception:  # noqa: BLE001 - not a torch module after all
+            return None
+
+    def take(self, inputs: Any, index: np.ndarray[Any, Any]) -> Any:
+        """Rows ``index`` of a tensor."""
+        return inputs[index.tolist()]
+
+    def as_array(self, values: np.ndarray[Any, Any], like: Any) -> Any:
+        """``values`` as a tensor of ``like``'s dtype and device."""
+        import torch
+
+        return torch.as_tensor(values, dtype=like.dtype, device=like.device)

@@ -34,7 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cvcore.backends.torch.setup import bind_arguments, fcall, select_output
+from cvcore.protocols import OutputSelector
+
+from .setup import Prepared, bind_arguments, fcall, select_output
 
 #: Tensor methods and properties that only read metadata: a parameter may appear in them.
 _METADATA = frozenset({
@@ -91,7 +93,7 @@ class Capture:
     views: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
 
 
-class Recorder:
+class UseRecorder:
     """A torch function mode that fills a :class:`Capture` (built by :func:`recorder`)."""
 
     def __init__(self, ids: dict[int, str], n: int) -> None:
@@ -155,8 +157,9 @@ class Recorder:
 def recorder(ids: dict[int, str], n: int) -> Any:
     """A fresh torch function mode recording uses of the parameters in ``ids``."""
     import torch
-    from cvcore.backends.torch.views import SCALED_OK, view_rules
     from torch.overrides import TorchFunctionMode
+
+    from .views import SCALED_OK, view_rules
 
     rules = _rules()
     rules.update(view_rules())
@@ -164,7 +167,7 @@ def recorder(ids: dict[int, str], n: int) -> Any:
     class _Mode(TorchFunctionMode):
         def __init__(self) -> None:
             super().__init__()
-            self.rec = Recorder(ids, n)
+            self.rec = UseRecorder(ids, n)
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (),
                                kwargs: Any = None) -> Any:
@@ -196,9 +199,10 @@ def _is_metadata(func: Any) -> bool:
 def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
     import torch
     import torch.nn.functional as F
-    from cvcore.backends.torch.matmul import addmm, matmul
-    from cvcore.backends.torch.norms import batch_norm, group_norm, layer_norm, rms_norm
-    from cvcore.backends.torch.views import add, mul
+
+    from .matmul import addmm, matmul
+    from .norms import batch_norm, group_norm, layer_norm, rms_norm
+    from .views import add, mul
 
     table: dict[Any, Callable[..., tuple[bool, Any]]] = {
         F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.embedding: _embedding,
@@ -220,13 +224,13 @@ def _rules() -> dict[Any, Callable[..., tuple[bool, Any]]]:
 _NOT_MINE = (False, None)
 
 
-def _bias_use(rec: Recorder, bias: Any, z: Any, reduce_dims: Callable[[Any], Any]) -> None:
+def _bias_use(rec: UseRecorder, bias: Any, z: Any, reduce_dims: Callable[[Any], Any]) -> None:
     name = rec.param(bias)
     if name is not None:
         rec.add(name, "direct", z, None, reduce_dims)
 
 
-def linear_record(rec: Recorder, x: Any, weight: Any, bias: Any) -> Any:
+def linear_record(rec: UseRecorder, x: Any, weight: Any, bias: Any) -> Any:
     """``F.linear`` with recording (also used by the attention decomposition)."""
     import torch.nn.functional as F
 
@@ -240,7 +244,7 @@ def linear_record(rec: Recorder, x: Any, weight: Any, bias: Any) -> Any:
     n, d_in, d_out = rec.n, int(weight.shape[1]), int(weight.shape[0])
     if w_name is not None:
         a = x.detach().reshape(n, -1, d_in)
-        also = ()
+        also: tuple[str, ...] = ()
         if b_name is not None:  # fold the bias in: [W b] acting on [a 1]
             a, also = _with_ones(a), (b_name,)
         rec.add(w_name, "dense", out, a, lambda g: g.reshape(g.shape[0], g.shape[1], -1, d_out),
@@ -256,14 +260,14 @@ def _with_ones(a: Any) -> Any:
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
 
-def _linear(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+def _linear(rec: UseRecorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     b = bind_arguments(args, kwargs, ("input", "weight", "bias"), {"bias": None})
     if rec.param(b["input"]) is not None:
         return _NOT_MINE
     return True, linear_record(rec, b["input"], b["weight"], b["bias"])
 
 
-def _conv(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+def _conv(rec: UseRecorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     import torch.nn.functional as F
 
     b = bind_arguments(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
@@ -284,7 +288,7 @@ def _conv(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
         b_name = rec.param(bias)
         for j in range(groups):
             a = cols[:, j * per_group:(j + 1) * per_group].transpose(1, 2)
-            also = ()
+            also: tuple[str, ...] = ()
             if b_name is not None:
                 a, also = _with_ones(a), (b_name,)
             rec.add(w_name, "dense", out, a, _conv_g(rows, j), block=j, also=also)
@@ -322,6 +326,7 @@ def _unfold(x: Any, kernel: tuple[int, ...], stride: Any, padding: Any, dilation
     flat = [v for pair in reversed(pads) for v in pair]
     if any(flat):
         x = F.pad(x, flat)
+    st: tuple[int, ...]
     if spatial == 1:
         x = x.unsqueeze(2)
         kernel, dil, st = (1, kernel[0]), (1, dil[0]), (1, _tuple(stride, 1)[0])
@@ -330,7 +335,7 @@ def _unfold(x: Any, kernel: tuple[int, ...], stride: Any, padding: Any, dilation
     return F.unfold(x, kernel, dilation=dil, padding=0, stride=st)
 
 
-def _embedding(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+def _embedding(rec: UseRecorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
     b = bind_arguments(args, kwargs, ("input", "weight", "padding_idx", "max_norm", "norm_type",
                              "scale_grad_by_freq", "sparse"),
               {"padding_idx": None, "max_norm": None, "scale_grad_by_freq": False})
@@ -350,14 +355,14 @@ def _embedding(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, 
     return True, out
 
 
-def _mha(rec: Recorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
-    from cvcore.backends.torch.attention import decomposed_mha
+def _mha(rec: UseRecorder, func: Any, args: Any, kwargs: Any) -> tuple[bool, Any]:
+    from .attention import decomposed_mha
 
     return decomposed_mha(rec, args, kwargs)
 
 
 # ------------------------------------------------------------------------------ capture
-def forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
+def forward_capture(prep: Prepared, x: Any, output: OutputSelector | None, n: int) -> tuple[Any, Any]:
     """One batched forward pass under the recorder; returns ``(outputs (n, O), capture)``."""
     import torch
 
@@ -374,7 +379,7 @@ def forward_capture(prep: Any, x: Any, output: Any, n: int) -> tuple[Any, Any]:
     return out, cap
 
 
-def structured_names(cap: Any, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
+def structured_names(cap: Capture, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
     """Parameters every use of which has a rule, consistently.
 
     A parameter is out when it is tainted or ``excluded``, when its uses need different

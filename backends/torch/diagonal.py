@@ -14,20 +14,26 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from cvcore.protocols import KernelRequest
 
-def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
+from .jacobian import JacobianFn
+from .setup import Prepared
+
+
+def _structured_diagonal(prep: Prepared, x: Any, request: KernelRequest, n_outputs: int
                          ) -> tuple[Any, frozenset[str]]:
     """``‖J_io‖²`` summed over parameters with a rule, and the names of those parameters."""
     import torch
-    from cvcore.backends.torch.rules import feature_diagonal
-    from cvcore.backends.torch.structured import (
+
+    from cvcore.data_io import batch_size, slice_inputs
+
+    from .rules import feature_diagonal
+    from .structured import (
         _Coupled,
         _per_sample_bytes,
         _sample_blocks,
         capture_block,
     )
-
-    from cvcore.data_io import batch_size, slice_inputs
 
     n = batch_size(x)
     ref = next(iter(prep.params.values()))
@@ -52,8 +58,8 @@ def _structured_diagonal(prep: Any, x: Any, request: Any, n_outputs: int
     return diag, structured or frozenset()
 
 
-def _jacobian_diagonal(prep: Any, x: Any, request: Any, names: list[str], n_outputs: int,
-                       jac: Any) -> Any:
+def _jacobian_diagonal(prep: Prepared, x: Any, request: KernelRequest, names: list[str], n_outputs: int,
+                       jac: JacobianFn) -> Any:
     """``‖J_io‖²`` over ``names`` from per-sample Jacobians, in memory-bounded chunks."""
     import torch
 
@@ -75,7 +81,7 @@ def _jacobian_diagonal(prep: Any, x: Any, request: Any, names: list[str], n_outp
     return diag
 
 
-def diagonal_of(prep: Any, x: Any, request: Any, n_outputs: int, jac: Any) -> Any:
+def diagonal_of(prep: Prepared, x: Any, request: KernelRequest, n_outputs: int, jac: JacobianFn) -> Any:
     """``K_ii`` as a torch tensor: ``N`` values (traced) or ``N·O`` values (full).
 
     Args:
@@ -86,9 +92,9 @@ def diagonal_of(prep: Any, x: Any, request: Any, n_outputs: int, jac: Any) -> An
         n_outputs: outputs per sample ``O``.
         jac: the backend's per-sample Jacobian function for parameters without a rule.
     """
-    from cvcore.backends.torch.jacobian import functional_jacobian
-
     from cvcore.protocols import Implementation
+
+    from .jacobian import functional_jacobian
 
     use_rules = request.implementation != Implementation.JACOBIAN and jac is functional_jacobian
     if use_rules:
@@ -102,28 +108,29 @@ def diagonal_of(prep: Any, x: Any, request: Any, n_outputs: int, jac: Any) -> An
     return diag.mean(dim=1) if request.kernel == "traced" else diag.reshape(-1)
 
 
-def kernel_diagonal(model: Any, inputs: Any, request: Any) -> NDArray[np.floating[Any]]:
+def kernel_diagonal(model: Any, inputs: Any, request: KernelRequest) -> NDArray[np.floating[Any]]:
     """What ``TorchBackend.diagonal`` returns: ``K_ii`` as NumPy, without the kernel.
 
     Traced convention: ``(1/O) Σ_o ‖J_io‖²`` (``N`` values); full: ``‖J_io‖²`` in row
     order ``i·O + o`` (``N·O`` values). ``Tr K`` is their sum.
     """
     import torch
-    from cvcore.backends.torch.jacobian import choose_jacobian
-    from cvcore.backends.torch.setup import (
+
+    from cvcore.data_io import batch_size, require_samples
+
+    from .jacobian import choose_jacobian
+    from .setup import (
         as_inputs,
         forward,
-        prepare,
+        prepare_model,
         probe,
         resolve_device,
         training_mode,
     )
 
-    from cvcore.data_io import batch_size, require_samples
-
     device = resolve_device(request.device)
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
-    prep = prepare(model, dtype, device)
+    prep = prepare_model(model, dtype, device)
     x = as_inputs(inputs, dtype, device)
     require_samples(batch_size(x))
     with training_mode(prep.module, request.train), torch.no_grad():

@@ -1,8 +1,7 @@
 """The PyTorch backend's Jacobian path: blocked ``torch.func`` Jacobians, one GEMM per block.
 
-:func:`prepare_request` prepares a model and its inputs for a request and probes O (every
-engine of the backend starts there, and the memory guard runs there);
-:func:`choose_jacobian` picks the Jacobian function (``torch.func``, TorchScript, a
+Every engine of the backend starts from a :class:`cvcore.backends.torch.setup.Setup`
+(:func:`cvcore.backends.torch.setup.prepare`); :func:`choose_jacobian` picks the Jacobian function (``torch.func``, TorchScript, a
 static-batch export); :func:`assemble` accumulates the kernel over a plan's parameter
 groups and sample blocks. Built on :mod:`cvcore.backends.torch.setup` only.
 """
@@ -11,29 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
-
-from cvcore.backends.torch.setup import (
-    Prepared,
-    as_inputs,
-    call,
-    fcall,
-    forward,
-    pad_batch,
-    prepare,
-    probe,
-    select_output,
-    training_mode,
-)
+from typing import TYPE_CHECKING, Any
 
 from cvcore import progress
-from cvcore.blocking import Plan
-from cvcore.data_io import batch_size, require_samples, slice_inputs
+from cvcore.blocking import Group, Plan
+from cvcore.data_io import batch_size, slice_inputs
 from cvcore.errors import ModelError
 from cvcore.imports import require
-from cvcore.memory import ensure_fits
 from cvcore.outputs import check_finite
 from cvcore.protocols import KernelRequest, OutputSelector
+
+from .setup import (
+    Prepared,
+    call,
+    fcall,
+    pad_batch,
+    select_output,
+)
+
+if TYPE_CHECKING:
+    import torch
+
 
 JacobianFn = Callable[[Prepared, list[str], Any, KernelRequest], Any]
 
@@ -154,7 +151,7 @@ def _output_range(output: OutputSelector | None, start: int, stop: int) -> Outpu
 
 
 def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: JacobianFn,
-              n_outputs: int, device: str, dtype: Any) -> Any:
+              n_outputs: int, device: str, dtype: torch.dtype) -> Any:
     """Accumulate the kernel over parameter groups and pairs of row blocks (samples ×
     outputs), on the device; each block's Jacobian is computed in chunks of samples."""
     torch = require("torch")
@@ -174,7 +171,8 @@ def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: Ja
         else:
             blocks = [(s, o) for o in plan.output_blocks(group) for s in plan.sample_blocks(group)]
 
-        def jacobian(block: Block) -> Any:
+        def jacobian(block: Block, group: Group = group,
+                     group_names: list[str] = group_names) -> Any:
             (a, b), (o0, o1) = block
             req = request if (o0, o1) == (0, n_outputs) else dataclasses.replace(
                 request, output=_output_range(request.output, o0, o1))
@@ -221,27 +219,3 @@ def choose_jacobian(prep: Prepared) -> JacobianFn:
     if prep.export_batch is not None:
         return fixed_batch_jacobian
     return functional_jacobian
-
-
-def prepare_request(model: Any, inputs: Any, request: KernelRequest, device: str
-                    ) -> tuple[Prepared, Any, int, int, JacobianFn, Any]:
-    """The prepared model, inputs, ``N``, ``O``, the Jacobian function and the dtype."""
-    torch = require("torch")
-    dtype = torch.float64 if request.dtype == "float64" else torch.float32
-    prep = prepare(model, dtype, device)
-    x = as_inputs(inputs, dtype, device)
-    n = batch_size(x)
-    require_samples(n)
-    with training_mode(prep.module, request.train), torch.no_grad():
-        # In train mode the samples of a batch interact: probe with all of them.
-        probed = (forward(prep, x, request.output)[0] if request.train
-                  else probe(prep, x, request.output))
-    if not probed.is_floating_point():
-        raise ModelError(
-            f"expected a floating-point output to differentiate, got {probed.dtype} (an argmax "
-            "or integer cast at the end of the forward pass has no gradient); pick another "
-            "output with output="
-        )
-    n_outputs = int(probed.numel())
-    ensure_fits(n, n_outputs, request.kernel, torch.finfo(dtype).bits // 8)
-    return prep, x, n, n_outputs, choose_jacobian(prep), dtype

@@ -20,6 +20,9 @@ from typing import Any
 
 from cvcore.protocols import Implementation, KernelRequest, LayerKernel, LayerKernels, layer_of
 
+from .jacobian import JacobianFn
+from .setup import Prepared
+
 
 def layer_naming(model: Any) -> Callable[[str], str]:
     """``parameter name -> layer``: :func:`cvcore.protocols.layer_of` of the name in the
@@ -35,14 +38,15 @@ def layer_naming(model: Any) -> Callable[[str], str]:
     return name
 
 
-def _restricted(prep: Any, x: Any, request: KernelRequest, names: list[str], n_outputs: int,
-                jac: Any, dtype: Any, device: str) -> Any:
+def _restricted(prep: Prepared, x: Any, request: KernelRequest, names: list[str], n_outputs: int,
+                jac: JacobianFn, dtype: Any, device: str) -> Any:
     """The Jacobian path's kernel over ``names`` only (the others held fixed)."""
     import torch
-    from cvcore.backends.torch.jacobian import assemble
 
     from cvcore.blocking import plan_blocks
     from cvcore.data_io import batch_size
+
+    from .jacobian import assemble
 
     sub = dataclasses.replace(
         prep, params={k: prep.params[k] for k in names},
@@ -55,10 +59,13 @@ def _restricted(prep: Any, x: Any, request: KernelRequest, names: list[str], n_o
 
 def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
     """What ``TorchBackend.layer_kernels`` returns (see the module doc)."""
-    from cvcore.backends.torch.jacobian import functional_jacobian, prepare_request
-    from cvcore.backends.torch.setup import (
+    from cvcore.memory import ensure_fits
+
+    from .jacobian import choose_jacobian, functional_jacobian
+    from .setup import (
         full_precision,
         home_device,
+        prepare,
         resolve_device,
         training_mode,
     )
@@ -67,7 +74,10 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
     device = resolve_device(request.device)
     if backend_is_scripted(model) and request.device is None and home:
         device = home
-    prep, x, n, n_outputs, jac, dtype = prepare_request(model, inputs, request, device)
+    s = prepare(model, inputs, request, device)
+    ensure_fits(s.n, s.n_outputs, request.kernel, s.itemsize)
+    prep, x, n, n_outputs, dtype = s.prep, s.x, s.n, s.n_outputs, s.dtype
+    jac = choose_jacobian(prep)
     layer_name = layer_naming(model)
     groups: dict[str, list[str]] = {}
     for name in prep.params:
@@ -75,7 +85,7 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
     with training_mode(prep.module, request.train), full_precision():
         parts = None
         if request.implementation != Implementation.JACOBIAN and jac is functional_jacobian:
-            from cvcore.backends.torch.structured import structured_parts
+            from .structured import structured_parts
 
             parts = structured_parts(prep, x, request, n_outputs, layer_name)
         if parts is None:
@@ -88,6 +98,6 @@ def layer_kernels(model: Any, inputs: Any, request: KernelRequest) -> LayerKerne
 
 
 def backend_is_scripted(model: Any) -> bool:
-    from cvcore.backends.torch.setup import is_scripted
+    from .setup import is_scripted
 
     return bool(is_scripted(model))

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cvcore.backends.torch.export_archive import check_export_archive, load_checked
-
 from cvcore.data_io import ZIP_MAGIC, read_magic
 from cvcore.errors import InputError, UntrustedFileError
-from cvcore.factory import resolve_factory
 from cvcore.imports import require
+from cvcore.model_factory import resolve_factory
 from cvcore.protocols import LoadedModel, LoadOptions
+
+from .export_archive import check_export_archive, load_checked
 
 #: Keys under which training scripts nest a state dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
@@ -321,7 +321,9 @@ class ExportLoader:
             raise InputError(f"{path}: expected a torch.export .pt2 archive, got {first}") from None
         finally:
             quiet.setLevel(level)
-        args, kwargs = program.example_inputs or ((), {})
+        given: tuple[Any, Any] = program.example_inputs or ((), {})
+        args: tuple[Any, ...] = tuple(given[0])
+        kwargs: dict[str, Any] = dict(given[1])
         example: Any = None
         if kwargs and not args:
             example = dict(kwargs)

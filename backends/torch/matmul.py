@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cvcore.backends.torch.setup import bind_arguments
+from .setup import bind_arguments
 
 NOT_MINE = (False, None)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cvcore.backends.torch.setup import bind_arguments
+from .setup import bind_arguments
 
 _NOT_MINE = (False, None)
 

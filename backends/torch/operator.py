@@ -30,15 +30,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
-from cvcore.protocols import KernelOperator
+from cvcore.protocols import KernelOperator, KernelRequest, OutputSelector
+
+from .setup import Prepared
 
 
-def _activation_bytes(prep: Any, x: Any, output: Any, n: int) -> int:
+def _activation_bytes(prep: Prepared, x: Any, output: OutputSelector | None, n: int) -> int:
     """Bytes autograd saves per sample (the difference of a 2- and a 1-sample forward)."""
     import torch
-    from cvcore.backends.torch.setup import fcall, select_output
 
     from cvcore.data_io import slice_inputs
+
+    from .setup import fcall, select_output
 
     def saved(m: int) -> int:
         total = 0
@@ -63,9 +66,9 @@ def _activation_bytes(prep: Any, x: Any, output: Any, n: int) -> int:
 class _TorchKernelOperator(OperatorBudget):
     """``matvec`` state: the prepared model, the inputs and the blocking limits."""
 
-    prep: Any
+    prep: Prepared
     x: Any
-    output: Any
+    output: OutputSelector | None
     traced: bool
     n: int
     n_outputs: int
@@ -75,9 +78,9 @@ class _TorchKernelOperator(OperatorBudget):
 
     def function(self, a: int, b: int) -> Callable[[dict[str, Any]], Any]:
         """``θ ↦ f(x[a:b]; θ)`` as a ``(b - a, O)`` tensor."""
-        from cvcore.backends.torch.setup import fcall, select_output
-
         from cvcore.data_io import slice_inputs
+
+        from .setup import fcall, select_output
 
         xs = slice_inputs(self.x, a, b)
         constants, module, output = self.prep.constants, self.prep.module, self.output
@@ -120,13 +123,17 @@ class _TorchKernelOperator(OperatorBudget):
         chunks = self.chunks(e1 - e0)
         u: dict[str, Any] | None = None
         for a, b in chunks:
-            _, vjp_fn = vjp(self.function(a, b), theta)
+            vjp_fn = vjp(self.function(a, b), theta)[1]
             (grads,) = _batched(vjp_fn, self.cotangents(v, e0, e1, a, b))
             u = grads if u is None else {k: u[k] + grads[k] for k in u}
         assert u is not None
         for a, b in chunks:
             f = self.function(a, b)
-            y = _batched(lambda t, f=f: jvp(f, (theta,), (t,))[1], u)
+
+            def push(t: Any, f: Callable[[dict[str, Any]], Any] = f) -> Any:
+                return jvp(f, (theta,), (t,))[1]
+
+            y = _batched(push, u)
             self.scatter(out, y, e0, e1, a, b)
 
     def _matvec(self, block: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -152,7 +159,7 @@ def _batched(fn: Callable[[Any], Any], batch: Any) -> Any:
     try:
         return vmap(fn)(batch)
     except RuntimeError as exc:
-        from cvcore.backends.torch.jacobian import vmap_refusal
+        from .jacobian import vmap_refusal
 
         if not vmap_refusal(exc):
             raise
@@ -162,7 +169,7 @@ def _batched(fn: Callable[[Any], Any], batch: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *results)
 
 
-def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
+def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
     """What ``TorchBackend.operator`` returns: the NTK as a :class:`cvcore.protocols.KernelOperator`.
 
     Args:
@@ -178,23 +185,24 @@ def kernel_operator(model: Any, inputs: Any, request: Any) -> KernelOperator:
             (``torch.func`` cannot transform them), or an integer output.
     """
     import torch
-    from cvcore.backends.torch.setup import (
-        as_inputs,
-        full_precision,
-        prepare,
-        resolve_device,
-        training_mode,
-    )
-    from cvcore.backends.torch.setup import probe as probe_output
 
     from cvcore.data_io import batch_size, require_samples
     from cvcore.errors import ModelError
     from cvcore.validate import require_eval
 
+    from .setup import (
+        as_inputs,
+        full_precision,
+        prepare_model,
+        resolve_device,
+        training_mode,
+    )
+    from .setup import probe as probe_output
+
     require_eval(request)
     device = resolve_device(request.device)
     dtype = torch.float64 if request.dtype == "float64" else torch.float32
-    prep = prepare(model, dtype, device)
+    prep = prepare_model(model, dtype, device)
     if prep.scripted:
         raise ModelError("expected an nn.Module or a torch.export program for the matrix-free "
                          "operator, got a TorchScript module; use method='exact'")

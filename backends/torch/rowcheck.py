@@ -33,6 +33,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from cvcore.protocols import KernelRequest
+
+from .capture import Capture
+from .setup import Prepared
+
 #: Relative agreement two computations of the same rows must reach, by dtype.
 _TOLERANCE = {"float64": 1e-9, "float32": 2e-4}
 
@@ -81,7 +86,7 @@ def _restricted(uses: list[Any], names: frozenset[str]) -> list[Any]:
     return [u for u in uses if set(u.names) <= names]
 
 
-def forward_check(prep: Any, x: Any, request: Any, out: Any, cap: Any,
+def forward_check(prep: Prepared, x: Any, request: KernelRequest, out: Any, cap: Capture,
                   structured: frozenset[str]) -> tuple[bool, set[str]]:
     """Compare the full capture with one on a random half of its samples.
 
@@ -90,7 +95,8 @@ def forward_check(prep: Any, x: Any, request: Any, out: Any, cap: Any,
         pass's (the forward couples samples), and the parameters whose uses failed.
     """
     import torch
-    from cvcore.backends.torch.capture import forward_capture, structured_names
+
+    from .capture import forward_capture, structured_names
 
     n = int(out.shape[0])
     index = half(n)

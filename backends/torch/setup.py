@@ -1,6 +1,7 @@
 """The PyTorch backend's ground floor: devices, dtypes, inputs, the prepared model, the probe.
 
-Everything the engines above share: :func:`prepare` (parameters and buffers in the
+Everything the engines above share: :func:`prepare` (a request's :class:`Setup`: the
+model, its inputs, ``N`` and ``O``), :func:`prepare_model` (parameters and buffers in the
 request's dtype on its device), :func:`as_inputs`, :func:`fcall` (``functional_call``),
 :func:`forward` and :func:`probe` (one sample's output, and whether an exported
 program's batch is static). It imports nothing else of the torch
@@ -14,15 +15,19 @@ import copy
 import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cvcore import outputs
-from cvcore.data_io import slice_inputs
+from cvcore.data_io import batch_size, require_samples, slice_inputs
 from cvcore.errors import InputError, ModelError, describe
 from cvcore.imports import require
-from cvcore.protocols import OutputSelector
+from cvcore.protocols import KernelRequest, OutputSelector
+
+if TYPE_CHECKING:
+    import torch
+
 
 
 def resolve_device(device: str | None) -> str:
@@ -46,7 +51,7 @@ def select_output(raw: Any, output: OutputSelector | None) -> Any:
 
 
 @contextlib.contextmanager
-def training_mode(module: Any, train: bool) -> Iterator[None]:
+def training_mode(module: torch.nn.Module, train: bool) -> Iterator[None]:
     """Put every submodule in train or eval mode, restoring each one's flag afterwards."""
     saved = [(m, m.training) for m in module.modules()]
     try:
@@ -72,7 +77,7 @@ def full_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def as_inputs(inputs: Any, dtype: Any, device: str) -> Any:
+def as_inputs(inputs: Any, dtype: torch.dtype, device: str) -> Any:
     """NumPy arrays / tensors (or a dict / tuple of them) on ``device``; floating ones in ``dtype``."""
     torch = require("torch")
     if isinstance(inputs, Mapping):
@@ -92,7 +97,7 @@ def as_inputs(inputs: Any, dtype: Any, device: str) -> Any:
     return inputs.to(device=device)
 
 
-def call(module: Any, inputs: Any) -> Any:
+def call(module: torch.nn.Module, inputs: Any) -> Any:
     """Call the model the way its inputs are packed: ``m(x)``, ``m(*xs)`` or ``m(**xs)``."""
     if isinstance(inputs, Mapping):
         return module(**inputs)
@@ -106,7 +111,7 @@ def call(module: Any, inputs: Any) -> Any:
 class Prepared:
     """A model ready for ``torch.func``: the module, its trainable and constant tensors."""
 
-    module: Any
+    module: torch.nn.Module
     params: dict[str, Any]
     constants: dict[str, Any]
     scripted: bool
@@ -114,7 +119,7 @@ class Prepared:
     export_batch: int | None = None
 
 
-def prepare(model: Any, dtype: Any, device: str) -> Prepared:
+def prepare_model(model: Any, dtype: torch.dtype, device: str) -> Prepared:
     """Unwrap an exported program; split trainable parameters from everything else."""
     torch = require("torch")
     export_batch = None
@@ -176,7 +181,7 @@ def pad_batch(x: Any, size: int) -> Any:
     return torch.utils._pytree.tree_map(pad, x)
 
 
-def fcall(module: Any, tensors: dict[str, Any], x: Any) -> Any:
+def fcall(module: torch.nn.Module, tensors: dict[str, Any], x: Any) -> Any:
     """``functional_call`` with inputs packed as ``m(x)``, ``m(*xs)`` or ``m(**xs)``."""
     from torch.func import functional_call
 
@@ -222,3 +227,49 @@ def bind_arguments(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[s
     bound.update(zip(names, args))
     bound.update(kwargs)
     return bound
+
+
+@dataclasses.dataclass
+class Setup:
+    """A model and its inputs ready to measure (what :func:`prepare` returns).
+
+    Attributes:
+        prep: the prepared model (:class:`Prepared`) in ``dtype`` on ``device``.
+        x: the inputs, on ``device``, floating ones in ``dtype``.
+        n: samples ``N``; ``n_outputs``: outputs per sample ``O``.
+        dtype: the ``torch.dtype`` of the computation; ``device``: where it runs.
+    """
+
+    prep: Prepared
+    x: Any
+    n: int
+    n_outputs: int
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per number in the computation's dtype."""
+        torch = require("torch")
+        return int(torch.finfo(self.dtype).bits // 8)
+
+
+def prepare(model: Any, inputs: Any, request: KernelRequest, device: str) -> Setup:
+    """The model and inputs for ``request`` on ``device``, ``N`` and ``O`` (one sample's
+    forward pass; in train mode all samples', whose batch statistics couple them)."""
+    torch = require("torch")
+    dtype = torch.float64 if request.dtype == "float64" else torch.float32
+    prep = prepare_model(model, dtype, device)
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
+    require_samples(n)
+    with training_mode(prep.module, request.train), torch.no_grad():
+        probed = (forward(prep, x, request.output)[0] if request.train
+                  else probe(prep, x, request.output))
+    if not probed.is_floating_point():
+        raise ModelError(
+            f"expected a floating-point output to differentiate, got {probed.dtype} (an argmax "
+            "or integer cast at the end of the forward pass has no gradient); pick another "
+            "output with output="
+        )
+    return Setup(prep=prep, x=x, n=n, n_outputs=int(probed.numel()), dtype=dtype, device=device)

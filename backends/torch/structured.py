@@ -29,12 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cvcore.backends.torch.capture import forward_capture, structured_names
-from cvcore.backends.torch.rules import Feature, dense_part, feature_gram, tie
-
 from cvcore import progress
 from cvcore.blocking import dense_costs
 from cvcore.outputs import check_finite
+from cvcore.protocols import KernelRequest
+
+from .capture import Capture, forward_capture, structured_names
+from .rules import Feature, dense_part, feature_gram, tie
+from .setup import Prepared
 
 
 @dataclass
@@ -70,7 +72,7 @@ def _output_gradients(out: Any, zs: list[Any], keep_graph: bool = False) -> list
     return stacked
 
 
-def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None = None,
+def capture_block(prep: Prepared, x: Any, request: KernelRequest, keep: frozenset[str] | None = None,
                   check: bool = False) -> Block:
     """Features of every structured parameter for the samples ``x``.
 
@@ -79,9 +81,9 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
     forward check (a second pass on half the samples) when ``check`` is set, for the
     first block of a measurement.
     """
-    from cvcore.backends.torch.rowcheck import backward_check, forward_check
-
     from cvcore.data_io import batch_size
+
+    from .rowcheck import backward_check, forward_check
 
     n = batch_size(x)
     out, cap = forward_capture(prep, x, request.output, n)
@@ -116,7 +118,7 @@ def capture_block(prep: Any, x: Any, request: Any, keep: frozenset[str] | None =
     return Block(features, structured, frozenset(cap.tainted), frozenset(excluded), rules)
 
 
-def _uses_of(cap: Any, wanted: frozenset[str]) -> tuple[list[Any], list[Any], dict[int, int]]:
+def _uses_of(cap: Capture, wanted: frozenset[str]) -> tuple[list[Any], list[Any], dict[int, int]]:
     """The uses of ``wanted`` parameters, their distinct outputs, and each output's index."""
     uses = [u for u in cap.uses if set(u.names) <= wanted]
     zs: list[Any] = []
@@ -146,7 +148,7 @@ def _merge(old: Feature | None, new: Feature) -> Feature:
 
 
 # ------------------------------------------------------------------------- planning
-def _per_sample_bytes(prep: Any, x: Any, request: Any, n_outputs: int) -> int:
+def _per_sample_bytes(prep: Prepared, x: Any, request: KernelRequest, n_outputs: int) -> int:
     """Bytes one sample's captured inputs and output-gradients take (from a pass on at
     most two samples); raises ``_Coupled`` when a call couples the samples."""
     from cvcore.data_io import batch_size, slice_inputs
@@ -189,13 +191,13 @@ def _structured_cost(block: Block, n: int, traced: bool) -> float:
     return total
 
 
-def _jacobian_cost(prep: Any, names: frozenset[str], n: int, n_outputs: int,
+def _jacobian_cost(prep: Prepared, names: frozenset[str], n: int, n_outputs: int,
                    traced: bool) -> float:
     size = sum(int(prep.params[k].numel()) for k in names)
     return float(n * n * n_outputs * size * (1 if traced else n_outputs))
 
 
-def _use_structured(prep: Any, first: Block, n: int, n_outputs: int, request: Any) -> bool:
+def _use_structured(prep: Prepared, first: Block, n: int, n_outputs: int, request: KernelRequest) -> bool:
     """``auto``: whether the structured passes pay for themselves (always under ``structured``)."""
     from cvcore.protocols import Implementation
 
@@ -227,15 +229,16 @@ def _add_pair(target: Callable[[str], Any], fa: Block, fb: Block, ra: tuple[int,
             kernel[sb, sa] += block.T
 
 
-def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs: int) -> Any:
+def _generic_kernel(prep: Prepared, x: Any, request: KernelRequest, names: list[str], n_outputs: int) -> Any:
     """The Jacobian path restricted to ``names`` (the other parameters held fixed)."""
     import dataclasses
 
     import torch
-    from cvcore.backends.torch.jacobian import assemble, functional_jacobian
 
     from cvcore.blocking import plan_blocks
     from cvcore.data_io import batch_size
+
+    from .jacobian import assemble, functional_jacobian
 
     sub = dataclasses.replace(
         prep, params={k: prep.params[k] for k in names},
@@ -248,7 +251,7 @@ def _generic_kernel(prep: Any, x: Any, request: Any, names: list[str], n_outputs
     return assemble(sub, x, request, plan, functional_jacobian, n_outputs, device, dtype)
 
 
-def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
+def structured_kernel(prep: Prepared, x: Any, request: KernelRequest, n_outputs: int,
                       rules: dict[str, str] | None = None) -> Any:
     """The kernel from per-layer identities, or ``None`` to use the Jacobian path.
 
@@ -268,7 +271,7 @@ def structured_kernel(prep: Any, x: Any, request: Any, n_outputs: int,
     return None if parts is None else parts[""]
 
 
-def structured_parts(prep: Any, x: Any, request: Any, n_outputs: int,
+def structured_parts(prep: Prepared, x: Any, request: KernelRequest, n_outputs: int,
                      part_of: Callable[[str], str], rules: dict[str, str] | None = None
                      ) -> dict[str, Any] | None:
     """The kernel split into parts (``part_of(parameter name)``, e.g. its layer), each a
@@ -324,7 +327,7 @@ class _Inconsistent(Exception):
     """Two sample blocks disagree on which parameters have a rule."""
 
 
-def _capture_like(prep: Any, x: Any, request: Any, first: Block) -> Block:
+def _capture_like(prep: Prepared, x: Any, request: KernelRequest, first: Block) -> Block:
     try:
         block = capture_block(prep, x, request, keep=first.structured)
     except _Coupled:
@@ -334,7 +337,7 @@ def _capture_like(prep: Any, x: Any, request: Any, first: Block) -> Block:
     return block
 
 
-def _assemble_structured(target: Callable[[str], Any], prep: Any, x: Any, request: Any,
+def _assemble_structured(target: Callable[[str], Any], prep: Prepared, x: Any, request: KernelRequest,
                          blocks: list[tuple[int, int]], first: Block, width: int, traced: bool,
                          budget: int) -> None:
     from cvcore.data_io import slice_inputs

@@ -1,8 +1,9 @@
 """Recording collective variables during training, and reading the records back.
 
 ``Recorder`` measures a model at chosen steps on a fixed probe; ``RecordStore`` is the
-crash-safe SQLite file the records land in; ``analysis`` summarises a run (the numbers
-``cv report`` prints) without pandas.
+crash-safe SQLite file the records land in; ``summary`` summarises a run (the numbers
+``cv report`` prints) without pandas; ``checkpoint_sink`` writes a ``cv measure``
+checkpoint series into a store.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import numpy as np
 from cvcore.errors import InputError
 from cvcore.files import atomic_output
 from cvcore.imports import require
-from cvcore.record.analysis import groups, series
 from cvcore.record.store import Record, RunInfo
+from cvcore.record.summary import groups, series
 
 STYLES = {"train": "-", "probe": "-", "test": "--", "val": ":", "validation": ":"}
 OTHER_STYLES = ("-.", ":", (0, (5, 1)), (0, (1, 1)))

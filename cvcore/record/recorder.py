@@ -20,13 +20,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cvcore.api import build, build_diagonal, diagonal_only, make_request, parse_variables
+from cvcore.api import execute
+from cvcore.capabilities import untouched
 from cvcore.data_io import take
 from cvcore.errors import CVCoreError, InputError, ModelError, describe
-from cvcore.record.guard import untouched
+from cvcore.plan import PlanCache, Resolved
 from cvcore.record.probes import Part, UnionKernel, make_parts, probe_size, split_probe
 from cvcore.record.store import Record, RecordStore, RunInfo, StoreError, Value
+from cvcore.request import Compute, Options, option_names
 from cvcore.spectrum import CollectiveVariables, collective_variables, diagonal_variables
+from cvcore.validate import measure_request
 
 #: The scalar variables a record can hold (every CollectiveVariables field but the lists).
 SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("eigenvalues",))
@@ -39,6 +42,9 @@ UNION_MAX = 4096
 MAX_STEP = 2**63 - 1
 #: The extras key under which the Recorder notes what it could not measure.
 NOTE_KEY = "cvcore_note"
+#: The measure options a Recorder takes besides ``variables`` (every one of
+#: :class:`cvcore.request.Options` but the family and the verification).
+RECORDER_OPTIONS = tuple(n for n in option_names() if n not in ("family", "verify"))
 #: The variables a zero kernel still defines (every other one is undefined: NaN).
 ZERO_DEFINED = ("trace", "normalized_trace")
 
@@ -179,22 +185,24 @@ class Recorder:
             raise InputError(f"expected every= a positive integer, got {every!r}")
         self.every = int(every)
         options = dict(measure_options)
-        self.variables = parse_variables(options.pop("variables", None))
-        self.backend: str | None = options.pop("backend", None)
-        unknown = sorted(set(options) - {"kernel", "output", "dtype", "device", "train",
-                                         "memory_budget", "implementation"})
+        variables = options.pop("variables", None)
+        unknown = sorted(set(options) - set(RECORDER_OPTIONS))
         if unknown:
-            raise InputError(f"expected measure options among kernel, variables, dtype, "
-                             f"implementation, backend, output, device, train, "
-                             f"memory_budget; got {unknown}")
-        self.request = make_request(**options)
+            raise InputError(f"expected measure options among variables, "
+                             f"{', '.join(RECORDER_OPTIONS)}; got {unknown}")
+        #: the one request every step measures (validated here, once)
+        self.measure_request = measure_request(Options(**options), variables=variables)
+        self.variables = self.measure_request.variables
+        self.backend: str | None = self.measure_request.backend
+        self.request = self.measure_request.kernel
+        self._plans = PlanCache()
         self.sets = split_probe(probe)
         self.parts = make_parts(self.sets, subsets=subsets, labels=labels, seed=seed)
         self.subsets = None if subsets is None else tuple(int(v) for v in subsets)
         if tags is not None and not isinstance(tags, Mapping):
             raise InputError(f"expected tags= a dict, got {describe(tags)}")
-        self._diagonal = diagonal_only(self.variables)
-        self._covariance = self.variables is None or "covariance_entropy" in self.variables
+        self._diagonal = self.measure_request.compute is Compute.DIAGONAL
+        self._covariance = self.measure_request.covariance
         self._names = SCALARS if self.variables is None else tuple(self.variables)
         self._described = False
         self._closed = False
@@ -346,7 +354,7 @@ class Recorder:
             if not self._described and description is None:
                 description = {"model_class": model_description(model), "framework": used,
                                "n_params": n_params if n_params is not None
-                               else _count_parameters(model)}
+                               else self._plans.count(model, part.probe_set)}
             for var, val in numbers.items():
                 values.append(Value(part.probe_set, var, val, subset=part.subset,
                                     label=part.label))
@@ -373,7 +381,8 @@ class Recorder:
             return False
         if probe_set not in self._union_choice:
             size = self._union_index(probe_set).size
-            params = _count_parameters(model)
+            self._resolve(model, self.sets[probe_set], probe_set)  # the plan tells P
+            params = self._plans.count(model, probe_set)
             self._union_choice[probe_set] = params is not None and size <= UNION_MAX and \
                 float(size) ** 2 * params <= UNION_FLOPS
         return self._union_choice[probe_set]
@@ -382,15 +391,22 @@ class Recorder:
         """The kernel (or diagonal) on the union of a set's subsets, and where each
         subset's samples sit in it."""
         union = self._union_index(probe_set)
-        inputs = take(self.sets[probe_set], union)
+        resolved = self._resolve(model, self.sets[probe_set], probe_set, union)
         positions = {p.subset: np.searchsorted(union, p.index) for p in self.parts
                      if p.probe_set == probe_set and p.index is not None and p.subset is not None}
-        if self._diagonal:
-            diag, used = build_diagonal(model, inputs, backend=self.backend, request=self.request)
-            return UnionKernel(np.asarray(diag), used, None, positions, int(union.size))
-        measured = build(model, inputs, backend=self.backend, request=self.request)
-        return UnionKernel(np.asarray(measured.result.kernel), measured.backend,
-                           measured.result.n_params, positions, int(union.size))
+        done = execute(resolved, self.measure_request)
+        if done.diagonal is not None:
+            return UnionKernel(done.diagonal, done.backend, None, positions, int(union.size))
+        assert done.result is not None
+        return UnionKernel(np.asarray(done.result.kernel), done.backend,
+                           done.result.n_params, positions, int(union.size))
+
+    def _resolve(self, model: Any, inputs: Any, probe_set: str,
+                 index: NDArray[np.int64] | None = None) -> Resolved:
+        """One call on ``inputs`` (their rows ``index``), with this probe set's cached plan."""
+        if index is not None:  # the plan is cached by then (:meth:`_union` made it)
+            inputs = take(inputs, index, self._plans.backend(model, probe_set))
+        return self._plans.bind(model, inputs, self.request, self.backend, probe_set)
 
     def _slice(self, union: UnionKernel, part: Part) -> tuple[dict[str, float], str, int | None]:
         matrix, used, n_params = union.matrix, union.backend, union.n_params
@@ -418,13 +434,12 @@ class Recorder:
 
     def _measure_part(self, model: Any, part: Part
                       ) -> tuple[dict[str, float], str, int | None]:
-        if self._diagonal:
-            diag, used = build_diagonal(model, part.inputs, backend=self.backend,
-                                        request=self.request)
-            return self._variables(diag, part), used, None
-        measured = build(model, part.inputs, backend=self.backend, request=self.request)
-        return (self._variables(measured.result.kernel, part), measured.backend,
-                measured.result.n_params)
+        done = execute(self._resolve(model, part.inputs, part.probe_set), self.measure_request)
+        if done.diagonal is not None:
+            return self._variables(done.diagonal, part), done.backend, None
+        assert done.result is not None
+        return (self._variables(done.result.kernel, part), done.backend,
+                done.result.n_params)
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -468,20 +483,6 @@ def cost_summary(seconds: Sequence[float]) -> dict[str, float]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else ""
-
-
-def _count_parameters(model: Any) -> int | None:
-    """Trainable parameters of a torch module or Keras model, when it can be told cheaply."""
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        try:
-            return int(sum(int(p.numel()) for p in params() if getattr(p, "requires_grad", True)))
-        except Exception:  # noqa: BLE001 - not a torch module after all
-            return None
-    weights = getattr(model, "trainable_weights", None)
-    if weights is not None:
-        return int(sum(int(np.prod(w.shape)) for w in weights))
-    return None
 
 
 def _alive(pid: int) -> bool:

@@ -1,7 +1,7 @@
 """The scale diagram's numbers: ΔS per cell, means over seeds, sign changes along
 parameter count with a bootstrap over seeds, and fits (power law, ΔS against ln P).
 
-Conventions (``SCIENCE.md``): ``ΔS = S(end) − S(start)`` with start the first record
+Conventions (``docs/sweep.md``, ``cv scaling``): ``ΔS = S(end) − S(start)`` with start the first record
 (before any update) and end the last; ``ΔS_min = S(end) − min S`` with the step of the
 minimum; ``Δ ln Tr = ln Tr(end) − ln Tr(start)``. A change smaller than two standard
 errors over seeds is "within noise".

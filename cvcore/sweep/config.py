@@ -69,7 +69,7 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class ProbeSpec:
+class ProbeSetsSpec:
     train: int = 200
     test: int = 200
     subsets: tuple[int, int] | None = None
@@ -108,7 +108,7 @@ class SweepConfig:
     grid: dict[str, list[Any]]
     data: DataSpec
     train: TrainSpec
-    probe: ProbeSpec
+    probe: ProbeSetsSpec
     record: RecordSpec
     text: str = field(default="", repr=False, compare=False)
 
@@ -169,7 +169,7 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: expected TOML, got a syntax error: {exc}") from None
-    c = _Checker(where)
+    c = _ConfigChecker(where)
     c.keys("", raw, SECTIONS)
     name = raw.get("name", default_name)
     c.type("name", name, str)
@@ -237,7 +237,7 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
                        train=train, probe=probe, record=record, text=text)
 
 
-def _check_name(c: _Checker, name: str) -> None:
+def _check_name(c: _ConfigChecker, name: str) -> None:
     """A sweep's name is one plain folder name: ``runs/<name>`` stays under ``runs``."""
     if (not name.strip() or name in (".", "..") or any(ch in name for ch in "/\\\0")
             or Path(name).is_absolute() or name != name.strip()):
@@ -249,7 +249,7 @@ def _as_dict(spec: TrainSpec) -> dict[str, Any]:
     return {f: getattr(spec, f) for f in TRAIN_KEYS}
 
 
-class _Checker:
+class _ConfigChecker:
     def __init__(self, where: str) -> None:
         self.where = where
 
@@ -300,7 +300,7 @@ class _Checker:
         return float(value)
 
 
-def _train(c: _Checker, value: Any) -> TrainSpec:
+def _train(c: _ConfigChecker, value: Any) -> TrainSpec:
     t = c.table("train", value, required=False)
     c.keys("train", t, TRAIN_KEYS)
     d = TrainSpec()
@@ -323,7 +323,7 @@ def _train(c: _Checker, value: Any) -> TrainSpec:
     return spec
 
 
-def _data(c: _Checker, value: Any) -> DataSpec:
+def _data(c: _ConfigChecker, value: Any) -> DataSpec:
     t = c.table("data", value, required=False)
     c.keys("data", t, ("dataset", "train", "test", "seed", "standardize"))
     d = DataSpec()
@@ -346,12 +346,12 @@ def _data(c: _Checker, value: Any) -> DataSpec:
     return DataSpec(dataset=dataset, train=train, test=test, seed=seed, standardize=standardize)
 
 
-def _probe(c: _Checker, value: Any) -> ProbeSpec:
+def _probe(c: _ConfigChecker, value: Any) -> ProbeSetsSpec:
     from cvcore.api import parse_variables
 
     t = c.table("probe", value, required=False)
     c.keys("probe", t, ("train", "test", "subsets", "variables", "kernel", "dtype"))
-    d = ProbeSpec()
+    d = ProbeSetsSpec()
     train, test = t.get("train", d.train), t.get("test", d.test)
     if isinstance(train, bool) or not isinstance(train, int) or train < 0:
         raise c.fail("[probe] train", "an integer >= 0 (0: no train probe)", train)
@@ -381,11 +381,11 @@ def _probe(c: _Checker, value: Any) -> ProbeSpec:
     c.choice("[probe] kernel", kernel, KERNELS)
     dtype = t.get("dtype", d.dtype)
     c.choice("[probe] dtype", dtype, DTYPES)
-    return ProbeSpec(train=train, test=test, subsets=subsets, variables=parsed, kernel=kernel,
+    return ProbeSetsSpec(train=train, test=test, subsets=subsets, variables=parsed, kernel=kernel,
                      dtype=dtype)
 
 
-def _record(c: _Checker, value: Any) -> RecordSpec:
+def _record(c: _ConfigChecker, value: Any) -> RecordSpec:
     t = c.table("record", value, required=False)
     c.keys("record", t, ("every", "steps"))
     if "every" in t and "steps" in t:

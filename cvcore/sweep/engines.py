@@ -33,7 +33,7 @@ from cvcore.sweep.pool import LocalPool
 JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster"}
 
 
-class Engine(str, enum.Enum):
+class SweepEngine(str, enum.Enum):
     """Where cells run.
 
     ``local``: worker processes on this machine (``--workers N``, spawned, one torch
@@ -122,10 +122,10 @@ class Local(Runner):
         self.pool.stop()
 
 
-def make_runner(engine: Engine, config: SweepConfig, sweep_dir: Path, workers: int,
+def make_runner(engine: SweepEngine, config: SweepConfig, sweep_dir: Path, workers: int,
                 scheduler: str | None) -> Runner:
     """The runner for ``--engine`` / ``--workers`` / ``--scheduler``."""
-    if engine is Engine.dask:
+    if engine is SweepEngine.dask:
         return Dask(config, sweep_dir, workers, scheduler)
     if workers == 1:
         return InProcess(config, sweep_dir)
@@ -159,7 +159,7 @@ def _client(workers: int, scheduler: str | None) -> tuple[Any, Any]:
 
 
 class Dask(Runner):
-    """``--engine dask``: the cells as Dask tasks (see :class:`Engine`)."""
+    """``--engine dask``: the cells as Dask tasks (see :class:`SweepEngine`)."""
 
     def __init__(self, config: SweepConfig, sweep_dir: Path, workers: int,
                  scheduler: str | None) -> None:

@@ -74,14 +74,14 @@ def _line(text: str) -> None:
 
 
 def check_options(*, engine: str, workers: int, scheduler: str | None,
-                  order: str) -> engines.Engine:
+                  order: str) -> engines.SweepEngine:
     """Every option of ``run_sweep`` checked, before anything is created."""
-    if engine not in tuple(e.value for e in engines.Engine):
+    if engine not in tuple(e.value for e in engines.SweepEngine):
         raise ConfigError(f"expected --engine local or dask, got {engine!r}")
-    chosen = engines.Engine(engine)
+    chosen = engines.SweepEngine(engine)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"expected --workers a positive integer, got {workers}")
-    if scheduler is not None and chosen is not engines.Engine.dask:
+    if scheduler is not None and chosen is not engines.SweepEngine.dask:
         raise ConfigError(f"expected --scheduler only with --engine dask, got --engine "
                           f"{chosen.value}")
     engines.check_scheduler(scheduler)
@@ -140,7 +140,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, engine: str = "local",
         lock.release()
 
 
-def _run(config: SweepConfig, root: Path, cells: list[Cell], chosen: engines.Engine,
+def _run(config: SweepConfig, root: Path, cells: list[Cell], chosen: engines.SweepEngine,
          workers: int, scheduler: str | None, order: str, estimate: float,
          say: Callable[[str], None]) -> dict[str, Any]:
     pending = _pending(config, cells, root, say)

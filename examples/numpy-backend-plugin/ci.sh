@@ -39,12 +39,12 @@ echo "== its tests (against the installed package)"
 echo "== cv backends lists numpy-mlp"
 "$cv" backends > "$work/backends.txt"
 grep -q "numpy-mlp" "$work/backends.txt" || { cat "$work/backends.txt"; fail "expected numpy-mlp in 'cv backends', got none"; }
-CVCORE_PLUGINS=numpy_kernel "$cv" backends > "$work/restricted.txt"
-! grep -q "numpy-mlp" "$work/restricted.txt" || fail "expected CVCORE_PLUGINS=numpy_kernel to leave numpy-mlp out"
+CVCORE_PLUGINS=data_loaders "$cv" backends > "$work/restricted.txt"
+! grep -q "numpy-mlp" "$work/restricted.txt" || fail "expected CVCORE_PLUGINS=data_loaders to leave numpy-mlp out"
 
 echo "== cv measure model.npz --data digits"
 "$python" -c "from cvcore_numpy_mlp import NumpyMLP; NumpyMLP.random([64, 16, 10], seed=0).save('$work/model.npz')"
-CVCORE_PLUGINS=numpy_kernel,numpy_mlp "$cv" measure "$work/model.npz" --data digits --samples 30 --json > "$work/out.json"
+CVCORE_PLUGINS=data_loaders,numpy_mlp "$cv" measure "$work/model.npz" --data digits --samples 30 --json > "$work/out.json"
 "$python" - "$work/out.json" <<'PY'
 import json, math, sys
 rows = json.load(open(sys.argv[1]))

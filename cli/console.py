@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cvcore import progress
-from cvcore.report import Row, format_number
+from cvcore.rows import Row, format_number
 
 TABLE_COLUMNS = ["source", "kernel", "n_samples", "trace", "normalized_trace", "entropy",
                  "effective_entropy", "effective_rank", "self_entropy", "covariance_entropy",

@@ -1,5 +1,8 @@
-"""Keras on JAX through the JAX backend: its structured (per-layer) engine and its
-Jacobian path.
+"""The bridge from a Keras model to the JAX and torch backends' engines.
+
+Keras on JAX goes to the JAX backend (its structured engine and its Jacobian path) as
+``(apply_fn, theta)`` (:func:`jax_pair`); Keras on torch goes to the torch backend as a
+``torch.nn.Module`` of its weights (:func:`torch_module`).
 
 A Keras model on the JAX Keras backend is a JAX function of its weights:
 ``stateless_call(theta, fixed, x)`` traces to a jaxpr like any ``apply_fn``. It is handed
@@ -7,7 +10,7 @@ to :class:`cvcore.backends.jax.backend.JaxBackend` as the pair ``(apply_fn, thet
 the layer rules of :mod:`cvcore.backends.jax.structured` (dense layers and convolutions,
 read off the jaxpr), the JAX Jacobian path, ``implementation=``, the memory blocking and
 the diagonal are the JAX backend's own; nothing here computes a derivative. The weights
-come from :func:`cvcore.backends.keras.jacobian.stateless` (recast copy in the request's
+come from :func:`cvcore.backends.keras.setup.prepare` (recast copy in the request's
 dtype when needed, non-trainable weights held fixed).
 """
 
@@ -15,15 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from cvcore.backends.keras.jacobian import stateless
-
 from cvcore.protocols import KernelRequest
+
+from .setup import prepare
 
 
 def jax_pair(model: Any, x: Any, request: KernelRequest) -> tuple[Any, list[Any]]:
     """``(apply_fn, theta)`` for the JAX backend: ``apply_fn(theta, x)`` is the model's raw
     output (the JAX backend selects ``request.output``)."""
-    s = stateless(model, x, request, "jax")
+    s = prepare(model, x, request, "jax")
 
     def apply_fn(theta: list[Any], *args: Any, **kwargs: Any) -> Any:
         # the JAX backend calls apply_fn(theta, x), (theta, *x) or (theta, **x)
@@ -47,7 +50,7 @@ def torch_module(model: Any, x: Any, request: KernelRequest) -> Any:
     """
     import torch
 
-    s = stateless(model, x, request, "torch")
+    s = prepare(model, x, request, "torch")
     names = _torch_names(s.paths)
     fixed = [f"fixed/{i}" for i in range(len(s.fixed))]
 

@@ -1,7 +1,7 @@
 """What a recorded run says: start, end, change with its uncertainty, and the regime.
 
 The numbers ``cv report`` prints, computed here on NumPy (the CLI only formats them).
-Conventions (``SCIENCE.md``, "Measuring the change during training"):
+Conventions (``docs/recording.md``, "Commands": ``cv report``):
 
 * start is the first record, end the last; ``change = end − start``;
 * the uncertainty of a value is the standard error over probe subsets (``std / √K``) when

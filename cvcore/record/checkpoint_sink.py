@@ -15,7 +15,7 @@ from typing import Any
 from cvcore.errors import InputError
 from cvcore.record.recorder import MAX_STEP, SCALARS
 from cvcore.record.store import Record, RecordStore, StoreError, Value
-from cvcore.report import Row
+from cvcore.rows import Row
 
 
 def step_of(source: str, position: int) -> int:

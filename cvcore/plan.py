@@ -1,0 +1,250 @@
+"""A request resolved once: the adapter, the backend, and the backend calls.
+
+:func:`plan` chooses the model family's adapter (by the model's type, or the family the
+request names) and the backend (named, or by the adapted model's type) once; a
+:class:`MeasurePlan` can be reused for every call on a model of the same structure (the
+Recorder keeps one per probe set, :class:`PlanCache`). :func:`bind` applies a plan to one
+call: the adapter shapes the model, inputs and output, giving a :class:`Resolved` the
+backend measures. The kernel, its per-layer split and its diagonal are built here
+(:func:`build_kernel`, :func:`build_layers`, :func:`build_diagonal`), each after the
+front checks of :func:`cvcore.validate.check_call`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cvcore import plugins
+from cvcore import verify as verification
+from cvcore.capabilities import count_parameters
+from cvcore.data_io import batch_size
+from cvcore.errors import BackendError, InputError, ModelError
+from cvcore.memory import failed_allocations
+from cvcore.protocols import (
+    DiagonalBackend,
+    Implementation,
+    KernelRequest,
+    KernelResult,
+    LayerKernel,
+    OutputSelector,
+    PerLayerBackend,
+)
+from cvcore.validate import check_call
+
+
+@dataclass(frozen=True)
+class MeasurePlan:
+    """What a request resolves to for one kind of model: its adapter (``None``: the
+    model is measured as called) and the backend that measures the adapted model
+    (``None`` while only the adapter is chosen)."""
+
+    adapter: Any | None
+    backend: Any
+    family: str | None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One call, shaped by the plan's adapter: what the backend measures.
+
+    Attributes:
+        model: the model the backend sees (the adapter's wrapper, or the user's model).
+        inputs: the inputs the backend sees.
+        request: the kernel request, with the adapter's output selector.
+        backend: the backend object.
+        family: the model family (``None`` when no adapter was used).
+        output: the output measured, in words (the adapter's description, else the
+            adapted model's own words, else the selector's).
+        head: the output in words as a head of the family names it (the adapter's
+            description, else the selector's).
+    """
+
+    model: Any
+    inputs: Any
+    request: KernelRequest
+    backend: Any
+    family: str | None
+    output: str | None
+    head: str | None = None
+
+
+def describe_output(model: Any, output: OutputSelector | None) -> str | None:
+    """Which output a kernel is of: an adapter's description (``cvcore_output`` on the
+    model it hands over), else the ``output=`` selector, else ``None`` (the only output)."""
+    told = getattr(model, "cvcore_output", None)
+    if isinstance(told, str):
+        return told
+    if output is None:
+        return None
+    if callable(output):
+        return getattr(output, "__name__", type(output).__name__)
+    return repr(output)
+
+
+def output_name(output: OutputSelector | None) -> str | None:
+    """An output selector in words, for metadata (``None`` when nothing was chosen)."""
+    if output is None or isinstance(output, (int, str)):
+        return None if output is None else str(output)
+    return getattr(output, "__name__", type(output).__name__)
+
+
+def plan(model: Any, inputs: Any, request: KernelRequest, backend: str | None) -> MeasurePlan:
+    """Resolve the adapter and the backend for ``model`` once (see :func:`bind`)."""
+    return bind(model, inputs, request, backend)[1]
+
+
+def bind(model: Any, inputs: Any, request: KernelRequest, backend: str | None,
+         chosen: MeasurePlan | None = None) -> tuple[Resolved, MeasurePlan]:
+    """Apply the model family's adapter (by type, or the one ``request.family`` names),
+    then pick the backend (named, or by the model); with ``chosen``, its adapter (and its
+    backend, when it has one) are used and not chosen again."""
+    adapter = (plugins.select_adapter(model, request.family) if chosen is None
+               else chosen.adapter)
+    family = label = head = None
+    if adapter is not None:
+        asked = request.output
+        adapted, adapted_inputs, output = adapter.adapt(model, inputs, asked)
+        if output is not request.output:
+            request = replace(request, output=output)
+        family = plugins.family_of(adapter)
+        describe = adapter.describe
+        told = describe_output(adapted, None)  # the adapted model's own words, if any
+        head = describe(model, inputs, asked) if describe else output_name(output)
+        label = head if describe else told if told is not None else output_name(output)
+        model, inputs = adapted, adapted_inputs
+    else:
+        label = head = output_name(request.output)
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "USO":
+        raise InputError(
+            f"expected numeric probe inputs for a {type(model).__name__}, got text "
+            f"({inputs.shape[0] if inputs.ndim else 1} strings): texts are for a language "
+            "model saved with its tokenizer (a save_pretrained directory)")
+    if chosen is None or chosen.backend is None:
+        picked = plugins.get_backend(backend) if backend else plugins.select_backend(model)
+        chosen = MeasurePlan(adapter, picked, family)
+    return Resolved(model, inputs, request, chosen.backend, family, label, head), chosen
+
+
+def head_requests(model: Any, request: KernelRequest) -> tuple[Any | None, list[KernelRequest]]:
+    """The adapter and one request per head of the model's family (an actor-critic's
+    actor and critic) when no output is chosen, else the request alone."""
+    adapter = plugins.select_adapter(model, request.family)
+    if adapter is None or request.output is not None or adapter.heads is None:
+        return adapter, [request]
+    return adapter, [replace(request, output=h) for h in adapter.heads(model)]
+
+
+def structure_key(model: Any, probe_set: str) -> Hashable:
+    """A plan's cache key: the model's type (a pair's first item's, for a JAX
+    ``(apply_fn, params)``) and the probe set; no object identity."""
+    first = model[0] if isinstance(model, tuple) and model else None
+    return (type(model), type(first) if first is not None else None,
+            getattr(first, "__qualname__", None), probe_set)
+
+
+class PlanCache:
+    """The plans of one Recorder: one per model structure and probe set, so the adapter
+    and the backend are chosen once and not at every step. A plan is chosen again when
+    the model's trainable parameter count (as its backend tells it) changes."""
+
+    def __init__(self) -> None:
+        self._plans: dict[Hashable, tuple[MeasurePlan, int | None]] = {}
+
+    def bind(self, model: Any, inputs: Any, request: KernelRequest, backend: str | None,
+             probe_set: str) -> Resolved:
+        """:func:`bind` with the cached plan of this model structure and probe set."""
+        key = structure_key(model, probe_set)
+        cached = self._plans.get(key)
+        chosen = None
+        if cached is not None and count_parameters(model, cached[0].backend) == cached[1]:
+            chosen = cached[0]
+        resolved, used = bind(model, inputs, request, backend, chosen)
+        if chosen is None:
+            self._plans[key] = (used, count_parameters(model, used.backend))
+        return resolved
+
+    def backend(self, model: Any, probe_set: str) -> Any:
+        """The backend of the plan cached for this structure (``None`` when none is)."""
+        cached = self._plans.get(structure_key(model, probe_set))
+        return None if cached is None else cached[0].backend
+
+    def count(self, model: Any, probe_set: str) -> int | None:
+        """The parameter count the plan of this structure was made for (``None`` when
+        no plan is cached yet or the backend cannot tell)."""
+        cached = self._plans.get(structure_key(model, probe_set))
+        return None if cached is None else cached[1]
+
+
+def allocations(inputs: Any, req: KernelRequest) -> contextlib.AbstractContextManager[None]:
+    """A failed allocation while the backend works becomes one ``ResourceError`` line."""
+    try:
+        n: int | None = batch_size(inputs)
+    except Exception:  # noqa: BLE001 - only used to word the message
+        n = None
+    return failed_allocations(budget=req.memory_budget, samples=n, kernel=req.kernel,
+                              itemsize=8 if str(req.dtype).endswith("64") else 4)
+
+
+def build_kernel(r: Resolved, *, per_layer: bool = False
+                 ) -> tuple[KernelResult, tuple[LayerKernel, ...]]:
+    """The kernel of a resolved call after the front checks (with ``per_layer``, as the
+    sum of the backend's per-layer kernels, which are returned too); verified against
+    the Jacobian path when the request says so."""
+    req, chosen = r.request, r.backend
+    check_call(r.inputs, req, "layers" if per_layer else "ntk")
+    layers: tuple[LayerKernel, ...] = ()
+    with allocations(r.inputs, req):
+        if per_layer:
+            result, layers = build_layers(chosen, r.model, r.inputs, req)
+        else:
+            result = chosen.ntk(r.model, r.inputs, req)
+    kernel = np.asarray(result.kernel)
+    expected = result.n_samples * (result.n_outputs if req.kernel == "full" else 1)
+    if kernel.shape != (expected, expected):
+        raise ModelError(
+            f"backend {chosen.name!r} returned a kernel of shape {kernel.shape}, "
+            f"expected ({expected}, {expected})"
+        )
+    if req.verify and req.implementation != Implementation.JACOBIAN:
+        verification.check(chosen, r.model, r.inputs, req, result)
+    return result, layers
+
+
+def build_layers(chosen: Any, model: Any, inputs: Any, req: KernelRequest
+                 ) -> tuple[KernelResult, tuple[LayerKernel, ...]]:
+    """The kernel as the sum of the backend's per-layer kernels, and those kernels."""
+    if not isinstance(chosen, PerLayerBackend):
+        raise BackendError(f"expected a backend that splits the kernel by layer, got "
+                           f"{chosen.name!r}, which has no layer_kernels()")
+    split = chosen.layer_kernels(model, inputs, req)
+    if not split.layers:
+        raise ModelError("expected at least one layer with trainable parameters, got none")
+    kernel = np.sum([np.asarray(layer.kernel) for layer in split.layers], axis=0)
+    kernel = kernel.astype(np.asarray(split.layers[0].kernel).dtype, copy=False)
+    result = KernelResult(kernel=kernel, n_samples=split.n_samples, n_outputs=split.n_outputs,
+                          n_params=sum(layer.n_params for layer in split.layers),
+                          device=split.device)
+    return result, split.layers
+
+
+def build_diagonal(r: Resolved) -> NDArray[Any]:
+    """``K_ii`` from the backend's ``diagonal`` when it has one (no kernel is formed),
+    else from the kernel."""
+    chosen = r.backend
+    has_diagonal = isinstance(chosen, DiagonalBackend)
+    check_call(r.inputs, r.request, "diagonal" if has_diagonal else "ntk")
+    with allocations(r.inputs, r.request):
+        if has_diagonal:
+            return np.asarray(chosen.diagonal(r.model, r.inputs, r.request))
+        return np.diag(chosen.ntk(r.model, r.inputs, r.request).kernel).copy()
+
+
+__all__ = ["MeasurePlan", "PlanCache", "Resolved", "allocations", "bind", "build_diagonal",
+           "build_kernel", "build_layers", "describe_output", "head_requests", "output_name",
+           "plan", "structure_key"]
