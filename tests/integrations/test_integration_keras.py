@@ -18,7 +18,7 @@ keras = pytest.importorskip("keras")
 from tests.integration_cli import report_and_plot
 from tests.keras_integration_run import run
 
-SCRIPT = Path(__file__).with_name("keras_integration_run.py")
+SCRIPT = Path(__file__).parents[1] / "keras_integration_run.py"
 
 
 def check(result: dict) -> None:

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cvcore
-from tests.test_row_soundness import Centered, per_sample_kernel, rel
+from tests.backends.torch.test_row_soundness import Centered, per_sample_kernel, rel
 
 N = 9
 

@@ -1,7 +1,7 @@
 """The estimators give the same numbers as before they moved to ``cvcore/estimators/``.
 
 ``tests/data/estimate_reference.json`` holds, as ``float.hex`` strings, values computed
-with the code before the move (``python -m tests.test_estimate_reference`` rewrites it):
+with the code before the move (``python -m tests.core.test_estimate_reference`` rewrites it):
 the NumPy core on a fixed kernel, and ``cvcore.estimate`` on a torch and a JAX model,
 exact and stochastic, with the kernel's diagonal and with Hutchinson's trace. On the
 machine that saved them they agree bit for bit; the tolerance (1e-12 relative) only
@@ -20,7 +20,7 @@ import pytest
 import cvcore
 from cvcore.estimate import hutchinson_trace, randomized_topk, slq_entropy
 
-REFERENCE = Path(__file__).parent / "data" / "estimate_reference.json"
+REFERENCE = Path(__file__).parents[1] / "data" / "estimate_reference.json"
 FIELDS = ("trace", "trace_stderr", "entropy", "entropy_stderr", "effective_rank",
           "normalized_trace")
 

@@ -16,7 +16,7 @@ from cvcore.errors import MissingFrameworkError
 from cvcore.imports import require
 from cvcore.protocols import LoadOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def block(monkeypatch: pytest.MonkeyPatch, top: str) -> None:

@@ -243,7 +243,7 @@ def saved(tmp_path_factory) -> dict:  # type: ignore[no-untyped-def]
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "examples" / "language_model.py"
+    path = Path(__file__).parents[2] / "examples" / "language_model.py"
     spec = importlib.util.spec_from_file_location("language_model_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -361,7 +361,7 @@ def test_language_example_runs(tmp_path) -> None:
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "examples" / "language_model.py"
+    script = Path(__file__).parents[2] / "examples" / "language_model.py"
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)],
                           check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -23,7 +23,7 @@ from cvcore.protocols import KernelRequest, KernelResult
 from cvcore.request import MEASURE_ONLY, Compute, Options, option_names
 from cvcore.validate import measure_request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _keywords(fn: Any) -> list[str]:

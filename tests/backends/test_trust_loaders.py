@@ -327,7 +327,7 @@ def test_function_reference_by_op_name_is_checked(tmp_path: Path) -> None:
         load_checkpoint(path, LoadOptions())
 
 
-FACTORY = f"{Path(__file__).parent / 'torch_models.py'}:digits_mlp"
+FACTORY = f"{Path(__file__).parents[1] / 'torch_models.py'}:digits_mlp"
 
 
 def _safetensors_variants(tmp_path: Path) -> dict[str, Path]:

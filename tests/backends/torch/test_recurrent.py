@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 import cvcore
 from tests import torch_models as tm
-from tests.test_row_soundness import per_sample_kernel, rel
+from tests.backends.torch.test_row_soundness import per_sample_kernel, rel
 
 CASES = [(cell, bf, layers, bi) for cell in ("LSTM", "GRU", "RNN") for bf in (True, False)
          for layers, bi in ((1, False), (2, True))]

@@ -293,7 +293,7 @@ def test_which_leaves_get_rules() -> None:
     kinds, direct, folded = ruled("cnn")
     assert kinds == {"['Conv_0']['kernel']": ["conv"], "['Conv_1']['kernel']": ["conv"],
                      "['Conv_2']['kernel']": ["conv"], "['Dense_0']['kernel']": ["dense"]}
-    assert direct == set()  # the grouped Conv_2 too (tests/test_jax_grouped_conv.py)
+    assert direct == set()  # the grouped Conv_2 too (tests/backends/jax/test_jax_grouped_conv.py)
     assert folded == {f"['{m}']['kernel']": f"['{m}']['bias']"
                       for m in ("Conv_0", "Conv_1", "Conv_2", "Dense_0")}
 

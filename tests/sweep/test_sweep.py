@@ -120,7 +120,7 @@ def test_cells_and_their_resolution():
 
 
 def test_the_example_configs_are_valid():
-    root = Path(__file__).resolve().parents[1] / "examples" / "sweeps"
+    root = Path(__file__).resolve().parents[2] / "examples" / "sweeps"
     counts = {p.stem: len(load_config(p).cells()) for p in root.glob("*.toml")}
     assert counts["digits"] == 108 and counts["diabetes"] == 108
     assert counts["digits-mse"] == 36 and counts["digits-default-init"] == 36

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 import cvcore
 from tests import torch_models as tm
-from tests.test_row_soundness import per_sample_kernel
+from tests.backends.torch.test_row_soundness import per_sample_kernel
 
 
 def frozen_except(model: Any, layer: str) -> Any:
@@ -58,7 +58,7 @@ def test_torch_layers_match_each_layer_alone(make: Any, impl: str) -> None:
 
 def test_torch_full_kernel_and_graph_model() -> None:
     pytest.importorskip("torch_geometric")
-    from tests.test_row_soundness import TwoLayer, karate
+    from tests.backends.torch.test_row_soundness import TwoLayer, karate
 
     data = karate()
     torch.manual_seed(1)
@@ -191,7 +191,7 @@ def test_keras_on_jax_layers_match_the_torch_twin() -> None:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", KERAS_ON_JAX], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)

@@ -25,7 +25,7 @@ from cvcore.validate import check_call, require_samples, sample_count
 EMPTY = "expected at least one input sample, got an empty batch"
 TRAIN = ("expected train=False for the matrix-free operator (batch statistics and dropout "
          "change between products), got train=True; use method='exact'")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "numpy-backend-plugin" / "src"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "numpy-backend-plugin" / "src"
 FRAMEWORK_OF = {"torch": "torch", "jax": "jax", "tensorflow": "keras"}  # backend → _backends key
 
 
@@ -308,7 +308,7 @@ def test_estimators_import_numpy_and_the_lowest_floors_only() -> None:
 
     allowed = {"__future__", "math", "dataclasses", "typing", "numpy", "numpy.typing",
                "cvcore", "cvcore.errors", "cvcore.protocols", "cvcore.spectrum"}
-    folder = Path(__file__).resolve().parents[1] / "cvcore" / "estimators"
+    folder = Path(__file__).resolve().parents[2] / "cvcore" / "estimators"
     for path in sorted(folder.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)

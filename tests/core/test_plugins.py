@@ -146,7 +146,7 @@ def test_folders_install_inside_the_package() -> None:
     import cvcore.backends
     import cvcore.cli
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     assert Path(cvcore.backends.__file__).parent == root / "backends"
     assert Path(cvcore.cli.__file__).parent == root / "cli"
     assert Path(cvcore.adapters.__file__).parent == root / "adapters"

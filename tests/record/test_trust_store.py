@@ -470,7 +470,7 @@ def test_report_and_plot_with_several_runs_one_without_records(tmp_path: Path) -
 
 
 def write_sweep(root: Path) -> Path:
-    from tests.test_scaling import write_sweep as hand_sweep
+    from tests.sweep.test_scaling import write_sweep as hand_sweep
 
     return hand_sweep(root, lambda p, d, a: math.log10(p) - 3, seeds=(0,), noise=(0.0,))
 
