@@ -174,23 +174,31 @@ def _claiming(spec: str) -> Any | None:
     return next((ld for ld in plugins.registry().data_loaders.values() if ld.claims(spec)), None)
 
 
-def needs_model(spec: str) -> bool:
-    """Whether the loader that claims ``spec`` makes its inputs from a model (a data
+def data_loader_for(spec: str) -> Any | None:
+    """The first registered data loader that claims ``spec`` (each loader is asked once),
+    or ``None``; pass it to :func:`load_data` so the loaders are not asked again."""
+    return _claiming(spec)
+
+
+def needs_model(loader: Any | None) -> bool:
+    """Whether ``loader`` (from :func:`data_loader_for`) makes its inputs from a model (a data
     loader with ``needs_model = True``, such as ``env:`` policy roll-outs)."""
-    loader = _claiming(spec)
     return bool(getattr(loader, "needs_model", False))
 
 
 def load_data(spec: str, key: str | None = None, *, model: Any = None,
-              samples: int | None = None, seed: int = 0, family: str | None = None) -> Any:
+              samples: int | None = None, seed: int = 0, family: str | None = None,
+              loader: Any | None = None) -> Any:
     """Read probe inputs with the first data loader that claims ``spec``.
 
     A loader with ``needs_model = True`` makes them from ``model`` with its
     ``load_from_model(spec, model, samples=, seed=, family=)`` (exactly ``samples``
-    inputs, reproducible from ``seed``).
+    inputs, reproducible from ``seed``). ``loader``: the one :func:`data_loader_for` found,
+    so the loaders are asked once.
     """
     loaders = plugins.registry().data_loaders
-    loader = _claiming(spec)
+    if loader is None:
+        loader = _claiming(spec)
     if loader is not None:
         if getattr(loader, "needs_model", False):
             if model is None:

@@ -12,7 +12,7 @@ from cvcore import progress
 from cvcore.api import Outcome, execute, layer_rows, resolve_heads
 from cvcore.capabilities import seed_frameworks
 from cvcore.checkpoints import load_checkpoint, natural_key
-from cvcore.data_io import batch_size, load_data, needs_model, probe_subset
+from cvcore.data_io import batch_size, data_loader_for, load_data, needs_model, probe_subset
 from cvcore.errors import CVCoreError, InputError
 from cvcore.protocols import KernelRequest, LoadOptions
 from cvcore.request import EstimatorOptions, MeasureRequest, Options, Sketch
@@ -117,14 +117,16 @@ def measure_checkpoints(
     kernel = request.kernel
     ordered = expand(paths)
     shared_inputs: Any = None
-    if probe.data is not None and needs_model(probe.data):
+    loader = data_loader_for(probe.data) if probe.data is not None else None
+    if probe.data is not None and needs_model(loader):
         if ordered:
             first = load_checkpoint(ordered[0], options).model
             shared_inputs = load_data(probe.data, probe.key, model=first,
                                       samples=probe.samples, seed=probe.seed,
-                                      family=kernel.family)
+                                      family=kernel.family, loader=loader)
     elif probe.data is not None:
-        shared_inputs = probe_subset(load_data(probe.data, probe.key), probe.samples, probe.seed)
+        shared_inputs = probe_subset(load_data(probe.data, probe.key, loader=loader),
+                                     probe.samples, probe.seed)
     todo = [p for p in ordered if not (skip and str(p) in skip)]
     for index, path in enumerate(todo):
         started = time.perf_counter()

@@ -160,3 +160,34 @@ def test_the_recorder_resolves_its_plan_once(chores: ChoreBackend,
             rec.record(step, Counted())
     assert len(chosen) == 2  # one plan per probe set, not one per set and step
     assert len(rec.records()) == 3
+
+
+def test_cv_measure_asks_each_data_loader_once(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader that claims ``--data`` is found once and used to load it."""
+    torch = pytest.importorskip("torch")
+    from cvcore.cli.app import make_app
+    from typer.testing import CliRunner
+
+    asked: dict[str, int] = {}
+
+    class Counting:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def claims(self, spec: str) -> bool:
+            asked[self.inner.name] = asked.get(self.inner.name, 0) + 1
+            return bool(self.inner.claims(spec))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    loaders = plugins.registry().data_loaders
+    for name, loader in list(loaders.items()):
+        monkeypatch.setitem(loaders, name, Counting(loader))
+    torch.manual_seed(0)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(64, 3)), tmp_path / "m.pt")
+    done = CliRunner().invoke(make_app(), ["measure", str(tmp_path / "m.pt"), "--data", "digits",
+                                           "--samples", "8", "--json"])
+    assert done.exit_code == 0, done.output
+    assert asked and max(asked.values()) == 1, asked
