@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cvcore.rows import Row, format_number, write_atomic
+from cvcore.files import write_text_atomic
+from cvcore.rows import Row, format_number
 
 COLUMNS = ["layer", "n_params", "trace", "share", "entropy", "effective_rank"]
 CSV_COLUMNS = ["source", "kernel", "n_samples", "dtype", *COLUMNS]
@@ -47,4 +48,4 @@ def layer_csv_text(rows: Sequence[Row]) -> str:
 
 
 def write_layer_csv(path: Path, rows: Sequence[Row]) -> None:
-    write_atomic(path, layer_csv_text(rows))
+    write_text_atomic(path, layer_csv_text(rows))

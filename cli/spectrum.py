@@ -11,7 +11,8 @@ from cvcore.cli.common import CsvOpt, JsonOpt, emit
 
 from cvcore.data_io import read_kernel
 from cvcore.errors import InputError
-from cvcore.rows import csv_text, spectrum_row, write_atomic
+from cvcore.files import write_text_atomic
+from cvcore.rows import csv_text, spectrum_row
 
 
 def spectrum(
@@ -33,5 +34,5 @@ def spectrum(
         rows.append(spectrum_row(str(path), matrix, convention=kernel, n_outputs=outputs,
                                  tolerance=tolerance, started=started))
     if csv is not None:
-        write_atomic(csv, csv_text(rows))
+        write_text_atomic(csv, csv_text(rows))
     emit(rows, as_json, "collective variables")

@@ -48,6 +48,21 @@ class ResourceError(CVCoreError, MemoryError):
     """A request cannot fit in the memory budget even when blocked."""
 
 
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message, for one-line errors; ``empty`` (default: the
+    exception's type name) when it has none.
+
+    >>> first_line(ValueError("bad header\\nmore detail"))
+    'bad header'
+    >>> first_line(KeyError())
+    'KeyError'
+    """
+    lines = str(exc).strip().splitlines()
+    if lines:
+        return lines[0]
+    return type(exc).__name__ if empty is None else empty
+
+
 def describe(value: object) -> str:
     """A short description of a value for error messages.
 

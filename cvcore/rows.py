@@ -120,11 +120,6 @@ def csv_text(rows: Iterable[Row]) -> str:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that it is never seen half-written (:func:`cvcore.files.write_text_atomic`)."""
-    write_text_atomic(path, text)
-
-
 def read_done(path: Path) -> set[str]:
     """Sources already in a CSV table (for ``--resume``)."""
     if not path.exists():
@@ -191,4 +186,4 @@ class CsvSink:
                 writer.writerow(old)
             header, _, body = text.partition("\n")
             text = header + "\n" + buf.getvalue() + body
-        write_atomic(self.path, text)
+        write_text_atomic(self.path, text)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cvcore.errors import InputError, UntrustedFileError
+from cvcore.errors import InputError, UntrustedFileError, first_line
 from cvcore.imports import require
 from cvcore.model_factory import resolve_factory
 from cvcore.protocols import LoadedModel, LoadOptions
@@ -41,11 +41,6 @@ def _head(path: Path, n: int = 8) -> bytes:
         return b""
     with path.open("rb") as fh:
         return fh.read(n)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- restricted pickle
@@ -166,7 +161,7 @@ def read_pickle(path: Path, trust: bool) -> Any:
     except UntrustedFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed pickle becomes one line
-        raise InputError(f"{path}: expected a readable pickle, got {_first_line(exc)}") from None
+        raise InputError(f"{path}: expected a readable pickle, got {first_line(exc)}") from None
     if isinstance(obj, int) and obj == TORCH_LEGACY_MAGIC:
         raise InputError(
             f"{path}: expected a pickled parameter tree, got a legacy torch.save file; "
@@ -353,7 +348,7 @@ class FlaxMsgpackLoader:
         try:
             state = serialization.msgpack_restore(path.read_bytes())
         except Exception as exc:  # noqa: BLE001 - a malformed file becomes one line
-            raise InputError(f"{path}: expected a readable flax msgpack file, got {_first_line(exc)}") from None
+            raise InputError(f"{path}: expected a readable flax msgpack file, got {first_line(exc)}") from None
         if not isinstance(state, Mapping):
             raise InputError(f"{path}: expected a msgpack map of arrays, got {type(state).__name__}")
         model = _factory_model(path, options, "flax msgpack weights")
@@ -394,7 +389,7 @@ class OrbaxLoader:
         try:
             state = ocp.StandardCheckpointer().restore(item.resolve())
         except Exception as exc:  # noqa: BLE001 - a malformed checkpoint becomes one line
-            raise InputError(f"{path}: expected a readable Orbax checkpoint, got {_first_line(exc)}") from None
+            raise InputError(f"{path}: expected a readable Orbax checkpoint, got {first_line(exc)}") from None
         model = _factory_model(path, options, "Orbax weights")
         return LoadedModel(model=restore(model, state, path), backend="jax")
 

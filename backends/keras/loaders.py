@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cvcore.data_io import ZIP_MAGIC
-from cvcore.errors import InputError, UntrustedFileError
+from cvcore.errors import InputError, UntrustedFileError, first_line
 from cvcore.imports import require
 from cvcore.model_factory import resolve_factory
 from cvcore.protocols import LoadedModel, LoadOptions
@@ -63,18 +63,13 @@ def is_hdf5(path: Path) -> bool:
     return _head(path) == HDF5_MAGIC
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_keras_model(path: Path, trust: bool, what: str) -> Any:
     """``keras.saving.load_model`` with ``safe_mode`` unless ``trust``; one-line errors."""
     keras = require("keras", "tensorflow")
     try:
         return keras.saving.load_model(str(path), compile=False, safe_mode=not trust)
     except Exception as exc:  # noqa: BLE001 - any malformed file becomes one line
-        message = _first_line(exc)
+        message = first_line(exc)
         if "safe_mode" in str(exc) or "unsafe" in str(exc).lower():
             raise UntrustedFileError(
                 f"{path}: expected a {what} without arbitrary code (safe_mode), got {message}; "
@@ -107,7 +102,7 @@ class KerasArchiveLoader:
                 check_keras_archive_weights(path)
             except (OSError, zipfile.BadZipFile) as exc:
                 raise InputError(f"{path}: expected a readable .keras archive, got "
-                                 f"{_first_line(exc)}") from None
+                                 f"{first_line(exc)}") from None
         return LoadedModel(model=load_keras_model(path, options.trust, ".keras model"),
                            backend="tensorflow")
 
@@ -139,7 +134,7 @@ class SavedModelLoader:
             model = tf.saved_model.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any malformed directory becomes one line
             raise InputError(f"{path}: expected a readable SavedModel, got "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         return LoadedModel(model=model, backend="tensorflow")
 
 
@@ -243,7 +238,7 @@ class H5Loader:
             model.load_weights(str(path))
         except Exception as exc:  # noqa: BLE001 - mismatched weights become one line
             raise InputError(f"{path}: expected weights matching --model, got "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         return LoadedModel(model=model, backend="tensorflow")
 
 

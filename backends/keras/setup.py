@@ -20,7 +20,7 @@ import numpy as np
 
 from cvcore import outputs
 from cvcore.data_io import slice_inputs
-from cvcore.errors import InputError, ModelError, describe
+from cvcore.errors import InputError, ModelError, describe, first_line
 from cvcore.imports import require
 from cvcore.protocols import KernelRequest, OutputSelector
 
@@ -109,17 +109,12 @@ def select_output(raw: Any, output: OutputSelector | None) -> Any:
     return chosen
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def input_error(x: Any, exc: BaseException, model: Any = None) -> InputError:
     """A one-line error naming the model's input shape (when it declares one), the
     inputs' shapes and the framework's complaint."""
     declared = _declared_shape(model)
     wanted = f"inputs of shape {declared}" if declared else "inputs the model accepts"
-    return InputError(f"expected {wanted}, got {shapes(x)}: {_first_line(exc)}")
+    return InputError(f"expected {wanted}, got {shapes(x)}: {first_line(exc)}")
 
 
 def _declared_shape(model: Any) -> str | None:
@@ -315,7 +310,7 @@ def _has_lambda(config: Any) -> bool:
 def _recast_error(model: Any, dtype: str, exc: BaseException) -> ModelError:
     return ModelError(
         f"expected a Keras model that can be re-created in {dtype} from its config, got "
-        f"{type(model).__name__} ({_first_line(exc)}); build it with dtype='{dtype}' or "
+        f"{type(model).__name__} ({first_line(exc)}); build it with dtype='{dtype}' or "
         f"measure with its own dtype"
     )
 

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from cvcore.api import execute
 from cvcore.capabilities import untouched
 from cvcore.data_io import take
-from cvcore.errors import CVCoreError, InputError, ModelError, describe
+from cvcore.errors import CVCoreError, InputError, ModelError, describe, first_line
 from cvcore.plan import PlanCache, Resolved
 from cvcore.record.probes import Part, UnionKernel, make_parts, probe_size, split_probe
 from cvcore.record.store import Record, RecordStore, RunInfo, StoreError, Value
@@ -350,7 +350,7 @@ class Recorder:
                 raise
             except Exception as exc:  # the framework's own error for a probe that does not fit
                 raise ModelError(f"expected probe set {part.probe_set!r} to fit the model, "
-                                 f"got {type(exc).__name__}: {_first_line(exc)}") from exc
+                                 f"got {type(exc).__name__}: {first_line(exc, empty='')}") from exc
             if not self._described and description is None:
                 description = {"model_class": model_description(model), "framework": used,
                                "n_params": n_params if n_params is not None
@@ -478,11 +478,6 @@ def cost_summary(seconds: Sequence[float]) -> dict[str, float]:
         return {"count": 0, "total": 0.0, "mean": math.nan, "median": math.nan, "max": math.nan}
     return {"count": int(arr.size), "total": float(arr.sum()), "mean": float(arr.mean()),
             "median": float(np.median(arr)), "max": float(arr.max())}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""
 
 
 def _alive(pid: int) -> bool:
