@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 setup: $(VENV)/.installed
 
-# Records a training run through cvcore.Recorder, reports it and draws its figure.
+# Records a training run through cvcore.Recorder (entropy and trace with the kernel's
+# alignment to the labels and its motion), reports it and draws its figure.
 demo: setup
 	$(BIN)/python examples/digits_demo.py --out $(RUNS) --epochs 20
 	$(BIN)/cv report $(RUNS)/run.db

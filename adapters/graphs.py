@@ -97,6 +97,22 @@ def graph_model(model: Any, graph: Any, level: str, output: OutputSelector | Non
     return GraphOutputs()
 
 
+def is_graph_input(inputs: Any) -> bool:
+    """Whether ``inputs`` are graph inputs (a ``Data``, ``(Data, nodes)``, a ``Batch`` or a
+    list / tuple of ``Data``), decided without importing PyTorch Geometric: inputs made
+    with it exist only once it is imported."""
+    pyg = sys.modules.get("torch_geometric.data")
+    if pyg is None:
+        return False
+    data = pyg.Data
+    if isinstance(inputs, data):  # a Batch is a Data too
+        return True
+    if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], data):
+        return (all(isinstance(g, data) for g in inputs)
+                or isinstance(inputs, tuple) and len(inputs) == 2)
+    return False
+
+
 def split_inputs(inputs: Any) -> tuple[Any, Any, str] | None:
     """``(graph, sample indices, level)`` for graph inputs, ``None`` for anything else."""
     import torch
@@ -158,6 +174,31 @@ class GraphAdapter(AdapterBase):
             return model, inputs, output
         graph, index, level = split
         return graph_model(model, graph, level, output), index, None
+
+    def count_samples(self, inputs: Any) -> int | None:
+        """Nodes of a ``Data`` graph (or the chosen ones), graphs of a ``Batch`` or a list
+        of ``Data``; ``None`` for anything else (:class:`cvcore.data_io.SampleContainer`)."""
+        if not is_graph_input(inputs):
+            return None
+        split = split_inputs(inputs)
+        assert split is not None
+        return int(split[1].numel())
+
+    def take_samples(self, inputs: Any, index: Any) -> Any:
+        """Samples ``index`` of graph inputs, of the same kind: ``(Data, nodes)`` for a
+        graph's nodes, a ``Batch`` or a list of the chosen graphs."""
+        import torch
+        from torch_geometric.data import Batch, Data
+
+        chosen = [int(i) for i in index]
+        if isinstance(inputs, Batch):
+            return Batch.from_data_list(inputs.index_select(chosen))
+        if isinstance(inputs, (list, tuple)) and all(isinstance(g, Data) for g in inputs):
+            return [inputs[i] for i in chosen]
+        split = split_inputs(inputs)
+        assert split is not None
+        graph, nodes, _ = split
+        return graph, nodes[torch.as_tensor(chosen, dtype=torch.long)]
 
     def describe(self, model: Any, inputs: Any, output: OutputSelector | None) -> str:
         from cvcore.api import output_name

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from cvcore.cli.backends import backends
 from cvcore.cli.common import OneLineErrors, _state, friendly
+from cvcore.cli.compare import compare
 from cvcore.cli.export import export
 from cvcore.cli.measure import measure
 from cvcore.cli.plot import plot
@@ -39,6 +40,7 @@ def make_app() -> typer.Typer:
     app.command()(friendly(measure))
     app.command("backends")(friendly(backends))
     app.command()(friendly(report))
+    app.command()(friendly(compare))
     app.command()(friendly(plot))
     app.command()(friendly(export))
     app.command()(friendly(sweep))

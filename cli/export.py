@@ -17,7 +17,7 @@ from cvcore.imports import require
 from cvcore.record.store import RecordStore
 
 COLUMNS = ["run_id", "run_name", "step", "probe_set", "subset", "label", "variable", "value",
-           "std", "count", "loss", "seconds", "time", "extras"]
+           "std", "count", "loss", "seconds", "time", "extras", "index", "convention"]
 #: The files SQLite keeps beside a store (an export must never replace them either).
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -63,7 +63,7 @@ def export(
     if parquet is not None:
         _pyarrow()  # before anything is read or written
     with RecordStore(store, create=False) as db:
-        rows = db.rows(run)
+        rows = db.rows(run, arrays=True)  # an array: one row per element, at its index
     if csv_out is not None:
         write_text_atomic(csv_out, csv_text(rows))
         stderr().print(f"wrote {len(rows)} rows to {csv_out}", markup=False)
@@ -95,7 +95,8 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
              "probe_set": pa.string(), "subset": pa.int64(), "label": pa.string(),
              "variable": pa.string(), "value": pa.float64(), "std": pa.float64(),
              "count": pa.int64(), "loss": pa.float64(), "seconds": pa.float64(),
-             "time": pa.float64(), "extras": pa.string()}
+             "time": pa.float64(), "extras": pa.string(), "index": pa.int64(),
+             "convention": pa.string()}
     table = pa.table({c: pa.array([r[c] for r in rows], type=types[c]) for c in COLUMNS})
     with atomic_output(path) as tmp:
         pa.parquet.write_table(table, str(tmp))

@@ -1,4 +1,5 @@
-"""`cv plot`: entropy, trace and loss of recorded runs, or the phase plots."""
+"""`cv plot`: entropy, trace, loss, logged extras, alignment, kernel motion and spectrum of
+recorded runs, or the phase plots."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def plot(
     phase: Annotated[bool, typer.Option(help="Phase plots: entropy and ln trace against ln loss.")] = False,
     run: Annotated[str | None, typer.Option(help="Only this run (id or name) of each store.")] = None,
 ) -> None:
-    """Entropy, trace (log scale) and loss against step; mean ± std bands over subsets; runs overlaid."""
+    """Entropy, trace (log scale), loss and the logged extras against step; alignment, kernel velocity and the spectrum over time when recorded; mean ± std bands over subsets; runs overlaid, seeds pooled into mean ± std; Tr K / N when probe sizes differ."""
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise InputError(f"expected --out ending in .png, .pdf or .svg, got {str(out)!r}")
     # an existing figure is redrawn; a store, its side files, a directory, a missing or

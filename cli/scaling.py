@@ -20,9 +20,10 @@ def scaling(
     as_json: JsonOpt = False,
 ) -> None:
     """ΔS, Δ ln Tr and the final loss over a sweep's grid; sign changes of ΔS with a
-    bootstrap over seeds; power-law and log fits; figures and scaling.json."""
+    bootstrap over seeds; power-law and log fits; the target alignment and kernel distance
+    against parameter count where the cells recorded them; figures and scaling.json."""
     from cvcore.errors import InputError
-    from cvcore.scaling.report import scaling_report, sign_change_lines
+    from cvcore.scaling.report import dynamics_lines, scaling_report, sign_change_lines
 
     if boot < 1:
         raise InputError(f"expected --boot a positive integer, got {boot}")
@@ -39,6 +40,12 @@ def scaling(
         typer.echo(f" sign changes of ΔS: {len(changes)}")
         for line in changes:
             typer.echo(line)
+        dyn = dynamics_lines(analysis)
+        if dyn:
+            typer.echo(" target alignment and kernel distance (1 − cos, start to end) "
+                       "against parameter count (mean ± se over seeds):")
+            for line in dyn:
+                typer.echo(line)
     typer.echo(f"summary: {result['summary']}")
     for fig in result["figures"]:
         typer.echo(f"figure: {fig}")

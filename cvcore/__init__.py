@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from cvcore.api import PerLayer, measure, ntk
+from cvcore import dynamics
+from cvcore.api import Measurement, PerLayer, measure, ntk
 from cvcore.errors import (
     BackendError,
     CVCoreError,
@@ -21,6 +22,10 @@ from cvcore.errors import (
     UntrustedFileError,
 )
 from cvcore.estimate import EstimatedVariables, KernelOperator, estimate
+from cvcore.kernel_regime import KernelPrediction, kernel_predictions, kernel_regime_distance
+from cvcore.kvp import kernel_operator, kernel_vector_product
+from cvcore.nngp import nngp
+from cvcore.predict import gradient_descent_mse, regime_distance
 from cvcore.protocols import Backend, Implementation, KernelRequest, KernelResult
 from cvcore.record import Recorder, RecordStore, StoreError, read_runs
 from cvcore.spectrum import (
@@ -49,9 +54,11 @@ __all__ = [
     "InputError",
     "KernelError",
     "KernelOperator",
+    "KernelPrediction",
     "KernelRequest",
     "KernelResult",
     "LayerVariables",
+    "Measurement",
     "MissingFrameworkError",
     "ModelError",
     "PerLayer",
@@ -63,9 +70,17 @@ __all__ = [
     "VerificationError",
     "collective_variables",
     "diagonal_variables",
+    "dynamics",
     "eigenvalues",
     "estimate",
+    "gradient_descent_mse",
+    "kernel_operator",
+    "kernel_predictions",
+    "kernel_regime_distance",
+    "kernel_vector_product",
     "measure",
+    "nngp",
     "ntk",
     "read_runs",
+    "regime_distance",
 ]

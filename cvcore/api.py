@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cvcore.axes import KernelAxes
+from cvcore.batch_axes import batch_first, output_axis
+from cvcore.capabilities import model_outputs
+from cvcore.cross import CrossKernel
+from cvcore.dynamics import TaskAlignment, task_alignment
 from cvcore.estimate import EstimatedVariables, estimate_resolved
 from cvcore.plan import (
     MeasurePlan,
     Resolved,
+    allocations,
     bind,
+    build_cross,
     build_diagonal,
     build_kernel,
     describe_output,
@@ -39,7 +46,7 @@ from cvcore.protocols import (
     LayerKernel,
     OutputSelector,
 )
-from cvcore.request import Compute, MeasureRequest, Options
+from cvcore.request import Compute, MeasureRequest, Options, Targets
 from cvcore.sketch import SketchedKernel, sketch_resolved
 from cvcore.spectrum import (
     CollectiveVariables,
@@ -50,7 +57,15 @@ from cvcore.spectrum import (
     diagonal_variables,
     layer_variables,
 )
-from cvcore.validate import diagonal_only, make_request, measure_request, parse_variables
+from cvcore.validate import (
+    check_call,
+    check_target_count,
+    check_targets,
+    diagonal_only,
+    make_request,
+    measure_request,
+    parse_variables,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class Outcome:
     diagonal: NDArray[Any] | None = None
     estimated: EstimatedVariables | None = None
     sketched: SketchedKernel | None = None
+    cross: CrossKernel | None = None
 
     def measured(self) -> Measured:
         """The kernel as a :class:`Measured` (kernel and per-layer computations)."""
@@ -96,7 +112,8 @@ def resolve(model: Any, inputs: Any, request: MeasureRequest, chosen: MeasurePla
     with warnings.catch_warnings():
         if request.compute is Compute.SKETCH:  # the adapter's advice to sketch is followed
             warnings.filterwarnings("ignore", message="cvcore: .* backward passes")
-        return bind(model, inputs, request.kernel, request.backend, chosen)[0]
+        return bind(model, inputs, request.kernel, request.backend, chosen,
+                    against=request.against)[0]
 
 
 def resolve_heads(model: Any, inputs: Any, request: MeasureRequest) -> list[Resolved]:
@@ -110,7 +127,8 @@ def resolve_heads(model: Any, inputs: Any, request: MeasureRequest) -> list[Reso
         if request.compute is Compute.SKETCH:  # the adapter's advice to sketch is followed
             warnings.filterwarnings("ignore", message="cvcore: .* backward passes")
         for req in requests:
-            resolved, chosen = bind(model, inputs, req, request.backend, chosen)
+            resolved, chosen = bind(model, inputs, req, request.backend, chosen,
+                                    against=request.against)
             out.append(resolved)
     return out
 
@@ -121,6 +139,11 @@ def execute(r: Resolved, request: MeasureRequest,
     :attr:`~cvcore.request.MeasureRequest.compute`); ``say`` receives the sketch's
     progress lines."""
     compute, name = request.compute, r.backend.name
+    if compute is Compute.CROSS:
+        ck = build_cross(r, request.axes)
+        result = KernelResult(kernel=ck.kernel, n_samples=ck.n_samples[0],
+                              n_outputs=ck.n_outputs, n_params=ck.n_params)
+        return Outcome(compute, r, name, result=result, cross=ck)
     if compute is Compute.ESTIMATE:
         assert request.estimator is not None
         return Outcome(compute, r, name, estimated=estimate_resolved(r, request.estimator))
@@ -154,6 +177,7 @@ def build_all(model: Any, inputs: Any, *, backend: str | None = None,
 def ntk(
     model: Any,
     inputs: Any,
+    x2: Any = None,
     *,
     kernel: str = "traced",
     backend: str | None = None,
@@ -165,13 +189,24 @@ def ntk(
     implementation: str | Implementation = Implementation.AUTO,
     family: str | None = None,
     verify: bool = False,
+    trace_axes: int | Sequence[int] | None = None,
+    diagonal_axes: int | Sequence[int] | None = None,
+    trace_reduction: str = "mean",
+    vmap_axes: Any = 0,
 ) -> NDArray[np.floating[Any]]:
-    """The empirical NTK of ``model`` on ``inputs``, as a NumPy array.
+    """The empirical NTK of ``model`` on ``inputs`` (or between ``inputs`` and ``x2``), as
+    a NumPy array.
 
     Args:
         model: a model of any registered backend's framework.
         inputs: the probe inputs, batch first (a NumPy array, a framework tensor, or a
             dict / tuple of them for models that take several inputs).
+        x2: a second input set: the cross kernel ``K(inputs, x2)`` (``N₁ × N₂`` traced,
+            ``(N₁·O) × (N₂·O)`` full). Under ``"auto"`` and ``"jacobian"`` from ``N₁ + N₂``
+            per-sample Jacobians and ``N₁·N₂`` products (the generic Jacobian path; the
+            structured layer rules build self kernels only); ``"structured"`` builds the
+            structured self kernel of both sets together and cuts its ``N₁ × N₂`` block
+            (``(N₁ + N₂)²`` entries, often faster where the layer rules apply). Eval mode.
         kernel: ``"traced"`` (N × N, averaged over outputs) or ``"full"``
             (N·O × N·O, row index ``i·O + o``).
         backend: a registered backend's name; by default chosen from the model's type.
@@ -190,12 +225,29 @@ def ntk(
             head here; :func:`cvcore.api.build_all` gives one kernel per head.
         verify: compare the kernel with the generic Jacobian path on a few random samples
             and raise :class:`cvcore.verify.VerificationError` (naming the layer rules
-            involved) when they disagree beyond round-off.
+            involved) when they disagree beyond round-off. A cross kernel under
+            ``"structured"`` is verified as the joint kernel it is cut from; under
+            ``"auto"`` it is computed by the Jacobian path itself.
+        trace_axes, diagonal_axes: neural-tangents' output axes (counted over the batch
+            output ``(N, *S)``: ``-1`` the last, ``0`` the batch axis) to trace or to keep
+            diagonal; naming either gives neural-tangents' layout (``(N₁, N₂)`` then the
+            other output axes, kept ones in pairs) instead of ``kernel``'s; see
+            :mod:`cvcore.axes` and docs/neural-tangents.md.
+        trace_reduction: ``"mean"`` (neural-tangents' and cvcore's ``traced``: divide by
+            the traced size) or ``"sum"`` over the traced axes.
+        vmap_axes: where the batch axis is: ``0`` (default), or neural-tangents'
+            ``(in_axis, out_axis, {keyword: axis})`` (see :mod:`cvcore.batch_axes`).
     """
     options = Options(kernel=kernel, backend=backend, output=output, dtype=dtype,
                       device=device, train=train, memory_budget=memory_budget,
                       implementation=implementation, family=family, verify=verify)
-    req = measure_request(options)
+    axes = None
+    if trace_axes is not None or diagonal_axes is not None or trace_reduction != "mean":
+        axes = KernelAxes.make((-1,) if trace_axes is None else trace_axes,
+                               diagonal_axes, trace_reduction)
+        axes = replace(axes, batch_axis=output_axis(vmap_axes))
+    model, inputs, x2 = batch_first(model, inputs, x2, vmap_axes, backend)
+    req = measure_request(options, against=x2, axes=axes)
     return execute(resolve(model, inputs, req), req).measured().result.kernel
 
 
@@ -223,7 +275,8 @@ def measure(
     implementation: str | Implementation = Implementation.AUTO,
     family: str | None = None,
     verify: bool = False,
-) -> CollectiveVariables | DiagonalVariables | PerLayer:
+    targets: Any = None,
+) -> CollectiveVariables | DiagonalVariables | PerLayer | Measurement:
     """The collective variables of ``model`` on ``inputs``; options as for :func:`ntk`.
 
     Args:
@@ -238,19 +291,56 @@ def measure(
             prefix is left off): a :class:`PerLayer` with one
             :class:`cvcore.spectrum.LayerVariables` row per layer (parameter count, trace,
             share of the total trace, entropy and effective rank of its own kernel).
+        targets: the probe's targets: integer class labels ``(N,)`` (one-hot encoded with
+            ``O`` classes) or real targets ``(N,)`` / ``(N, O)``, NumPy or a framework
+            tensor. With them the kernel is formed (whatever ``variables`` asks) and the
+            model's outputs ``f(x)`` are computed too: a :class:`Measurement` is returned,
+            its ``variables`` what the call returns without targets, its ``dynamics`` a
+            :class:`cvcore.dynamics.TaskAlignment` (target alignment, residual alignment of
+            ``f(x) − y``, top eigenvalues; each layer's target alignment with
+            ``per_layer``). Without targets nothing of this is computed.
     """
     options = Options(kernel=kernel, backend=backend, output=output, dtype=dtype,
                       device=device, train=train, memory_budget=memory_budget,
                       implementation=implementation, family=family, verify=verify)
-    req = measure_request(options, variables=variables, per_layer=per_layer)
-    done = execute(resolve(model, inputs, req), req)
+    req = measure_request(options, variables=variables, per_layer=per_layer,
+                          targets=None if targets is None else check_targets(targets))
+    r = resolve(model, inputs, req)
+    done = execute(r, req)
     if done.diagonal is not None:
         return diagonal_variables(done.diagonal)
     assert done.result is not None
+    found: CollectiveVariables | PerLayer
     if req.per_layer:
-        return PerLayer(model=collective_variables(done.result.kernel),
-                        layers=layer_rows(done.layers))
-    return collective_variables(done.result.kernel, covariance=req.covariance)
+        found = PerLayer(model=collective_variables(done.result.kernel),
+                         layers=layer_rows(done.layers))
+    else:
+        found = collective_variables(done.result.kernel, covariance=req.covariance)
+    if req.targets is None:
+        return found
+    return Measurement(variables=found, dynamics=against_targets(r, req.targets, done))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """``measure(..., targets=)``: the collective variables (what the call returns without
+    targets) and the kernel measured against the targets."""
+
+    variables: CollectiveVariables | PerLayer
+    dynamics: TaskAlignment
+
+
+def against_targets(r: Resolved, targets: Targets, done: Outcome) -> TaskAlignment:
+    """The kernel of ``done`` (and its layers') against ``targets`` and the residual
+    ``f(x) − y``, the outputs computed by the backend that built the kernel, with the
+    adapter's output selection (:func:`cvcore.capabilities.model_outputs`)."""
+    assert done.result is not None
+    check_target_count(targets, done.result.n_samples)
+    check_call(r.inputs, r.request, "outputs")
+    with allocations(r.inputs, r.request):
+        f = model_outputs(r.backend, r.model, r.inputs, r.request)
+    return task_alignment(done.result.kernel, targets.values, f,
+                          layers=[(lk.name, lk.kernel) for lk in done.layers])
 
 
 def layer_rows(layers: Sequence[LayerKernel]) -> list[LayerVariables]:
@@ -258,6 +348,7 @@ def layer_rows(layers: Sequence[LayerKernel]) -> list[LayerVariables]:
     return layer_variables([(lk.name, lk.n_params, lk.kernel) for lk in layers])
 
 
-__all__ = ["Measured", "Outcome", "PerLayer", "Resolved", "build", "build_all", "check_kernel",
+__all__ = ["Measured", "Measurement", "Outcome", "PerLayer", "Resolved", "against_targets",
+           "build", "build_all", "check_kernel",
            "describe_output", "diagonal_only", "execute", "layer_rows", "make_request",
            "measure", "ntk", "output_name", "parse_variables", "resolve", "resolve_heads"]

@@ -28,7 +28,7 @@ class Group:
 
 
 @dataclass(frozen=True)
-class Plan:
+class BlockPlan:
     """A blocking plan for one kernel; see the module docstring."""
 
     n_samples: int
@@ -70,7 +70,7 @@ class Plan:
 
 
 def plan_blocks(*, n_samples: int, n_outputs: int, group_sizes: list[int], itemsize: int,
-                budget: int) -> Plan:
+                budget: int) -> BlockPlan:
     """Pack parameter tensors into groups and return the plan.
 
     >>> p = plan_blocks(n_samples=10, n_outputs=2, group_sizes=[100, 100, 500], itemsize=4,
@@ -97,8 +97,13 @@ def plan_blocks(*, n_samples: int, n_outputs: int, group_sizes: list[int], items
         total += size
     if current:
         groups.append(Group(tuple(current), total))
-    return Plan(n_samples=n_samples, n_outputs=n_outputs, itemsize=itemsize, budget=budget,
-                groups=tuple(groups))
+    return BlockPlan(n_samples=n_samples, n_outputs=n_outputs, itemsize=itemsize,
+                     budget=budget, groups=tuple(groups))
+
+
+#: The name :class:`BlockPlan` had before ``cvcore.plan.MeasurePlan`` existed; third-party
+#: backends written against it keep working.
+Plan = BlockPlan
 
 
 def dense_costs(n1: int, n2: int, n_out: int, s: int, d_in: int, d_out: int, traced: bool,

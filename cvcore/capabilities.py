@@ -24,7 +24,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore import plugins
-from cvcore.protocols import ArrayBackend, CountingBackend, GuardingBackend, SeedingBackend
+from cvcore.errors import BackendError, CVCoreError, ModelError
+from cvcore.protocols import (
+    ArrayBackend,
+    CountingBackend,
+    GuardingBackend,
+    KernelRequest,
+    NamingBackend,
+    OutputsBackend,
+    SeedingBackend,
+)
 
 
 def imported_backends() -> list[Any]:
@@ -80,5 +89,39 @@ def as_array(values: NDArray[Any], like: Any, backend: Any = None) -> Any:
     return np.asarray(values, dtype=getattr(like, "dtype", np.float64))
 
 
-__all__ = ["as_array", "count_parameters", "imported_backends", "seed_frameworks",
-           "untouched"]
+def model_outputs(backend: Any, model: Any, inputs: Any, request: KernelRequest
+                  ) -> NDArray[np.float64]:
+    """The outputs ``f(x)`` the kernel of ``request`` differentiates, ``(N, O)`` float64:
+    ``backend``'s :meth:`~cvcore.protocols.OutputsBackend.outputs` (no NumPy default: only
+    the framework can run the model).
+
+    Raises:
+        BackendError: the backend cannot compute outputs.
+        ModelError: it returned something other than ``N`` finite rows.
+    """
+    if not isinstance(backend, OutputsBackend):
+        raise BackendError(f"expected a backend that computes the model's outputs, got "
+                           f"{getattr(backend, 'name', type(backend).__name__)!r}, which has "
+                           "no outputs()")
+    out = np.asarray(backend.outputs(model, inputs, request), dtype=np.float64)
+    if out.ndim != 2:
+        raise ModelError(f"backend returned outputs of shape {out.shape}, expected (N, O)")
+    bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+    if bad.size:
+        raise ModelError(f"expected finite outputs, got NaN/Inf for {bad.size} of {out.shape[0]} "
+                         f"samples (indices {', '.join(map(str, bad[:10].tolist()))})")
+    return out
+
+
+__all__ = ["as_array", "count_parameters", "imported_backends", "model_outputs",
+           "seed_frameworks", "untouched"]
+
+
+def framework_name(model: Any, backend: str) -> str:
+    """The framework ``model`` is in, as a run stores it: what the backend named ``backend``
+    says (:class:`~cvcore.protocols.NamingBackend`), else that name."""
+    try:
+        found = plugins.get_backend(backend)
+    except CVCoreError:
+        return backend
+    return found.framework(model) if isinstance(found, NamingBackend) else backend

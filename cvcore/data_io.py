@@ -6,7 +6,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,6 +17,9 @@ from cvcore.protocols import TakingBackend
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
+#: The arrays that make an ``.npz`` archive a graph (read by the torch backend's graph
+#: data loader, not as plain arrays).
+GRAPH_KEYS = ("x.npy", "edge_index.npy")
 
 
 def read_magic(path: Path, n: int = 8) -> bytes:
@@ -114,7 +117,8 @@ class NumpyDataLoader:
                         names = zf.namelist()
                 except (zipfile.BadZipFile, OSError, EOFError):
                     return False
-                return bool(names) and all(n.endswith(".npy") for n in names)
+                return (bool(names) and all(n.endswith(".npy") for n in names)
+                        and not all(k in names for k in GRAPH_KEYS))
         return path.suffix.lower() in (".npy", ".npz")
 
     def load(self, spec: str, key: str | None) -> Any:
@@ -163,10 +167,10 @@ def load_bundled(name: str) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     if name not in BUNDLED:
         raise InputError(f"expected a bundled dataset among {sorted(BUNDLED)}, got {name!r}")
     filename, scale = BUNDLED[name]
-    with resources.files("cvcore").joinpath("data", filename).open("rb") as fh:
-        with np.load(fh) as archive:
-            x = (archive["data"].astype(np.float32) * np.float32(scale))
-            y = archive["target"].astype(np.int64)
+    with (resources.files("cvcore").joinpath("data", filename).open("rb") as fh,
+          np.load(fh) as archive):
+        x = (archive["data"].astype(np.float32) * np.float32(scale))
+        y = archive["target"].astype(np.int64)
     return x, y
 
 
@@ -217,8 +221,44 @@ def load_data(spec: str, key: str | None = None, *, model: Any = None,
     )
 
 
+@runtime_checkable
+class SampleContainer(Protocol):
+    """An adapter whose family has inputs that are not arrays with a batch axis (a graph
+    whose nodes are the samples, a list of graphs): it counts and takes their samples.
+
+    :func:`batch_size` and :func:`take` ask every registered adapter that has these two
+    methods before reading a ``shape``; ``count_samples`` answers ``None`` for inputs
+    that are not its family's (cheaply: without importing its library).
+    """
+
+    def count_samples(self, inputs: Any) -> int | None:
+        """The number of samples in ``inputs``, or ``None`` when they are not this
+        family's inputs."""
+
+    def take_samples(self, inputs: Any, index: NDArray[np.int64]) -> Any:
+        """Samples ``index`` of ``inputs`` (inputs this family counted), as inputs of the
+        same kind."""
+
+
+def sample_container(inputs: Any) -> SampleContainer | None:
+    """The registered adapter that counts the samples of ``inputs`` (``None`` for arrays,
+    tensors, and dicts or tuples of them)."""
+    if isinstance(inputs, (np.ndarray, dict, str, bytes)):
+        return None
+    for adapter in plugins.registry().adapters.values():
+        if isinstance(adapter, SampleContainer) and adapter.count_samples(inputs) is not None:
+            return adapter
+    return None
+
+
 def batch_size(inputs: Any) -> int:
-    """The number of samples in inputs given as an array or a dict / tuple of arrays."""
+    """The number of samples in inputs given as an array or a dict / tuple of arrays (or
+    inputs an adapter counts, :class:`SampleContainer`: nodes of a graph, graphs)."""
+    container = sample_container(inputs)
+    if container is not None:
+        count = container.count_samples(inputs)
+        assert count is not None
+        return count
     if isinstance(inputs, dict):
         sizes = {batch_size(v) for v in inputs.values()}
     elif isinstance(inputs, (tuple, list)):
@@ -250,7 +290,11 @@ def require_samples(n: int) -> None:
 def take(inputs: Any, index: NDArray[np.int64], backend: Any = None) -> Any:
     """Select samples ``index`` (along the first axis) from every array in ``inputs``:
     a framework tensor through ``backend``'s ``take`` (:class:`cvcore.protocols.TakingBackend`),
-    else by a list of ints."""
+    else by a list of ints. Inputs an adapter counts (:class:`SampleContainer`) are taken
+    by that adapter."""
+    container = sample_container(inputs)
+    if container is not None:
+        return container.take_samples(inputs, np.asarray(index, dtype=np.int64))
     if isinstance(inputs, dict):
         return {k: take(v, index, backend) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):

@@ -22,13 +22,17 @@ from numpy.typing import NDArray
 
 from cvcore import plugins
 from cvcore import verify as verification
+from cvcore.axes import KernelAxes
 from cvcore.capabilities import count_parameters
+from cvcore.cross import CrossKernel, convention, jacobian_kernel
 from cvcore.data_io import batch_size
 from cvcore.errors import BackendError, InputError, ModelError
 from cvcore.memory import failed_allocations
 from cvcore.protocols import (
     DiagonalBackend,
     Implementation,
+    JacobianBackend,
+    KernelKind,
     KernelRequest,
     KernelResult,
     LayerKernel,
@@ -63,6 +67,8 @@ class Resolved:
             adapted model's own words, else the selector's).
         head: the output in words as a head of the family names it (the adapter's
             description, else the selector's).
+        against: the second input set of a cross kernel as the backend sees it (shaped
+            by the same adapter), else ``None``.
     """
 
     model: Any
@@ -72,6 +78,7 @@ class Resolved:
     family: str | None
     output: str | None
     head: str | None = None
+    against: Any = None
 
 
 def describe_output(model: Any, output: OutputSelector | None) -> str | None:
@@ -100,10 +107,12 @@ def plan(model: Any, inputs: Any, request: KernelRequest, backend: str | None) -
 
 
 def bind(model: Any, inputs: Any, request: KernelRequest, backend: str | None,
-         chosen: MeasurePlan | None = None) -> tuple[Resolved, MeasurePlan]:
+         chosen: MeasurePlan | None = None, against: Any = None
+         ) -> tuple[Resolved, MeasurePlan]:
     """Apply the model family's adapter (by type, or the one ``request.family`` names),
     then pick the backend (named, or by the model); with ``chosen``, its adapter (and its
-    backend, when it has one) are used and not chosen again."""
+    backend, when it has one) are used and not chosen again. ``against`` (a cross
+    kernel's second input set) is shaped by the same adapter."""
     adapter = (plugins.select_adapter(model, request.family) if chosen is None
                else chosen.adapter)
     family = label = head = None
@@ -117,6 +126,8 @@ def bind(model: Any, inputs: Any, request: KernelRequest, backend: str | None,
         told = describe_output(adapted, None)  # the adapted model's own words, if any
         head = describe(model, inputs, asked) if describe else output_name(output)
         label = head if describe else told if told is not None else output_name(output)
+        if against is not None:
+            against = adapter.adapt(model, against, asked)[1]
         model, inputs = adapted, adapted_inputs
     else:
         label = head = output_name(request.output)
@@ -128,7 +139,8 @@ def bind(model: Any, inputs: Any, request: KernelRequest, backend: str | None,
     if chosen is None or chosen.backend is None:
         picked = plugins.get_backend(backend) if backend else plugins.select_backend(model)
         chosen = MeasurePlan(adapter, picked, family)
-    return Resolved(model, inputs, request, chosen.backend, family, label, head), chosen
+    return Resolved(model, inputs, request, chosen.backend, family, label, head,
+                    against), chosen
 
 
 def head_requests(model: Any, request: KernelRequest) -> tuple[Any | None, list[KernelRequest]]:
@@ -233,6 +245,71 @@ def build_layers(chosen: Any, model: Any, inputs: Any, req: KernelRequest
     return result, split.layers
 
 
+def build_cross(r: Resolved, axes: KernelAxes | None = None) -> CrossKernel:
+    """The kernel from per-sample Jacobians (:mod:`cvcore.cross`) after the front checks:
+    ``K(inputs, against)`` for a cross kernel, else the self kernel, in cvcore's convention
+    or with ``axes``. The structured paths are never asked: they build self kernels in the
+    two conventions only."""
+    req = r.request
+    check_call(r.inputs, req, "ntk")
+    sets = (r.inputs,) if r.against is None else (r.inputs, r.against)
+    if r.against is not None and axes is None and req.implementation == Implementation.STRUCTURED:
+        return _concatenated(r)
+    if r.against is None and axes is not None and isinstance(r.backend, JacobianBackend):
+        shape = tuple(r.backend.output_shape(r.model, r.inputs, req))
+        same = _as_convention(axes, len(shape) + 1)
+        if same is not None:  # a self kernel in cvcore's conventions: the fast paths serve it
+            result, _ = build_kernel(replace(r, request=replace(req, kernel=same)))
+            k = np.asarray(result.kernel)
+            n, o = result.n_samples, result.n_outputs
+            if same == "full":
+                k = k.reshape(n, o, n, o).transpose(0, 2, 1, 3)
+            return CrossKernel(kernel=k, n_samples=(n, n), output_shape=shape,
+                               n_params=result.n_params, convention=convention("", axes))
+    with allocations(r.inputs, req):
+        return jacobian_kernel(r.backend, r.model, sets, req, axes)
+
+
+def _concatenated(r: Resolved) -> CrossKernel:
+    """``implementation="structured"`` for a cross kernel: the structured self kernel of
+    both sets together, cut to its ``N₁ × N₂`` block (exact: in eval mode ``K_ij``
+    depends on samples ``i`` and ``j`` alone; it costs the ``(N₁ + N₂)²`` kernel)."""
+    n1, n2 = batch_size(r.inputs), batch_size(r.against)
+    both = _concat(r.inputs, r.against)
+    result, _ = build_kernel(replace(r, inputs=both, against=None))
+    w = result.n_outputs if r.request.kernel == "full" else 1
+    k = np.asarray(result.kernel)[:n1 * w, n1 * w:].copy()
+    return CrossKernel(kernel=k, n_samples=(n1, n2), output_shape=(result.n_outputs,),
+                       n_params=result.n_params, convention=convention(r.request.kernel, None))
+
+
+def _concat(a: Any, b: Any) -> Any:
+    """Two input sets as one, batch first (NumPy arrays, or dicts / tuples of them)."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return {k: _concat(a[k], b[k]) for k in a}
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return tuple(_concat(x, y) for x, y in zip(a, b))
+    try:
+        return np.concatenate([np.asarray(a), np.asarray(b)])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"expected two input sets that concatenate along the batch axis for "
+                         f"implementation='structured' (NumPy arrays, or dicts / tuples of "
+                         f"them), got {type(a).__name__} and {type(b).__name__}: {exc}") from None
+
+
+def _as_convention(axes: KernelAxes, ndim: int) -> KernelKind | None:
+    """``"traced"`` / ``"full"`` when ``axes`` on a flat output ``(N, O)`` are cvcore's
+    convention (the last axis averaged, or nothing traced or diagonal), else ``None``."""
+    if ndim != 2 or axes.batch_axis % ndim != 0:  # a batch axis last: another layout
+        return None
+    trace, diag = axes.canonical(ndim)
+    if diag:
+        return None
+    if trace == (1,) and axes.reduction == "mean":
+        return "traced"
+    return "full" if trace == () else None
+
+
 def build_diagonal(r: Resolved) -> NDArray[Any]:
     """``K_ii`` from the backend's ``diagonal`` when it has one (no kernel is formed),
     else from the kernel."""
@@ -245,6 +322,7 @@ def build_diagonal(r: Resolved) -> NDArray[Any]:
         return np.diag(chosen.ntk(r.model, r.inputs, r.request).kernel).copy()
 
 
-__all__ = ["MeasurePlan", "PlanCache", "Resolved", "allocations", "bind", "build_diagonal",
+__all__ = ["MeasurePlan", "PlanCache", "Resolved", "allocations", "bind", "build_cross",
+           "build_diagonal",
            "build_kernel", "build_layers", "describe_output", "head_requests", "output_name",
            "plan", "structure_key"]

@@ -2,8 +2,9 @@
 
 A backend implements :class:`Backend`; each optional capability is a Protocol of its
 own: :class:`DiagonalBackend` (``K_ii`` without the kernel), :class:`OperatorBackend`
-(the kernel as a matrix-free :class:`KernelOperator`) and :class:`PerLayerBackend` (the
-kernel split by layer); and the framework chores the core must never do itself:
+(the kernel as a matrix-free :class:`KernelOperator`), :class:`PerLayerBackend` (the
+kernel split by layer) and :class:`OutputsBackend` (the outputs ``f(x)`` the kernel
+differentiates); and the framework chores the core must never do itself:
 :class:`SeedingBackend`, :class:`GuardingBackend`, :class:`CountingBackend`,
 :class:`TakingBackend` and :class:`ArrayBackend` (the core has a NumPy default for each,
 :mod:`cvcore.capabilities`). mypy checks every built-in backend class against each Protocol
@@ -13,7 +14,7 @@ backend can run :func:`cvcore.testing.run_backend_conformance` to check its beha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -152,6 +153,50 @@ class KernelOperator:
     n_params: int | None = None
 
 
+#: ``(A, S) -> G``: ``A`` ``(m, N, k)`` and ``S`` ``(m, O, k)`` float64 give ``m`` cotangents
+#: ``Z_j = A_j S_jᵀ`` (``N × O``, row ``i`` the sample, column ``o`` the output); ``G`` is the
+#: ``m × m`` float64 Gram matrix ``G_jl = (Jᵀ vec Z_j) · (Jᵀ vec Z_l)`` of their
+#: vector-Jacobian products.
+VjpGram = Callable[[NDArray[np.float64], NDArray[np.float64]], NDArray[np.float64]]
+
+
+@dataclass(frozen=True)
+class JacobianProbes:
+    """A model's output Jacobian reached through vector-Jacobian products only, what a
+    backend's ``probes`` returns (:mod:`cvcore.estimators.alignment`).
+
+    Attributes:
+        vjp_gram: the Gram matrix of the products of ``m`` low-rank cotangents (:data:`VjpGram`).
+        outputs: the outputs ``f(X)`` as NumPy ``(N, O)`` (the model's dtype).
+        n_samples: ``N``.
+        n_outputs: ``O``.
+        n_params: trainable parameters ``P``, when the backend knows it.
+        kernel: the exact ``N × N`` kernel of a one-output model from the same forward
+            pass (e.g. a per-sample loss), ``None`` where the backend cannot (then
+            :func:`cvcore.plan.build_kernel` forms it); itself ``None`` when not offered.
+    """
+
+    vjp_gram: VjpGram
+    outputs: Callable[[], NDArray[Any]]
+    n_samples: int
+    n_outputs: int
+    n_params: int | None = None
+    kernel: Callable[[], NDArray[np.float64] | None] | None = None
+
+
+@runtime_checkable
+class ProbeBackend(Protocol):
+    """An optional backend capability: vector-Jacobian products of the outputs, for the
+    trace and the alignments of kernels too large to form (``cvcore.estimate``)."""
+
+    def probes(self, model: Any, inputs: Any, request: KernelRequest, sample_axes: int = 1
+               ) -> JacobianProbes:
+        """The output Jacobian of ``model`` on ``inputs`` as :class:`JacobianProbes`;
+        ``sample_axes=2``: the output is ``(B, S, O)`` and each of the ``B·S`` rows is a
+        sample (a language model's token positions)."""
+        ...
+
+
 @runtime_checkable
 class DiagonalBackend(Protocol):
     """An optional backend capability: the kernel's diagonal without forming the kernel
@@ -171,6 +216,41 @@ class OperatorBackend(Protocol):
 
     def operator(self, model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
         """The kernel of ``model`` on ``inputs`` as :class:`KernelOperator`, never formed."""
+        ...
+
+
+#: One parameter group's per-sample Jacobians, one array per input set, each
+#: ``(N_s, *S, P_group)`` (``S`` the per-sample output shape), what
+#: :meth:`JacobianBackend.jacobians` yields.
+JacobianGroup = tuple[NDArray[np.floating[Any]], ...]
+
+
+@runtime_checkable
+class NamingBackend(Protocol):
+    """An optional backend capability: the framework a model is in, in words, when the
+    backend's name does not say it (a Keras 3 model runs on TensorFlow, JAX or torch)."""
+
+    def framework(self, model: Any) -> str:
+        """E.g. ``"keras/jax"``; stored as a run's ``framework``."""
+        ...
+
+
+@runtime_checkable
+class JacobianBackend(Protocol):
+    """An optional backend capability: per-sample Jacobians of one or more input sets,
+    one parameter group at a time (cross kernels ``K(x₁, x₂)``, kernels with any traced
+    or diagonal output axes, :mod:`cvcore.cross`). Summing the contraction over the
+    groups gives the whole kernel; each group's Jacobians fit the request's memory budget."""
+
+    def jacobians(self, model: Any, input_sets: tuple[Any, ...], request: KernelRequest
+                  ) -> Iterator[JacobianGroup]:
+        """Per group, one ``(N_s, *S, P_group)`` array per input set, in the request's
+        dtype (eval mode only when there are several input sets)."""
+        ...
+
+    def output_shape(self, model: Any, inputs: Any, request: KernelRequest) -> tuple[int, ...]:
+        """One sample's output shape ``S`` (the output ``request.output`` selects), from
+        one forward pass (the whole batch's under ``train=True``, without its first axis)."""
         ...
 
 
@@ -211,6 +291,19 @@ class PerLayerBackend(Protocol):
 
     def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
         """Each layer's kernel ``J_l J_lᵀ``, for the same request :meth:`Backend.ntk` takes."""
+        ...
+
+
+@runtime_checkable
+class OutputsBackend(Protocol):
+    """An optional backend capability: the model's outputs ``f(x)`` at the probe inputs, the
+    ones its kernel differentiates (the residual ``f(x) − y`` of ``measure(..., targets=)``,
+    the NNGP of the outputs)."""
+
+    def outputs(self, model: Any, inputs: Any, request: KernelRequest) -> NDArray[np.floating[Any]]:
+        """``(N, O)`` NumPy in the request's dtype: the output ``request.output`` selects,
+        flattened per sample (column ``o`` is the kernel's output ``o``), in the kernel's mode:
+        each sample alone in eval mode, the whole probe as one batch under ``train=True``."""
         ...
 
 

@@ -4,7 +4,7 @@ Every entry point builds one: :func:`cvcore.measure` and :func:`cvcore.ntk`, ``c
 (through :func:`cvcore.runs.measure_checkpoints`), the :class:`~cvcore.record.Recorder`
 (and so the sweep, whose cells record with it). It is validated once
 (:func:`cvcore.validate.measure_request`), resolved once into a
-:class:`cvcore.plan.Plan`, and what it computes is decided in one place,
+:class:`cvcore.plan.MeasurePlan`, and what it computes is decided in one place,
 :attr:`MeasureRequest.compute`.
 
 :class:`Options` is the one list of measure options as a user writes them: the keyword
@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from cvcore.axes import KernelAxes
 from cvcore.errors import InputError
 from cvcore.estimators import (
+    DEFAULT_ALIGNMENT_PROBES,
     DEFAULT_OVERSAMPLE,
     DEFAULT_POWER_ITERS,
     DEFAULT_PROBES,
@@ -68,7 +70,32 @@ def option_names() -> tuple[str, ...]:
 
 
 #: What else :func:`cvcore.measure` takes besides :class:`Options`: what to compute.
-MEASURE_ONLY = ("variables", "per_layer")
+MEASURE_ONLY = ("variables", "per_layer", "targets")
+
+#: What else :func:`cvcore.ntk` takes besides :class:`Options` (keyword-only): which
+#: output axes are traced or kept diagonal (:class:`cvcore.axes.KernelAxes`) and where
+#: the batch axis is (``vmap_axes``). Its second input set ``x2`` is positional.
+NTK_ONLY = ("trace_axes", "diagonal_axes", "trace_reduction", "vmap_axes")
+
+
+@dataclass(frozen=True, eq=False)
+class Targets:
+    """The probe's targets, checked once (:func:`cvcore.validate.check_targets`): what the
+    kernel's alignment and the residual ``f(x) − y`` are measured against.
+
+    Attributes:
+        values: integer class labels ``(N,)`` (int64; one-hot encoded where used), or real
+            targets ``(N, C)`` (float64; a 1-D real target is one column).
+        labels: whether ``values`` are class labels.
+    """
+
+    values: np.ndarray[Any, Any]
+    labels: bool
+
+    @property
+    def n(self) -> int:
+        """``N``, the number of samples the targets are for."""
+        return int(self.values.shape[0])
 
 
 @dataclass(frozen=True)
@@ -93,9 +120,14 @@ class EstimatorOptions:
     seed: Seed = 0
     max_exact_dim: int | None = None
     available_bytes: int | None = None
+    alignment_probes: int = DEFAULT_ALIGNMENT_PROBES
+    sample_axes: int = 1
+    spectrum: bool = True
 
     def __post_init__(self) -> None:
         _check_choices(self.method, self.trace_estimator, self.top_k)
+        if self.sample_axes not in (1, 2):
+            raise InputError(f"expected sample_axes 1 or 2, got {self.sample_axes!r}")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> EstimatorOptions:
@@ -152,6 +184,8 @@ class Compute(str, Enum):
     DIAGONAL: the kernel's diagonal only (the variables asked need nothing more).
     ESTIMATE: trace, entropy and top eigenvalues with error bars (:mod:`cvcore.estimate`).
     SKETCH: the sketched traced kernel (:mod:`cvcore.sketch`).
+    CROSS: the kernel from per-sample Jacobians (:mod:`cvcore.cross`): between two input
+        sets, or with chosen traced / diagonal output axes.
     """
 
     KERNEL = "kernel"
@@ -159,6 +193,7 @@ class Compute(str, Enum):
     DIAGONAL = "diagonal"
     ESTIMATE = "estimate"
     SKETCH = "sketch"
+    CROSS = "cross"
 
 
 @dataclass(frozen=True)
@@ -174,6 +209,9 @@ class MeasureRequest:
         per_layer: also split the kernel by layer.
         estimator: estimate with error bars instead of measuring exactly.
         sketch: the sketched traced kernel instead of the exact one.
+        targets: the probe's targets; with them the kernel is formed (whatever the
+            variables) and its alignment with the targets and with the residual
+            ``f(x) − y`` is measured too (:mod:`cvcore.dynamics`).
     """
 
     kernel: KernelRequest = field(default_factory=KernelRequest)
@@ -182,17 +220,27 @@ class MeasureRequest:
     per_layer: bool = False
     estimator: EstimatorOptions | None = None
     sketch: Sketch | None = None
+    targets: Targets | None = None
+    #: the second input set of a cross kernel ``K(x, against)`` (checked by
+    #: :func:`cvcore.validate.check_against`); ``None``: the self kernel
+    against: Any = field(default=None, compare=False)
+    #: which output axes are traced or kept diagonal (neural-tangents' layout);
+    #: ``None``: cvcore's ``kernel`` convention
+    axes: KernelAxes | None = None
 
     @property
     def compute(self) -> Compute:
         """What this request computes (the one place it is decided)."""
+        if self.against is not None or self.axes is not None:
+            return Compute.CROSS
         if self.estimator is not None:
             return Compute.ESTIMATE
         if self.sketch is not None:
             return Compute.SKETCH
         if self.per_layer:
             return Compute.LAYERS
-        if self.variables is not None and set(self.variables) <= set(DIAGONAL_VARIABLES):
+        if (self.targets is None and self.variables is not None
+                and set(self.variables) <= set(DIAGONAL_VARIABLES)):
             return Compute.DIAGONAL
         return Compute.KERNEL
 
@@ -205,11 +253,13 @@ class MeasureRequest:
 __all__ = [
     "MEASURE_ONLY",
     "METHODS",
+    "NTK_ONLY",
     "TRACE_ESTIMATORS",
     "Compute",
     "EstimatorOptions",
     "MeasureRequest",
     "Options",
     "Sketch",
+    "Targets",
     "option_names",
 ]

@@ -48,6 +48,10 @@ class Row:
     settings: str | None = None
     #: Why the checkpoint could not be measured (its variables are then all ``None``).
     error: str | None = None
+    #: The measured model's ``module.QualName`` and trainable parameter count, when known
+    #: (stored by ``cv measure --out``; not table, JSON or CSV columns).
+    model_class: str | None = None
+    n_params: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Keys: every :class:`CollectiveVariables` field plus the provenance fields;

@@ -10,7 +10,7 @@ from typing import Any
 
 from cvcore import progress
 from cvcore.api import Outcome, execute, layer_rows, resolve_heads
-from cvcore.capabilities import seed_frameworks
+from cvcore.capabilities import count_parameters, seed_frameworks
 from cvcore.checkpoints import load_checkpoint, natural_key
 from cvcore.data_io import batch_size, data_loader_for, load_data, needs_model, probe_subset
 from cvcore.errors import CVCoreError, InputError
@@ -166,13 +166,25 @@ def _measure_one(path: Path, shared_inputs: Any, *, probe: ProbeSpec, request: M
         for resolved in resolve_heads(loaded.model, inputs, request):
             if request.kernel.train:
                 seed_frameworks(probe.seed)
-            rows.append(_row(path, inputs, execute(resolved, request, say), request, started))
+            done = execute(resolved, request, say)
+            row = _row(path, inputs, done, request, started)
+            n_params = done.result.n_params if done.result is not None else None
+            if n_params is None:
+                n_params = count_parameters(resolved.model, resolved.backend)
+            rows.append(replace(row, model_class=_model_class(loaded.model),
+                                n_params=n_params))
             started = time.perf_counter()
     except InputError as exc:
         if probe.data is not None and str(exc).startswith("expected numeric probe inputs"):
             raise InputError(f"{probe.data}: {exc}") from None  # name the file of texts
         raise
     return rows
+
+
+def _model_class(model: Any) -> str:
+    from cvcore.record.recorder import model_description  # the Recorder's own words
+
+    return model_description(model)
 
 
 def _row(path: Path, inputs: Any, done: Outcome, request: MeasureRequest, started: float

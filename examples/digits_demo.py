@@ -2,7 +2,9 @@
 
 Used by ``make demo``: a :class:`cvcore.Recorder` measures the entropy and trace of the
 empirical NTK on a fixed train and test probe (10 subsets of 20 samples each) before
-every epoch's updates and writes them to ``runs/digits/run.db``; afterwards
+every epoch's updates, with the kernel's alignment to the labels (``target_alignment``)
+and its motion (``kernel_distance_init``, ``kernel_velocity``, the top eigenvalues), and
+writes them to ``runs/digits/run.db``; afterwards
 ``cv report runs/digits/run.db`` and ``cv plot runs/digits/run.db --out ...`` show them.
 ``--checkpoints`` also saves ``epoch_{N}.pt`` for ``cv measure``.
 """
@@ -60,6 +62,8 @@ def main() -> None:
     rec = None if args.no_record else cvcore.Recorder(
         {"train": x_np[train[:200]], "test": x_np[test[:200]]}, sink=sink,
         subsets=tuple(args.subsets), variables=["entropy", "trace"], seed=args.seed,
+        # the kernel's alignment with the labels and its motion between records
+        targets={"train": y_np[train[:200]], "test": y_np[test[:200]]}, dynamics=True,
         name=f"digits mlp width {args.width} seed {args.seed}",
         tags={"width": args.width, "seed": args.seed, "lr": 0.1, "dataset": "digits"})
     train_seconds = 0.0

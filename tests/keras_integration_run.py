@@ -46,6 +46,11 @@ def run(workdir: str) -> dict[str, Any]:
     fit([batch], epochs=2)  # 4 batches per epoch
     with open(out / "log.csv") as f:
         logged = [float(r["cv/probe/trace"]) for r in csv.DictReader(f)]
+    sparse = RecorderCallback(probe, every=2, sink=out / "every2.db", variables=["trace"])
+    model2 = fit([sparse, keras.callbacks.CSVLogger(str(out / "every2.csv"))])
+    with open(out / "every2.csv") as f:
+        sparse_csv = [(int(r["epoch"]), float(r["cv/probe/trace"])) for r in csv.DictReader(f)]
+    (run2,) = cvcore.read_runs(out / "every2.db")
     return {
         "backend": keras.backend.backend(),
         "same_weights": all(np.array_equal(a, b) for a, b in
@@ -57,6 +62,11 @@ def run(workdir: str) -> dict[str, Any]:
         "history": [float(v) for v in model.history_.history["cv/probe/trace"]],
         "csv": logged,
         "batch_steps": [r.step for r in batch.recorder.store.records(batch.recorder.run_id)],
+        "every2": {"steps": [r["step"] for r in run2["records"]],
+                   "stored": [r["values"][0]["value"] for r in run2["records"]],
+                   "history": [float(v) for v in model2.history_.history["cv/probe/trace"]],
+                   "epochs": list(model2.history_.epoch), "csv": sparse_csv,
+                   "direct": cvcore.measure(model2, probe, variables=["trace"]).trace},
     }
 
 

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
         CountingBackend,
         DiagonalBackend,
         GuardingBackend,
+        JacobianBackend,
+        NamingBackend,
         OperatorBackend,
+        OutputsBackend,
         PerLayerBackend,
         SeedingBackend,
         TakingBackend,
@@ -39,4 +42,8 @@ def contracts(torch: TorchBackend, jax: JaxBackend, keras: KerasBackend) -> None
     counting: list[CountingBackend] = [torch, keras]
     taking: list[TakingBackend] = [torch, jax, keras]
     arrays: list[ArrayBackend] = [torch, jax, keras]
-    del backends, diagonals, operators, per_layer, seeding, guarding, counting, taking, arrays
+    outputs: list[OutputsBackend] = [torch, jax, keras]
+    jacobians: list[JacobianBackend] = [torch, jax, keras]
+    naming: list[NamingBackend] = [keras]
+    del (backends, diagonals, operators, per_layer, seeding, guarding, counting, taking, arrays,
+         outputs, jacobians, naming)

@@ -11,6 +11,7 @@ does not import JAX.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from cvcore.backends.jax.setup import (
 
 from cvcore.memory import ensure_fits
 from cvcore.protocols import (
+    JacobianProbes,
     KernelOperator,
     KernelRequest,
     KernelResult,
@@ -62,11 +64,67 @@ class JaxBackend:
 
         return kernel_operator(model, inputs, request)
 
+    def probes(self, model: Any, inputs: Any, request: KernelRequest, sample_axes: int = 1
+               ) -> JacobianProbes:
+        """The output Jacobian through vector-Jacobian products only
+        (:class:`cvcore.protocols.JacobianProbes`)."""
+        from cvcore.backends.jax.operator import jacobian_probes
+
+        return jacobian_probes(model, inputs, request, sample_axes)
+
+    def batch_first_model(self, model: Any, in_axes: Any, out_axis: int) -> Any:
+        """The model wrapped to take and return batch-first arrays (``vmap_axes``,
+        :mod:`cvcore.batch_axes`)."""
+        from cvcore.backends.jax.setup import batch_first_model
+
+        return batch_first_model(model, in_axes, out_axis)
+
+    def output_shape(self, model: Any, inputs: Any, request: KernelRequest) -> tuple[int, ...]:
+        """One sample's output shape ``S`` (:class:`cvcore.protocols.JacobianBackend`)."""
+        from cvcore.backends.jax.jacobian import output_shape
+
+        device = resolve_device(request.device)
+        with scope(request, device):
+            s = prepare(model, inputs, request, device, request.train)
+            return output_shape(s.prep, s.x, request)
+
+    def jacobians(self, model: Any, input_sets: tuple[Any, ...], request: KernelRequest
+                  ) -> Iterator[tuple[np.ndarray, ...]]:
+        """Per parameter group, the per-sample Jacobians ``(N_s, *S, P_group)`` of each
+        input set (cross kernels and output axes, :mod:`cvcore.cross`)."""
+        from cvcore.backends.jax.jacobian import jacobian_groups
+
+        device = resolve_device(request.device)
+        with scope(request, device):
+            yield from jacobian_groups(model, input_sets, request, device)
+
     def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
         """Each layer's kernel (layers by parameter-tree path): ``cvcore.protocols.LayerKernels``."""
         from cvcore.backends.jax.layers import layer_kernels
 
         return layer_kernels(model, inputs, request)
+
+    def outputs(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
+        """The selected output ``(N, O)`` in the request's dtype, as the kernel
+        differentiates it: each sample alone (vmapped), or one batch under ``train=True``
+        for a model that takes batches (:class:`cvcore.protocols.OutputsBackend`)."""
+        import jax
+        from cvcore.backends.jax.forms import select_output
+
+        device = resolve_device(request.device)
+        with scope(request, device):
+            s = prepare(model, inputs, request, device, request.train)
+            prep, output = s.prep, request.output
+            if request.train and prep.batched:
+                out = select_output(prep.call(prep.params, prep.constants, s.x), output)
+            else:
+                def single(xi: Any) -> Any:
+                    xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
+                    return select_output(prep.call(prep.params, prep.constants, xb),
+                                         output).reshape(-1)
+
+                out = jax.vmap(single)(s.x)
+            return np.asarray(out).reshape(s.n, -1)
 
     # -- the framework chores the core asks of a backend (cvcore.capabilities) -----------
     # JAX has no global random state (its keys are values), so it has no ``seed`` or

@@ -3,19 +3,19 @@
 Every engine of the backend starts from a :class:`cvcore.backends.jax.setup.Setup`
 (:func:`cvcore.backends.jax.setup.prepare`); :func:`make_jacobian` gives the Jacobian block of a chunk of
 samples for a parameter group; :func:`assemble` accumulates the kernel over the groups
-and sample blocks of a :class:`cvcore.blocking.Plan`. Built on :mod:`forms`, :mod:`setup`
+and sample blocks of a :class:`cvcore.blocking.BlockPlan`. Built on :mod:`forms`, :mod:`setup`
 and :mod:`jaxpr` only.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from cvcore.blocking import Group, Plan
+from cvcore.blocking import BlockPlan, Group
 from cvcore.data_io import batch_size, slice_inputs
 from cvcore.imports import require
 from cvcore.outputs import check_finite
@@ -125,7 +125,7 @@ def make_jacobian(prep: Prepared, leaves: Leaves, group: Group, request: KernelR
     return eval_jac
 
 
-def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, plan: Plan,
+def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, plan: BlockPlan,
              n_outputs: int) -> Any:
     """Accumulate the kernel over parameter groups and sample blocks."""
     import jax.numpy as jnp
@@ -162,3 +162,53 @@ def assemble(prep: Prepared, leaves: Leaves, x: Any, request: KernelRequest, pla
                 kernel[b0 * width:b1 * width, a0 * width:a1 * width] += block.T
     check_finite(np.diagonal(kernel), n, width)
     return kernel
+
+
+def jacobian_groups(model: Any, input_sets: tuple[Any, ...], request: KernelRequest,
+                    device: Any) -> Iterator[tuple[Any, ...]]:
+    """What ``JaxBackend.jacobians`` yields: per parameter group, the per-sample
+    Jacobians ``(N_s, *S, P_group)`` of every input set as NumPy (the generic Jacobian
+    path; call inside :func:`cvcore.backends.jax.setup.scope`). Several input sets are
+    measured in eval mode only (batch statistics couple the samples of one batch)."""
+    from cvcore.blocking import plan_blocks
+    from cvcore.errors import InputError
+
+    from .setup import as_inputs, prepare
+
+    if len(input_sets) > 1 and request.train:
+        raise InputError("expected train=False for a kernel between two input sets (batch "
+                         "statistics of one batch do not apply to another), got train=True")
+    s = prepare(model, input_sets[0], request, device, request.train)
+    xs = [s.x] + [as_inputs(x, s.dtype, device) for x in input_sets[1:]]
+    shapes = [output_shape(s.prep, x, request) for x in xs]
+    if any(shape != shapes[0] for shape in shapes):
+        raise InputError(f"expected input sets whose outputs have one per-sample shape, got "
+                         f"{[list(sh) for sh in shapes]}")
+    sizes = [batch_size(x) for x in xs]
+    plan = plan_blocks(n_samples=sum(sizes), n_outputs=s.n_outputs, group_sizes=s.sizes,
+                       itemsize=np.dtype(request.dtype).itemsize, budget=request.memory_budget)
+    for group in plan.groups:
+        jac = make_jacobian(s.prep, s.leaves, group, request, s.n_outputs)
+        out = []
+        for x, n in zip(xs, sizes):
+            chunks = [(0, n)] if request.train else plan.chunks(group, 0, n)
+            size = max(b - a for a, b in chunks)
+            parts = [np.asarray(jac(x, a, b, size)) for a, b in chunks]
+            j = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            out.append(j.reshape(n, *shapes[0], -1))
+        yield tuple(out)
+
+
+def output_shape(prep: Prepared, x: Any, request: KernelRequest) -> tuple[int, ...]:
+    """One sample's output shape ``S`` (train mode on a batched model: the batch's
+    output without its first axis), by ``jax.eval_shape`` (nothing is computed)."""
+    jax = require("jax")
+
+    first = slice_inputs(x, 0, 1)
+    if request.train and prep.batched:
+        first = x
+    elif not prep.batched:
+        first = jax.tree_util.tree_map(lambda a: a[0], first)
+    shaped = jax.eval_shape(lambda p, c, xb: select_output(prep.call(p, c, xb), request.output),
+                            prep.params, prep.constants, first)
+    return tuple(int(d) for d in (shaped.shape[1:] if prep.batched else shaped.shape))

@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from cvcore.blocking import OperatorBudget
 from cvcore.data_io import slice_inputs
 from cvcore.imports import require
-from cvcore.protocols import KernelOperator, KernelRequest
+from cvcore.protocols import JacobianProbes, KernelOperator, KernelRequest
 from cvcore.validate import require_eval
 
 from . import forms, setup
@@ -205,4 +205,65 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
         op.act_bytes = _activation_bytes(op._single, (op.theta, s.leaves.values,
                                                       s.prep.constants, x0))
     return KernelOperator(matvec=op.matvec, dim=op.dim, n_samples=s.n, n_outputs=s.n_outputs,
+                          n_params=sum(s.sizes))
+
+
+def jacobian_probes(model: Any, inputs: Any, request: KernelRequest, sample_axes: int = 1
+                    ) -> JacobianProbes:
+    """What ``JaxBackend.probes`` returns: the output Jacobian as
+    :class:`cvcore.protocols.JacobianProbes`, through ``jax.vjp`` over all the inputs at once
+    (one forward pass; each cotangent one pullback). ``sample_axes=2``: each sample's output
+    is ``(S, O)`` and its ``S`` rows are samples too.
+
+    Raises:
+        InputError: empty inputs, ``train=True``, ``sample_axes`` not 1 or 2.
+    """
+    from cvcore.errors import InputError
+
+    jax = require("jax")
+    import jax.numpy as jnp
+
+    require_eval(request)
+    if sample_axes not in (1, 2):
+        raise InputError(f"expected sample_axes 1 or 2, got {sample_axes!r}")
+    device = setup.resolve_device(request.device)
+    with setup.scope(request, device):
+        s = setup.prepare(model, inputs, request, device, False)
+        prep, leaves, output = s.prep, s.leaves, request.output
+        index = leaves.trainable
+
+        def single(theta: Any, xi: Any) -> Any:
+            xb = jax.tree_util.tree_map(lambda a: a[None], xi) if prep.batched else xi
+            raw = prep.call(forms.with_values(leaves, index, theta, leaves.values),
+                            prep.constants, xb)
+            out = forms.select_output(raw, output)
+            return out.reshape(-1) if sample_axes == 1 else out.reshape(-1, out.shape[-1])
+
+        def f(theta: Any) -> Any:
+            y = jax.vmap(single, in_axes=(None, 0))(theta, s.x)
+            return y.reshape(-1, y.shape[-1])  # (rows, O)
+
+        theta = tuple(leaves.values[i] for i in index)
+        out, pullback = jax.vjp(f, theta)
+        n_rows, n_out = int(out.shape[0]), int(out.shape[1])
+
+        def flat_products(z: Any) -> Any:
+            flat = [t.reshape(-1) for t in jax.tree_util.tree_leaves(pullback(z)[0])]
+            return jnp.concatenate(flat)
+
+        products: Any = jax.jit(flat_products)
+
+    def gram(a: NDArray[np.float64], sv: NDArray[np.float64]) -> NDArray[np.float64]:
+        with setup.scope(request, device):
+            dtype = out.dtype
+            us = [products(jnp.asarray(a[j] @ sv[j].T, dtype=dtype)) for j in range(a.shape[0])]
+            u = np.asarray(jnp.stack(us), dtype=np.float64)
+        g: NDArray[np.float64] = u @ u.T
+        return g
+
+    def outputs() -> NDArray[Any]:
+        arr: NDArray[Any] = np.asarray(out)
+        return arr
+
+    return JacobianProbes(vjp_gram=gram, outputs=outputs, n_samples=n_rows, n_outputs=n_out,
                           n_params=sum(s.sizes))

@@ -172,3 +172,29 @@ def prepare(model: Any, inputs: Any, request: KernelRequest, device: jax.Device,
     n_outputs = probe_outputs(prep, leaves, x, request.output)
     sizes = [int(leaves.values[i].size) for i in leaves.trainable]
     return Setup(prep, leaves, x, n, n_outputs, sizes, dtype, device)
+
+
+def batch_first_model(model: Any, in_axes: Any, out_axis: int) -> Any:
+    """An ``(apply_fn, params)`` model wrapped to take batch-first inputs and return a
+    batch-first output (neural-tangents' ``vmap_axes``, :mod:`cvcore.batch_axes`); other
+    model forms are refused (write them as ``(apply_fn, params)``)."""
+    import jax.numpy as jnp
+
+    if not (isinstance(model, tuple) and len(model) == 2 and callable(model[0])):
+        raise InputError(f"expected an (apply_fn, params) pair with vmap_axes, got "
+                         f"{describe(model)}")
+    fn, params = model
+
+    def back(a: Any, axis: Any) -> Any:
+        return a if axis in (0, None) else jnp.moveaxis(a, 0, int(axis))
+
+    def apply_fn(p: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            named = in_axes if isinstance(in_axes, Mapping) else dict.fromkeys(kwargs, in_axes)
+            out = fn(p, **{k: back(v, named.get(k, 0)) for k, v in kwargs.items()})
+        else:
+            each = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+            out = fn(p, *(back(v, a) for v, a in zip(args, each)))
+        return jnp.moveaxis(out, out_axis, 0)
+
+    return apply_fn, params

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,16 @@ class KerasBackend:
     extra = "tensorflow"
     modules: tuple[str, ...] = ("keras", "tensorflow")
 
+    def framework(self, model: Any) -> str:
+        """``keras/<engine>`` for a Keras 3 model (the Keras backend it runs on), else
+        ``tensorflow``."""
+        import sys
+
+        keras = sys.modules.get("keras")
+        if keras is not None and isinstance(model, keras.Model):
+            return f"keras/{keras.backend.backend()}"
+        return self.name
+
     def available(self) -> bool:
         return (importlib.util.find_spec("keras") is not None
                 or importlib.util.find_spec("tensorflow") is not None)
@@ -64,12 +75,69 @@ class KerasBackend:
         with quiet_tensorflow():
             return self._run(model, inputs, request, diagonal=True)
 
+    def output_shape(self, model: Any, inputs: Any, request: KernelRequest) -> tuple[int, ...]:
+        """One sample's output shape ``S`` (:class:`cvcore.protocols.JacobianBackend`)."""
+        from cvcore.backends.keras.jacobian import output_shape
+
+        with quiet_tensorflow():
+            if not is_keras_layer(model):
+                return output_shape(model, inputs, request)
+            with keras_float64(keras_backend_name(), request.dtype == "float64"):
+                return output_shape(model, inputs, request)
+
+    def jacobians(self, model: Any, input_sets: tuple[Any, ...], request: KernelRequest
+                  ) -> Iterator[tuple[np.ndarray[Any, Any], ...]]:
+        """Per parameter group, the per-sample Jacobians ``(N_s, *S, P_group)`` of each
+        input set (cross kernels and output axes, :mod:`cvcore.cross`)."""
+        from cvcore.backends.keras.jacobian import jacobian_groups
+
+        with quiet_tensorflow():
+            if not is_keras_layer(model):
+                yield from jacobian_groups(model, input_sets, request)
+                return
+            with keras_float64(keras_backend_name(), request.dtype == "float64"):
+                yield from jacobian_groups(model, input_sets, request)
+
     def layer_kernels(self, model: Any, inputs: Any, request: KernelRequest) -> LayerKernels:
         """Each layer's kernel: ``cvcore.protocols.LayerKernels`` (backends/keras/layers.py)."""
         from cvcore.backends.keras.layers import layer_kernels
 
         with quiet_tensorflow():
             return layer_kernels(model, inputs, request)
+
+    def outputs(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray[Any, Any]:
+        """The selected output ``(N, O)`` in the request's dtype, from the engine the kernel
+        is built by: each sample alone in eval mode, one batch under ``train=True``
+        (:class:`cvcore.protocols.OutputsBackend`)."""
+        with quiet_tensorflow():
+            x = as_inputs(inputs, request.dtype)
+            require_samples(batch_size(x))
+            if is_keras_layer(model):
+                backend = keras_backend_name()
+                with keras_float64(backend, request.dtype == "float64"):
+                    if backend == "jax":
+                        from cvcore.backends.jax.backend import JaxBackend
+                        from cvcore.backends.keras.bridge import jax_pair
+
+                        return JaxBackend().outputs(jax_pair(model, x, request), x, request)
+                    if backend == "torch" and _torch_structured(model, request):
+                        from cvcore.backends.keras.bridge import torch_module
+                        from cvcore.backends.keras.setup import keras_device
+                        from cvcore.backends.torch.backend import TorchBackend
+
+                        kind, _, index = keras_device(request.device, "torch").partition(":")
+                        on = dataclasses.replace(
+                            request, device="cpu" if kind == "cpu" else f"cuda:{index}")
+                        return TorchBackend().outputs(torch_module(model, x, request), x, on)
+                    return _outputs_of(keras_engine(model, x, request, backend), x, request)
+            if is_tf_trackable(model):
+                from cvcore.backends.keras.module import module_engine
+
+                return _outputs_of(module_engine(model, request), x, request)
+        raise ModelError(
+            "expected a Keras 3 layer / model, a tf.Module or a loaded SavedModel, got "
+            f"{type(model).__module__}.{type(model).__qualname__}"
+        )
 
     def _run(self, model: Any, inputs: Any, request: KernelRequest, diagonal: bool) -> Any:
         x = as_inputs(inputs, request.dtype)
@@ -178,6 +246,17 @@ def _on_torch(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any
     if diagonal:
         return TorchBackend().diagonal(module, x, on)
     return TorchBackend().ntk(module, x, on)
+
+
+def _outputs_of(engine: Engine, x: Any, request: KernelRequest) -> np.ndarray[Any, Any]:
+    """An engine's selected output ``(N, O)`` as NumPy: one forward per sample (eval mode,
+    as the kernel differentiates it) or of the whole batch (train mode)."""
+    native = engine.to_native(x)
+    n = batch_size(x)
+    parts = ([engine.forward(native)] if request.train
+             else [engine.forward(slice_inputs(native, i, i + 1)) for i in range(n)])
+    rows = [p.detach().cpu().numpy() if hasattr(p, "detach") else np.asarray(p) for p in parts]
+    return np.concatenate([r.reshape(r.shape[0], -1) for r in rows]).reshape(n, -1)
 
 
 def _measure(engine: Engine, x: Any, request: KernelRequest, diagonal: bool) -> Any:

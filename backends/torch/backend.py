@@ -38,6 +38,7 @@ from cvcore.imports import require
 from cvcore.memory import ensure_fits
 from cvcore.protocols import (
     Implementation,
+    JacobianProbes,
     KernelOperator,
     KernelRequest,
     KernelResult,
@@ -119,11 +120,79 @@ class TorchBackend:
         with full_precision():
             return kernel_diagonal(model, inputs, request)
 
+    def batch_first_model(self, model: Any, in_axes: Any, out_axis: int) -> Any:
+        """The model wrapped to take and return batch-first arrays (``vmap_axes``,
+        :mod:`cvcore.batch_axes`)."""
+        from cvcore.backends.torch.setup import batch_first_model
+
+        return batch_first_model(model, in_axes, out_axis)
+
+    def output_shape(self, model: Any, inputs: Any, request: KernelRequest) -> tuple[int, ...]:
+        """One sample's output shape ``S`` (:class:`cvcore.protocols.JacobianBackend`)."""
+        from cvcore.backends.torch.jacobian import output_shape
+
+        return output_shape(model, inputs, request, resolve_device(request.device))
+
+    def jacobians(self, model: Any, input_sets: tuple[Any, ...], request: KernelRequest
+                  ) -> Iterator[tuple[np.ndarray, ...]]:
+        """Per parameter group, the per-sample Jacobians ``(N_s, *S, P_group)`` of each
+        input set (cross kernels and output axes, :mod:`cvcore.cross`)."""
+        from cvcore.backends.torch.jacobian import jacobian_groups
+
+        return jacobian_groups(model, input_sets, request, resolve_device(request.device))
+
     def operator(self, model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
         """The kernel as a matrix-free ``K @ V`` operator (:class:`cvcore.protocols.KernelOperator`)."""
         from cvcore.backends.torch.operator import kernel_operator
 
         return kernel_operator(model, inputs, request)
+
+    def probes(self, model: Any, inputs: Any, request: KernelRequest, sample_axes: int = 1
+               ) -> JacobianProbes:
+        """The output Jacobian through vector-Jacobian products only
+        (:class:`cvcore.protocols.JacobianProbes`)."""
+        from cvcore.backends.torch.operator import jacobian_probes
+
+        return jacobian_probes(model, inputs, request, sample_axes)
+
+    def outputs(self, model: Any, inputs: Any, request: KernelRequest) -> np.ndarray:
+        """The selected output ``(N, O)`` in the request's dtype, as the kernel
+        differentiates it: each sample alone in eval mode, one batch under ``train=True``
+        (:class:`cvcore.protocols.OutputsBackend`)."""
+        torch = require("torch")
+        from cvcore.backends.torch.jacobian import vmap_refusal
+        from cvcore.backends.torch.setup import fcall, forward, pad_batch, select_output
+
+        from cvcore.data_io import slice_inputs
+
+        home = home_device(model)
+        device = home if is_scripted(model) and request.device is None and home else \
+            resolve_device(request.device)
+        s = prepare(model, inputs, request, device)
+        prep, output = s.prep, request.output
+        tensors = {**prep.constants, **prep.params}
+
+        def single(xi: Any) -> Any:
+            batched = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), xi)
+            return select_output(fcall(prep.module, tensors, batched), output)[0]
+
+        with training_mode(prep.module, request.train), torch.no_grad(), full_precision():
+            out = None
+            if request.train:
+                out = forward(prep, s.x, output)
+            elif not prep.scripted and prep.export_batch is None:
+                try:
+                    out = torch.func.vmap(single)(s.x)
+                except RuntimeError as exc:  # side effects: one sample at a time below
+                    if not (vmap_refusal(exc) or "random operation" in str(exc)):
+                        raise
+            if out is None:
+                size = prep.export_batch
+                out = torch.cat([
+                    forward(prep, pad_batch(slice_inputs(s.x, i, i + 1), size) if size
+                            else slice_inputs(s.x, i, i + 1), output)[:1]
+                    for i in range(s.n)])
+        return out.reshape(s.n, -1).detach().cpu().numpy()
 
     def setup(self, model: Any, inputs: Any, request: KernelRequest, device: str
               ) -> Setup:

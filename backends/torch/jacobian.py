@@ -9,11 +9,11 @@ groups and sample blocks. Built on :mod:`cvcore.backends.torch.setup` only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from cvcore import progress
-from cvcore.blocking import Group, Plan
+from cvcore.blocking import BlockPlan, Group
 from cvcore.data_io import batch_size, slice_inputs
 from cvcore.errors import ModelError
 from cvcore.imports import require
@@ -150,7 +150,7 @@ def _output_range(output: OutputSelector | None, start: int, stop: int) -> Outpu
     return pick
 
 
-def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: Plan, jac: JacobianFn,
+def assemble(prep: Prepared, x: Any, request: KernelRequest, plan: BlockPlan, jac: JacobianFn,
               n_outputs: int, device: str, dtype: torch.dtype) -> Any:
     """Accumulate the kernel over parameter groups and pairs of row blocks (samples ×
     outputs), on the device; each block's Jacobian is computed in chunks of samples."""
@@ -219,3 +219,67 @@ def choose_jacobian(prep: Prepared) -> JacobianFn:
     if prep.export_batch is not None:
         return fixed_batch_jacobian
     return functional_jacobian
+
+
+def jacobian_groups(model: Any, input_sets: tuple[Any, ...], request: KernelRequest,
+                    device: str) -> Iterator[tuple[Any, ...]]:
+    """What ``TorchBackend.jacobians`` yields: per parameter group, the per-sample
+    Jacobians ``(N_s, *S, P_group)`` of every input set as NumPy, by the generic Jacobian
+    path (the structured path builds self kernels only). Several input sets are measured
+    in eval mode only: a batch-statistics forward couples the samples of one batch, and
+    two batches have two sets of statistics."""
+    torch = require("torch")
+    import numpy as np
+
+    from cvcore.blocking import plan_blocks
+    from cvcore.errors import InputError
+
+    from .setup import as_inputs, full_precision, prepare, training_mode
+
+    if len(input_sets) > 1 and request.train:
+        raise InputError("expected train=False for a kernel between two input sets (batch "
+                         "statistics of one batch do not apply to another), got train=True")
+    s = prepare(model, input_sets[0], request, device)
+    prep = s.prep
+    xs = [s.x] + [as_inputs(x, s.dtype, device) for x in input_sets[1:]]
+    shapes = [sample_shape(prep, x, request) for x in xs]
+    if any(shape != shapes[0] for shape in shapes):
+        raise InputError(f"expected input sets whose outputs have one per-sample shape, got "
+                         f"{[list(sh) for sh in shapes]}")
+    jac = choose_jacobian(prep)
+    names = list(prep.params)
+    sizes = [batch_size(x) for x in xs]
+    plan = plan_blocks(n_samples=sum(sizes), n_outputs=s.n_outputs,
+                       group_sizes=[int(p.numel()) for p in prep.params.values()],
+                       itemsize=s.itemsize, budget=request.memory_budget)
+    with training_mode(prep.module, request.train), full_precision():
+        for group in plan.groups:
+            group_names = [names[i] for i in group.members]
+            out = []
+            for x, n in zip(xs, sizes):
+                chunks = [(0, n)] if request.train else plan.chunks(group, 0, n)
+                j = torch.cat([jac(prep, group_names, slice_inputs(x, a, b), request)
+                               for a, b in chunks])
+                out.append(np.asarray(j.detach().cpu().numpy()).reshape(n, *shapes[0], -1))
+            yield tuple(out)
+
+
+def sample_shape(prep: Prepared, x: Any, request: KernelRequest) -> tuple[int, ...]:
+    """One sample's output shape (under ``train=True`` the whole batch's, first axis off)."""
+    torch = require("torch")
+
+    from .setup import forward, probe, training_mode
+
+    with training_mode(prep.module, request.train), torch.no_grad():
+        if request.train:
+            return tuple(int(d) for d in forward(prep, x, request.output).shape[1:])
+        return tuple(int(d) for d in probe(prep, x, request.output).shape)
+
+
+def output_shape(model: Any, inputs: Any, request: KernelRequest, device: str
+                 ) -> tuple[int, ...]:
+    """What ``TorchBackend.output_shape`` returns: one sample's output shape ``S``."""
+    from .setup import prepare
+
+    s = prepare(model, inputs, request, device)
+    return sample_shape(s.prep, s.x, request)

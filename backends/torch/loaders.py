@@ -28,6 +28,7 @@ from cvcore.model_factory import resolve_factory
 from cvcore.protocols import LoadedModel, LoadOptions
 
 from .export_archive import check_export_archive, load_checked
+from .graph_data import GraphDataLoader
 
 #: Keys under which training scripts nest a state dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
@@ -242,7 +243,7 @@ def load_state_into(module: Any, state: dict[str, Any], path: Path) -> Any:
     return module
 
 
-def _from_state(options: Any, state: dict[str, Any], path: Path, missing: str) -> LoadedModel:
+def _from_state(options: LoadOptions, state: dict[str, Any], path: Path, missing: str) -> LoadedModel:
     """The ``--model`` factory's module with ``state`` loaded; without ``--model`` an
     error ending in ``missing`` (what was given instead)."""
     if options.model_factory is None:
@@ -371,6 +372,26 @@ class SafetensorsLoader:
         return _from_state(options, state, path, "with safetensors weights, got none")
 
 
+def refuse_pickled_data(path: Path) -> None:
+    """Refuse probe data whose pickle names anything but tensors and containers (a graph
+    ``Data``, a NumPy object): data is never unpickled, and ``--trust`` is for models only."""
+    torch = require("torch")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:  # noqa: BLE001 - a malformed archive, reported in one line
+        raise InputError(f"{path}: expected a readable PyTorch file, got {exc}") from None
+    if not names:
+        return
+    graph = any(n.startswith("torch_geometric.") for n in names)
+    hint = ("save the graph as an .npz archive of x and edge_index (numpy.savez; "
+            "docs/adapters.md, Graph data files)" if graph
+            else "save the inputs as tensors, or as .npy / .npz arrays")
+    raise UntrustedFileError(
+        f"{path}: expected probe data of tensors (a tensor, or a dict / tuple of tensors), got "
+        f"a pickle naming {', '.join(names[:4])}; nothing was run and probe data is never "
+        f"unpickled: {hint}")
+
+
 @dataclass(frozen=True)
 class TensorDataLoader:
     """Probe inputs saved with ``torch.save``: a tensor, or a dict / tuple of tensors."""
@@ -383,6 +404,7 @@ class TensorDataLoader:
         return _available() and path.is_file() and is_torch_save(path)
 
     def load(self, spec: str, key: str | None) -> Any:
+        refuse_pickled_data(Path(spec))
         obj = load_torch_file(Path(spec), trust=False)
         if key is not None:
             if not isinstance(obj, dict) or key not in obj:
@@ -392,4 +414,5 @@ class TensorDataLoader:
         return obj
 
 
-LOADERS = (ExportLoader(), TorchSaveLoader(), SafetensorsLoader(), TensorDataLoader())
+LOADERS = (ExportLoader(), TorchSaveLoader(), SafetensorsLoader(), TensorDataLoader(),
+           GraphDataLoader())

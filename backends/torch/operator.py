@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore.blocking import OperatorBudget
-from cvcore.protocols import KernelOperator, KernelRequest, OutputSelector
+from cvcore.protocols import JacobianProbes, KernelOperator, KernelRequest, OutputSelector
 
 from .setup import Prepared
 
@@ -232,3 +232,203 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
 
     return KernelOperator(matvec=matvec, dim=op.dim, n_samples=n, n_outputs=op.n_outputs,
                           n_params=n_params)
+
+
+def jacobian_probes(model: Any, inputs: Any, request: KernelRequest, sample_axes: int = 1
+                    ) -> JacobianProbes:
+    """What ``TorchBackend.probes`` returns: the output Jacobian as
+    :class:`cvcore.protocols.JacobianProbes`, reached through vector-Jacobian products only.
+
+    One forward pass over all the inputs keeps its graph; every cotangent then costs one
+    backward pass, and ``m`` of them hold ``m`` parameter-sized gradients for their Gram
+    matrix. With ``sample_axes=2`` the selected output has shape ``(B, S, O)`` and its
+    ``B·S`` rows are the samples (a language model's positions). With one output per sample
+    the same forward pass gives the exact kernel (``kernel``, :func:`_loss_gram`).
+
+    Raises:
+        InputError: empty inputs, ``train=True``, ``sample_axes`` not 1 or 2, or an output
+            of fewer than 3 axes with ``sample_axes=2``.
+        ModelError: a TorchScript module, or an integer output.
+    """
+    import torch
+
+    from cvcore.data_io import batch_size, require_samples
+    from cvcore.errors import InputError, ModelError
+    from cvcore.validate import require_eval
+
+    from .setup import (
+        as_inputs,
+        fcall,
+        full_precision,
+        prepare_model,
+        resolve_device,
+        select_output,
+        training_mode,
+    )
+
+    require_eval(request)
+    if sample_axes not in (1, 2):
+        raise InputError(f"expected sample_axes 1 or 2, got {sample_axes!r}")
+    device = resolve_device(request.device)
+    dtype = torch.float64 if request.dtype == "float64" else torch.float32
+    prep = prepare_model(model, dtype, device)
+    if prep.scripted:
+        raise ModelError("expected an nn.Module or a torch.export program for the probes, "
+                         "got a TorchScript module")
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
+    require_samples(n)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in prep.params.items()}
+    capture = _Capture(prep.module, set(leaves)) if sample_axes == 1 else None
+    try:
+        with training_mode(prep.module, False), full_precision(), torch.enable_grad():
+            out = select_output(fcall(prep.module, {**prep.constants, **leaves}, x),
+                                request.output)  # one forward; its graph serves every cotangent
+            out = out.reshape(n, -1) if sample_axes == 1 else out
+    finally:
+        if capture is not None:
+            capture.remove()
+    if not out.is_floating_point():
+        raise ModelError(f"expected a floating-point output to differentiate, got {out.dtype}")
+    if sample_axes == 2 and out.dim() < 3:
+        raise InputError(f"expected an output of shape (B, S, O) for sample_axes=2, got "
+                         f"{tuple(out.shape)}")
+    n_out = int(out.shape[-1])
+    n_rows = int(out.numel()) // n_out
+    params = list(leaves.values())
+
+    def gram(a: NDArray[np.float64], s: NDArray[np.float64]) -> NDArray[np.float64]:
+        grads: list[list[Any]] = []
+        g = np.zeros((a.shape[0], a.shape[0]))
+        with training_mode(prep.module, False), full_precision():
+            for j in range(a.shape[0]):
+                aj = torch.from_numpy(np.ascontiguousarray(a[j])).to(device=out.device, dtype=out.dtype)
+                sj = torch.from_numpy(np.ascontiguousarray(s[j])).to(device=out.device, dtype=out.dtype)
+                gj = torch.autograd.grad(out, params, (aj @ sj.T).reshape(out.shape),
+                                         retain_graph=True, allow_unused=True)
+                grads.append([t.reshape(-1) for t in gj if t is not None])
+                for l_ in range(j + 1):
+                    g[j, l_] = g[l_, j] = sum(float(torch.dot(u, w))
+                                              for u, w in zip(grads[j], grads[l_]))
+        return g
+
+    def outputs() -> NDArray[Any]:
+        arr: NDArray[Any] = out.detach().reshape(n_rows, n_out).cpu().numpy()
+        return arr
+
+    def kernel() -> NDArray[np.float64] | None:
+        if capture is None or n_out != 1 or not capture.complete:
+            return None
+        with training_mode(prep.module, False), full_precision():
+            return _loss_gram(capture, out, n, int(request.memory_budget))
+
+    return JacobianProbes(vjp_gram=gram, outputs=outputs, n_samples=n_rows, n_outputs=n_out,
+                          n_params=sum(int(p.numel()) for p in params), kernel=kernel)
+
+
+class _Capture:
+    """Inputs and outputs of every ``Linear``, ``Embedding`` and ``LayerNorm`` use, by
+    forward hooks; ``complete`` when these modules hold every trainable parameter, each
+    parameter in one module only."""
+
+    KINDS = ("Linear", "Embedding", "LayerNorm")
+
+    def __init__(self, module: Any, trainable: set[str]) -> None:
+        import torch
+
+        self.uses: dict[str, list[tuple[Any, Any, Any]]] = {}
+        self.handles: list[Any] = []
+        covered: list[str] = []
+        for name, mod in module.named_modules():
+            kind = type(mod).__name__
+            own = [f"{name}.{p}" if name else p for p, _ in mod.named_parameters(recurse=False)]
+            if kind in self.KINDS and type(mod).forward is getattr(torch.nn, kind).forward:
+                covered += [p for p in own if p in trainable]
+                self.handles.append(mod.register_forward_hook(self._hook(name, mod)))
+        ids = [id(p) for mod in module.modules() for p in mod.parameters(recurse=False)]
+        self.complete = sorted(covered) == sorted(trainable) and len(ids) == len(set(ids))
+
+    def _hook(self, name: str, mod: Any) -> Any:
+        def hook(m: Any, args: Any, output: Any) -> None:
+            self.uses.setdefault(name, []).append((mod, args[0], output))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _loss_gram(capture: _Capture, out: Any, n: int, budget: int) -> NDArray[np.float64] | None:
+    """``K_ij = ∇f_i · ∇f_j`` for one output per sample from one backward pass to the
+    captured layers' outputs (``G``) and their inputs (``A``): per layer, the per-sample
+    gradients ``G_iᵀ A_i`` in row chunks of the weight, or the "ghost" Gram
+    ``Σ (A_i A_jᵀ) ⊙ (G_i G_jᵀ)`` when that costs fewer multiply-adds."""
+    import torch
+
+    uses = [(name, u) for name, us in capture.uses.items() for u in us]
+    outs = [u[2] for _, u in uses]
+    grads = torch.autograd.grad(out.sum(), outs, retain_graph=True, allow_unused=True)
+    k = torch.zeros((n, n), dtype=torch.float64, device=out.device)
+
+    def add(feat: Any) -> None:  # per-sample features (n, ...) of one parameter
+        f = feat.reshape(n, -1)
+        k.add_((f @ f.T).to(torch.float64))
+
+    by_module: dict[str, list[tuple[Any, Any, Any]]] = {}
+    for (name, (mod, a, _)), g in zip(uses, grads):
+        if g is None:
+            continue
+        if a.shape[0] != n or g.shape[0] != n:
+            return None  # a layer whose leading axis is not the samples
+        by_module.setdefault(name, []).append((mod, a, g))
+    for items in by_module.values():
+        mod = items[0][0]
+        kind = type(mod).__name__
+        parts_a = [a.reshape(n, -1, a.shape[-1]) if kind != "Embedding" else a.reshape(n, -1)
+                   for _, a, _ in items]
+        parts_g = [g.reshape(n, -1, g.shape[-1]) for _, _, g in items]
+        # a module used more than once: its uses side by side along the positions
+        a = parts_a[0] if len(items) == 1 else torch.cat(parts_a, 1)
+        g = parts_g[0] if len(items) == 1 else torch.cat(parts_g, 1)
+        if kind == "Embedding":
+            uniq, inv = torch.unique(a, return_inverse=True)
+            w = torch.zeros((n, uniq.numel(), g.shape[-1]), dtype=g.dtype, device=g.device)
+            w.scatter_add_(1, inv.unsqueeze(-1).expand_as(g), g)
+            if mod.weight.requires_grad:
+                add(w)
+            continue
+        if kind == "LayerNorm":
+            xhat = torch.nn.functional.layer_norm(a, mod.normalized_shape, None, None, mod.eps)
+            if mod.weight is not None and mod.weight.requires_grad:
+                add((g * xhat).sum(1))
+        elif mod.weight.requires_grad:
+            t, di, do = a.shape[1], a.shape[2], g.shape[2]
+            if n * t * t * (di + do) < t * di * do + n * di * do:  # the ghost Gram
+                aa, gg = a.reshape(n * t, di), g.reshape(n * t, do)
+                ghost = ((aa @ aa.T) * (gg @ gg.T)).reshape(n, t, n, t).sum((1, 3))
+                k.add_(ghost.to(torch.float64))
+            else:
+                rows = max(1, budget // max(1, 4 * n * di * a.element_size()))
+                for r0 in range(0, do, rows):
+                    add(torch.einsum("ntr,ntd->nrd", g[:, :, r0:r0 + rows], a))
+        if getattr(mod, "bias", None) is not None and mod.bias.requires_grad:
+            add(g.sum(1))
+    res: NDArray[np.float64] = k.detach().cpu().numpy()
+    return res
+
+
+def next_token_logits(raw: Any, inputs: Any) -> Any:
+    """A causal language model's logits at every position that has a next token,
+    ``(B, T − 1, V)``: the output for ``sample_axes=2`` (each position a sample, as the
+    Hugging Face adapter's ``positions``); sequences without padding."""
+    return raw.logits[:, :-1]
+
+
+def next_token_loss(raw: Any, inputs: Any) -> Any:
+    """Each sequence's mean next-token cross-entropy over its non-padded pairs of positions,
+    ``(B, 1)``: the per-sample loss whose kernel is ``K_ij = ∇ℓ_i · ∇ℓ_j``."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    logp = raw.logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    valid = ((mask[:, 1:] * mask[:, :-1]) if mask is not None else ids[:, 1:] * 0 + 1).to(logp.dtype)
+    return -((logp * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True))

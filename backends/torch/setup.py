@@ -273,3 +273,29 @@ def prepare(model: Any, inputs: Any, request: KernelRequest, device: str) -> Set
             "output with output="
         )
     return Setup(prep=prep, x=x, n=n, n_outputs=int(probed.numel()), dtype=dtype, device=device)
+
+
+def batch_first_model(model: Any, in_axes: Any, out_axis: int) -> Any:
+    """``model`` wrapped to take batch-first inputs and return a batch-first output, for
+    a model whose batch axes are ``in_axes`` (an int, or one per member of tuple / dict
+    inputs) and ``out_axis`` (neural-tangents' ``vmap_axes``, :mod:`cvcore.batch_axes`)."""
+    torch = require("torch")
+
+    def back(t: Any, axis: Any) -> Any:
+        return t if axis in (0, None) or not isinstance(t, torch.Tensor) else t.movedim(0, int(axis))
+
+    class BatchFirst(torch.nn.Module):  # type: ignore[name-defined]
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs:
+                named = in_axes if isinstance(in_axes, Mapping) else dict.fromkeys(kwargs, in_axes)
+                out = self.inner(**{k: back(v, named.get(k, 0)) for k, v in kwargs.items()})
+            else:
+                each = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+                out = self.inner(*(back(v, a) for v, a in zip(args, each)))
+            return out.movedim(out_axis, 0)
+
+    return BatchFirst(model)

@@ -13,6 +13,8 @@ decides between these and the exact spectrum.
   ``Tr f(K)`` with ``f(λ) = -(λ/T) ln(λ/T)``, optionally deflated by the top eigenpairs.
 * :mod:`~cvcore.estimators.topk`: :func:`randomized_topk`, the Halko-Martinsson-Tropp
   randomized range finder with power iterations and a Rayleigh-Ritz step.
+* :mod:`~cvcore.estimators.alignment`: the trace, target and residual alignment from
+  vector-Jacobian products only (a backend's ``probes``), for kernels too large to form.
 * :mod:`~cvcore.estimators.variables`: :class:`EstimatedVariables` from an operator
   (:func:`stochastic_variables`) or an exact spectrum (:func:`exact_variables`).
 
@@ -23,6 +25,11 @@ within that distance of ``λ``). See ``docs/estimators.md``.
 
 from __future__ import annotations
 
+from cvcore.estimators.alignment import (
+    DEFAULT_ALIGNMENT_PROBES,
+    AlignmentEstimates,
+    probe_alignments,
+)
 from cvcore.estimators.common import DEFAULT_PROBES, Estimate, Seed, t_factor
 from cvcore.estimators.lanczos import (
     BREAKDOWN_TOL,
@@ -47,12 +54,14 @@ from cvcore.estimators.variables import (
 
 __all__ = [
     "BREAKDOWN_TOL",
+    "DEFAULT_ALIGNMENT_PROBES",
     "DEFAULT_OVERSAMPLE",
     "DEFAULT_POWER_ITERS",
     "DEFAULT_PROBES",
     "DEFAULT_STEPS",
     "DEFAULT_TOP_K",
     "REORTH_BYTES",
+    "AlignmentEstimates",
     "Estimate",
     "EstimatedVariables",
     "SLQEstimate",
@@ -60,6 +69,7 @@ __all__ = [
     "TopK",
     "exact_variables",
     "hutchinson_trace",
+    "probe_alignments",
     "randomized_topk",
     "slq_entropy",
     "stochastic_variables",

@@ -38,7 +38,13 @@ class EstimatedVariables:
         dim: ``D``.
         probes: probe vectors used (0 when exact).
         steps: Lanczos steps per probe, at most (0 when exact).
-        method: ``"exact"`` or ``"stochastic"``.
+        method: ``"exact"`` or ``"stochastic"`` (the spectrum's; ``"none"`` when not asked).
+        target_alignment: ``A(K, Y)``, centred (NaN when no targets were given).
+        target_alignment_stderr: its standard error (0 when exact).
+        residual_alignment: ``Σ_c r_cᵀ K r_c / (‖R‖_F² Tr K)`` (NaN without a residual).
+        residual_alignment_stderr: its standard error (0 when exact).
+        alignment_method: ``"exact"`` (from the formed kernel), ``"probes"`` (from
+            vector-Jacobian products, :mod:`cvcore.estimators.alignment`) or ``""``.
     """
 
     trace: float
@@ -53,6 +59,11 @@ class EstimatedVariables:
     probes: int
     steps: int
     method: str
+    target_alignment: float = math.nan
+    target_alignment_stderr: float = math.nan
+    residual_alignment: float = math.nan
+    residual_alignment_stderr: float = math.nan
+    alignment_method: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (arrays as lists), ready for JSON."""

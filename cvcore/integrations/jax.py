@@ -7,6 +7,12 @@ The Recorder takes ``(apply_fn, params)`` or an ``nnx.Module`` as they are at ea
         rec.record(step, (apply_fn, params), loss=loss)   # or rec.record(step, nnx_model)
         params, opt_state, loss = train_step(params, opt_state, batch)
 
+After the loop, ``record_final(rec, steps, (apply_fn, params), loss=loss)``
+(:func:`cvcore.integrations.common.record_final`) records the final model whatever
+``every`` says. A graph network written in JAX on a fixed graph records with node indices
+as its probe (``apply_fn(params, idx)`` returning those nodes' rows, computed on the
+whole graph); PyTorch Geometric ``Data`` probes are for PyTorch modules.
+
 The backend's jitted Jacobian functions are cached by the model's code and the probe's
 shapes, so new parameter values reuse them: only the first record compiles.
 :func:`compilations` counts XLA compilations, to check that in one's own loop.

@@ -4,7 +4,9 @@
 scalars ``cv/<probe set>/<variable>`` (and ``cv/loss``) at the record's step, beside the
 record store. The writer is ``tensorboardX``: it needs only NumPy and protobuf, where
 ``torch.utils.tensorboard`` needs the ``tensorboard`` package (a web server and its
-dependencies) and ``tf.summary`` needs TensorFlow.
+dependencies) and ``tf.summary`` needs TensorFlow. Graph networks (PyTorch Geometric) write
+their scalars like any model: the probe is a ``Data`` graph, ``(Data, nodes)`` or a list of
+graphs.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from cvcore.record.probes import ProbeSets
 from cvcore.record.recorder import Recorder, cost_summary
 from cvcore.record.store import (
     SCHEMA_VERSION,
+    ArrayValue,
     Record,
     RecordStore,
     RunInfo,
@@ -20,5 +21,5 @@ from cvcore.record.store import (
     read_runs,
 )
 
-__all__ = ["SCHEMA_VERSION", "ProbeSets", "Record", "RecordStore", "Recorder", "RunInfo",
+__all__ = ["SCHEMA_VERSION", "ArrayValue", "ProbeSets", "Record", "RecordStore", "Recorder", "RunInfo",
            "StoreError", "Value", "cost_summary", "read_runs"]

@@ -74,9 +74,9 @@ class CheckpointSink:
                        and not (isinstance(numbers[var], float) and math.isnan(numbers[var])))
         record = Record(step=step_of(row.source, self.count), values=values,
                         extras={"source": row.source}, seconds=row.seconds, time=time.time())
-        self._store.add_record(self.run_id, record, model={"model_class": None,
-                                                          "framework": row.backend,
-                                                          "n_params": None})
+        self._store.add_record(self.run_id, record, model={
+            "model_class": row.model_class, "framework": row.backend,
+            "n_params": row.n_params})
         self.count += 1
 
     def close(self) -> None:

@@ -7,13 +7,12 @@ each record lands in the record store in one transaction.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,32 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cvcore.api import execute
-from cvcore.capabilities import untouched
+from cvcore.capabilities import framework_name, untouched
 from cvcore.data_io import take
 from cvcore.errors import CVCoreError, InputError, ModelError, describe, first_line
 from cvcore.plan import PlanCache, Resolved
+from cvcore.record.checks import (
+    MAX_STEP,
+    ZERO_DEFINED,
+    _alive,
+    check_loss,
+    check_step,
+    cost_summary,
+    is_zero_kernel,
+    loss_value,
+    zero_kernel_note,
+    zero_kernel_values,
+)
+from cvcore.record.dynamics_state import (
+    DEFAULT_TOP_K,
+    DYNAMICS_NOTE_KEY,
+    DynamicsState,
+    collect_arrays,
+    summary_conventions,
+)
 from cvcore.record.probes import Part, UnionKernel, make_parts, probe_size, split_probe
 from cvcore.record.store import Record, RecordStore, RunInfo, StoreError, Value
+from cvcore.record.store_files import _plain
 from cvcore.request import Compute, Options, option_names
 from cvcore.spectrum import CollectiveVariables, collective_variables, diagonal_variables
 from cvcore.validate import measure_request
@@ -38,87 +57,11 @@ SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("e
 #: and the union has at most :data:`UNION_MAX` samples; otherwise one call per subset.
 UNION_FLOPS = 2e10
 UNION_MAX = 4096
-#: The largest step a record can hold: steps are SQLite integers (signed 64-bit).
-MAX_STEP = 2**63 - 1
 #: The extras key under which the Recorder notes what it could not measure.
 NOTE_KEY = "cvcore_note"
 #: The measure options a Recorder takes besides ``variables`` (every one of
 #: :class:`cvcore.request.Options` but the family and the verification).
 RECORDER_OPTIONS = tuple(n for n in option_names() if n not in ("family", "verify"))
-#: The variables a zero kernel still defines (every other one is undefined: NaN).
-ZERO_DEFINED = ("trace", "normalized_trace")
-
-
-def check_step(step: Any) -> int:
-    """A training step as a Python int in ``[0, 2^63)``, the range the store can hold.
-
-    >>> check_step(7)
-    7
-    >>> check_step(-1)
-    Traceback (most recent call last):
-    ...
-    cvcore.errors.InputError: expected step= an integer from 0 to 2^63 - 1, got -1
-    """
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise InputError(f"expected step= an integer from 0 to 2^63 - 1, got {describe(step)}")
-    value = int(step)
-    if not 0 <= value <= MAX_STEP:
-        raise InputError(f"expected step= an integer from 0 to 2^63 - 1, got {value}")
-    return value
-
-
-def check_loss(loss: Any) -> None:
-    """Refuse a loss that is not one number (a vector loss, a string, a bool) without
-    reading its value (so a loss on a GPU is not synchronised at skipped steps)."""
-    if loss is None:
-        return
-    if isinstance(loss, (str, bytes, bool, np.bool_)):
-        raise InputError(f"expected loss= a number or a one-element tensor, got {describe(loss)}")
-    numel = getattr(loss, "numel", None)
-    size = numel() if callable(numel) else getattr(loss, "size", None)
-    if not isinstance(size, (int, np.integer)):
-        shape = getattr(loss, "shape", None)
-        size = None if shape is None else int(np.prod(tuple(shape), dtype=np.int64))
-    if size is not None and int(size) != 1:
-        raise InputError(f"expected loss= a number or a one-element tensor, got "
-                         f"{describe(loss)} ({int(size)} elements); pass its mean, e.g. "
-                         "loss.mean()")
-
-
-def loss_value(loss: Any) -> float | None:
-    """The loss as a Python float (NaN and Inf kept: the store keeps NaN as missing)."""
-    check_loss(loss)
-    if loss is None:
-        return None
-    item = getattr(loss, "item", None)
-    number = item() if callable(item) else loss
-    try:
-        return float(number)
-    except (TypeError, ValueError):
-        raise InputError(f"expected loss= a number or a one-element tensor, got "
-                         f"{describe(loss)}") from None
-
-
-def is_zero_kernel(matrix: Any) -> bool:
-    """Whether a kernel (or its diagonal) is exactly zero: the model's outputs do not
-    depend on its parameters on these samples, so only the trace is defined."""
-    arr = np.asarray(matrix)
-    diag = np.diagonal(arr) if arr.ndim == 2 else arr
-    return arr.size > 0 and not np.any(diag) and bool(np.isfinite(arr).all()) \
-        and not np.any(arr)
-
-
-def zero_kernel_note(places: Sequence[str]) -> str:
-    """The note a record keeps about its zero kernels (the words of :func:`cvcore.measure`'s
-    refusal, as the Recorder records instead of refusing)."""
-    return (f"zero kernel on {', '.join(places)}: trace 0 (the model's outputs do not depend "
-            "on its parameters here); the entropy is undefined, stored as missing")
-
-
-def zero_kernel_values(names: Sequence[str]) -> dict[str, float]:
-    """The variables of a zero kernel: trace 0 and normalized trace 0; the entropies, the
-    effective rank and the magnitude variance are undefined (NaN, stored as missing)."""
-    return {v: 0.0 if v in ZERO_DEFINED else math.nan for v in names}
 
 
 def model_description(model: Any) -> str:
@@ -158,6 +101,15 @@ class Recorder:
             a new one.
         tensorboard: a log directory: every record's values also as TensorBoard scalars
             (:mod:`cvcore.integrations.tensorboard`).
+        targets: the probe's targets (one array, a dict per probe set, or ``"labels"``
+            for the ``labels=`` given): each record adds ``target_alignment``,
+            ``residual_alignment`` and the ``residual_fractions`` array (r = f(x) - y).
+        dynamics: ``True`` adds the kernel's motion to the previous and the first record
+            (``kernel_distance``, ``kernel_velocity``, ``kernel_distance_init``,
+            ``eigenspace_overlap``, ``eigenspace_overlap_init``) and the
+            ``top_eigenvalues`` array; a list names exactly the dynamics variables wanted.
+        top_k: eigenpairs for the eigenspace overlaps, ``top_eigenvalues`` and
+            ``residual_fractions`` (clipped to each kernel's size).
         **measure_options: as for :func:`cvcore.measure`: ``variables``, ``kernel``,
             ``dtype``, ``implementation``, ``backend``, ``output``, ``device``, ``train``,
             ``memory_budget``.
@@ -180,7 +132,8 @@ class Recorder:
                  subsets: tuple[int, int] | None = None, labels: Any = None, seed: int = 0,
                  name: str | None = None, tags: Mapping[str, Any] | None = None,
                  resume: bool = False, tensorboard: str | Path | None = None,
-                 **measure_options: Any) -> None:
+                 targets: Any = None, dynamics: bool | Sequence[str] = False,
+                 top_k: int = DEFAULT_TOP_K, **measure_options: Any) -> None:
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise InputError(f"expected every= a positive integer, got {every!r}")
         self.every = int(every)
@@ -202,6 +155,15 @@ class Recorder:
         if tags is not None and not isinstance(tags, Mapping):
             raise InputError(f"expected tags= a dict, got {describe(tags)}")
         self._diagonal = self.measure_request.compute is Compute.DIAGONAL
+        self._dyn = DynamicsState.build(dynamics, targets=targets, labels=labels, top_k=top_k,
+                                        kernel=self.request.kernel, sets=self.sets,
+                                        parts=self.parts)
+        #: the kernel-dynamics variables each record adds (none unless asked)
+        self.dynamics, self.top_k = self._dyn.names, self._dyn.top_k
+        #: what each step executes: the measure request, forming the kernel when the
+        #: dynamics need it and the variables alone would not
+        self._execute = replace(self.measure_request, variables=None) \
+            if self.dynamics and self._diagonal else self.measure_request
         self._covariance = self.measure_request.covariance
         self._names = SCALARS if self.variables is None else tuple(self.variables)
         self._described = False
@@ -247,11 +209,15 @@ class Recorder:
                    "train": self.request.train,
                    "output": self.request.output if isinstance(self.request.output, (int, str))
                    else None if self.request.output is None else repr(self.request.output)}
+        if self.dynamics:  # only then: a run without dynamics keeps its options as they were
+            options.update(dynamics=list(self.dynamics), top_k=self.top_k, targets={
+                n: "labels" if t.labels else "values" for n, t in self._dyn.targets.items()})
         if resume:
             old = self.store.find_run(name)
             if old is not None:
                 self._check_resume(old, probe_info)
                 self.store.reopen_run(old.id)
+                self._dyn.resumed = True
                 self._described = old.model_class is not None
                 return old.id
         return self.store.create_run(name=name, source="recorder", kernel=self.request.kernel,
@@ -306,20 +272,26 @@ class Recorder:
             raise InputError("expected an open Recorder, got one already closed")
         step = check_step(step)
         check_loss(loss)
-        if NOTE_KEY in extra:
-            raise InputError(f"expected extras other than {NOTE_KEY!r} (the Recorder's own "
-                             "notes), got it")
+        for key in (NOTE_KEY, DYNAMICS_NOTE_KEY):
+            if key in extra:
+                raise InputError(f"expected extras other than {key!r} (the Recorder's own "
+                                 "notes), got it")
         if not self.due(step):
             return None
-        from cvcore.record.store import _plain
-
         loss_number = loss_value(loss)
         extras = _plain(extra)
         started = time.perf_counter()
         self._notes = []
-        with untouched(model):
-            values, description = self._measure(model)
+        self._dyn.begin(model, step)
+        try:
+            with untouched(model):
+                values, description = self._measure(model)
+            arrays = collect_arrays(self._dyn.pending)
+        finally:
+            self._dyn.end()
         seconds = time.perf_counter() - started
+        if self._dyn.notes:
+            extras[DYNAMICS_NOTE_KEY] = "; ".join(self._dyn.notes)
         if self._notes:
             extras[NOTE_KEY] = zero_kernel_note(self._notes)
             if not self._warned:
@@ -327,7 +299,7 @@ class Recorder:
                 warnings.warn(f"cvcore: step {step}: {extras[NOTE_KEY]} (recorded; this "
                               "warning is given once per Recorder)", RuntimeWarning, stacklevel=2)
         record = Record(step=step, values=tuple(values), loss=loss_number,
-                        extras=extras, seconds=seconds, time=time.time())
+                        extras=extras, seconds=seconds, time=time.time(), arrays=arrays)
         self.store.add_record(self.run_id, record, model=description)
         if self._tensorboard is not None:
             self._tensorboard.write(record)
@@ -352,20 +324,29 @@ class Recorder:
                 raise ModelError(f"expected probe set {part.probe_set!r} to fit the model, "
                                  f"got {type(exc).__name__}: {first_line(exc, empty='')}") from exc
             if not self._described and description is None:
-                description = {"model_class": model_description(model), "framework": used,
+                description = {"model_class": model_description(model),
+                               "framework": framework_name(model, used),
                                "n_params": n_params if n_params is not None
                                else self._plans.count(model, part.probe_set)}
             for var, val in numbers.items():
                 values.append(Value(part.probe_set, var, val, subset=part.subset,
                                     label=part.label))
+            dyn = self._dyn.done.pop((part.probe_set, part.subset, part.label), None)
+            if dyn is not None:
+                values.extend(Value(part.probe_set, var, val, subset=part.subset,
+                                    label=part.label, convention=dyn.conventions[var])
+                              for var, val in dyn.scalars.items())
+                self._dyn.pending.append((part, dyn))
             if part.subset is not None:
-                groups.setdefault(part.probe_set, []).append(numbers)
+                groups.setdefault(part.probe_set, []).append(
+                    numbers if dyn is None else {**numbers, **dyn.scalars})
         for probe_set, rows in groups.items():
-            for var in self._names:
+            conventions = summary_conventions(self._dyn.pending, probe_set)
+            for var in (*self._names, *(v for v in self.dynamics if v in rows[0])):
                 column = np.asarray([r[var] for r in rows], dtype=np.float64)
                 std = float(np.std(column, ddof=1)) if column.size > 1 else None
                 values.append(Value(probe_set, var, float(np.mean(column)), std=std,
-                                    count=int(column.size)))
+                                    count=int(column.size), convention=conventions.get(var)))
         if description is not None:
             self._described = True
         return values, description
@@ -394,7 +375,7 @@ class Recorder:
         resolved = self._resolve(model, self.sets[probe_set], probe_set, union)
         positions = {p.subset: np.searchsorted(union, p.index) for p in self.parts
                      if p.probe_set == probe_set and p.index is not None and p.subset is not None}
-        done = execute(resolved, self.measure_request)
+        done = execute(resolved, self._execute)
         if done.diagonal is not None:
             return UnionKernel(done.diagonal, done.backend, None, positions, int(union.size))
         assert done.result is not None
@@ -414,12 +395,17 @@ class Recorder:
         pos = union.positions[part.subset]
         per = matrix.shape[0] // union.n_samples  # O rows per sample in a full kernel
         rows = (pos[:, None] * per + np.arange(per)).reshape(-1)  # row i·O + o
-        piece = matrix[rows] if self._diagonal else matrix[np.ix_(rows, rows)]
+        piece = matrix[rows] if matrix.ndim == 1 else matrix[np.ix_(rows, rows)]
         return self._variables(piece, part), used, n_params
 
     def _variables(self, kernel: Any, part: Part) -> dict[str, float]:
         """The asked variables of one kernel (or diagonal); a zero kernel gives trace 0
-        and NaN for the variables it leaves undefined, with a note for the record."""
+        and NaN for the variables it leaves undefined, with a note for the record. The
+        kernel dynamics of a 2-D kernel are computed here too, when asked for."""
+        if self.dynamics and np.ndim(kernel) == 2:
+            self._dyn.measure(part, np.asarray(kernel), self._outputs, self.request.train)
+        if self._diagonal and np.ndim(kernel) == 2:  # formed for the dynamics only
+            kernel = np.diagonal(kernel)
         if is_zero_kernel(kernel):
             where = f"probe set {part.probe_set!r}" + (
                 "" if part.subset is None else f" subset {part.subset}") + (
@@ -434,12 +420,21 @@ class Recorder:
 
     def _measure_part(self, model: Any, part: Part
                       ) -> tuple[dict[str, float], str, int | None]:
-        done = execute(self._resolve(model, part.inputs, part.probe_set), self.measure_request)
+        done = execute(self._resolve(model, part.inputs, part.probe_set), self._execute)
         if done.diagonal is not None:
             return self._variables(done.diagonal, part), done.backend, None
         assert done.result is not None
         return (self._variables(done.result.kernel, part), done.backend,
                 done.result.n_params)
+
+    def _outputs(self, part: Part) -> tuple[Any, Any, Any, Any]:
+        """What the model's outputs on a part's samples are computed from, (backend,
+        model, inputs, request): in eval mode the whole probe set (one forward pass per
+        record, rows taken from it), under ``train=True`` the part's own batch."""
+        inputs = part.inputs if self.request.train else self.sets[part.probe_set]
+        assert self._dyn.model is not None
+        r = self._resolve(self._dyn.model, inputs, part.probe_set)
+        return r.backend, r.model, r.inputs, r.request
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -448,8 +443,12 @@ class Recorder:
         return self.store.records(self.run_id)
 
     def cost(self) -> dict[str, float]:
-        """Seconds per record: count, total, mean, median and max."""
-        return cost_summary([r.seconds for r in self.records()])
+        """Seconds per record: count, total, mean, median and max; with kernel dynamics,
+        also ``dynamics_bytes``: the memory the kept kernels and eigenvectors take now."""
+        out = cost_summary([r.seconds for r in self.records()])
+        if self.dynamics:
+            out["dynamics_bytes"] = float(self._dyn.nbytes())
+        return out
 
     def close(self) -> None:
         """Mark the run finished and close the store (records are already safe)."""
@@ -471,20 +470,7 @@ class Recorder:
         self.close()
 
 
-def cost_summary(seconds: Sequence[float]) -> dict[str, float]:
-    """Count, total, mean, median and max of per-record seconds (NaN when empty)."""
-    arr = np.asarray(seconds, dtype=np.float64)
-    if arr.size == 0:
-        return {"count": 0, "total": 0.0, "mean": math.nan, "median": math.nan, "max": math.nan}
-    return {"count": int(arr.size), "total": float(arr.sum()), "mean": float(arr.mean()),
-            "median": float(np.median(arr)), "max": float(arr.max())}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+__all__ = ["MAX_STEP", "NOTE_KEY", "RECORDER_OPTIONS", "SCALARS", "UNION_FLOPS", "UNION_MAX",
+           "ZERO_DEFINED", "Recorder", "check_loss", "check_step", "cost_summary",
+           "is_zero_kernel", "loss_value", "model_description", "zero_kernel_note",
+           "zero_kernel_values"]

@@ -10,7 +10,6 @@ disk; every row read back is type-checked, so a damaged file is one :class:`Stor
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -25,81 +24,37 @@ from urllib.parse import quote
 import numpy as np
 from numpy.typing import NDArray
 
-from cvcore.errors import InputError
 from cvcore.record.schema import (
-    COLUMNS,
     FORMAT,
     SCHEMA,
     SCHEMA_VERSION,
+    ArrayValue,
     Record,
     RunInfo,
     StoreError,
     Value,
+    array_of,
+    columns_of,
+    export_array_rows,
     export_row,
     record_of,
     run_info,
     value_of,
+)
+from cvcore.record.store_files import (
+    _finite_or_none,
+    _json,
+    _numbers_json,
+    _plain,
+    _signature,
+    _wal_header,
+    upgrade,
 )
 
 #: Seconds a writer waits for another one's transaction before reporting the lock.
 DEFAULT_TIMEOUT = 10.0
 #: How many times a reader opens a store again when a writer changed it during a read.
 READ_ATTEMPTS = 3
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, default=_jsonable, sort_keys=True, allow_nan=True)
-
-
-def _jsonable(value: Any) -> Any:
-    """Extras may hold NumPy or framework scalars: store them as Python numbers."""
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
-def _plain(extras: Mapping[str, Any]) -> dict[str, Any]:
-    """Extras as plain JSON values (NumPy and framework scalars become numbers)."""
-    try:
-        out: dict[str, Any] = json.loads(_json(dict(extras)))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"expected JSON-serialisable extras, got {exc}") from None
-    return out
-
-
-def _real(value: Any) -> float | None:
-    """A loss as a Python float (tensors and NumPy scalars included), or ``None``."""
-    if value is None:
-        return None
-    item = getattr(value, "item", None)
-    number = item() if callable(item) else value
-    try:
-        return float(number)
-    except (TypeError, ValueError):
-        raise InputError(f"expected a scalar loss, got {type(value).__name__}") from None
-
-
-def _wal_header(path: str) -> bool:
-    """Whether SQLite would open a file as a WAL-mode database: its header's magic string
-    and read version 2 (byte 19), even in a file shorter than the 100-byte header."""
-    with open(path, "rb") as fh:
-        head = fh.read(20)
-    return len(head) == 20 and head.startswith(b"SQLite format 3\x00") and head[19] == 2
-
-
-def _signature(path: str) -> tuple[int, ...] | None:
-    """What changes when anything writes to a file: its identity, size and times."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class RecordStore:
@@ -146,9 +101,10 @@ class RecordStore:
         else:
             self._connect_writer()
         try:
-            if not self.readonly:
-                self._init(create)
-            self._check()
+            if self.readonly:
+                self._check()
+            else:
+                self._open_for_writing(create)
         except BaseException:
             self.conn.close()
             raise
@@ -177,6 +133,17 @@ class RecordStore:
     def _connect_writer(self) -> None:
         self._signature = None
         self._connect(self.path, uri=False)
+
+    def _open_for_writing(self, create: bool) -> None:
+        """A writer's opening: the file checked as a store (or created), then an older
+        schema upgraded in place (:func:`cvcore.record.store_files.upgrade`, one
+        transaction) and checked again."""
+        self._init(create)
+        self._check()
+        if self.schema_version < SCHEMA_VERSION:
+            with self._translate("upgrade the store's schema"):
+                upgrade(self.conn)
+            self._check()
 
     def _init(self, create: bool) -> None:
         """Writers only: check the file is a store (or empty) before anything is written,
@@ -231,8 +198,9 @@ class RecordStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"expected a record store of schema version {SCHEMA_VERSION} or "
                              f"older, got version {version} in {self.path}; upgrade cvcore")
+        #: the schema version of the file (a reader leaves an older one as it is)
         self.schema_version = version
-        for table, columns in COLUMNS.items():
+        for table, columns in columns_of(version).items():
             have = {r[1] for r in self._query("read the schema", f"PRAGMA table_info({table})")}
             missing = [c for c in columns if c not in have]
             if missing:
@@ -294,7 +262,7 @@ class RecordStore:
             self.conn.close()
             self.readonly = False
             self._connect_writer()
-            self._init(create=False)
+            self._open_for_writing(create=False)
         with self._translate(what):
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -365,9 +333,16 @@ class RecordStore:
                  float(record.seconds), float(record.time)))
             rid = cur.lastrowid
             conn.executemany(
-                "INSERT INTO measurements VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO measurements (record_id, probe_set, subset, label, variable, "
+                "value, std, count, convention) VALUES (?,?,?,?,?,?,?,?,?)",
                 [(rid, v.probe_set, v.subset, v.label, v.variable, _finite_or_none(v.value),
-                  _finite_or_none(v.std), v.count) for v in record.values])
+                  _finite_or_none(v.std), v.count, v.convention) for v in record.values])
+            if record.arrays:
+                conn.executemany(
+                    "INSERT INTO arrays (record_id, probe_set, subset, label, variable, data, "
+                    "convention) VALUES (?,?,?,?,?,?,?)",
+                    [(rid, a.probe_set, a.subset, a.label, a.variable, _numbers_json(a.data),
+                      a.convention) for a in record.arrays])
 
     def close_run(self, run_id: int) -> None:
         """Mark a run as finished."""
@@ -411,22 +386,49 @@ class RecordStore:
         for m in meas:
             record_id, value = value_of(self.path, m)
             by_record.setdefault(record_id, []).append(value)
-        return [record_of(self.path, r, by_record.get(r["id"], ())) for r in recs]
+        arrays: dict[int, list[ArrayValue]] = {}
+        if self.schema_version >= 2:  # a version-1 store has no arrays table
+            for a in self._query(
+                    "read records", "SELECT a.* FROM arrays a JOIN records r ON "
+                    "a.record_id = r.id WHERE r.run_id=? ORDER BY a.rowid", (info.id,)):
+                record_id, array = array_of(self.path, a)
+                arrays.setdefault(record_id, []).append(array)
+        return [record_of(self.path, r, by_record.get(r["id"], ()), arrays.get(r["id"], ()))
+                for r in recs]
 
-    def rows(self, run: int | str | None = None) -> list[dict[str, Any]]:
+    def rows(self, run: int | str | None = None, *,
+             arrays: bool = False) -> list[dict[str, Any]]:
         """Every value of every run (or one), one flat dict each (for CSV / Parquet).
 
-        Keys: ``run_id, run_name, step, probe_set, subset, label, variable, value, std,
-        count, loss, seconds, time, extras`` (extras as JSON text).
+        Keys: ``run_id, run_name, step, probe_set, subset, label, variable, index, value,
+        std, count, loss, seconds, time, extras, convention`` (extras as JSON text;
+        ``index`` ``None`` for a scalar value, ``convention`` ``None`` where none was
+        stored). With ``arrays``, each stored array (``top_eigenvalues`` ...) follows its
+        record's values, one row per element with its position in ``index``.
         """
         where, args = ("", ()) if run is None else ("WHERE r.run_id=?", (self.run(run).id,))
+        convention = ", m.convention" if self.schema_version >= 2 else ""
         rows = self._query(
             "read records",
             "SELECT r.id AS record_id, r.run_id, u.name AS run_name, r.step, m.probe_set, "
             "m.subset, m.label, m.variable, m.value, m.std, m.count, r.loss, r.seconds, "
-            "r.time, r.extras FROM measurements m JOIN records r ON m.record_id = r.id "
-            f"JOIN runs u ON u.id = r.run_id {where} ORDER BY r.id, m.rowid", args)
-        return [export_row(self.path, r) for r in rows]
+            f"r.time, r.extras{convention} FROM measurements m JOIN records r ON "
+            f"m.record_id = r.id JOIN runs u ON u.id = r.run_id {where} ORDER BY r.id, m.rowid",
+            args)
+        out = [export_row(self.path, r) for r in rows]
+        if not arrays or self.schema_version < 2:
+            return out
+        found = self._query(
+            "read records",
+            "SELECT r.id AS record_id, r.run_id, u.name AS run_name, r.step, a.probe_set, "
+            "a.subset, a.label, a.variable, a.data, a.convention, r.loss, r.seconds, r.time, "
+            "r.extras FROM arrays a JOIN records r ON a.record_id = r.id JOIN runs u ON "
+            f"u.id = r.run_id {where} ORDER BY r.id, a.rowid", args)
+        keyed = [(r["record_id"], 0, row) for r, row in zip(rows, out)]
+        for a in found:  # each record's arrays after its values (a stable sort)
+            keyed += [(a["record_id"], 1, row) for row in export_array_rows(self.path, a)]
+        keyed.sort(key=lambda t: (t[0], t[1]))
+        return [row for _, _, row in keyed]
 
     def series(self, run: int | str | None, variable: str, *, probe_set: str | None = None,
                label: str | None = None) -> dict[str, NDArray[Any]]:
@@ -462,11 +464,6 @@ def series_of(records: Sequence[Record], variable: str, *, probe_set: str | None
             "seconds": arr[:, 3]}
 
 
-def _finite_or_none(value: float | None) -> float | None:
-    """NaN (a variable not computed) as NULL, which is what SQLite makes of it anyway."""
-    return None if value is None or math.isnan(value) else float(value)
-
-
 def read_runs(path: str | Path) -> list[dict[str, Any]]:
     """Every run of a record store with its records, as plain Python structures.
 
@@ -483,5 +480,6 @@ def open_store(path: str | Path, *, create: bool = False) -> RecordStore:
     return RecordStore(path, create=create)
 
 
-__all__: Sequence[str] = ["DEFAULT_TIMEOUT", "FORMAT", "SCHEMA", "SCHEMA_VERSION", "Record", "RecordStore", "RunInfo",
-                          "StoreError", "Value", "open_store", "read_runs", "series_of"]
+__all__: Sequence[str] = ["DEFAULT_TIMEOUT", "FORMAT", "SCHEMA", "SCHEMA_VERSION", "ArrayValue",
+                          "Record", "RecordStore", "RunInfo", "StoreError", "Value", "_plain",
+                          "open_store", "read_runs", "series_of"]

@@ -23,7 +23,11 @@ from cvcore.scaling.load import CellData, SweepData
 SEED = "seed"
 #: Per-cell metrics, in the order the summary lists them.
 METRICS = ("delta_S", "delta_S_min", "min_step", "S_start", "S_end", "delta_ln_trace",
-           "final_loss", "final_test_loss", "final_test_accuracy")
+           "final_loss", "final_test_loss", "final_test_accuracy", "alignment_start",
+           "alignment_end", "delta_alignment", "kernel_distance", "fastest_step")
+#: The kernel-dynamics metrics (NaN for cells that did not record them).
+DYNAMIC_METRICS = ("alignment_start", "alignment_end", "delta_alignment", "kernel_distance",
+                   "fastest_step")
 
 
 def cell_metrics(cell: CellData, probe_set: str) -> dict[str, float]:
@@ -41,12 +45,33 @@ def cell_metrics(cell: CellData, probe_set: str) -> dict[str, float]:
     i_min = int(np.argmin(entropy))
     with np.errstate(divide="ignore", invalid="ignore"):
         dlt = float(np.log(trace[-1]) - np.log(trace[0])) if trace.size else math.nan
-    return {"delta_S": float(entropy[-1] - entropy[0]),
+    return {**dynamic_metrics(s.step, s.dynamics),
+            "delta_S": float(entropy[-1] - entropy[0]),
             "delta_S_min": float(entropy[-1] - entropy[i_min]),
             "min_step": float(steps[i_min]), "S_start": float(entropy[0]),
             "S_end": float(entropy[-1]), "delta_ln_trace": dlt,
             "final_loss": cell.final_loss, "final_test_loss": cell.final_extra("test_loss"),
             "final_test_accuracy": cell.final_extra("test_accuracy")}
+
+
+def dynamic_metrics(steps: NDArray[np.int64], dyn: dict[str, NDArray[np.float64]]
+                    ) -> dict[str, float]:
+    """The target alignment at the first and last record and its change, the kernel's
+    distance from its first record at the last (``kernel_distance_init``), and the step of
+    the largest ``kernel_velocity``; NaN for what the cell did not record."""
+    out = dict.fromkeys(DYNAMIC_METRICS, math.nan)
+    a = dyn.get("target_alignment")
+    if a is not None and np.isfinite(a).sum() >= 1:
+        ok = a[np.isfinite(a)]
+        out.update(alignment_start=float(ok[0]), alignment_end=float(ok[-1]),
+                   delta_alignment=float(ok[-1] - ok[0]))
+    d = dyn.get("kernel_distance_init")
+    if d is not None and np.isfinite(d).any():
+        out["kernel_distance"] = float(d[np.isfinite(d)][-1])
+    v = dyn.get("kernel_velocity")
+    if v is not None and np.isfinite(v).any():
+        out["fastest_step"] = float(steps[int(np.nanargmax(v))])
+    return out
 
 
 @dataclass

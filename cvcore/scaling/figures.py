@@ -19,7 +19,30 @@ from cvcore.scaling.load import CellData, SweepData
 
 LABELS = {"delta_S": "ΔS = S(end) − S(start)", "delta_S_min": "S(end) − min S",
           "delta_ln_trace": "Δ ln Tr", "final_loss": "final train loss",
-          "min_step": "epoch of min S"}
+          "min_step": "epoch of min S", "alignment_end": "target alignment at the end",
+          "delta_alignment": "Δ target alignment",
+          "kernel_distance": "kernel distance, start to end"}
+
+
+def text_colour(rgba: Sequence[float]) -> str:
+    """Black or white, whichever reads better on a cell of colour ``rgba`` (by its
+    relative luminance, WCAG: the contrast of black is the larger above 0.179).
+
+    >>> text_colour((1.0, 1.0, 0.9, 1.0)), text_colour((0.1, 0.0, 0.3, 1.0))
+    ('k', 'w')
+    """
+    def channel(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (channel(float(c)) for c in rgba[:3])
+    return "k" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "w"
+
+
+def _legend_outside(ax: Any, fontsize: float) -> None:
+    """The legend to the right of the axes, off every curve."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0, frameon=False)
 
 
 def pyplot() -> Any:
@@ -33,7 +56,7 @@ def pyplot() -> Any:
 def _panels(pts: Sequence[Point], group: Sequence[str]) -> list[tuple[str, list[Point]]]:
     out: dict[str, list[Point]] = {}
     for p in pts:
-        title = ", ".join(f"{k}={p.params[k]}" for k in group if k in p.params) or "all"
+        title = ", ".join(f"{k}={p.params[k]}" for k in group if k in p.params)
         out.setdefault(title, []).append(p)
     return list(out.items())
 
@@ -80,17 +103,24 @@ def scale_diagram(pts: Sequence[Point], grid: dict[str, list[Any]], path: Path,
                                origin="lower")
             else:
                 im = ax.imshow(grid_values, cmap="magma", aspect="auto", origin="lower")
+            shown = np.log10(grid_values) if metric == "final_loss" else grid_values
             for (i, j), v in np.ndenumerate(grid_values):
-                if math.isfinite(v):
+                if math.isfinite(v):  # black or white by the cell's own colour
                     ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6,
-                            color="k" if metric in ("delta_S", "delta_ln_trace") else "w")
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs], fontsize=7)
-            ax.set_yticks(range(len(ys)), [str(y) for y in ys], fontsize=7)
+                            color=text_colour(im.cmap(im.norm(shown[i, j]))))
+            if xkey:
+                ax.set_xticks(range(len(xs)), [str(x) for x in xs], fontsize=7)
+            else:
+                ax.set_xticks([])
+            if ykey:
+                ax.set_yticks(range(len(ys)), [str(y) for y in ys], fontsize=7)
+            else:
+                ax.set_yticks([])
             if row == len(metrics) - 1 and xkey:
                 ax.set_xlabel(xkey)
             if col == 0:
-                ax.set_ylabel(f"{LABELS[metric]}\n{ykey or ''}", fontsize=8)
-            if row == 0:
+                ax.set_ylabel(LABELS[metric] + (f"\n{ykey}" if ykey else ""), fontsize=8)
+            if row == 0 and name:
                 ax.set_title(name, fontsize=9)
             cb = fig.colorbar(im, ax=ax, fraction=0.05)
             cb.ax.tick_params(labelsize=6)
@@ -125,11 +155,11 @@ def delta_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]],
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
-        ax.set_title(name, fontsize=9)
+        if name:
+            ax.set_title(name, fontsize=9)
         if col == 0:
             ax.set_ylabel(LABELS[metric])
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend(fontsize=7)
+        _legend_outside(ax, 7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
@@ -155,12 +185,49 @@ def loss_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]],
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("trainable parameters")
-        ax.set_title(name, fontsize=9)
+        if name:
+            ax.set_title(name, fontsize=9)
         if col == 0:
             ax.set_ylabel("final train loss")
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend(fontsize=6)
+        _legend_outside(ax, 6)
     fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def dynamics_vs_params(pts: Sequence[Point], grid: dict[str, list[Any]], path: Path,
+                       title: str) -> Path:
+    """The kernel's alignment and motion against parameter count: the target alignment at
+    the end, its change, and the kernel's distance from start to end (seed means ± std,
+    each seed a dot), one row per group."""
+    plt = pyplot()
+    size, group = axes(grid)
+    along = size[0] if size else next(k for k in grid if k != SEED)
+    panels = _panels(pts, group)
+    metrics = ("alignment_end", "delta_alignment", "kernel_distance")
+    fig, axs = plt.subplots(len(panels), len(metrics), squeeze=False,
+                            figsize=(4.4 * len(metrics), 3.1 * len(panels)))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (name, members) in enumerate(panels):
+        for col, metric in enumerate(metrics):
+            ax = axs[row][col]
+            for k, (fixed, line) in enumerate(lines(members, along)):
+                c = colors[k % len(colors)]
+                label = ", ".join(f"{a}={b}" for a, b in fixed.items() if a not in group)
+                n = np.asarray([p.n_params for p in line])
+                ax.errorbar(n, [p.mean(metric) for p in line],
+                            yerr=[p.std(metric) for p in line], marker="o", ms=3, color=c,
+                            capsize=2, label=label or None)
+                for p in line:
+                    ax.scatter(np.full(p.values[metric].size, p.n_params), p.values[metric],
+                               s=5, color=c, alpha=0.35)
+            ax.set_xscale("log")
+            ax.set_xlabel("trainable parameters")
+            ax.set_ylabel(LABELS[metric], fontsize=8)
+            if name:
+                ax.set_title(name, fontsize=9)
+        _legend_outside(axs[row][-1], 7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -236,12 +303,13 @@ def contrast(sweep: SweepData, selection: dict[str, list[str]], path: Path,
     axs[2].set_yscale("log")
     for ax in axs:
         ax.set_xlabel("epoch")
-    axs[0].legend(fontsize=6)
-    axs[2].legend(fontsize=7)
+    handles, labels = axs[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7,
+               ncols=min(4, len(labels)), frameon=False)  # below the panels, off the curves
     fixed = ", ".join(f"{k}={v[0]}" for k, v in selection.items() if len(v) == 1)
     n_seeds = len({x.params.get(SEED) for cells in groups.values() for x in cells})
-    fig.suptitle(f"{title}: {key} at {fixed or 'all'} ({n_seeds} seeds, band min-max)",
-                 fontsize=10)
+    fig.suptitle(f"{title}: {key}" + (f" at {fixed}" if fixed else "")
+                 + f" ({n_seeds} seeds, band min-max)", fontsize=10)
     return _save(fig, path)
 
 
@@ -250,8 +318,8 @@ def contrast_name(selection: dict[str, list[str]]) -> str:
     return "contrast_" + "_".join(parts) + ".png"
 
 
-__all__ = ["contrast", "contrast_name", "delta_vs_params", "loss_vs_params",
-           "parse_contrast", "scale_diagram"]
+__all__ = ["contrast", "contrast_name", "delta_vs_params", "dynamics_vs_params",
+           "loss_vs_params", "parse_contrast", "scale_diagram", "text_colour"]
 
 
 def _against_params(pts: Sequence[Point], grid: dict[str, list[Any]]) -> tuple[Any, ...]:

@@ -14,14 +14,19 @@ from numpy.typing import NDArray
 from cvcore.errors import InputError
 from cvcore.record import RecordStore
 
+#: Kernel-dynamics variables read back when a cell recorded them.
+DYNAMICS = ("target_alignment", "kernel_distance_init", "kernel_velocity")
+
 
 @dataclass
 class Series:
-    """One probe set's values over the recorded steps of one cell."""
+    """One probe set's values over the recorded steps of one cell; ``dynamics`` holds the
+    kernel-dynamics variables (:data:`DYNAMICS`) the cell recorded, NaN where missing."""
 
     step: NDArray[np.int64]
     entropy: NDArray[np.float64]
     trace: NDArray[np.float64]
+    dynamics: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,14 +85,17 @@ def read_cell(store_path: Path, params: dict[str, Any], n_params: int | None,
     sets = sorted({v.probe_set for r in records for v in r.values})
     series = {}
     for name in sets:
-        columns: dict[str, list[float]] = {"entropy": [], "trace": []}
+        columns: dict[str, list[float]] = {"entropy": [], "trace": [],
+                                           **{var: [] for var in DYNAMICS}}
         for r in records:
             for var, column in columns.items():
                 hit = [v.value for v in r.values if v.probe_set == name and v.variable == var
                        and v.subset is None and v.label is None]
                 column.append(hit[0] if hit else math.nan)
+        dyn = {var: np.asarray(columns[var], dtype=float) for var in DYNAMICS
+               if np.isfinite(np.asarray(columns[var], dtype=float)).any()}
         series[name] = Series(steps, np.asarray(columns["entropy"], dtype=float),
-                              np.asarray(columns["trace"], dtype=float))
+                              np.asarray(columns["trace"], dtype=float), dyn)
     count = n_params if n_params is not None else info.n_params
     if count is None:
         raise InputError(f"{store_path}: expected the model's parameter count in the store, "

@@ -51,9 +51,11 @@ def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
     selections = [figures.parse_contrast(c) for c in contrasts]
     where = output_folder(Path(out) if out is not None else sweep.root / "scaling")
     names = [SUMMARY]
+    dynamic = [p for p in present if recorded_dynamics(sweep, p)]
     if plots:
         names += [f"{kind}_{p}.png" for p in present
                   for kind in ("scale_diagram", "delta_S_vs_params")]
+        names += [f"dynamics_vs_params_{p}.png" for p in dynamic]
         names += ["loss_vs_params.png"] + [figures.contrast_name(s) for s in selections]
     for name in names:
         check_output_path(where / name, what="scaling output")
@@ -70,6 +72,11 @@ def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
             written.append(str(figures.delta_vs_params(
                 pts, sweep.grid, res["sign_changes"], where / f"delta_S_vs_params_{probe}.png",
                 f"{name}: ΔS vs parameter count, {probe} probe")))
+            if probe in dynamic:
+                written.append(str(figures.dynamics_vs_params(
+                    pts, sweep.grid, where / f"dynamics_vs_params_{probe}.png",
+                    f"{name}: target alignment and kernel distance vs parameter count, "
+                    f"{probe} probe")))
         pts = points(sweep.cells, present[0])
         written.append(str(figures.loss_vs_params(
             pts, sweep.grid, results[present[0]]["loss_power_law"],
@@ -81,6 +88,30 @@ def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
                       default=_jsonable)
     write_text_atomic(where / SUMMARY, text)
     return {"summary": str(where / SUMMARY), "figures": written, "analysis": results}
+
+
+def recorded_dynamics(sweep: Any, probe_set: str) -> bool:
+    """Whether any cell recorded the kernel's alignment or motion on this probe set."""
+    return any(probe_set in c.series and c.series[probe_set].dynamics for c in sweep.cells)
+
+
+def dynamics_lines(analysis: dict[str, Any]) -> list[str]:
+    """One line per grid point with the kernel's alignment and motion (seed mean ± se),
+    in order of parameter count; none when no cell recorded them."""
+    out = []
+    for p in sorted(analysis["points"], key=lambda p: p["n_params"]):
+        parts = []
+        for key, words in (("alignment_end", "alignment at the end"),
+                           ("delta_alignment", "Δ alignment"),
+                           ("kernel_distance", "kernel distance")):
+            m = p.get(key) or {}
+            if m.get("mean") is not None:
+                se = m.get("sem")
+                parts.append(f"{words} {m['mean']:.3g}" + (f" ± {se:.2g}" if se else ""))
+        if parts:
+            where = ", ".join(f"{k}={v}" for k, v in p["params"].items())
+            out.append(f"  P = {p['n_params']:.3g} ({where}): " + "; ".join(parts))
+    return out
 
 
 def output_folder(where: Path) -> Path:

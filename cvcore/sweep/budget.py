@@ -27,8 +27,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from cvcore.errors import InputError, ResourceError
+from cvcore.sweep import family_cost
 from cvcore.sweep.config import Cell, ConfigError, SweepConfig
-from cvcore.sweep.data import Split, load_split
+from cvcore.sweep.data import load_split
+from cvcore.sweep.families import FAMILY_SPECS
+from cvcore.sweep.family_cost import Shape
 
 #: One thread's sustained rate on the sweep's small dense layers (fitted, see above).
 FLOPS_PER_SECOND = 5.0e10
@@ -64,11 +67,24 @@ def check_count(config: SweepConfig, *, allow_large: bool) -> int:
     return count
 
 
-def check_data(config: SweepConfig) -> Split:
-    """Load the split once and check the sizes that depend on it (probe sizes, subsets,
+def _module_family(config: SweepConfig) -> bool:
+    spec = FAMILY_SPECS.get(config.family)
+    return spec is not None and spec.module is not None
+
+
+def check_data(config: SweepConfig) -> Shape:
+    """Load the data once and check the sizes that depend on it (probe sizes, subsets,
     a class loss on a regression target) before any cell starts."""
-    split = load_split(config.data)
-    n_train, n_test = len(split.x_train), len(split.x_test)
+    if _module_family(config):
+        first = config.resolve(config.cells()[0])[0] if config.cell_count() else {}
+        shape = family_cost.shape(config, {**config.model, **first})
+        if config.family == "rl":
+            return shape
+    else:
+        split = load_split(config.data)
+        shape = Shape(len(split.x_train), len(split.x_test), split.in_features,
+                      split.out_features, split.classes)
+    n_train, n_test = shape.n_train, shape.n_test
     probe = config.probe
     if probe.train > n_train:
         raise InputError(f"[probe] train: expected at most the {n_train} training samples, "
@@ -82,14 +98,16 @@ def check_data(config: SweepConfig) -> Split:
             raise InputError(f"[probe] subsets: expected subsets of at most {smallest} "
                              f"samples (the smallest probe set), got {probe.subsets[1]}")
     losses = config.grid.get("loss", [config.train.loss])
-    if "cross_entropy" in losses and not split.classes:
+    if "cross_entropy" in losses and not shape.classes:
         raise InputError(f"[train] loss: expected mse for the regression target of "
                          f"{config.data.dataset!r}, got cross_entropy")
-    return split
+    return shape
 
 
-def _size(config: SweepConfig, params: dict[str, Any], split: Split) -> tuple[float, float]:
+def _size(config: SweepConfig, params: dict[str, Any], split: Shape) -> tuple[float, float]:
     """(parameters, multiply-adds per sample of one forward pass) of a cell's model."""
+    if _module_family(config):
+        return family_cost.size(config, params)
     width, depth = params.get("width", 100), params.get("depth", 1)
     width = width if isinstance(width, int) and not isinstance(width, bool) else 100
     depth = depth if isinstance(depth, int) and not isinstance(depth, bool) else 1
@@ -106,22 +124,30 @@ def _size(config: SweepConfig, params: dict[str, Any], split: Split) -> tuple[fl
     return float(dense), float(dense)
 
 
-def cell_seconds(config: SweepConfig, cell: Cell, split: Split) -> float:
+def cell_seconds(config: SweepConfig, cell: Cell, split: Shape) -> float:
     """The estimated CPU seconds of one cell on one thread (see the module)."""
     params, recipe, _ = config.resolve(cell)
-    n_params, work = _size(config, params, split)
-    n_train, n_test = len(split.x_train), len(split.x_test)
     records = len(config.record.schedule(recipe.epochs))
+    if config.family == "rl":
+        return CELL_SECONDS + family_cost.rl_seconds(config, params, recipe, records,
+                                                     FLOPS_PER_SECOND)
+    n_params, work = _size(config, params, split)
+    n_train, n_test = split.n_train, split.n_test
+    step_seconds = family_cost.STEP_SECONDS.get(config.family, STEP_SECONDS)
     steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
     probes = [n for n in (config.probe.train, config.probe.test) if n]
+    # the Jacobian's cost per probe sample and output: the parameter count times a
+    # family's measured factor (1 for dense and conv)
+    jacobian = n_params * family_cost.KERNEL_FACTOR.get(config.family, 1.0)
     flops = 6 * work * n_train * recipe.epochs + records * (
-        2 * work * (n_train + n_test) + 4 * n_params * sum(probes) * split.out_features
+        2 * work * (n_train + n_test) + 4 * jacobian * sum(probes) * split.out_features
         + sum(4 * n ** 3 for n in probes))
-    return (CELL_SECONDS + STEP_SECONDS * steps + RECORD_SECONDS * records
+    return (family_cost.CELL_SECONDS.get(config.family, CELL_SECONDS)
+            + step_seconds * steps + RECORD_SECONDS * records
             + flops / FLOPS_PER_SECOND)
 
 
-def check_cost(config: SweepConfig, cells: Sequence[Cell], split: Split, *, workers: int,
+def check_cost(config: SweepConfig, cells: Sequence[Cell], split: Shape, *, workers: int,
                allow_large: bool) -> float:
     """The estimated wall seconds of ``cells`` on ``workers``, or a one-line refusal
     (a cell too large for memory; a sweep too long without ``allow_large``)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 import traceback
@@ -154,21 +153,42 @@ def _one_thread() -> Iterator[None]:
 def _train(config: SweepConfig, cell: Cell, db: Path) -> dict[str, Any]:
     import torch
 
-    from cvcore.errors import InputError
-    from cvcore.record import Recorder
-    from cvcore.sweep.data import load_split
-    from cvcore.sweep.models import build_model, initialise
+    from cvcore.sweep.families import family_module
+    from cvcore.sweep.models import initialise
+    from cvcore.sweep.train import run_epochs
 
     torch.set_num_threads(1)
     params, recipe, seed = config.resolve(cell)
+    family = family_module(config.family)
+    if family is not None and hasattr(family, "train"):
+        result: dict[str, Any] = family.train(config, cell, db, params, recipe, seed)
+        return result
+    torch.manual_seed(seed)
+    if family is None:
+        task = _tabular_task(config, recipe)
+        from cvcore.sweep.models import build_model
+
+        model = build_model(config.family, params, in_features=task.in_features,
+                            out_features=task.out_features)
+    else:
+        task = family.task(config, params, recipe, seed)
+        model = family.build(params, task)
+    initialise(model, recipe.init)
+    return run_epochs(config, cell, db, model, task, recipe, seed)
+
+
+def _tabular_task(config: SweepConfig, recipe: Any) -> Any:
+    """The dense and conv families' task: a table of features, classes or a target."""
+    import torch
+
+    from cvcore.errors import InputError
+    from cvcore.sweep.data import load_split
+    from cvcore.sweep.train import Task
+
     split = load_split(config.data)
     if recipe.loss == "cross_entropy" and not split.classes:
         raise InputError(f"[train] loss: expected mse for the regression target of "
                          f"{config.data.dataset!r}, got cross_entropy")
-    torch.manual_seed(seed)
-    model = build_model(config.family, params, in_features=split.in_features,
-                        out_features=split.out_features)
-    initialise(model, recipe.init)
     x_tr, x_te = torch.from_numpy(split.x_train), torch.from_numpy(split.x_test)
     y_tr, y_te = torch.from_numpy(split.y_train), torch.from_numpy(split.y_test)
     if recipe.loss == "cross_entropy":
@@ -181,66 +201,20 @@ def _train(config: SweepConfig, cell: Cell, db: Path) -> dict[str, Any]:
     else:
         def loss_fn(out: Any, y: Any) -> Any:
             return torch.nn.functional.mse_loss(out, y)
-    if recipe.optimizer == "adam":
-        opt: Any = torch.optim.Adam(model.parameters(), lr=recipe.lr,
-                                    weight_decay=recipe.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                              weight_decay=recipe.weight_decay)
+
+    def evaluate(model: Any) -> dict[str, float]:
+        out_tr, out_te = model(x_tr), model(x_te)
+        numbers = {"train_loss": float(loss_fn(out_tr, y_tr)),
+                   "test_loss": float(loss_fn(out_te, y_te))}
+        if split.classes:
+            numbers["train_accuracy"] = float((out_tr.argmax(1) == y_tr).float().mean())
+            numbers["test_accuracy"] = float((out_te.argmax(1) == y_te).float().mean())
+        return numbers
+
     probe: dict[str, Any] = {}
     if config.probe.train:
         probe["train"] = x_tr[:min(config.probe.train, len(x_tr))]
     if config.probe.test:
         probe["test"] = x_te[:min(config.probe.test, len(x_te))]
-    if config.probe.subsets is not None:
-        smallest = min(len(v) for v in probe.values())
-        if config.probe.subsets[1] > smallest:
-            raise InputError(f"[probe] subsets: expected subsets of at most {smallest} "
-                             f"samples (the smallest probe set), got {config.probe.subsets[1]}")
-    from cvcore.record import ProbeSets
-
-    schedule = set(config.record.schedule(recipe.epochs))
-    generator = torch.Generator().manual_seed(seed)
-    n = len(x_tr)
-    tags = {**{k: v for k, v in cell.params.items()}, "cell": cell.id, "seed": seed,
-            "family": config.family, "dataset": config.data.dataset, "loss_fn": recipe.loss,
-            "init": recipe.init, "optimizer": recipe.optimizer, "lr": recipe.lr,
-            "epochs": recipe.epochs, "batch_size": recipe.batch_size}
-    final: dict[str, float] = {}
-
-    def evaluate() -> dict[str, float]:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            out_tr, out_te = model(x_tr), model(x_te)
-            numbers = {"train_loss": float(loss_fn(out_tr, y_tr)),
-                       "test_loss": float(loss_fn(out_te, y_te))}
-            if split.classes:
-                numbers["train_accuracy"] = float((out_tr.argmax(1) == y_tr).float().mean())
-                numbers["test_accuracy"] = float((out_te.argmax(1) == y_te).float().mean())
-        model.train(was)
-        return numbers
-
-    with Recorder(ProbeSets(probe), sink=db, name=cell.id, tags=tags, seed=seed,
-                  subsets=config.probe.subsets, variables=list(config.probe.variables),
-                  kernel=config.probe.kernel, dtype=config.probe.dtype,
-                  backend="torch") as rec:
-        for epoch in range(recipe.epochs + 1):
-            if epoch in schedule:
-                numbers = evaluate()
-                loss = numbers.pop("train_loss")
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"training diverged: loss {loss} at epoch {epoch}")
-                rec.record(epoch, model, loss=loss, **numbers)
-                final = {"train_loss": loss, **numbers}
-            if epoch == recipe.epochs:
-                break
-            model.train()
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, recipe.batch_size):
-                index = order[start:start + recipe.batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(x_tr[index]), y_tr[index]).backward()
-                opt.step()
-        n_params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
-    return {"n_params": n_params, "final": final, "store": db.name}
+    return Task(x_tr, y_tr, probe, lambda model, x, y: loss_fn(model(x), y), evaluate,
+                in_features=split.in_features, out_features=split.out_features)

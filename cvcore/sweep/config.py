@@ -16,23 +16,19 @@ from typing import Any
 import tomllib
 
 from cvcore.errors import InputError
+from cvcore.sweep.families import ACTIVATIONS, FAMILIES, FAMILY_SPECS, TABULAR
 from cvcore.sweep.ids import cell_id, check_grid_ids
 
-#: Built-in model families and the factory parameters each accepts.
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "dense": ("width", "depth", "activation", "bias"),
-    "conv": ("width", "depth", "activation", "kernel_size", "image_shape"),
-}
-ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "silu", "elu", "softplus", "identity")
-DATASETS = ("digits", "iris", "diabetes", "wine")
-OPTIMIZERS = ("adam", "sgd")
+DATASETS = TABULAR + ("text", "karate", "graphs", "cartpole")
+OPTIMIZERS = ("adam", "adamw", "sgd", "sgd_momentum")
+SCHEDULES = ("constant", "cosine", "warmup")
 LOSSES = ("cross_entropy", "mse")
-INITS = ("default", "flax")
+INITS = ("default", "flax", "xavier", "kaiming", "orthogonal")
 KERNELS = ("traced", "full")
 DTYPES = ("float32", "float64")
 #: Keys of [train]; a grid axis with one of these names varies the recipe.
 TRAIN_KEYS = ("optimizer", "lr", "epochs", "batch_size", "loss", "init", "momentum",
-              "weight_decay")
+              "weight_decay", "schedule", "warmup")
 SECTIONS = ("name", "model", "grid", "data", "train", "probe", "record")
 #: Largest epochs, width and depth a config may ask for: far beyond any study the sweep is
 #: for, small enough that the recording schedule and a model's tensors fit in memory.
@@ -40,7 +36,7 @@ MAX_EPOCHS = 100_000
 MAX_WIDTH = 100_000
 MAX_DEPTH = 1_000
 
-__all__ = ["Cell", "ConfigError", "SweepConfig", "cell_id", "load_config", "parse_config"]
+__all__ = ["ACTIVATIONS", "FAMILIES", "Cell", "ConfigError", "SweepConfig", "cell_id", "load_config", "parse_config"]
 
 
 class ConfigError(InputError):
@@ -57,6 +53,8 @@ class TrainSpec:
     init: str = "default"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -177,11 +175,11 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
     model_raw = c.table("model", raw.get("model"), required=True)
     family = model_raw.get("family")
     if family is None:
-        raise ConfigError(f"{where}: [model] family: expected {' or '.join(FAMILIES)} or a "
+        raise ConfigError(f"{where}: [model] family: expected one of {', '.join(FAMILIES)} or a "
                           f"factory 'package.module:function', got nothing")
     c.type("model.family", family, str)
     if family not in FAMILIES and not re.fullmatch(r"[\w.]+:[\w.]+", family):
-        raise ConfigError(f"{where}: [model] family: expected {' or '.join(FAMILIES)} or a "
+        raise ConfigError(f"{where}: [model] family: expected one of {', '.join(FAMILIES)} or a "
                           f"factory 'package.module:function', got {family!r}")
     model = {k: v for k, v in model_raw.items() if k != "family"}
     grid_raw = c.table("grid", raw.get("grid"), required=False)
@@ -194,33 +192,10 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
     clash = check_grid_ids(grid)
     if clash is not None:
         raise ConfigError(f"{where}: {clash}")
-    train = _train(c, raw.get("train"))
+    spec = FAMILY_SPECS.get(family)
+    train = _train(c, raw.get("train"), "cross_entropy" if spec is None else spec.loss)
     if family in FAMILIES:
-        allowed = FAMILIES[family]
-        for key in model:
-            if key not in allowed:
-                raise ConfigError(f"{where}: [model] {key}: expected a parameter of the "
-                                  f"{family} family among {', '.join(allowed)}, got {key!r}")
-        for key in grid:
-            if key not in allowed and key not in TRAIN_KEYS and key != "seed":
-                raise ConfigError(f"{where}: [grid] {key}: expected seed, a [train] key "
-                                  f"({', '.join(TRAIN_KEYS)}) or a {family} parameter "
-                                  f"({', '.join(allowed)}), got {key!r}")
-        for key in ("width", "depth"):
-            if key not in model and key not in grid:
-                raise ConfigError(f"{where}: [model] {key}: expected a positive integer "
-                                  f"(in [model] or as a [grid] axis), got nothing")
-        for key, most in (("width", MAX_WIDTH), ("depth", MAX_DEPTH), ("kernel_size", 99)):
-            for v in ([model[key]] if key in model else []) + grid.get(key, []):
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise ConfigError(f"{where}: {key}: expected positive integers, got {v!r}")
-                if v > most:
-                    raise ConfigError(f"{where}: {key}: expected at most {most:,}, got {v:,}")
-        for v in ([model["activation"]] if "activation" in model else []) \
-                + grid.get("activation", []):
-            if v not in ACTIVATIONS:
-                raise ConfigError(f"{where}: activation: expected one of "
-                                  f"{', '.join(ACTIVATIONS)}, got {v!r}")
+        _check_family(c, family, model, grid)
     for key, values in grid.items():
         if key in TRAIN_KEYS:
             for v in values:
@@ -230,11 +205,43 @@ def parse_config(text: str, *, where: str = "config", default_name: str = "sweep
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                     raise ConfigError(f"{where}: [grid] seed: expected non-negative integers, "
                                       f"got {v!r}")
-    data = _data(c, raw.get("data"))
+    data = _data(c, raw.get("data"), family)
     probe = _probe(c, raw.get("probe"))
     record = _record(c, raw.get("record"))
     return SweepConfig(name=name, family=family, model=model, grid=grid, data=data,
                        train=train, probe=probe, record=record, text=text)
+
+
+def _check_family(c: _ConfigChecker, family: str, model: dict[str, Any],
+                  grid: dict[str, list[Any]]) -> None:
+    """A built-in family's parameters: known names, sizes positive integers, choices."""
+    spec = FAMILY_SPECS[family]
+    allowed = spec.params
+    where = c.where
+    for key in model:
+        if key not in allowed:
+            raise ConfigError(f"{where}: [model] {key}: expected a parameter of the "
+                              f"{family} family among {', '.join(allowed)}, got {key!r}")
+    for key in grid:
+        if key not in allowed and key not in TRAIN_KEYS and key != "seed":
+            raise ConfigError(f"{where}: [grid] {key}: expected seed, a [train] key "
+                              f"({', '.join(TRAIN_KEYS)}) or a {family} parameter "
+                              f"({', '.join(allowed)}), got {key!r}")
+    for key in ("width", "depth"):
+        if key not in model and key not in grid:
+            raise ConfigError(f"{where}: [model] {key}: expected a positive integer "
+                              f"(in [model] or as a [grid] axis), got nothing")
+    for key, most in spec.ints.items():
+        for v in ([model[key]] if key in model else []) + grid.get(key, []):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{where}: {key}: expected positive integers, got {v!r}")
+            if v > most:
+                raise ConfigError(f"{where}: {key}: expected at most {most:,}, got {v:,}")
+    for key, options in spec.choices.items():
+        for v in ([model[key]] if key in model else []) + grid.get(key, []):
+            if v not in options or isinstance(v, bool) != isinstance(options[0], bool):
+                raise ConfigError(f"{where}: {key}: expected one of "
+                                  f"{', '.join(map(str, options))}, got {v!r}")
 
 
 def _check_name(c: _ConfigChecker, name: str) -> None:
@@ -300,16 +307,21 @@ class _ConfigChecker:
         return float(value)
 
 
-def _train(c: _ConfigChecker, value: Any) -> TrainSpec:
+def _train(c: _ConfigChecker, value: Any, loss: str = "cross_entropy") -> TrainSpec:
     t = c.table("train", value, required=False)
     c.keys("train", t, TRAIN_KEYS)
-    d = TrainSpec()
+    d = TrainSpec(loss=loss)
     spec = TrainSpec(
         optimizer=t.get("optimizer", d.optimizer), lr=t.get("lr", d.lr),
         epochs=t.get("epochs", d.epochs), batch_size=t.get("batch_size", d.batch_size),
         loss=t.get("loss", d.loss), init=t.get("init", d.init),
-        momentum=t.get("momentum", d.momentum), weight_decay=t.get("weight_decay", d.weight_decay))
+        momentum=t.get("momentum", d.momentum), weight_decay=t.get("weight_decay", d.weight_decay),
+        schedule=t.get("schedule", d.schedule), warmup=t.get("warmup", d.warmup))
     c.choice("[train] optimizer", spec.optimizer, OPTIMIZERS)
+    c.choice("[train] schedule", spec.schedule, SCHEDULES)
+    if c.number("[train] warmup", spec.warmup) > 1:
+        raise c.fail("[train] warmup", "a fraction of the training steps in [0, 1]",
+                     spec.warmup)
     c.choice("[train] loss", spec.loss, LOSSES)
     c.choice("[train] init", spec.init, INITS)
     c.number("[train] lr", spec.lr, positive=True)
@@ -323,14 +335,19 @@ def _train(c: _ConfigChecker, value: Any) -> TrainSpec:
     return spec
 
 
-def _data(c: _ConfigChecker, value: Any) -> DataSpec:
+def _data(c: _ConfigChecker, value: Any, family: str = "dense") -> DataSpec:
     t = c.table("data", value, required=False)
     c.keys("data", t, ("dataset", "train", "test", "seed", "standardize"))
     d = DataSpec()
-    dataset = t.get("dataset", d.dataset)
+    spec = FAMILY_SPECS.get(family)
+    dataset = t.get("dataset", d.dataset if spec is None else spec.default_dataset)
     c.type("[data] dataset", dataset, str)
-    if dataset not in DATASETS and not dataset.endswith(".npz"):
-        raise c.fail("[data] dataset", f"one of {', '.join(DATASETS)} or a path to an .npz "
+    if spec is not None and spec.module is not None:
+        if dataset not in spec.datasets:
+            raise c.fail("[data] dataset", f"one of {', '.join(spec.datasets)} for the "
+                         f"{family} family", dataset)
+    elif dataset not in TABULAR and not dataset.endswith(".npz"):
+        raise c.fail("[data] dataset", f"one of {', '.join(TABULAR)} or a path to an .npz "
                      "file with arrays x and y", dataset)
     train, test = t.get("train"), t.get("test")
     if train is not None:

@@ -99,9 +99,15 @@ def build_model(family: str, params: dict[str, Any], *, in_features: int,
 
 
 def initialise(model: Any, scheme: str) -> None:
-    """``default`` leaves PyTorch's initialisation; ``flax`` re-draws every Linear and Conv
-    weight as Flax's default (LeCun normal: truncated normal on ±2σ, variance 1/fan_in)
-    and sets biases to zero, from torch's global generator (seeded per cell)."""
+    """Re-draw every Linear and Conv weight (biases set to zero), from torch's global
+    generator (seeded per cell); ``default`` leaves the framework's (or the family's own)
+    initialisation.
+
+    - ``flax``: Flax's default, LeCun normal (truncated normal on ±2σ, variance 1/fan_in);
+    - ``xavier``: Glorot uniform (variance 2/(fan_in + fan_out));
+    - ``kaiming``: He normal (variance 2/fan_in);
+    - ``orthogonal``: an orthogonal matrix (rows or columns orthonormal, gain 1).
+    """
     if scheme == "default":
         return
     import torch
@@ -110,8 +116,18 @@ def initialise(model: Any, scheme: str) -> None:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                fan_in = m.weight[0].numel()
-                std = math.sqrt(1.0 / fan_in) / TRUNCATED_STD
-                nn.init.trunc_normal_(m.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+                if scheme == "flax":
+                    fan_in = m.weight[0].numel()
+                    std = math.sqrt(1.0 / fan_in) / TRUNCATED_STD
+                    nn.init.trunc_normal_(m.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+                elif scheme == "xavier":
+                    nn.init.xavier_uniform_(m.weight)
+                elif scheme == "kaiming":
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                elif scheme == "orthogonal":
+                    nn.init.orthogonal_(m.weight)
+                else:
+                    raise InputError(f"[train] init: expected default, flax, xavier, kaiming "
+                                     f"or orthogonal, got {scheme!r}")
                 if m.bias is not None:
                     m.bias.zero_()

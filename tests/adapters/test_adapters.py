@@ -88,4 +88,4 @@ def test_auto_encoder_needs_only_output_selection() -> None:
     params = list(model.parameters())
     for index in (0, 1):
         k = cvcore.ntk(model, x, kernel="full", dtype="float64", output=index)
-        assert rel(k, reference(lambda i: model(x[i:i + 1])[index], 4, params)) < 1e-10
+        assert rel(k, reference(lambda i, index=index: model(x[i:i + 1])[index], 4, params)) < 1e-10

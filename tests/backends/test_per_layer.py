@@ -194,5 +194,5 @@ def test_keras_on_jax_layers_match_the_torch_twin() -> None:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", KERAS_ON_JAX], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

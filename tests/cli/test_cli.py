@@ -110,7 +110,8 @@ def test_real_cv_subprocess_json_is_clean(kernels: dict[str, Path]) -> None:
     module = subprocess.run([sys.executable, "-m", "cvcore", "spectrum", str(kernels["eye"]),
                              "--json"], capture_output=True, text=True, check=True)
     assert json.loads(module.stdout)[0]["trace"] == pytest.approx(4.0)
-    bad = subprocess.run([str(cv), "spectrum", "nowhere.npy"], capture_output=True, text=True)
+    bad = subprocess.run([str(cv), "spectrum", "nowhere.npy"], capture_output=True, text=True,
+                         check=False)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == ("error: nowhere.npy: expected an existing file, got no such "
                                   "file or directory")

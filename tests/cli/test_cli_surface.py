@@ -4,8 +4,8 @@ says, checkpoint series (settings, --force, failed rows), progress, --seed and -
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -328,17 +328,23 @@ def test_progress_estimator_products() -> None:
     assert products and products[-1][1] == products[-1][2]
 
 
-def test_no_progress_bar_when_quiet_or_not_a_terminal() -> None:
-    from cvcore.cli.console import progress_wanted
+def test_progress_unless_quiet_plain_lines_off_a_terminal(monkeypatch) -> None:
+    """Off a terminal (a log file, a notebook) progress comes as plain lines with the time
+    left, first after PLAIN_INTERVAL seconds; --quiet silences it everywhere."""
+    from cvcore.cli import console
 
-    class Tty:
-        def isatty(self) -> bool:
-            return True
+    from cvcore import progress
 
-    assert progress_wanted(False, Tty())  # type: ignore[arg-type]
-    assert not progress_wanted(True, Tty())  # type: ignore[arg-type]
-    with open(os.devnull, "w") as devnull:
-        assert not progress_wanted(False, devnull)
+    assert console.progress_wanted(False) and not console.progress_wanted(True)
+    out = io.StringIO()
+    monkeypatch.setattr(console.sys, "stderr", out)
+    times = iter([0.0, 1.0, console.PLAIN_INTERVAL + 1.0, console.PLAIN_INTERVAL + 2.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(times))
+    with console.progress_bar(True):
+        progress.advance("checkpoints", 1, 4)   # 1 s in: nothing yet
+        progress.advance("checkpoints", 2, 4)   # 31 s in: 15.5 s each, 2 to go
+    assert out.getvalue().splitlines() == [
+        "checkpoints: 2/4 (50%), 31.0 s elapsed, about 31.0 s left"]
 
 
 def test_seed_makes_dropout_under_train_reproducible(tmp_path: Path) -> None:

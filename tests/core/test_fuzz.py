@@ -34,8 +34,7 @@ def test_atheris_finds_no_crash_in_the_loaders(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(script), "-runs=400", "-max_len=8192", "-timeout=30",
          f"-rss_limit_mb={inherited_mb + 4096}", str(corpus)],
-        capture_output=True, text=True, timeout=600,
-    )
+        capture_output=True, text=True, timeout=600, check=False)
     tail = done.stderr[-3000:]
     assert done.returncode == 0, tail
     assert "Done 400 runs" in done.stderr or "DONE" in done.stderr, tail

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ class FakeBackend:
     name = "fake"
     extra = "fake"
     modules = ("numpy",)
-    calls: list[KernelRequest] = []
+    calls: ClassVar[list[KernelRequest]] = []
 
     def available(self) -> bool:
         return True

@@ -71,7 +71,10 @@ def test_trainer_records_logs_and_leaves_training_unchanged(tmp_path):
               if "cv/probe/trace" in h}
     assert sorted(logged) == [0, 2, 4, 6]
     assert logged[6] == pytest.approx(direct.trace, rel=1e-12)
-    assert run["records"][-1]["loss"] is not None  # the Trainer's last logged loss
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    for record in run["records"][1:]:  # the Trainer's loss of that very step
+        assert record["loss"] == pytest.approx(losses[record["step"]], rel=1e-6)
+    assert 3 in losses  # the Trainer's own logging_steps still logs
     report_and_plot(tmp_path / "hf.db", tmp_path)
 
 
@@ -86,3 +89,51 @@ def test_probe_texts_and_errors():
         tokenize("the cat", tok)
     with pytest.raises(cvcore.errors.InputError, match="a transformers Trainer"):
         attach(object(), PROBE, tokenizer=tok)
+
+
+def gpt2_and_tokenizer(pad: bool):
+    vocab = {w: i for i, w in enumerate(["[UNK]", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                                **({"pad_token": "[UNK]"} if pad else {}))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(WORDS) + 1, n_embd=16, n_layer=1, n_head=2,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config), fast
+
+
+def test_tokenizer_without_pad_token_and_the_final_step(tmp_path):
+    model, tok = gpt2_and_tokenizer(pad=False)
+    assert tok.pad_token is None
+    g = np.random.default_rng(1)
+    texts = [" ".join(g.choice(WORDS, size=6)) for _ in range(8)]
+    data = [{"input_ids": ids, "labels": ids} for ids in tok(texts)["input_ids"]]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=5,
+                                          per_device_train_batch_size=2, learning_rate=5e-3,
+                                          report_to=[], save_strategy="no", use_cpu=True,
+                                          seed=0, logging_steps=10, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   processing_class=tok,
+                                   data_collator=transformers.default_data_collator)
+    attach(trainer, PROBE, every=2, sink=tmp_path / "gpt2.db", variables=VARS)
+    trainer.train()
+    (run,) = cvcore.read_runs(tmp_path / "gpt2.db")
+    assert [r["step"] for r in run["records"]] == [0, 2, 4, 5]  # 5: the final step
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert [r["loss"] for r in run["records"][1:]] == pytest.approx(
+        [losses[2], losses[4], losses[5]], rel=1e-6)
+    _, padded = gpt2_and_tokenizer(pad=True)  # the pad id never enters the kernel
+    direct = cvcore.measure(model, tokenize(PROBE, padded), variables=VARS)
+    final = {v["variable"]: v["value"] for v in run["records"][-1]["values"]}
+    assert final["trace"] == pytest.approx(direct.trace, rel=1e-9)
+    assert final["entropy"] == pytest.approx(direct.entropy, rel=1e-9)
+
+
+def test_graph_probe_is_refused_at_construction():
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.data import Data
+
+    graph = Data(x=torch.randn(4, 3), edge_index=torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(cvcore.errors.InputError, match="not graph networks"):
+        RecorderCallback(graph, tokenizer=tokenizer())

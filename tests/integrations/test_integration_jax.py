@@ -122,3 +122,64 @@ def test_flax_nnx_module():
     assert records[-1].get("trace") == pytest.approx(direct.trace, rel=1e-12)
     assert records[-1].get("entropy") == pytest.approx(direct.entropy, rel=1e-12)
     assert compiled[0] > 0 and compiled[1:] == [0] * 4
+
+
+def test_graph_network_nodes_in_an_optax_loop():
+    """A two-layer GCN in JAX on a fixed graph (the Karate Club), its samples the node
+    indices: each node's output is computed on the whole graph. Recorded with every=2 in
+    an Optax loop, the final model taken by ``record_final``; the last record against a
+    float64 kernel from ``jax.jacrev``."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.datasets import KarateClub
+
+    from cvcore.integrations.common import record_final
+
+    g = KarateClub()[0]
+    n = g.num_nodes
+    a = np.eye(n, dtype=np.float32)
+    a[g.edge_index[0].numpy(), g.edge_index[1].numpy()] = 1
+    d = a.sum(1)
+    adj, feats = jnp.asarray(a / np.sqrt(d[:, None] * d[None, :])), jnp.asarray(g.x.numpy())
+    labels = jnp.asarray(g.y.numpy())
+
+    def gcn(p, idx):
+        return (adj @ jnp.tanh(adj @ feats @ p["w1"]) @ p["w2"])[idx]
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    params = {"w1": jax.random.normal(k1, (n, 8)) * 0.3, "w2": jax.random.normal(k2, (8, 4)) * 0.3}
+    tx = optax.adam(5e-2)
+    opt_state = tx.init(params)
+    nodes = np.arange(n)
+
+    def loss_fn(p):
+        return optax.softmax_cross_entropy_with_integer_labels(gcn(p, nodes), labels).mean()
+
+    rec = cvcore.Recorder(nodes, every=2, variables=VARS)
+    loss = None
+    for step in range(5):
+        rec.record(step, (gcn, params), loss=loss)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state)
+        params = optax.apply_updates(params, updates)
+    record_final(rec, 5, (gcn, params), loss=loss)
+    assert [r.step for r in rec.records()] == [0, 2, 4, 5]
+    jac = jax.jacrev(lambda q: gcn(q, nodes))(params)
+    rows = np.concatenate([np.asarray(v, dtype=np.float64).reshape(n, 4, -1)
+                           for v in jac.values()], axis=2)
+    kernel = np.einsum("iop,jop->ij", rows, rows) / 4
+    reference = cvcore.collective_variables(kernel)
+    last = rec.records()[-1]
+    assert last.get("trace") == pytest.approx(reference.trace, rel=1e-5)
+    assert last.get("entropy") == pytest.approx(reference.entropy, rel=1e-4)
+
+
+def test_pytorch_geometric_probe_with_a_jax_model_is_one_line():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.data import Data
+
+    graph = Data(x=torch.randn(4, 3), edge_index=torch.tensor([[0, 1], [1, 2]]))
+    rec = cvcore.Recorder(graph)  # the model is known at the first record
+    params = {"w": jnp.ones((3, 2))}
+    with pytest.raises(cvcore.errors.InputError, match="got Data$"):
+        rec.record(0, (lambda p, x: x @ p["w"], params))

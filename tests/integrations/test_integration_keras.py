@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,7 +30,16 @@ def check(result: dict) -> None:
         assert result["final"][var] == pytest.approx(result["direct"][var], rel=1e-12)
     assert len(result["history"]) == 3 and result["history"] == result["csv"]
     assert result["history"][-1] == pytest.approx(result["direct"]["trace"], rel=1e-6)
-    assert result["batch_steps"] == [0, 3, 6]
+    assert result["batch_steps"] == [0, 3, 6, 8]  # 8: the final model, whatever every= says
+    sparse = result["every2"]
+    assert sparse["steps"] == [0, 2, 3]  # every second epoch, and the final model
+    assert sparse["epochs"] == [0, 1, 2] and len(sparse["history"]) == 3
+    assert math.isnan(sparse["history"][0])  # epoch 0 ends at step 1: not recorded
+    assert sparse["history"][1:] == pytest.approx(sparse["stored"][1:], rel=1e-6)
+    assert [e for e, _ in sparse["csv"]] == [0, 1, 2]
+    assert math.isnan(sparse["csv"][0][1])
+    assert [v for _, v in sparse["csv"][1:]] == pytest.approx(sparse["stored"][1:], rel=1e-6)
+    assert sparse["stored"][-1] == pytest.approx(sparse["direct"], rel=1e-12)
 
 
 @pytest.mark.slow
@@ -46,7 +56,7 @@ def test_other_backends_in_subprocesses(tmp_path):
         assert p.returncode == 0, err[-2000:]
         result = json.loads(out.strip().splitlines()[-1])
         assert result["backend"] == b
-        assert result["framework"] == "tensorflow"  # cvcore's Keras backend, whatever Keras runs on
+        assert result["framework"] == f"keras/{b}"  # the engine Keras runs on
         check(result)
         report_and_plot(tmp_path / b / "run.db", tmp_path)
 
@@ -56,4 +66,18 @@ def test_tensorflow_backend_in_process(tmp_path):
         pytest.skip("runs Keras on the tensorflow backend in-process")
     result = run(str(tmp_path))
     check(result)
+    assert result["framework"] == "keras/tensorflow"
     report_and_plot(tmp_path / "tensorflow" / "run.db", tmp_path)
+
+
+def test_graph_probe_is_refused_at_construction():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.data import Data
+
+    from cvcore.errors import InputError
+    from cvcore.integrations.keras import RecorderCallback
+
+    graph = Data(x=torch.randn(4, 3), edge_index=torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(InputError, match="Keras models are not graph networks"):
+        RecorderCallback({"train": graph})

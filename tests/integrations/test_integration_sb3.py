@@ -94,3 +94,64 @@ def test_bad_arguments_are_one_line():
         RecorderCallback(OBS, heads=("policy",))
     with pytest.raises(cvcore.errors.InputError, match="no subsets="):
         RecorderCallback(rollout=4, subsets=(2, 2))
+    with pytest.raises(cvcore.errors.InputError, match="at most 6"):
+        RecorderCallback(OBS, subsets=(2, 7))  # checked when made, not when learn starts
+
+
+def test_training_signals_match_sb3s_own_log(tmp_path):
+    cb = RecorderCallback(OBS, sink=tmp_path / "ppo.db", name="ppo", variables=["trace"])
+    learn(cb, log_dir=tmp_path / "sb3")
+    with open(tmp_path / "sb3" / "progress.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["cv/actor/probe/trace"]]
+    (run,) = [r for r in cvcore.read_runs(tmp_path / "ppo.db") if r["name"] == "ppo actor"]
+    records = run["records"]
+    assert len(rows) == len(records) == 4
+    assert records[0]["loss"] is None  # before any update
+    for row, record in zip(rows, records):  # one dump per record, the same logger values
+        if row["train/loss"]:
+            assert record["loss"] == pytest.approx(float(row["train/loss"]), rel=1e-6)
+            assert record["extras"]["value_loss"] == pytest.approx(float(row["train/value_loss"]),
+                                                                   rel=1e-6)
+            assert "policy_gradient_loss" in record["extras"]
+        if row.get("rollout/ep_rew_mean"):
+            assert record["extras"]["episode_reward"] == pytest.approx(
+                float(row["rollout/ep_rew_mean"]), rel=1e-6)
+    assert all(r["loss"] is not None for r in records[1:])
+    assert "episode_reward" in records[-1]["extras"]
+
+
+def dqn():
+    return sb3.DQN("MlpPolicy", "CartPole-v1", learning_starts=0, train_freq=16,
+                   batch_size=8, seed=0, device="cpu", policy_kwargs={"net_arch": [16]})
+
+
+def test_dqn_records_its_q_network(tmp_path):
+    agent = dqn()
+    cb = RecorderCallback(OBS, sink=tmp_path / "dqn.db", name="dqn", variables=VARS)
+    agent.learn(64, callback=cb)
+    (run,) = cvcore.read_runs(tmp_path / "dqn.db")
+    assert run["name"] == "dqn q" and run["tags"]["head"] == "q"
+    assert [r["step"] for r in run["records"]] == [0, 1, 2, 3, 4]
+    direct = cvcore.measure(agent, OBS, variables=VARS, output="q")
+    got = head_values(run)
+    assert got[(4, "trace")] == pytest.approx(direct.trace, rel=1e-12)
+    assert got[(4, "entropy")] == pytest.approx(direct.entropy, rel=1e-12)
+    assert run["records"][-1]["loss"] is not None  # DQN's train/loss
+
+
+def test_heads_that_do_not_fit_the_agent_fail_before_training():
+    for callback, words in ((RecorderCallback(OBS, heads=("actor",)), "heads among \\['q'\\]"),
+                            (RecorderCallback(rollout=4), "replay buffer")):
+        agent = dqn()
+        with pytest.raises(cvcore.errors.InputError, match=words):
+            agent.learn(64, callback=callback)
+        assert agent.num_timesteps == 0
+
+
+def test_graph_probe_is_refused_at_construction():
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.data import Data
+
+    graph = Data(x=torch.randn(4, 3), edge_index=torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(cvcore.errors.InputError, match="not graph networks"):
+        RecorderCallback(graph)

@@ -91,3 +91,41 @@ def test_missing_library_is_the_install_line(monkeypatch):
         cvcore.Recorder(PROBE, tensorboard="tb")
     assert str(err.value) == ("tensorboardX is required for this but is not installed; "
                               "install it with: pip install tensorboardX")
+
+
+def test_graph_network_scalars_and_the_final_model(tmp_path):
+    """A GCN on the Karate Club graph in a plain loop, every=2: node-level probes (every
+    node, and a few), the final model by ``record_final``, scalars equal to the store's
+    and to ``cvcore.measure`` on the final weights."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.datasets import KarateClub
+    from torch_geometric.nn.models import GCN
+
+    from cvcore.integrations.common import record_final
+
+    graph = KarateClub()[0]
+    nodes = torch.tensor([1, 2, 8, 30])
+    torch.manual_seed(0)
+    model = GCN(graph.num_features, 8, 2, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    with cvcore.Recorder({"train": graph, "test": (graph, nodes)}, every=2,
+                         sink=tmp_path / "g.db", tensorboard=tmp_path / "tb",
+                         variables=["entropy", "trace"]) as rec:
+        loss = None
+        for step in range(3):
+            rec.record(step, model, loss=loss)
+            opt.zero_grad()
+            out = model(graph.x, graph.edge_index)
+            loss = torch.nn.functional.cross_entropy(out, graph.y)
+            loss.backward()
+            opt.step()
+        record_final(rec, 3, model, loss=loss)
+    got = scalars(tmp_path / "tb")
+    assert sorted(got["cv/train/trace"]) == [0, 2, 3]
+    for name, inputs in (("train", graph), ("test", (graph, nodes))):
+        direct = cvcore.measure(model, inputs, variables=["entropy", "trace"])
+        assert got[f"cv/{name}/trace"][3] == pytest.approx(direct.trace, rel=1e-6)
+        assert got[f"cv/{name}/entropy"][3] == pytest.approx(direct.entropy, rel=1e-6)
+    assert got["cv/loss"][3] == pytest.approx(float(loss.detach()), rel=1e-6)
+    (run,) = cvcore.read_runs(tmp_path / "g.db")
+    assert run["probe_sets"]["test"]["n_samples"] == 4

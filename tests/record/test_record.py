@@ -199,7 +199,7 @@ def test_store_is_wal_with_schema_version_and_several_runs(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert dict(conn.execute("SELECT key, value FROM meta").fetchall()) == {
-        "format": "cvcore-records", "schema_version": "1"}
+        "format": "cvcore-records", "schema_version": "2"}
     runs = cvcore.read_runs(path)
     assert [r["name"] for r in runs] == ["a", "b"] and runs[1]["tags"] == {"width": 6}
     assert runs[0]["id"] != runs[1]["id"]
@@ -255,7 +255,7 @@ def test_newer_schema_refused(tmp_path):
     RecordStore(path).close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
-    with pytest.raises(StoreError, match="schema version 1 or older, got version 99"):
+    with pytest.raises(StoreError, match="schema version 2 or older, got version 99"):
         RecordStore(path, create=False)
 
 

@@ -58,11 +58,13 @@ def write(tmp_path: Path, text: str = TINY, name: str = "tiny.toml") -> Path:
 
 @pytest.mark.parametrize(("change", "message"), [
     ('optimiser = "adam"\n', "optimiser: expected one of the top-level keys"),
-    ('[train]\noptimizer = "adamw"\n', "[train] optimizer: expected one of adam, sgd, got 'adamw'"),
+    ('[train]\noptimizer = "lbfgs"\n', "[train] optimizer: expected one of adam, adamw, sgd, sgd_momentum, got 'lbfgs'"),
+    ('[train]\nschedule = "step"\n', "[train] schedule: expected one of constant, cosine, warmup, got 'step'"),
+    ('[train]\nwarmup = 2\n', "[train] warmup: expected a fraction of the training steps in [0, 1], got 2"),
     ('[train]\nepoch = 3\n', "[train] epoch: expected one of the keys of [train]"),
     ('[train]\nlr = -1\n', "[train] lr: expected a positive number, got -1"),
     ('[train]\nloss = "hinge"\n', "[train] loss: expected one of cross_entropy, mse"),
-    ('[train]\ninit = "xavier"\n', "[train] init: expected one of default, flax"),
+    ('[train]\ninit = "he"\n', "[train] init: expected one of default, flax, xavier, kaiming, orthogonal"),
     ('[probe]\nsubsets = [3]\n', "[probe] subsets: expected [K, n], two positive integers"),
     ('[probe]\nvariables = ["entropie"]\n', "[probe] variables: expected variables among"),
     ('[record]\nevery = 0\n', "[record] every: expected a positive integer, got 0"),
@@ -78,7 +80,7 @@ def test_a_wrong_key_or_value_is_one_line_naming_it(change, message):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ('[model]\nfamily = "mlp"\n', "[model] family: expected dense or conv or a factory"),
+    ('[model]\nfamily = "mlp"\n', "[model] family: expected one of dense, conv, vit, transformer, ssm, gnn, autoencoder, vae, rl or a factory"),
     ('[model]\nfamily = "dense"\ndepth = 1\n', "[model] width: expected a positive integer"),
     ('[model]\nfamily = "dense"\ncolour = 1\n', "[model] colour: expected a parameter of the dense"),
     ('[model]\nfamily = "dense"\ndepth = 1\n[grid]\nwidth = 4\n', "[grid] width: expected a non-empty list"),

@@ -202,17 +202,17 @@ def test_default_device_is_cpu_without_gpu() -> None:
 
 @pytest.mark.parametrize("kernel", ["traced", "full"])
 def test_many_outputs_are_blocked_over_outputs(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cvcore.blocking import Plan
+    from cvcore.blocking import BlockPlan
 
     seen: list[int] = []
-    original = Plan.output_blocks
+    original = BlockPlan.output_blocks
 
     def spy(self, group):
         blocks = original(self, group)
         seen.append(len(blocks))
         return blocks
 
-    monkeypatch.setattr(Plan, "output_blocks", spy)
+    monkeypatch.setattr(BlockPlan, "output_blocks", spy)
     torch.manual_seed(10)
     model = tm.mlp(6, 8, 40).double()
     x = torch.randn(4, 6, dtype=torch.float64)

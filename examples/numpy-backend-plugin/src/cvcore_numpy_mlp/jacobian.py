@@ -9,13 +9,13 @@ the memory budget bounds Jacobian storage whatever N is.
 from __future__ import annotations
 
 import numpy as np
-from cvcore.blocking import Group, Plan
+from cvcore.blocking import BlockPlan, Group
 from cvcore.outputs import check_finite
 
 from cvcore_numpy_mlp.model import Array, NumpyMLP
 
 
-def jacobian_rows(model: NumpyMLP, x: Array, group: Group, plan: Plan, start: int, stop: int,
+def jacobian_rows(model: NumpyMLP, x: Array, group: Group, plan: BlockPlan, start: int, stop: int,
                   traced: bool) -> Array:
     """The Jacobian of samples ``[start, stop)`` w.r.t. one group, as kernel rows:
     ``(b, O·P_g)`` for the traced kernel, ``(b·O, P_g)`` for the full one."""
@@ -24,7 +24,7 @@ def jacobian_rows(model: NumpyMLP, x: Array, group: Group, plan: Plan, start: in
     return jac.reshape(jac.shape[0], -1) if traced else jac.reshape(-1, jac.shape[2])
 
 
-def assemble(model: NumpyMLP, x: Array, traced: bool, plan: Plan) -> Array:
+def assemble(model: NumpyMLP, x: Array, traced: bool, plan: BlockPlan) -> Array:
     """Accumulate the kernel over parameter groups and pairs of sample blocks."""
     n, o = x.shape[0], model.n_outputs
     width = 1 if traced else o
