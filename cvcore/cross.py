@@ -26,7 +26,7 @@ from cvcore.axes import KernelAxes, contract, cvcore_axes, flat_full, result_sha
 from cvcore.data_io import batch_size
 from cvcore.errors import BackendError, ModelError, ResourceError
 from cvcore.memory import available_memory, ensure_fits
-from cvcore.protocols import JacobianBackend, KernelRequest
+from cvcore.protocols import Backend, JacobianBackend, KernelRequest
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def convention(kernel: str, axes: KernelAxes | None) -> str:
     return "full, (N1*O) x (N2*O), row i*O + o"
 
 
-def jacobian_kernel(backend: Any, model: Any, input_sets: tuple[Any, ...],
+def jacobian_kernel(backend: Backend, model: Any, input_sets: tuple[Any, ...],
                     request: KernelRequest, axes: KernelAxes | None = None) -> CrossKernel:
     """The kernel between the first and the last of ``input_sets`` (one set: its self
     kernel) from the backend's per-sample Jacobians, summed over parameter groups.

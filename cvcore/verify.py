@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from cvcore.data_io import take
 from cvcore.errors import ModelError
-from cvcore.protocols import Implementation, KernelRequest, KernelResult
+from cvcore.protocols import Backend, Implementation, KernelRequest, KernelResult
 
 #: Samples the check measures with the Jacobian path.
 SAMPLES = 4
@@ -41,7 +41,7 @@ def sample_index(n: int, seed: int = 0) -> NDArray[np.int64]:
     return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False)).astype(np.int64)
 
 
-def check(backend: Any, model: Any, inputs: Any, request: KernelRequest, result: KernelResult,
+def check(backend: Backend, model: Any, inputs: Any, request: KernelRequest, result: KernelResult,
           seed: int = 0) -> float:
     """Raise :class:`VerificationError` when ``result`` disagrees with the Jacobian path.
 

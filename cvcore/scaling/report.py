@@ -52,11 +52,14 @@ def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
     where = output_folder(Path(out) if out is not None else sweep.root / "scaling")
     names = [SUMMARY]
     dynamic = [p for p in present if recorded_dynamics(sweep, p)]
+    losses = recorded_losses(sweep)
     if plots:
         names += [f"{kind}_{p}.png" for p in present
                   for kind in ("scale_diagram", "delta_S_vs_params")]
         names += [f"dynamics_vs_params_{p}.png" for p in dynamic]
-        names += ["loss_vs_params.png"] + [figures.contrast_name(s) for s in selections]
+        if losses:
+            names += ["loss_vs_params.png"]
+        names += [figures.contrast_name(s) for s in selections]
     for name in names:
         check_output_path(where / name, what="scaling output")
     results = {p: analyse(sweep, probe_set=p, n_boot=n_boot) for p in present}
@@ -77,10 +80,11 @@ def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
                     pts, sweep.grid, where / f"dynamics_vs_params_{probe}.png",
                     f"{name}: target alignment and kernel distance vs parameter count, "
                     f"{probe} probe")))
-        pts = points(sweep.cells, present[0])
-        written.append(str(figures.loss_vs_params(
-            pts, sweep.grid, results[present[0]]["loss_power_law"],
-            where / "loss_vs_params.png", f"{name}: final loss vs parameter count")))
+        if losses:  # a sweep whose cells record no loss has no loss figure
+            pts = points(sweep.cells, present[0])
+            written.append(str(figures.loss_vs_params(
+                pts, sweep.grid, results[present[0]]["loss_power_law"],
+                where / "loss_vs_params.png", f"{name}: final loss vs parameter count")))
         for sel in selections:
             written.append(str(figures.contrast(sweep, sel, where / figures.contrast_name(sel),
                                                 name)))
@@ -88,6 +92,11 @@ def scaling_report(sweep_dir: str | Path, *, out: str | Path | None = None,
                       default=_jsonable)
     write_text_atomic(where / SUMMARY, text)
     return {"summary": str(where / SUMMARY), "figures": written, "analysis": results}
+
+
+def recorded_losses(sweep: Any) -> bool:
+    """Whether any cell ended with a finite training loss."""
+    return any(math.isfinite(c.final_loss) for c in sweep.cells)
 
 
 def recorded_dynamics(sweep: Any, probe_set: str) -> bool:

@@ -22,7 +22,8 @@ def n_params_of(width: int) -> int:
 
 
 def write_sweep(root: Path, delta, *, seeds=(0, 1, 2), noise=(-0.05, 0.0, 0.05),
-                depths=(1,), activations=("relu",), steps=(0, 5, 10), loss=None) -> Path:
+                depths=(1,), activations=("relu",), steps=(0, 5, 10), loss=None,
+                record_loss=True) -> Path:
     """A sweep directory with one store per cell whose entropy goes from 1.0 at step 0 to
     1.0 + delta(P, depth, activation) + noise[seed] at the last step, dipping to 0.5 in
     between; trace from 2.0 to 2.0·e^(0.1·depth); loss given by ``loss(P)``."""
@@ -48,7 +49,8 @@ def write_sweep(root: Path, delta, *, seeds=(0, 1, 2), noise=(-0.05, 0.0, 0.05),
                         for step, e, t in zip(steps, entropies, traces, strict=True):
                             final = loss(p) if loss else 1.0
                             store.add_record(run, Record(
-                                step=step, loss=final if step == steps[-1] else 3.0,
+                                step=step, loss=(final if step == steps[-1] else 3.0)
+                                if record_loss else None,
                                 extras={"test_loss": 2 * final},
                                 values=(Value("train", "entropy", e),
                                         Value("train", "trace", t))))
@@ -199,6 +201,23 @@ def test_cli_scaling_writes_json_and_figures(tmp_path):
     for name in ("scale_diagram_train.png", "delta_S_vs_params_train.png",
                  "loss_vs_params.png", "contrast_width-4-1024_depth-1.png"):
         assert (root / "scaling" / name).stat().st_size > 1000
+
+
+def test_cli_scaling_without_losses_draws_every_figure_but_the_loss_one(tmp_path):
+    """Cells that record no training loss (a policy's kernels, say) still get their scale
+    diagram; the loss figure, which would have nothing to show, is left out."""
+    pytest.importorskip("matplotlib")
+    from cvcore.cli.app import make_app
+    from typer.testing import CliRunner
+
+    root = write_sweep(tmp_path / "s", lambda p, d, a: math.log10(p) - 3, record_loss=False)
+    res = CliRunner().invoke(make_app(), ["scaling", str(root), "--boot", "20"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((root / "scaling" / "scaling.json").read_text())
+    assert summary["probe_sets"]["train"]["sign_changes"][0]["log10_P"] == pytest.approx(3.0)
+    assert not (root / "scaling" / "loss_vs_params.png").exists()
+    assert {Path(f).name for f in summary["figures"]} == {
+        "scale_diagram_train.png", "delta_S_vs_params_train.png"}
 
 
 def test_cli_scaling_refuses_a_directory_without_a_sweep(tmp_path):
