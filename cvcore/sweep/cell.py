@@ -212,9 +212,13 @@ def _tabular_task(config: SweepConfig, recipe: Any) -> Any:
         return numbers
 
     probe: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
     if config.probe.train:
         probe["train"] = x_tr[:min(config.probe.train, len(x_tr))]
+        targets["train"] = y_tr[:len(probe["train"])]
     if config.probe.test:
         probe["test"] = x_te[:min(config.probe.test, len(x_te))]
+        targets["test"] = y_te[:len(probe["test"])]
     return Task(x_tr, y_tr, probe, lambda model, x, y: loss_fn(model(x), y), evaluate,
-                in_features=split.in_features, out_features=split.out_features)
+                in_features=split.in_features, out_features=split.out_features,
+                probe_targets=targets)

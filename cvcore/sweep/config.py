@@ -74,6 +74,10 @@ class ProbeSetsSpec:
     variables: tuple[str, ...] = ("entropy", "trace")
     kernel: str = "traced"
     dtype: str = "float32"
+    #: record the kernel's alignment with the probe's labels (where the family has them)
+    #: and its motion between records (``cvcore.Recorder(targets=, dynamics=True)``)
+    dynamics: bool = False
+    top_k: int = 10
 
 
 @dataclass(frozen=True)
@@ -367,7 +371,8 @@ def _probe(c: _ConfigChecker, value: Any) -> ProbeSetsSpec:
     from cvcore.api import parse_variables
 
     t = c.table("probe", value, required=False)
-    c.keys("probe", t, ("train", "test", "subsets", "variables", "kernel", "dtype"))
+    c.keys("probe", t, ("train", "test", "subsets", "variables", "kernel", "dtype",
+                        "dynamics", "top_k"))
     d = ProbeSetsSpec()
     train, test = t.get("train", d.train), t.get("test", d.test)
     if isinstance(train, bool) or not isinstance(train, int) or train < 0:
@@ -398,8 +403,12 @@ def _probe(c: _ConfigChecker, value: Any) -> ProbeSetsSpec:
     c.choice("[probe] kernel", kernel, KERNELS)
     dtype = t.get("dtype", d.dtype)
     c.choice("[probe] dtype", dtype, DTYPES)
+    dynamics = t.get("dynamics", d.dynamics)
+    c.type("[probe] dynamics", dynamics, bool)
+    top_k = t.get("top_k", d.top_k)
+    c.positive_int("[probe] top_k", top_k)
     return ProbeSetsSpec(train=train, test=test, subsets=subsets, variables=parsed, kernel=kernel,
-                     dtype=dtype)
+                         dtype=dtype, dynamics=dynamics, top_k=top_k)
 
 
 def _record(c: _ConfigChecker, value: Any) -> RecordSpec:

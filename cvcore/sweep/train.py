@@ -47,6 +47,9 @@ class Task:
     family: str = ""
     #: what the family's ``build`` needs beside the sizes (a fixed graph, ...)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: each probe set's labels or targets, where the family has them (``[probe] dynamics``
+    #: measures the kernel's alignment with them)
+    probe_targets: dict[str, Any] = field(default_factory=dict)
 
 
 def optimizer(model: Any, recipe: TrainSpec) -> Any:
@@ -94,6 +97,16 @@ def base_tags(config: SweepConfig, cell: Cell, recipe: TrainSpec, seed: int) -> 
             "weight_decay": recipe.weight_decay}
 
 
+def dynamics_options(config: SweepConfig, task: Task | None = None) -> dict[str, Any]:
+    """The Recorder's kernel-dynamics options for ``[probe] dynamics = true`` (none
+    otherwise): motion between records, and alignment with the probe's targets where the
+    family has them."""
+    if not config.probe.dynamics:
+        return {}
+    targets = dict(task.probe_targets) if task is not None else {}
+    return {"dynamics": True, "top_k": config.probe.top_k, "targets": targets or None}
+
+
 def run_epochs(config: SweepConfig, cell: Cell, db: Path, model: Any, task: Task,
                recipe: TrainSpec, seed: int) -> dict[str, Any]:
     """Train ``model`` on ``task`` for the recipe's epochs, recording into ``db``.
@@ -131,7 +144,7 @@ def run_epochs(config: SweepConfig, cell: Cell, db: Path, model: Any, task: Task
     with Recorder(ProbeSets(task.probe), sink=db, name=cell.id, tags=tags, seed=seed,
                   subsets=config.probe.subsets, variables=list(config.probe.variables),
                   kernel=config.probe.kernel, dtype=config.probe.dtype,
-                  backend="torch") as rec:
+                  backend="torch", **dynamics_options(config, task)) as rec:
         for epoch in range(recipe.epochs + 1):
             if epoch in schedule:
                 numbers = evaluate()

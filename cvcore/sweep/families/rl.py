@@ -168,7 +168,7 @@ def train(config: SweepConfig, cell: Cell, db: Path, params: dict[str, Any],
     from stable_baselines3.common.callbacks import BaseCallback
 
     from cvcore.record import ProbeSets, Recorder
-    from cvcore.sweep.train import base_tags
+    from cvcore.sweep.train import base_tags, dynamics_options
 
     model = make_agent(params, recipe, seed)
     n_steps, epochs = model.n_steps, recipe.epochs
@@ -184,7 +184,7 @@ def train(config: SweepConfig, cell: Cell, db: Path, params: dict[str, Any],
     with Recorder(ProbeSets(probe), sink=db, name=cell.id, tags=tags, seed=seed,
                   subsets=config.probe.subsets, variables=list(config.probe.variables),
                   kernel=config.probe.kernel, dtype=config.probe.dtype,
-                  backend="torch") as rec:
+                  backend="torch", **dynamics_options(config)) as rec:
 
         def record(epoch: int) -> None:
             if epoch not in schedule:

@@ -31,7 +31,10 @@ def task(config: SweepConfig, params: dict[str, Any], recipe: TrainSpec, seed: i
     x_tr, x_te = torch.from_numpy(split.x_train), torch.from_numpy(split.x_test)
     y_tr, y_te = torch.from_numpy(split.y_train), torch.from_numpy(split.y_test)
     loss, evaluate = classification(x_tr, y_tr, x_te, y_te)
-    return Task(x_tr, y_tr, probe_sets(config, x_tr, x_te), loss, evaluate,
+    probe = probe_sets(config, x_tr, x_te)
+    labels = {"train": y_tr, "test": y_te}
+    return Task(x_tr, y_tr, probe, loss, evaluate,
+                probe_targets={name: labels[name][:len(x)] for name, x in probe.items()},
                 in_features=split.in_features, out_features=split.classes, n_test=len(x_te),
                 tags={"patch": params.get("patch", 4)})
 
