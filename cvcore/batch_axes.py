@@ -29,6 +29,7 @@ import numpy as np
 
 from cvcore import plugins
 from cvcore.errors import BackendError, InputError
+from cvcore.protocols import BatchAxesBackend
 
 
 def canonical(vmap_axes: Any) -> tuple[Any, int, dict[str, int]]:
@@ -111,12 +112,11 @@ def batch_first(model: Any, inputs: Any, x2: Any, vmap_axes: Any, backend: str |
     moved = _move(inputs, axes)
     moved2 = None if x2 is None else _move(x2, _in_axes(x2, in_axes, kw))
     chosen = plugins.get_backend(backend) if backend else plugins.select_backend(model)
-    wrap = getattr(chosen, "batch_first_model", None)
-    if wrap is None:
+    if not isinstance(chosen, BatchAxesBackend):
         raise BackendError(f"expected a backend that can move a model's batch axis "
                            f"(batch_first_model), got {chosen.name!r}; move the axis in the "
                            "model and use vmap_axes=0")
-    return wrap(model, axes, out_axis), moved, moved2
+    return chosen.batch_first_model(model, axes, out_axis), moved, moved2
 
 
 __all__ = ["batch_first", "canonical", "is_trivial", "output_axis"]

@@ -226,6 +226,18 @@ JacobianGroup = tuple[NDArray[np.floating[Any]], ...]
 
 
 @runtime_checkable
+class BatchAxesBackend(Protocol):
+    """An optional backend capability: a model wrapped to take and return batch-first
+    arrays, for a model whose batch axes are elsewhere (neural-tangents' ``vmap_axes``,
+    :mod:`cvcore.batch_axes`)."""
+
+    def batch_first_model(self, model: Any, in_axes: Any, out_axis: int) -> Any:
+        """``model`` taking batch-first inputs (``in_axes``: where its own inputs keep the
+        batch, an int or one per member) and returning its output with the batch first."""
+        ...
+
+
+@runtime_checkable
 class NamingBackend(Protocol):
     """An optional backend capability: the framework a model is in, in words, when the
     backend's name does not say it (a Keras 3 model runs on TensorFlow, JAX or torch)."""

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from backends.torch.backend import TorchBackend
     from cvcore.protocols import (
         ArrayBackend,
+        BatchAxesBackend,
         Backend,
         CountingBackend,
         DiagonalBackend,
@@ -45,5 +46,6 @@ def contracts(torch: TorchBackend, jax: JaxBackend, keras: KerasBackend) -> None
     outputs: list[OutputsBackend] = [torch, jax, keras]
     jacobians: list[JacobianBackend] = [torch, jax, keras]
     naming: list[NamingBackend] = [keras]
+    batch_axes: list[BatchAxesBackend] = [torch, jax]
     del (backends, diagonals, operators, per_layer, seeding, guarding, counting, taking, arrays,
-         outputs, jacobians, naming)
+         outputs, jacobians, naming, batch_axes)
