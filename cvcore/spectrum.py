@@ -17,7 +17,7 @@ Conventions (see ``docs/concepts.md``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -196,6 +196,11 @@ class CollectiveVariables:
         out = asdict(self)
         out["eigenvalues"] = [float(x) for x in self.eigenvalues]
         return out
+
+
+#: The scalar variables of :class:`CollectiveVariables` (every field but the eigenvalues):
+#: what a record stores per kernel.
+SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name != "eigenvalues")
 
 
 def collective_variables(kernel: ArrayLike, *, tolerance: float | None = None,

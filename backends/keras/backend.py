@@ -77,7 +77,7 @@ class KerasBackend:
 
     def output_shape(self, model: Any, inputs: Any, request: KernelRequest) -> tuple[int, ...]:
         """One sample's output shape ``S`` (:class:`cvcore.protocols.JacobianBackend`)."""
-        from cvcore.backends.keras.jacobian import output_shape
+        from cvcore.backends.keras.jacobian_sets import output_shape
 
         with quiet_tensorflow():
             if not is_keras_layer(model):
@@ -89,7 +89,7 @@ class KerasBackend:
                   ) -> Iterator[tuple[np.ndarray[Any, Any], ...]]:
         """Per parameter group, the per-sample Jacobians ``(N_s, *S, P_group)`` of each
         input set (cross kernels and output axes, :mod:`cvcore.cross`)."""
-        from cvcore.backends.keras.jacobian import jacobian_groups
+        from cvcore.backends.keras.jacobian_sets import jacobian_groups
 
         with quiet_tensorflow():
             if not is_keras_layer(model):

@@ -6,6 +6,6 @@ backend), ``huggingface`` (transformers ``TrainerCallback``), ``sb3`` (Stable-Ba
 ``tensorboard`` (scalars for loops without a trainer). Each module imports its library
 only when a callback is built; a missing library is one line naming the install command.
 These are training loops, not model families: those are ``cvcore.adapters``. Every
-callback records the final model at the end of training; ``common.record_final`` does it
+callback records the final model at the end of training; ``recording.record_final`` does it
 for a plain loop.
 """

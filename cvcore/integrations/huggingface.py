@@ -24,7 +24,8 @@ from functools import cache
 from typing import Any
 
 from cvcore.errors import InputError, describe
-from cvcore.integrations.common import PREFIX, is_graph_probe, record_final, require, scalars
+from cvcore.integrations.common import PREFIX, is_graph_probe, require, scalars
+from cvcore.integrations.recording import record_final
 from cvcore.record.probes import ProbeSets
 from cvcore.record.recorder import Recorder
 

@@ -8,7 +8,7 @@ The Recorder takes ``(apply_fn, params)`` or an ``nnx.Module`` as they are at ea
         params, opt_state, loss = train_step(params, opt_state, batch)
 
 After the loop, ``record_final(rec, steps, (apply_fn, params), loss=loss)``
-(:func:`cvcore.integrations.common.record_final`) records the final model whatever
+(:func:`cvcore.integrations.recording.record_final`) records the final model whatever
 ``every`` says. A graph network written in JAX on a fixed graph records with node indices
 as its probe (``apply_fn(params, idx)`` returning those nodes' rows, computed on the
 whole graph); PyTorch Geometric ``Data`` probes are for PyTorch modules.

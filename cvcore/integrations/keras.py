@@ -21,14 +21,8 @@ from functools import cache
 from typing import Any
 
 from cvcore.errors import InputError
-from cvcore.integrations.common import (
-    PREFIX,
-    is_graph_probe,
-    record_final,
-    require,
-    scalar_keys,
-    scalars,
-)
+from cvcore.integrations.common import PREFIX, is_graph_probe, require, scalars
+from cvcore.integrations.recording import record_final, scalar_keys
 from cvcore.record.recorder import Recorder
 
 INSTALL = "keras"

@@ -20,7 +20,8 @@ from functools import cache
 from typing import Any
 
 from cvcore.errors import InputError
-from cvcore.integrations.common import PREFIX, record_final, require, scalars
+from cvcore.integrations.common import PREFIX, require, scalars
+from cvcore.integrations.recording import record_final
 from cvcore.record.recorder import Recorder
 from cvcore.record.store import Record
 

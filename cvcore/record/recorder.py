@@ -12,7 +12,7 @@ import socket
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,14 @@ from cvcore.record.probes import Part, UnionKernel, make_parts, probe_size, spli
 from cvcore.record.store import Record, RecordStore, RunInfo, StoreError, Value
 from cvcore.record.store_files import _plain
 from cvcore.request import Compute, Options, option_names
-from cvcore.spectrum import CollectiveVariables, collective_variables, diagonal_variables
+from cvcore.spectrum import (
+    SCALARS,
+    collective_variables,
+    diagonal_variables,
+)
 from cvcore.validate import measure_request
 
 #: The scalar variables a record can hold (every CollectiveVariables field but the lists).
-SCALARS = tuple(f.name for f in fields(CollectiveVariables) if f.name not in ("eigenvalues",))
 #: Subsets are measured as slices of one kernel on their union of samples (one backend
 #: call instead of K) when ``union² × parameters`` is at most this many multiply-adds
 #: and the union has at most :data:`UNION_MAX` samples; otherwise one call per subset.

@@ -132,7 +132,7 @@ def test_graph_network_nodes_in_an_optax_loop():
     pytest.importorskip("torch_geometric")
     from torch_geometric.datasets import KarateClub
 
-    from cvcore.integrations.common import record_final
+    from cvcore.integrations.recording import record_final
 
     g = KarateClub()[0]
     n = g.num_nodes

@@ -101,7 +101,7 @@ def test_graph_network_scalars_and_the_final_model(tmp_path):
     from torch_geometric.datasets import KarateClub
     from torch_geometric.nn.models import GCN
 
-    from cvcore.integrations.common import record_final
+    from cvcore.integrations.recording import record_final
 
     graph = KarateClub()[0]
     nodes = torch.tensor([1, 2, 8, 30])
