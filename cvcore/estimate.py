@@ -246,6 +246,15 @@ def _dense_residual(name: Any, outputs: NDArray[Any] | None, targets: Any) -> ND
     return out
 
 
+def _check_rows(values: Any, n_rows: int | None, what: str) -> None:
+    """One row of ``values`` (targets or a residual array) per sample of the kernel."""
+    if values is None or isinstance(values, str) or n_rows is None:
+        return
+    got = int(np.shape(values)[0]) if np.ndim(values) else 0
+    if got != n_rows:
+        raise InputError(f"expected {what} for the kernel's {n_rows} samples, got {got} rows")
+
+
 def _check_names(targets: Any, residual: Any) -> None:
     if isinstance(targets, str) and targets != "outputs":
         raise InputError(f"expected targets as labels, an array or 'outputs', got {targets!r}")
@@ -287,12 +296,21 @@ def _with_alignments(r: Resolved, opts: EstimatorOptions, targets: Any,
         from cvcore.dynamics.alignment import residual_alignment, target_alignment
 
         formed = probes.kernel() if probes is not None and probes.kernel is not None else None
+        n_rows = probes.n_samples if formed is not None and probes is not None else None
         probes = None  # its graph is freed before the kernel is formed another way
-        kernel = formed if formed is not None else build_kernel(r)[0].kernel
+        if formed is None:
+            built = build_kernel(r)[0]
+            kernel, n_rows = built.kernel, built.n_samples
+        else:
+            kernel = formed
+        _check_rows(targets, n_rows, "targets")
+        _check_rows(residual, n_rows, "residual")
         base = exact_variables(collective_variables(kernel), opts.top_k)
-        ta = target_alignment(kernel, targets) if targets is not None else math.nan
-        ra = (residual_alignment(kernel, _dense_residual(residual, outputs, targets), 1).quadratic
-              if residual is not None else math.nan)
+        kind = "traced" if traced else "full"
+        ta = (target_alignment(kernel, targets, layout=kind) if targets is not None
+              else math.nan)
+        ra = (residual_alignment(kernel, _dense_residual(residual, outputs, targets), 1,
+                                 layout=kind).quadratic if residual is not None else math.nan)
         return dataclasses.replace(base, target_alignment=ta, target_alignment_stderr=0.0,
                                    residual_alignment=ra, residual_alignment_stderr=0.0,
                                    alignment_method="exact")

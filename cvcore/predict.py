@@ -46,6 +46,12 @@ LOSSES = ("mean", "sum")
 F64 = NDArray[np.float64]
 
 
+#: The most negative eigenvalue, relative to the largest in size, a training kernel may
+#: have: far beyond the round-off of a float32 kernel (about 1e-7 · N), far from any
+#: kernel with a real negative direction.
+NEGATIVE = 1e-3
+
+
 def _two_d(k: ArrayLike, name: str) -> F64:
     """A kernel as a float64 matrix; neural-tangents' ``(N₁, N₂, C₁, C₂)`` made
     ``(N₁·C₁) × (N₂·C₂)`` (row ``i·C + c``)."""
@@ -182,7 +188,8 @@ def gradient_descent_mse(k_train_train: ArrayLike, y_train: ArrayLike, learning_
 
     Raises:
         InputError: shapes that do not match, an unknown loss, a negative regulariser.
-        KernelError: a non-symmetric or non-finite kernel.
+        KernelError: a non-symmetric, non-finite or not positive semi-definite kernel
+            (an eigenvalue below round-off of zero: gradient descent would diverge).
     """
     if loss not in LOSSES:
         raise InputError(f"expected loss 'mean' or 'sum', got {loss!r}")
@@ -210,6 +217,10 @@ def gradient_descent_mse(k_train_train: ArrayLike, y_train: ArrayLike, learning_
     reg = diag_reg if diag_reg_absolute_scale else diag_reg * float(np.trace(k)) / dim
     evals, evecs = np.linalg.eigh(k + reg * np.eye(dim))
     tol = float(np.max(np.abs(evals), initial=0.0)) * dim * np.finfo(np.float64).eps
+    if evals.size and evals[0] < -max(64 * tol, NEGATIVE * float(np.max(np.abs(evals)))):
+        # gradient descent on a kernel with a negative direction diverges: no prediction
+        raise KernelError(f"expected a positive semi-definite training kernel, got an "
+                          f"eigenvalue {evals[0]:.3g} (largest {evals[-1]:.3g})")
     return MsePredictor(y_train=y, learning_rate=float(learning_rate),
                         normalization=float(n * c) if loss == "mean" else 1.0, full=full,
                         evals=evals, evecs=evecs, tolerance=tol)

@@ -27,7 +27,7 @@ from cvcore.dynamics.inputs import (
     check_k,
     is_labels,
     kernel_targets,
-    layout,
+    layout as layout_of,
 )
 from cvcore.errors import InputError
 
@@ -50,7 +50,8 @@ def centre(kernel: ArrayLike, n: int | None = None) -> F64:
     return out
 
 
-def target_alignment(kernel: ArrayLike, targets: ArrayLike) -> float:
+def target_alignment(kernel: ArrayLike, targets: ArrayLike, *, layout: str | None = None
+                     ) -> float:
     """Centred kernel-target alignment
     ``A(K, Y) = ⟨HKH, HYYᵀH⟩_F / (‖HKH‖_F ‖HYYᵀH‖_F)`` (Cortes et al. 2012), in ``[-1, 1]``.
 
@@ -60,6 +61,9 @@ def target_alignment(kernel: ArrayLike, targets: ArrayLike) -> float:
         targets: integer class labels ``(N,)`` (one-hot encoded: ``C`` = the largest label + 1
             for the traced kernel, ``C = O`` for the full one), or real targets ``(N,)`` /
             ``(N, C)`` (for the full kernel ``C = O``, flattened sample-major).
+        layout: ``"traced"`` or ``"full"`` when the caller knows the kernel's layout
+            (``None``: read from the shapes; ``N·C`` targets' rows on a traced kernel of
+            ``N·C`` samples are then read as the full kernel of ``N`` samples).
 
     Returns:
         The alignment; NaN when it is undefined: the centred kernel is zero (a zero or
@@ -74,7 +78,7 @@ def target_alignment(kernel: ArrayLike, targets: ArrayLike) -> float:
     >>> round(target_alignment(np.outer([1., -1, 1, -1], [1., -1, 1, -1]), [0, 1, 0, 1]), 12)
     1.0
     """
-    k, y, kind = kernel_targets(kernel, targets)
+    k, y, kind = kernel_targets(kernel, targets, expected=layout)
     n = y.shape[0]
     yc = y - y.mean(axis=0, keepdims=True)
     kc = centre(k, n)
@@ -117,7 +121,8 @@ class ResidualAlignment:
 
 
 def residual_alignment(kernel: ArrayLike, residual: ArrayLike, k: int | None = None, *,
-                       eig: Eigenpairs | None = None) -> ResidualAlignment:
+                       eig: Eigenpairs | None = None, layout: str | None = None
+                       ) -> ResidualAlignment:
     """The residual's cumulative share in the top eigen-directions and its Rayleigh quotient.
 
     Args:
@@ -130,6 +135,8 @@ def residual_alignment(kernel: ArrayLike, residual: ArrayLike, k: int | None = N
         k: how many cumulative fractions; by default all ``D`` (``eig.k`` with ``eig``).
         eig: the kernel's top eigenpairs from :func:`cvcore.dynamics.top_eigenpairs`, when
             the caller has them already (no second decomposition); ``k`` is at most ``eig.k``.
+        layout: ``"traced"`` or ``"full"`` when the caller knows the kernel's layout, as
+            for :func:`target_alignment`.
 
     Returns:
         A :class:`ResidualAlignment`. ``fractions`` and ``quadratic`` are NaN when
@@ -149,7 +156,7 @@ def residual_alignment(kernel: ArrayLike, residual: ArrayLike, k: int | None = N
     kk = as_kernel(kernel)
     dim = kk.shape[0]
     r = as_values(residual, "residual")
-    kind = layout(dim, r.shape[0], r.shape[1], "residual")
+    kind = layout_of(dim, r.shape[0], r.shape[1], "residual", layout)
     if kind == "full":
         r = r.reshape(-1, 1)
     if eig is None:

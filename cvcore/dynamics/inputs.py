@@ -119,9 +119,20 @@ def as_values(values: ArrayLike, what: str = "residual") -> F64:
     return out
 
 
-def layout(dim: int, n: int, c: int, what: str = "targets") -> str:
+def layout(dim: int, n: int, c: int, what: str = "targets", expected: str | None = None
+           ) -> str:
     """``"traced"`` when a kernel of dimension ``dim`` is ``N × N``, ``"full"`` when it is
-    ``(N·C) × (N·C)``; an :class:`InputError` otherwise."""
+    ``(N·C) × (N·C)``; an :class:`InputError` otherwise. ``expected`` (the kernel's layout,
+    when the caller knows it) settles the one ambiguous case, ``N·C`` rows of a traced
+    kernel read as ``N`` samples of ``C`` outputs, and refuses a mismatch."""
+    if expected is not None:
+        if expected not in ("traced", "full"):
+            raise InputError(f"expected layout 'traced' or 'full', got {expected!r}")
+        if dim == (n if expected == "traced" else n * c):
+            return expected
+        rows = dim if expected == "traced" else f"{dim}/O"
+        raise InputError(f"expected {what} for the {expected} kernel's samples ({rows} rows), "
+                         f"got {what} of shape ({n}, {c})")
     if dim == n:
         return "traced"
     if dim == n * c:
@@ -132,20 +143,22 @@ def layout(dim: int, n: int, c: int, what: str = "targets") -> str:
         f"of shape ({n}, {c})")
 
 
-def kernel_targets(kernel: ArrayLike, targets: ArrayLike, what: str = "targets"
-                   ) -> tuple[F64, F64, str]:
+def kernel_targets(kernel: ArrayLike, targets: ArrayLike, what: str = "targets",
+                   expected: str | None = None) -> tuple[F64, F64, str]:
     """The checked kernel, the targets as ``(N, C)`` float64 (labels one-hot with ``C = O``
-    for the full kernel), and the layout (``"traced"`` or ``"full"``)."""
+    for the full kernel), and the layout (``"traced"`` or ``"full"``; ``expected`` when
+    the caller knows it, see :func:`layout`)."""
     k = as_kernel(kernel)
     dim = k.shape[0]
     raw = np.asarray(targets)
     if is_labels(raw):
         n = raw.shape[0]
-        n_classes = dim // n if n and dim != n and dim % n == 0 else None
+        full = expected == "full" or (expected is None and n and dim != n)
+        n_classes = dim // n if full and n and dim % n == 0 else None
         y = as_targets(raw, n_classes, what)
     else:
         y = as_targets(raw, None, what)
-    return k, y, layout(dim, y.shape[0], y.shape[1], what)
+    return k, y, layout(dim, y.shape[0], y.shape[1], what, expected)
 
 
 def centring_tolerance(dim: int) -> float:

@@ -106,13 +106,14 @@ def task_alignment(kernel: ArrayLike, targets: ArrayLike, outputs: ArrayLike, *,
     if k.shape[0] not in (f.shape[0], f.size):
         raise InputError(f"expected a kernel over the {f.shape[0]} samples of the outputs "
                          f"(dimension {f.shape[0]} or {f.size}), got dimension {k.shape[0]}")
+    kind = "traced" if k.shape[0] == f.shape[0] else "full"  # the outputs settle it
     eig = top_eigenpairs(kernel)  # one decomposition for the fractions and the top values
-    ra = residual_alignment(k, r, eig=eig)
-    kind = ra.layout
-    per_layer = tuple(LayerAlignment(name, target_alignment(lk, y)) for name, lk in layers)
+    ra = residual_alignment(k, r, eig=eig, layout=kind)
+    per_layer = tuple(LayerAlignment(name, target_alignment(lk, y, layout=kind))
+                      for name, lk in layers)
     top = eig.values[:min(int(top_k), k.shape[0])].copy()
     return TaskAlignment(
-        target_alignment=target_alignment(k, y), residual_alignment=ra.quadratic,
+        target_alignment=target_alignment(k, y, layout=kind), residual_alignment=ra.quadratic,
         residual_fractions=ra.fractions, top_eigenvalues=top,
         residual_norm=float(np.linalg.norm(r)),
         convention=convention(kind, labels, f.shape[1]), layers=per_layer)

@@ -172,6 +172,7 @@ class DynamicsState:
                  targets: Mapping[str, Targets], *, resumed: bool = False) -> None:
         self.names = tuple(names)
         self.top_k = top_k
+        self.layout = "traced" if kernel == "traced" else "full"
         self.kernel_text = "traced kernel (mean over outputs)" if kernel == "traced" \
             else "full kernel (sample-major)"
         self.targets = dict(targets)
@@ -301,7 +302,7 @@ class DynamicsState:
                  eig: Eigenpairs | None) -> None:
         kind = targets_text(targets)
         if "target_alignment" in want:
-            out.scalars["target_alignment"] = target_alignment(k64, y)
+            out.scalars["target_alignment"] = target_alignment(k64, y, layout=self.layout)
             out.conventions["target_alignment"] = (f"centred kernel-target alignment, "
                                                    f"{self.kernel_text}, {kind}")
         if not want & {"residual_alignment", "residual_fractions"}:
@@ -311,7 +312,7 @@ class DynamicsState:
         if outputs is None:  # the outputs were not finite (noted)
             ra_quadratic, fractions = math.nan, np.full(k, math.nan)
         else:
-            ra = residual_alignment(k64, residual(outputs, y), eig=eig)
+            ra = residual_alignment(k64, residual(outputs, y), eig=eig, layout=self.layout)
             ra_quadratic, fractions = ra.quadratic, ra.fractions
         text = f"r = f(x) - y ({kind}), {self.kernel_text}"
         if "residual_alignment" in want:

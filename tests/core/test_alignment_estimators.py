@@ -365,3 +365,28 @@ def test_per_layer_gram_against_per_sample_loop(conv: bool) -> None:
         assert est.trace == pytest.approx(np.trace(g @ g.T), rel=1e-9)
     else:
         np.testing.assert_allclose(formed, g @ g.T, rtol=1e-9, atol=1e-13)
+
+
+def test_exact_alignment_refuses_targets_for_another_number_of_samples() -> None:
+    """Two labels for six samples: the exact path refuses them (it once read them as a
+    full kernel of two samples and returned a number)."""
+    torch = pytest.importorskip("torch")
+    from cvcore.errors import InputError
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(6, 4)
+    with pytest.raises(InputError, match="6 samples, got 2"):
+        estimate(m, x, targets=np.array([0, 1]), method="exact")
+    with pytest.raises(InputError, match="6 samples, got 4"):
+        estimate(m, x, residual=np.ones((4, 3)), method="exact")
+    k = cvcore_ntk(m, x)
+    labels = np.arange(6) % 3
+    got = estimate(m, x, targets=labels, method="exact", dtype="float64").target_alignment
+    assert got == pytest.approx(target_alignment(k, labels, layout="traced"), rel=1e-9)
+
+
+def cvcore_ntk(model: Any, x: Any) -> np.ndarray:
+    import cvcore
+
+    return cvcore.ntk(model, x, dtype="float64")

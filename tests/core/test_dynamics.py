@@ -371,3 +371,22 @@ def test_top_eigenpairs_one_decomposition():
     assert (values >= 0).all() and rel_error(values[0], 30.0) < 1e-6
     with pytest.raises(KernelError, match="positive semi-definite"):
         dyn.top_eigenpairs(np.diag([1.0, -0.5]))
+
+
+def test_a_known_layout_settles_labels_that_fit_both_readings():
+    """Two labels on a 6 x 6 kernel read as the full kernel of 2 samples x 3 outputs when
+    nothing says otherwise; a caller that knows the kernel is traced gets a refusal, never
+    that number. The full reading equals the formula with H ⊗ I centring by hand."""
+    rng = np.random.default_rng(3)
+    j = rng.normal(size=(6, 4))
+    k = j @ j.T
+    with pytest.raises(InputError, match="traced kernel's samples"):
+        dyn.target_alignment(k, np.array([0, 1]), layout="traced")
+    with pytest.raises(InputError, match="traced kernel's samples"):
+        dyn.residual_alignment(k, np.ones((2, 3)), layout="traced")
+    y = np.eye(3)[[0, 1]].reshape(-1)  # one-hot with O = 3 classes, row i*O + o
+    h = np.kron(np.eye(2) - np.ones((2, 2)) / 2, np.eye(3))
+    kc, yc = h @ k @ h, h @ y
+    want = float(yc @ kc @ yc) / (np.linalg.norm(kc) * float(yc @ yc))
+    assert dyn.target_alignment(k, np.array([0, 1]), layout="full") == pytest.approx(want)
+    assert dyn.target_alignment(k, np.array([0, 1])) == pytest.approx(want)

@@ -158,3 +158,15 @@ def test_training_the_linearised_network_follows_the_prediction() -> None:
     # the nonlinear width-64 network stays near its kernel regime, but measurably off it
     # (3 % of the distance the prediction moved, far above the Taylor model's 0.01 %)
     assert 0.005 < dist.relative < 0.2
+
+
+def test_a_kernel_with_a_negative_direction_is_refused_round_off_is_not() -> None:
+    """Gradient descent on -I diverges: no prediction. A float32 kernel's round-off (tiny
+    negative eigenvalues of a rank-deficient kernel) is still a kernel."""
+    with pytest.raises(KernelError, match="positive semi-definite"):
+        cvcore.gradient_descent_mse(-np.eye(3), np.ones(3), 0.1)
+    j = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    k32 = (j @ j.T).astype(np.float32)  # rank 3 of 40, float32 round-off
+    assert np.linalg.eigvalsh(k32.astype(np.float64))[0] < 0
+    predict = cvcore.gradient_descent_mse(k32, np.ones(40), 0.01)
+    assert np.isfinite(predict(5.0, np.zeros(40))).all()
