@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from backends.torch.backend import TorchBackend
     from cvcore.protocols import (
         ArrayBackend,
-        BatchAxesBackend,
         Backend,
+        BatchAxesBackend,
         CountingBackend,
         DiagonalBackend,
         GuardingBackend,

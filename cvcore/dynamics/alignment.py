@@ -27,6 +27,8 @@ from cvcore.dynamics.inputs import (
     check_k,
     is_labels,
     kernel_targets,
+)
+from cvcore.dynamics.inputs import (
     layout as layout_of,
 )
 from cvcore.errors import InputError
