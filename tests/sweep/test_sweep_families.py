@@ -109,6 +109,31 @@ def test_corpus_tokens_and_windows():
         tuple(w) for w in te}
 
 
+@pytest.mark.slow
+def test_the_corpus_is_the_same_whatever_the_process_imported():
+    """A process that imported Keras once read other docstrings (Keras changes one that
+    ``collections`` inherits), so the 1-worker and 2-worker runs of one cell trained on
+    different texts. The corpus is read in a fresh interpreter: the same text here, in a
+    process that imported Keras, and in one that imported nothing else."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from cvcore.sweep.families import sequence
+
+    def digest(setup: str) -> str:
+        code = (f"{setup}from cvcore.sweep.families.sequence import corpus_text; "
+                "import hashlib, sys; "
+                "sys.stdout.write(hashlib.sha256(corpus_text().encode()).hexdigest())")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    here = hashlib.sha256(sequence.corpus_text().encode()).hexdigest()
+    assert digest("import keras; ") == here == digest("")
+
+
 def test_graph_data():
     from cvcore.sweep.families import graphs
 

@@ -35,7 +35,6 @@ import hashlib
 import importlib
 import inspect
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -53,12 +52,30 @@ VOCAB = 96
 DEFAULT_CONTEXT = 32
 
 
+#: Reads the docstrings in a fresh interpreter (see :func:`corpus_text`).
+_READ = ("import sys, warnings; warnings.simplefilter('ignore', DeprecationWarning); "
+         "from cvcore.sweep.families.sequence import _docstrings; "
+         "sys.stdout.buffer.write(_docstrings().encode('utf-8'))")
+
+
 @functools.lru_cache(maxsize=1)
 def corpus_text() -> str:
-    """The docstrings of :data:`CORPUS_MODULES` (see the module), joined by blank lines."""
-    with warnings.catch_warnings():  # typing.io / typing.re warn when read
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _docstrings()
+    """The docstrings of :data:`CORPUS_MODULES` (see the module), joined by blank lines.
+
+    Read in a fresh interpreter of the same Python: in a process that has imported other
+    libraries the text can differ (a method without its own docstring inherits one, and
+    Keras, once imported, changes an inherited docstring of ``collections``), and a cell
+    must train on the same text whichever worker runs it.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-I", "-c", _READ], capture_output=True,
+                          timeout=120, check=False)
+    if done.returncode != 0:
+        raise InputError(f"expected the standard library's docstrings, got an error reading "
+                         f"them: {done.stderr.decode('utf-8', 'replace').strip()[-200:]}")
+    return done.stdout.decode("utf-8")
 
 
 def _docstrings() -> str:
