@@ -169,6 +169,32 @@ def _batched(fn: Callable[[Any], Any], batch: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *results)
 
 
+def _eval_setup(model: Any, inputs: Any, request: KernelRequest, what: str, advice: str = ""
+                ) -> tuple[Prepared, Any, int, Any]:
+    """The model prepared in the request's precision on its device, and the inputs:
+    ``(prep, x, n, dtype)``; eval mode only, no TorchScript (``torch.func``
+    cannot transform it), at least one sample."""
+    import torch
+
+    from cvcore.data_io import batch_size, require_samples
+    from cvcore.errors import ModelError
+    from cvcore.validate import require_eval
+
+    from .setup import as_inputs, prepare_model, resolve_device
+
+    require_eval(request)
+    device = resolve_device(request.device)
+    dtype = torch.float64 if request.dtype == "float64" else torch.float32
+    prep = prepare_model(model, dtype, device)
+    if prep.scripted:
+        raise ModelError(f"expected an nn.Module or a torch.export program for {what}, got a "
+                         f"TorchScript module{advice}")
+    x = as_inputs(inputs, dtype, device)
+    n = batch_size(x)
+    require_samples(n)
+    return prep, x, n, dtype
+
+
 def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOperator:
     """What ``TorchBackend.operator`` returns: the NTK as a :class:`cvcore.protocols.KernelOperator`.
 
@@ -186,29 +212,16 @@ def kernel_operator(model: Any, inputs: Any, request: KernelRequest) -> KernelOp
     """
     import torch
 
-    from cvcore.data_io import batch_size, require_samples
     from cvcore.errors import ModelError
-    from cvcore.validate import require_eval
 
     from .setup import (
-        as_inputs,
         full_precision,
-        prepare_model,
-        resolve_device,
         training_mode,
     )
     from .setup import probe as probe_output
 
-    require_eval(request)
-    device = resolve_device(request.device)
-    dtype = torch.float64 if request.dtype == "float64" else torch.float32
-    prep = prepare_model(model, dtype, device)
-    if prep.scripted:
-        raise ModelError("expected an nn.Module or a torch.export program for the matrix-free "
-                         "operator, got a TorchScript module; use method='exact'")
-    x = as_inputs(inputs, dtype, device)
-    n = batch_size(x)
-    require_samples(n)
+    prep, x, n, dtype = _eval_setup(
+        model, inputs, request, "the matrix-free operator", "; use method='exact'")
     with training_mode(prep.module, False), torch.no_grad():
         probe = probe_output(prep, x, request.output)
     if prep.export_batch is not None:
@@ -252,32 +265,18 @@ def jacobian_probes(model: Any, inputs: Any, request: KernelRequest, sample_axes
     """
     import torch
 
-    from cvcore.data_io import batch_size, require_samples
     from cvcore.errors import InputError, ModelError
-    from cvcore.validate import require_eval
 
     from .setup import (
-        as_inputs,
         fcall,
         full_precision,
-        prepare_model,
-        resolve_device,
         select_output,
         training_mode,
     )
 
-    require_eval(request)
     if sample_axes not in (1, 2):
         raise InputError(f"expected sample_axes 1 or 2, got {sample_axes!r}")
-    device = resolve_device(request.device)
-    dtype = torch.float64 if request.dtype == "float64" else torch.float32
-    prep = prepare_model(model, dtype, device)
-    if prep.scripted:
-        raise ModelError("expected an nn.Module or a torch.export program for the probes, "
-                         "got a TorchScript module")
-    x = as_inputs(inputs, dtype, device)
-    n = batch_size(x)
-    require_samples(n)
+    prep, x, n, _ = _eval_setup(model, inputs, request, "the probes")
     leaves = {k: v.detach().requires_grad_(True) for k, v in prep.params.items()}
     capture = _Capture(prep.module, set(leaves)) if sample_axes == 1 else None
     try:
