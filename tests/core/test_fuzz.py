@@ -33,7 +33,8 @@ def test_atheris_finds_no_crash_in_the_loaders(tmp_path: Path) -> None:
     inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     done = subprocess.run(
         [sys.executable, str(script), "-runs=400", "-max_len=8192", "-timeout=30",
-         f"-rss_limit_mb={inherited_mb + 4096}", str(corpus)],
+         f"-rss_limit_mb={inherited_mb + 4096}", f"-artifact_prefix={tmp_path}/",
+         str(corpus)],  # a crash, leak or out-of-memory input lands in tmp_path, not here
         capture_output=True, text=True, timeout=600, check=False)
     tail = done.stderr[-3000:]
     assert done.returncode == 0, tail
