@@ -16,7 +16,6 @@ Importing this module imports neither TensorFlow, Keras, JAX nor torch.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 from collections.abc import Iterator
@@ -121,14 +120,11 @@ class KerasBackend:
 
                         return JaxBackend().outputs(jax_pair(model, x, request), x, request)
                     if backend == "torch" and _torch_structured(model, request):
-                        from cvcore.backends.keras.bridge import torch_module
-                        from cvcore.backends.keras.setup import keras_device
+                        from cvcore.backends.keras.bridge import torch_module, torch_request
                         from cvcore.backends.torch.backend import TorchBackend
 
-                        kind, _, index = keras_device(request.device, "torch").partition(":")
-                        on = dataclasses.replace(
-                            request, device="cpu" if kind == "cpu" else f"cuda:{index}")
-                        return TorchBackend().outputs(torch_module(model, x, request), x, on)
+                        return TorchBackend().outputs(torch_module(model, x, request), x,
+                                                      torch_request(request))
                     return _outputs_of(keras_engine(model, x, request, backend), x, request)
             if is_tf_trackable(model):
                 from cvcore.backends.keras.module import module_engine
@@ -236,13 +232,11 @@ def _torch_structured(model: Any, request: KernelRequest) -> bool:
 def _on_torch(model: Any, x: Any, request: KernelRequest, diagonal: bool) -> Any:
     """A Keras-on-torch model measured by the torch backend (structured engine, row
     checks, Jacobian path for the weights without a rule), as a module of its weights."""
-    from cvcore.backends.keras.bridge import torch_module
-    from cvcore.backends.keras.setup import keras_device
+    from cvcore.backends.keras.bridge import torch_module, torch_request
     from cvcore.backends.torch.backend import TorchBackend
 
     module = torch_module(model, x, request)
-    kind, _, index = keras_device(request.device, "torch").partition(":")
-    on = dataclasses.replace(request, device="cpu" if kind == "cpu" else f"cuda:{index}")
+    on = torch_request(request)
     if diagonal:
         return TorchBackend().diagonal(module, x, on)
     return TorchBackend().ntk(module, x, on)

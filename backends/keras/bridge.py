@@ -16,11 +16,12 @@ dtype when needed, non-trainable weights held fixed).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from cvcore.protocols import KernelRequest
 
-from .setup import prepare
+from .setup import keras_device, prepare
 
 
 def jax_pair(model: Any, x: Any, request: KernelRequest) -> tuple[Any, list[Any]]:
@@ -35,6 +36,13 @@ def jax_pair(model: Any, x: Any, request: KernelRequest) -> tuple[Any, list[Any]
 
     return apply_fn, s.theta
 
+
+
+def torch_request(request: KernelRequest) -> KernelRequest:
+    """The request as the torch backend reads it for a Keras-on-torch model: the device
+    Keras runs on, in torch's words (``cpu`` or ``cuda:<index>``)."""
+    kind, _, index = keras_device(request.device, "torch").partition(":")
+    return dataclasses.replace(request, device="cpu" if kind == "cpu" else f"cuda:{index}")
 
 
 def torch_module(model: Any, x: Any, request: KernelRequest) -> Any:

@@ -22,9 +22,7 @@ from .setup import select_output
 def _routed(model: Any, x: Any, request: KernelRequest) -> tuple[Any, Any, Any]:
     """Where a model's Jacobians are computed: ``(backend, model, request)`` of the JAX
     or torch backend for Keras on those, else ``(None, engine, raw_call)``."""
-    import dataclasses as dc
-
-    from .setup import is_keras_layer, keras_backend_name, keras_call_inputs, keras_device
+    from .setup import is_keras_layer, keras_backend_name, keras_call_inputs
 
     if is_keras_layer(model):
         backend = keras_backend_name()
@@ -37,11 +35,9 @@ def _routed(model: Any, x: Any, request: KernelRequest) -> tuple[Any, Any, Any]:
         if backend == "torch":
             from cvcore.backends.torch.backend import TorchBackend
 
-            from .bridge import torch_module
+            from .bridge import torch_module, torch_request
 
-            kind, _, index = keras_device(request.device, "torch").partition(":")
-            on = dc.replace(request, device="cpu" if kind == "cpu" else f"cuda:{index}")
-            return TorchBackend(), torch_module(model, x, request), on
+            return TorchBackend(), torch_module(model, x, request), torch_request(request)
         engine = keras_engine(model, x, request, backend)
 
         def raw(batch: Any) -> Any:
