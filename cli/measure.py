@@ -57,7 +57,7 @@ def measure(
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue --csv: skip checkpoints already in it (refused if they were measured with other settings).")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --csv table.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --csv table or --save-kernel file.")] = False,
     fail_fast: Annotated[bool, typer.Option(help="Stop at the first checkpoint that fails (default: report it as a failed row and go on).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-checkpoint lines on stderr.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the series to a record store (.db), one run.")] = None,
@@ -72,7 +72,7 @@ def measure(
     """Collective variables of checkpoints, one row each, on one probe set."""
     if quiet:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _check_series_options(csv, resume, force)
+    _check_series_options(csv, resume, force, save_kernel)
     selector: Any = int(output) if output is not None and output.lstrip("-").isdigit() else output
     kernel_request = make_request(kernel=kernel, output=selector, dtype=dtype, device=device,
                                   train=train, memory_budget=memory_budget,
@@ -104,7 +104,7 @@ def measure(
             _measure_cross(checkpoints, ProbeSpec(data, key, samples, seed),
                            None if against is None else ProbeSpec(against, None,
                                                                   against_samples, seed),
-                           cross, options, as_json, save_kernel, fail_fast, quiet)
+                           cross, options, as_json, save_kernel, fail_fast, quiet, force)
         return
     request = measure_request(Options(backend=backend), variables=variables,
                               per_layer=per_layer, sketch=sketch, kernel=kernel_request)
@@ -151,11 +151,12 @@ def measure(
     _exit_on_failures(rows)
 
 
-def _check_series_options(csv: Path | None, resume: bool, force: bool) -> None:
+def _check_series_options(csv: Path | None, resume: bool, force: bool,
+                          save_kernel: Path | None = None) -> None:
     if resume and csv is None:
         raise InputError("expected --csv with --resume, got --resume alone")
-    if force and csv is None:
-        raise InputError("expected --csv with --force, got --force alone")
+    if force and csv is None and save_kernel is None:
+        raise InputError("expected --csv or --save-kernel with --force, got --force alone")
     if resume and force:
         raise InputError("expected one of --resume (continue the table) and --force "
                          "(overwrite it), got both")
@@ -215,15 +216,19 @@ def _axes(trace_axes: str | None, diagonal_axes: str | None, reduction: str) -> 
 
 def _measure_cross(checkpoints: list[Path], probe: ProbeSpec, against: ProbeSpec | None,
                    request: MeasureRequest, options: LoadOptions, as_json: bool,
-                   save_kernel: Path | None, fail_fast: bool, quiet: bool) -> None:
+                   save_kernel: Path | None, fail_fast: bool, quiet: bool,
+                   force: bool = False) -> None:
     """``--against`` / ``--trace-axes``: one summary row per checkpoint, the kernels saved."""
     import json
 
     from cvcore.cross_checkpoints import measure_cross, save_kernels
     from cvcore.files import check_output_path
 
-    if save_kernel is not None:
-        check_output_path(save_kernel, what="--save-kernel")
+    if save_kernel is not None:  # never an existing file without --force, never an input
+        inputs = [*checkpoints, *(Path(s.data) for s in (probe, against)
+                                  if s is not None and s.data is not None)]
+        check_output_path(save_kernel, what="--save-kernel", force=force,
+                          sources=[p for p in inputs if p.exists()])
     log = stderr()
     rows = []
     for row in measure_cross(checkpoints, probe=probe, against=against, request=request,

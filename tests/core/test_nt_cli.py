@@ -70,6 +70,27 @@ def test_against_prints_a_summary_and_saves_the_kernel(files: dict[str, Path]) -
     assert row["frobenius"] == pytest.approx(np.linalg.norm(want), rel=1e-9)
 
 
+def test_save_kernel_never_replaces_a_file_without_force_nor_an_input(
+        files: dict[str, Path]) -> None:
+    """An existing file stays byte for byte unless --force; a checkpoint or a data file is
+    never the kernel's path, --force or not; with --force the kernel is the reference."""
+    kept = files["dir"] / "k.npy"
+    kept.write_bytes(b"keep")
+    common = ["measure", files["a"], "--trust", "--data", files["x"], "--against", files["t"],
+              "--dtype", "float64", "--save-kernel"]
+    result = invoke(*common, kept)
+    assert result.exit_code == 2 and "pass --force" in result.stderr
+    assert kept.read_bytes() == b"keep"
+    for source in (files["a"], files["x"], files["t"]):
+        before = source.read_bytes()
+        result = invoke(*common, source, "--force")
+        assert result.exit_code == 2 and "differ from the input" in result.stderr, source
+        assert source.read_bytes() == before
+    assert invoke(*common, kept, "--force").exit_code == 0
+    want = reference(files["a"], np.load(files["x"]), np.load(files["t"]))
+    assert rel_error(np.load(kept), want) < 1e-10
+
+
 def test_several_checkpoints_save_one_npz(files: dict[str, Path]) -> None:
     saved = files["dir"] / "k.npz"
     result = invoke("measure", files["a"], files["b"], "--trust", "--data", files["x"],
