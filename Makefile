@@ -23,7 +23,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python examples/digits_demo.py --out $(RUNS) --epochs 20
 	$(BIN)/cv report $(RUNS)/run.db
-	$(BIN)/cv plot $(RUNS)/run.db --out $(RUNS)/cv.png
+	$(BIN)/cv plot $(RUNS)/run.db --out $(RUNS)/cv.png --force
 
 test: setup
 	$(BIN)/python -m pytest -q

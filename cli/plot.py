@@ -23,13 +23,14 @@ def plot(
     out: Annotated[Path, typer.Option("--out", help="The figure: .png, .pdf or .svg.")] = Path("cv.png"),
     phase: Annotated[bool, typer.Option(help="Phase plots: entropy and ln trace against ln loss.")] = False,
     run: Annotated[str | None, typer.Option(help="Only this run (id or name) of each store.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing figure at --out.")] = False,
 ) -> None:
     """Entropy, trace (log scale), loss and the logged extras against step; alignment, kernel velocity and the spectrum over time when recorded; mean ± std bands over subsets; runs overlaid, seeds pooled into mean ± std; Tr K / N when probe sizes differ."""
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise InputError(f"expected --out ending in .png, .pdf or .svg, got {str(out)!r}")
     # an existing figure is redrawn; a store, its side files, a directory, a missing or
     # read-only folder are refused before anything is read
-    check_outputs(list(stores), {"--out": out}, force=True)
+    check_outputs(list(stores), {"--out": out}, force=force)
     runs: list[PlotRun] = []
     sources: list[Path] = []
     for path in stores:

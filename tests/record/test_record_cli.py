@@ -234,3 +234,15 @@ def test_export_carries_arrays_and_conventions(tmp_path: Path) -> None:
     table = pq.read_table(target).to_pylist()
     assert [(r["index"], r["value"]) for r in table if r["variable"] == "top_eigenvalues"] == [
         (i, v) for i, v in enumerate(eig)]
+
+
+def test_plot_keeps_an_existing_figure_without_force(two_runs: Path, tmp_path: Path) -> None:
+    """A file at --out stays byte for byte unless --force (then it is the new figure)."""
+    pytest.importorskip("matplotlib")
+    fig = tmp_path / "fig.png"
+    fig.write_bytes(b"keep")
+    result = invoke("plot", two_runs, "--out", fig)
+    assert result.exit_code == 2 and "pass --force" in result.stderr
+    assert fig.read_bytes() == b"keep"
+    assert invoke("plot", two_runs, "--out", fig, "--force").exit_code == 0
+    assert read_png(fig).shape[0] > 100
