@@ -28,7 +28,7 @@ def report_and_plot(db: Path, out: Path) -> list[dict[str, Any]]:
                 for var, summary in part["variables"].items():
                     assert summary["end"] == records[-1].get(var, part["probe_set"])
     png = out / f"{db.stem}.png"
-    done = runner.invoke(make_app(), ["plot", str(db), "--out", str(png)])
+    done = runner.invoke(make_app(), ["plot", str(db), "--out", str(png), "--force"])
     assert done.exit_code == 0, done.output
     assert png.stat().st_size > 1000
     return reports
